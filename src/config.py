@@ -1,0 +1,162 @@
+"""Worker settings: a pure function of an environment mapping, checked at start.
+
+`Settings.from_env(os.environ)` either returns settings or raises `ConfigError` with
+one line naming the variable, its value and what is allowed, so a bad deployment
+stops at start instead of failing every job.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+DEFAULT_EDIT_MODEL = "Qwen/Qwen-Image-Edit-2511"
+DEFAULT_LAYERED_MODEL = "Qwen/Qwen-Image-Layered"
+PRELOADABLE = ("edit", "layered")
+RUNPOD_VOLUME = Path("/runpod-volume")
+MIB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """A bad environment value; the message is one line naming the variable."""
+
+
+@dataclass(frozen=True)
+class BucketConfig:
+    """Where result images go. The secret is kept out of repr so it never reaches a log."""
+
+    bucket_name: str
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+    endpoint_url: str | None = None
+    region: str | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    hf_home: Path
+    edit_model: str = DEFAULT_EDIT_MODEL
+    layered_model: str = DEFAULT_LAYERED_MODEL
+    preload: frozenset[str] = frozenset({"edit"})
+    bucket: BucketConfig | None = None
+    bucket_prefix: str = "qwen-edit"
+    presign_expiry_s: int = 7200
+    gpu_price_per_hour: float | None = None
+    max_image_bytes: int = 20 * MIB
+    max_image_pixels: int = 4096 * 4096
+    # RunPod refuses /run results over 10 MB (/runsync: 20 MB); inline output is
+    # checked against the stricter limit since the worker cannot tell which was used.
+    max_inline_bytes: int = 10_000_000
+    device: str = "auto"
+    warmup: bool = True
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "Settings":
+        reader = _EnvReader(env)
+        return cls(
+            hf_home=default_hf_home(env),
+            edit_model=reader.text("EDIT_MODEL", DEFAULT_EDIT_MODEL),
+            layered_model=reader.text("LAYERED_MODEL", DEFAULT_LAYERED_MODEL),
+            preload=reader.names("PRELOAD", "edit", PRELOADABLE),
+            bucket=_bucket_from_env(reader),
+            bucket_prefix=reader.text("BUCKET_PREFIX", "qwen-edit").strip("/"),
+            presign_expiry_s=reader.integer("PRESIGN_EXPIRY_S", 7200, low=1, high=7 * 24 * 3600),
+            gpu_price_per_hour=reader.number("GPU_PRICE_PER_HOUR", None, low=0.0),
+            max_image_bytes=reader.integer("MAX_IMAGE_BYTES", 20 * MIB, low=1024),
+            max_image_pixels=reader.integer("MAX_IMAGE_PIXELS", 4096 * 4096, low=64 * 64),
+            max_inline_bytes=reader.integer("MAX_INLINE_BYTES", 10_000_000, low=1),
+            device=reader.choice("DEVICE", "auto", ("auto", "cuda", "cpu")),
+            warmup=reader.flag("WARMUP", True),
+        )
+
+
+def default_hf_home(env: Mapping[str, str]) -> Path:
+    """HF_HOME if set; else the RunPod network volume's cache; else the library default."""
+    if env.get("HF_HOME"):
+        return Path(env["HF_HOME"])
+    if (RUNPOD_VOLUME / "huggingface-cache").is_dir():
+        return RUNPOD_VOLUME / "huggingface-cache"
+    if RUNPOD_VOLUME.is_dir():
+        return RUNPOD_VOLUME / ".cache" / "huggingface"
+    return Path(env.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "huggingface"
+
+
+def _bucket_from_env(reader: "_EnvReader") -> BucketConfig | None:
+    """RunPod's BUCKET_* names. All of name and keys, or none of them."""
+    name = reader.text("BUCKET_NAME", "")
+    key_id = reader.text("BUCKET_ACCESS_KEY_ID", "")
+    secret = reader.env.get("BUCKET_SECRET_ACCESS_KEY", "")
+    endpoint = reader.text("BUCKET_ENDPOINT_URL", "")
+    given = [n for n, v in (("BUCKET_NAME", name), ("BUCKET_ACCESS_KEY_ID", key_id),
+                            ("BUCKET_SECRET_ACCESS_KEY", secret)) if v]
+    if not given:
+        if endpoint:
+            raise ConfigError("BUCKET_ENDPOINT_URL is set but BUCKET_NAME, BUCKET_ACCESS_KEY_ID "
+                              "and BUCKET_SECRET_ACCESS_KEY are not")
+        return None
+    if len(given) < 3:
+        missing = sorted({"BUCKET_NAME", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY"} - set(given))
+        raise ConfigError(f"{', '.join(missing)} must be set too when {', '.join(given)} is set")
+    if endpoint and not endpoint.startswith(("http://", "https://")):
+        raise ConfigError(f"BUCKET_ENDPOINT_URL: {endpoint!r} must start with http:// or https://")
+    return BucketConfig(bucket_name=name, access_key_id=key_id, secret_access_key=secret,
+                        endpoint_url=endpoint or None, region=reader.text("BUCKET_REGION", "") or None)
+
+
+@dataclass
+class _EnvReader:
+    env: Mapping[str, str]
+
+    def text(self, name: str, default: str) -> str:
+        return self.env.get(name, "").strip() or default
+
+    def integer(self, name: str, default: int, low: int, high: int | None = None) -> int:
+        raw = self.env.get(name, "").strip()
+        if not raw:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name}: {raw!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            allowed = f"{low} to {high}" if high is not None else f"at least {low}"
+            raise ConfigError(f"{name}: {value} is out of range; allowed: {allowed}")
+        return value
+
+    def number(self, name: str, default: float | None, low: float) -> float | None:
+        raw = self.env.get(name, "").strip()
+        if not raw:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name}: {raw!r} is not a number") from None
+        if not math.isfinite(value) or value < low:
+            raise ConfigError(f"{name}: {raw!r} is out of range; allowed: a finite number >= {low}")
+        return value
+
+    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        value = self.text(name, default).lower()
+        if value not in allowed:
+            raise ConfigError(f"{name}: {value!r} is not allowed; allowed: {', '.join(allowed)}")
+        return value
+
+    def names(self, name: str, default: str, allowed: tuple[str, ...]) -> frozenset[str]:
+        raw = self.text(name, default)
+        values = {part.strip().lower() for part in raw.split(",") if part.strip()}
+        unknown = sorted(values - set(allowed))
+        if unknown:
+            raise ConfigError(f"{name}: {', '.join(unknown)} not allowed; allowed: a comma list of {', '.join(allowed)}")
+        return frozenset(values)
+
+    def flag(self, name: str, default: bool) -> bool:
+        raw = self.text(name, "").lower()
+        if not raw:
+            return default
+        if raw in ("1", "true", "yes", "on"):
+            return True
+        if raw in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}: {raw!r} is not a boolean; allowed: 1/0, true/false, yes/no, on/off")

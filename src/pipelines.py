@@ -1,0 +1,118 @@
+"""Loading the diffusers pipelines from the Hugging Face cache, offline.
+
+Weights are never downloaded here: a model missing from HF_HOME stops the start
+with an error naming the repo id and the cache path. The Layered pipeline borrows
+the edit pipeline's text encoder, tokenizer and processor, so the 7B text encoder
+is resident once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import QwenImageEditPlusPipeline, QwenImageLayeredPipeline
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError
+
+from src.config import Settings
+from src.vl_processor import load_processor
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFound(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    repo_id: str
+    revision: str
+    path: Path
+
+    def describe(self) -> dict:
+        return {"id": self.repo_id, "revision": self.revision}
+
+
+def locate(repo_id: str, hf_home: Path) -> ModelRef:
+    """The cached snapshot of `repo_id` (its refs/main), without touching the network."""
+    cache_dir = hf_home / "hub"
+    try:
+        path = Path(snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        raise ModelNotFound(
+            f"model {repo_id} is not in the Hugging Face cache at {cache_dir}; "
+            f"fetch it with: python tools/download_models.py --hf-home {hf_home}"
+        ) from None
+    return ModelRef(repo_id=repo_id, revision=path.name, path=path)
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("DEVICE=cuda but no CUDA device is visible")
+    return torch.device(setting)
+
+
+def dtype_for(device: torch.device) -> torch.dtype:
+    # bf16 is what the weights are published in; CPU runs (tests, demo) use float32
+    # so outputs are exact and comparable.
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+class Pipelines:
+    """The edit pipeline, loaded at start, and the Layered pipeline, at start or on first use."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.dtype = dtype_for(self.device)
+        self.edit_ref = locate(settings.edit_model, settings.hf_home)
+        # Locate Layered now too when it will be loaded at start, so a missing model fails the start.
+        self.layered_ref: ModelRef | None = (
+            locate(settings.layered_model, settings.hf_home) if "layered" in settings.preload else None
+        )
+        self.edit: QwenImageEditPlusPipeline | None = None
+        self._layered: QwenImageLayeredPipeline | None = None
+
+    def load(self) -> float:
+        """Load what PRELOAD names (the edit pipeline always). Returns seconds taken."""
+        start = time.perf_counter()
+        log.info("loading %s@%s onto %s (%s)", self.edit_ref.repo_id, self.edit_ref.revision[:12],
+                 self.device, self.dtype)
+        processor = load_processor(str(self.edit_ref.path))
+        self.edit = QwenImageEditPlusPipeline.from_pretrained(
+            self.edit_ref.path, processor=processor, torch_dtype=self.dtype
+        ).to(self.device)
+        self.edit.set_progress_bar_config(disable=True)
+        if "layered" in self.settings.preload:
+            self.layered()
+        return time.perf_counter() - start
+
+    @property
+    def layered_loaded(self) -> bool:
+        return self._layered is not None
+
+    def layered(self) -> QwenImageLayeredPipeline:
+        if self._layered is None:
+            assert self.edit is not None, "load() first"
+            self.layered_ref = self.layered_ref or locate(self.settings.layered_model, self.settings.hf_home)
+            log.info("loading %s@%s", self.layered_ref.repo_id, self.layered_ref.revision[:12])
+            self._layered = QwenImageLayeredPipeline.from_pretrained(
+                self.layered_ref.path,
+                text_encoder=self.edit.text_encoder,
+                tokenizer=self.edit.tokenizer,
+                processor=self.edit.processor,
+                torch_dtype=self.dtype,
+            ).to(self.device)
+            self._layered.set_progress_bar_config(disable=True)
+        return self._layered

@@ -1,0 +1,63 @@
+"""Result images to output entries: encode, upload (or inline), describe.
+
+Each entry is {url, key, width, height, format, bytes} plus `base64` when returned
+inline. Object keys are `{BUCKET_PREFIX}/{job_id}/{name}.{ext}`.
+"""
+
+from __future__ import annotations
+
+import re
+
+from PIL import Image
+
+from src.codec import CONTENT_TYPES, encode_image, to_base64
+from src.storage import Bucket
+
+_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+
+
+class OutputTooLarge(ValueError):
+    """Inline images over RunPod's result size limit with no bucket to put them in."""
+
+
+def object_key(prefix: str, job_id: str, name: str, fmt: str) -> str:
+    safe_job = _UNSAFE_KEY_CHARS.sub("_", job_id)[:128] or "job"
+    return "/".join(part for part in (prefix, safe_job, f"{name}.{fmt}") if part)
+
+
+def encode_all(named: list[tuple[str, Image.Image]], fmt: str, quality: int) -> list[tuple[str, Image.Image, bytes]]:
+    return [(name, image, encode_image(image, fmt, quality)) for name, image in named]
+
+
+def check_inline_size(encoded: list[tuple[str, Image.Image, bytes]], max_inline_bytes: int) -> bool:
+    """Whether the base64 of these images fits RunPod's result size limit."""
+    return sum((len(data) + 2) // 3 * 4 for _, _, data in encoded) <= max_inline_bytes
+
+
+def describe(encoded: list[tuple[str, Image.Image, bytes]], fmt: str, *, bucket: Bucket | None,
+             prefix: str, job_id: str, inline: bool, max_inline_bytes: int) -> tuple[list[dict], list[str]]:
+    """Upload (when a bucket is given) and build the entries. Returns (entries, warnings)."""
+    warnings: list[str] = []
+    if inline and not check_inline_size(encoded, max_inline_bytes):
+        if bucket is None:
+            total = sum(len(data) for _, _, data in encoded)
+            raise OutputTooLarge(
+                f"output: {total} bytes of images do not fit in RunPod's result limit "
+                f"({max_inline_bytes} bytes of base64); configure a bucket (BUCKET_* env or the job's r2) "
+                "to receive URLs instead"
+            )
+        inline = False
+        warnings.append(f"return_base64: images left out of the output, over the {max_inline_bytes}-byte "
+                        "inline limit; fetch them from their url")
+    stored = (
+        bucket.put_all([(object_key(prefix, job_id, name, fmt), data, CONTENT_TYPES[fmt]) for name, _, data in encoded])
+        if bucket is not None else [None] * len(encoded)
+    )
+    entries = []
+    for (name, image, data), obj in zip(encoded, stored):
+        entry = {"name": name, "url": obj.url if obj else None, "key": obj.key if obj else None,
+                 "width": image.width, "height": image.height, "format": fmt, "bytes": len(data)}
+        if inline:
+            entry["base64"] = to_base64(data)
+        entries.append(entry)
+    return entries, warnings

@@ -1,0 +1,181 @@
+"""One job, start to finish: parse, decode, run, encode, store, respond.
+
+Everything that can be wrong with a job's input is found before the GPU is used.
+Every failure becomes `{"error": "<key>: <reason>"}` and the worker stays ready for
+the next job; CUDA out-of-memory also asks RunPod for a fresh worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from src import operations
+from src.codec import decode_image
+from src.config import BucketConfig, Settings
+from src.metering import Price, StageTimer, price_for
+from src.operations import ProgressFn
+from src.pipelines import Pipelines, device_name
+from src.results import OutputTooLarge, describe, encode_all
+from src.schema import InputError, JobRequest, SEED_LIMIT, parse_request
+from src.storage import Bucket, StorageError
+
+log = logging.getLogger(__name__)
+
+WARMUP_IMAGE_SIZE = 64  # the orchestrators' health-check shape: 64x64 grey, "test", 1 step
+WARMUP_OUTPUT_SIDE = 256
+
+
+def _no_progress(update: dict) -> None:
+    pass
+
+
+@dataclass
+class Worker:
+    settings: Settings
+    pipes: Pipelines
+    price: Price
+    startup_s: dict[str, float] = field(default_factory=dict)
+    # The start-up load is reported once, in the first job's timings.
+    unreported_load_s: float | None = None
+
+    @classmethod
+    def start(cls, settings: Settings) -> "Worker":
+        """Load the models and warm them up: the first job pays neither."""
+        pipes = Pipelines(settings)
+        load_s = pipes.load()
+        worker = cls(settings, pipes, price_for(device_name(pipes.device), settings.gpu_price_per_hour))
+        worker.startup_s["load"] = worker.unreported_load_s = load_s
+        if settings.warmup:
+            worker.startup_s["warmup"] = worker.warm_up()
+        log.info("ready on %s: %s", worker.price.gpu,
+                 ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in worker.startup_s.items()))
+        return worker
+
+    def warm_up(self) -> float:
+        start = time.perf_counter()
+        grey = Image.new("RGB", (WARMUP_IMAGE_SIZE, WARMUP_IMAGE_SIZE), (128, 128, 128))
+        request = JobRequest(image_base64="", prompt="test", num_inference_steps=1,
+                             width=WARMUP_OUTPUT_SIDE, height=WARMUP_OUTPUT_SIDE)
+        operations.edit(self.pipes, request, [grey], seed=0, progress=_no_progress)
+        if self.pipes.layered_loaded:
+            request = JobRequest(operation="decompose", image_base64="", prompt="test",
+                                 num_inference_steps=1, layers=2)
+            operations.decompose(self.pipes, request, grey, seed=0, progress=_no_progress)
+        return time.perf_counter() - start
+
+    # ------------------------------------------------------------------
+    def handle(self, job: dict, progress: ProgressFn = _no_progress) -> dict:
+        timer = StageTimer()
+        job_id = str(job.get("id") or uuid.uuid4())
+        try:
+            return self._run(job_id, job.get("input"), timer, progress)
+        except (InputError, StorageError, OutputTooLarge) as exc:
+            log.info("job %s refused: %s", job_id, exc)
+            return {"error": str(exc)}
+        except torch.OutOfMemoryError:
+            log.error("job %s: CUDA out of memory; asking for a fresh worker", job_id)
+            torch.cuda.empty_cache()
+            return {"error": "inference: CUDA out of memory; try a smaller width/height or fewer images "
+                             "(this worker will be replaced)", "refresh_worker": True}
+        except Exception as exc:  # the worker must survive anything a job does
+            log.exception("job %s failed", job_id)
+            return {"error": f"internal: {type(exc).__name__}: {exc}"}
+
+    def _run(self, job_id: str, job_input, timer: StageTimer, progress: ProgressFn) -> dict:
+        # 1. Everything that can be wrong with the input, before any GPU work.
+        request = parse_request(job_input)
+        with timer.stage("decode"):
+            images = [
+                decode_image(data, key, self.settings.max_image_bytes, self.settings.max_image_pixels)
+                for key, data in _image_keys(request)
+            ]
+        _check_alpha_format(request, images)
+        bucket = self._bucket_for(request)
+        seed = request.seed if request.seed is not None else secrets.randbelow(SEED_LIMIT)
+
+        # 2. The pipeline call (Layered may load here, on its first job).
+        if request.operation == "decompose" and not self.pipes.layered_loaded:
+            with timer.stage("load"):
+                self.pipes.layered()
+        with timer.stage("inference"):
+            if request.operation == "decompose":
+                layers, composite = operations.decompose(self.pipes, request, images[0], seed, progress)
+                named = [(f"layer_{i}", layer) for i, layer in enumerate(layers)] + [("composite", composite)]
+            else:
+                named = [("output", operations.edit(self.pipes, request, images, seed, progress))]
+
+        # 3. Encode, store, respond.
+        with timer.stage("encode"):
+            encoded = encode_all(named, request.output_format, request.output_quality)
+        with timer.stage("upload"):
+            entries, warnings = describe(
+                encoded, request.output_format, bucket=bucket, prefix=self.settings.bucket_prefix,
+                job_id=job_id, inline=request.wants_base64 or bucket is None,
+                max_inline_bytes=self.settings.max_inline_bytes,
+            )
+        if request.use_fp8:
+            warnings.append("use_fp8: accepted for compatibility; this worker runs the published bf16 weights")
+        return self._respond(request, seed, entries, warnings, timer)
+
+    def _bucket_for(self, request: JobRequest) -> Bucket | None:
+        if request.r2 is not None:
+            r2 = request.r2
+            config = BucketConfig(bucket_name=r2.bucket_name, access_key_id=r2.access_key_id,
+                                  secret_access_key=r2.secret_access_key.get_secret_value(),
+                                  endpoint_url=r2.endpoint_url, region=r2.region)
+            return Bucket(config, self.settings.presign_expiry_s)
+        if self.settings.bucket is not None:
+            return Bucket(self.settings.bucket, self.settings.presign_expiry_s)
+        return None
+
+    def _respond(self, request: JobRequest, seed: int, entries: list[dict], warnings: list[str],
+                 timer: StageTimer) -> dict:
+        model = self.pipes.layered_ref if request.operation == "decompose" else self.pipes.edit_ref
+        output: dict = {
+            "success": True,
+            "operation": request.operation,
+            "seed": seed,
+            "num_inference_steps": request.steps,
+            "true_cfg_scale": request.true_cfg_scale,
+            "model": model.describe(),
+            "images": entries,
+        }
+        if request.operation == "decompose":
+            output["layers"] = [dict(entry, index=i) for i, entry in enumerate(entries[:-1])]
+            output["composite"] = entries[-1]
+        else:
+            first = entries[0]
+            output.update(output_url=first["url"], r2_key=first["key"], image_size=[first["width"], first["height"]])
+            if "base64" in first:
+                output["edited_image_base64"] = first["base64"]
+        timings = timer.report()
+        if self.unreported_load_s is not None:
+            timings["load"] = round(self.unreported_load_s * 1000 + timings.get("load", 0.0), 1)
+            self.unreported_load_s = None
+        output["timings_ms"] = timings
+        output["inference_time_ms"] = int(timings["inference"])
+        output["cost"] = self.price.cost(timer.elapsed_s())
+        output["cost_usd"] = output["cost"]["usd"]
+        if warnings:
+            output["warnings"] = warnings
+        return output
+
+
+def _image_keys(request: JobRequest) -> list[tuple[str, str]]:
+    return [("image_base64", request.image_base64)] + [
+        (f"images_base64[{i}]", data) for i, data in enumerate(request.images_base64)
+    ]
+
+
+def _check_alpha_format(request: JobRequest, images: list[Image.Image]) -> None:
+    """A single RGBA edit keeps its alpha, which JPEG cannot hold."""
+    if (request.operation == "edit" and len(images) == 1 and images[0].mode == "RGBA"
+            and request.output_format == "jpeg"):
+        raise InputError("output_format: 'jpeg' cannot keep the input image's alpha channel; use png or webp")

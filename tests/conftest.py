@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny real models in an HF cache, a loopback S3, the worker in
+process and the worker behind the runpod SDK's local API server."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from tools.local_stack import start_api, start_s3  # noqa: E402
+
+TINY_HF_HOME = Path(os.environ.get("TINY_HF_HOME", REPO_ROOT / ".cache" / "hf"))
+# Small output sizes keep the tiny pipelines fast on 2 CPU cores.
+FAST = {"num_inference_steps": 2, "width": 256, "height": 256}
+
+
+def png_b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def image_from_b64(data: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(data)))
+
+
+def sample_image(size=(96, 64), mode="RGB", seed=0) -> Image.Image:
+    """A deterministic image with structure (gradient and blocks), not a flat colour."""
+    image = Image.linear_gradient("L").resize(size).convert("RGB")
+    pixels = image.load()
+    for x in range(size[0] // 4, size[0] // 2):
+        for y in range(size[1] // 4, size[1] // 2):
+            pixels[x, y] = ((40 * seed) % 256, 200, 60)
+    if mode == "RGBA":
+        image = image.convert("RGBA")
+        alpha = Image.new("L", size, 0)
+        alpha.paste(255, (0, 0, size[0] * 3 // 4, size[1]))
+        image.putalpha(alpha)
+    return image
+
+
+@pytest.fixture(scope="session")
+def hf_home() -> Path:
+    marker = TINY_HF_HOME / "hub" / "models--Qwen--Qwen-Image-Edit-2511" / "refs" / "main"
+    if not marker.exists():
+        subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "make_tiny_models.py"),
+                        "--hf-home", str(TINY_HF_HOME)], check=True)
+    return TINY_HF_HOME
+
+
+@pytest.fixture(scope="session")
+def s3():
+    server = start_s3()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def worker_env(hf_home, s3) -> dict[str, str]:
+    return {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "DEVICE": "cpu", "PRELOAD": "edit",
+            "GPU_PRICE_PER_HOUR": "1.80", **s3.env()}
+
+
+@pytest.fixture(scope="session")
+def worker(worker_env):
+    """The worker in this process, started the way handler.py starts it."""
+    from src.config import Settings
+    from src.worker import Worker
+
+    return Worker.start(Settings.from_env(worker_env))
+
+
+@pytest.fixture(scope="session")
+def api(worker_env, tmp_path_factory):
+    """handler.py behind the runpod SDK's local API server, on loopback."""
+    server = start_api(worker_env, tmp_path_factory.mktemp("api") / "worker.log")
+    yield server
+    server.stop()

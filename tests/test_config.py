@@ -1,0 +1,51 @@
+from pathlib import Path
+
+import pytest
+
+from src.config import ConfigError, Settings
+
+
+def test_defaults_from_an_empty_environment():
+    settings = Settings.from_env({"HF_HOME": "/models"})
+    assert settings.hf_home == Path("/models")
+    assert settings.edit_model == "Qwen/Qwen-Image-Edit-2511"
+    assert settings.layered_model == "Qwen/Qwen-Image-Layered"
+    assert settings.preload == {"edit"}
+    assert settings.bucket is None
+    assert (settings.bucket_prefix, settings.presign_expiry_s) == ("qwen-edit", 7200)
+    assert settings.max_image_bytes == 20 * 1024 * 1024
+    assert settings.max_image_pixels == 4096 * 4096
+
+
+def test_bucket_from_runpod_names_keeps_the_secret_out_of_repr():
+    settings = Settings.from_env({
+        "BUCKET_ENDPOINT_URL": "https://acc.r2.cloudflarestorage.com", "BUCKET_ACCESS_KEY_ID": "key-id",
+        "BUCKET_SECRET_ACCESS_KEY": "very-secret-value", "BUCKET_NAME": "results", "PRELOAD": "edit,layered",
+    })
+    assert settings.bucket.bucket_name == "results"
+    assert settings.bucket.secret_access_key == "very-secret-value"
+    assert "very-secret-value" not in repr(settings)
+    assert settings.preload == {"edit", "layered"}
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"PRESIGN_EXPIRY_S": "soon"}, "PRESIGN_EXPIRY_S: 'soon' is not an integer"),
+    ({"PRESIGN_EXPIRY_S": "0"}, "PRESIGN_EXPIRY_S: 0 is out of range"),
+    ({"GPU_PRICE_PER_HOUR": "nan"}, "GPU_PRICE_PER_HOUR: 'nan' is out of range"),
+    ({"PRELOAD": "edit,video"}, "PRELOAD: video not allowed"),
+    ({"DEVICE": "tpu"}, "DEVICE: 'tpu' is not allowed"),
+    ({"WARMUP": "maybe"}, "WARMUP: 'maybe' is not a boolean"),
+    ({"BUCKET_NAME": "results"}, "BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY must be set too"),
+    ({"BUCKET_ENDPOINT_URL": "http://x"}, "BUCKET_ENDPOINT_URL is set but"),
+])
+def test_bad_values_fail_with_one_line_naming_the_variable(env, message):
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"HF_HOME": "/models", **env})
+    assert str(caught.value).startswith(message)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_bad_secret_value_is_never_echoed():
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"BUCKET_SECRET_ACCESS_KEY": "hunter2-secret"})
+    assert "hunter2-secret" not in str(caught.value)
