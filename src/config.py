@@ -80,7 +80,7 @@ def default_hf_home(env: Mapping[str, str]) -> Path:
         return RUNPOD_VOLUME / "huggingface-cache"
     if RUNPOD_VOLUME.is_dir():
         return RUNPOD_VOLUME / ".cache" / "huggingface"
-    return Path(env.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "huggingface"
+    return Path.home() / ".cache" / "huggingface"
 
 
 def _bucket_from_env(reader: "_EnvReader") -> BucketConfig | None:

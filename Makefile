@@ -1,0 +1,33 @@
+# make demo: the main jobs end to end on tiny random models (CPU).
+# make test: the whole suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TINY_HF_HOME := .cache/hf
+INSTALLED := $(VENV)/.installed
+TINY_MODELS := $(TINY_HF_HOME)/.built
+
+.PHONY: demo test models clean
+
+$(INSTALLED): requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first, alone: pinned to the CPU build so nothing pulls CUDA wheels.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	touch $@
+
+$(TINY_MODELS): $(INSTALLED) tools/make_tiny_models.py
+	$(BIN)/python tools/make_tiny_models.py --hf-home $(TINY_HF_HOME)
+	touch $@
+
+models: $(TINY_MODELS)
+
+demo: $(TINY_MODELS)
+	$(BIN)/python tools/demo.py --hf-home $(TINY_HF_HOME) --out outputs
+
+test: $(TINY_MODELS)
+	TINY_HF_HOME=$(TINY_HF_HOME) $(BIN)/python -m pytest tests
+
+clean:
+	rm -rf $(VENV) .cache outputs .pytest_cache
