@@ -50,6 +50,7 @@ class Settings:
     # checked against the stricter limit since the worker cannot tell which was used.
     max_inline_bytes: int = 10_000_000
     device: str = "auto"
+    transformer_swap: str = "auto"
     warmup: bool = True
 
     @classmethod
@@ -68,6 +69,7 @@ class Settings:
             max_image_pixels=reader.integer("MAX_IMAGE_PIXELS", 4096 * 4096, low=64 * 64),
             max_inline_bytes=reader.integer("MAX_INLINE_BYTES", 10_000_000, low=1),
             device=reader.choice("DEVICE", "auto", ("auto", "cuda", "cpu")),
+            transformer_swap=reader.choice("TRANSFORMER_SWAP", "auto", ("auto", "always", "never")),
             warmup=reader.flag("WARMUP", True),
         )
 

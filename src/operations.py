@@ -15,7 +15,6 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from src.pipelines import Pipelines
 from src.schema import JobRequest
 
 ProgressFn = Callable[[dict], None]
@@ -29,7 +28,7 @@ def generator_for(seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed)
 
 
-def edit(pipes: Pipelines, request: JobRequest, images: list[Image.Image], seed: int,
+def edit(pipeline, request: JobRequest, images: list[Image.Image], seed: int,
          progress: ProgressFn) -> Image.Image:
     """edit and edit_multi: one image out."""
     alpha = images[0].getchannel("A") if len(images) == 1 and images[0].mode == "RGBA" else None
@@ -37,7 +36,7 @@ def edit(pipes: Pipelines, request: JobRequest, images: list[Image.Image], seed:
     width, height = request.output_size()
     if request.auto_resize is False and width is None and height is None:
         width, height = _keep_size(images[0].size)
-    result = pipes.edit(
+    result = pipeline(
         image=inputs,
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
@@ -55,10 +54,10 @@ def edit(pipes: Pipelines, request: JobRequest, images: list[Image.Image], seed:
     return result
 
 
-def decompose(pipes: Pipelines, request: JobRequest, image: Image.Image, seed: int,
+def decompose(pipeline, request: JobRequest, image: Image.Image, seed: int,
               progress: ProgressFn) -> tuple[list[Image.Image], Image.Image]:
     """One image to `request.layers` RGBA layers (back to front) and their composite."""
-    layers = pipes.layered()(
+    layers = pipeline(
         image=image.convert("RGBA"),
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,

@@ -24,6 +24,11 @@ from src.vl_processor import load_processor
 log = logging.getLogger(__name__)
 
 
+# Activation memory kept free next to the weights: a 1024x1024 edit with 3 references
+# at bf16 peaks at a few GiB above the weights.
+ACTIVATION_HEADROOM_BYTES = 8 * 1024**3
+
+
 class ModelNotFound(RuntimeError):
     pass
 
@@ -83,6 +88,9 @@ class Pipelines:
         )
         self.edit: QwenImageEditPlusPipeline | None = None
         self._layered: QwenImageLayeredPipeline | None = None
+        # Both transformers (2 x 41 GB in bf16) do not fit next to the text encoder on an
+        # 80 GB card; then the idle one waits in CPU memory and they trade places per job.
+        self.swap_transformers = settings.transformer_swap == "always"
 
     def load(self) -> float:
         """Load what PRELOAD names (the edit pipeline always). Returns seconds taken."""
@@ -91,7 +99,7 @@ class Pipelines:
                  self.device, self.dtype)
         processor = load_processor(str(self.edit_ref.path))
         self.edit = QwenImageEditPlusPipeline.from_pretrained(
-            self.edit_ref.path, processor=processor, torch_dtype=self.dtype
+            self.edit_ref.path, processor=processor, dtype=self.dtype
         ).to(self.device)
         self.edit.set_progress_bar_config(disable=True)
         if "layered" in self.settings.preload:
@@ -107,12 +115,39 @@ class Pipelines:
             assert self.edit is not None, "load() first"
             self.layered_ref = self.layered_ref or locate(self.settings.layered_model, self.settings.hf_home)
             log.info("loading %s@%s", self.layered_ref.repo_id, self.layered_ref.revision[:12])
-            self._layered = QwenImageLayeredPipeline.from_pretrained(
+            layered = QwenImageLayeredPipeline.from_pretrained(
                 self.layered_ref.path,
                 text_encoder=self.edit.text_encoder,
                 tokenizer=self.edit.tokenizer,
                 processor=self.edit.processor,
-                torch_dtype=self.dtype,
-            ).to(self.device)
-            self._layered.set_progress_bar_config(disable=True)
+                dtype=self.dtype,
+            )
+            layered.set_progress_bar_config(disable=True)
+            if self.settings.transformer_swap == "auto" and self.device.type == "cuda":
+                free_bytes, _ = torch.cuda.mem_get_info(self.device)
+                self.swap_transformers = _bytes_of(layered.transformer, layered.vae) + ACTIVATION_HEADROOM_BYTES > free_bytes
+            if self.swap_transformers:
+                log.info("GPU too small for both transformers: the idle one waits in CPU memory")
+                self.edit.transformer.to("cpu")
+            self._layered = layered.to(self.device)
         return self._layered
+
+    def needs_loading(self, operation: str) -> bool:
+        """Whether running `operation` first loads or moves weights (timed as `load`)."""
+        if operation != "decompose":
+            return self.swap_transformers and self.edit.transformer.device != self.device
+        return self._layered is None or (self.swap_transformers and self._layered.transformer.device != self.device)
+
+    def for_operation(self, operation: str):
+        """The pipeline that runs `operation`, with its transformer on the device."""
+        pipeline = self.layered() if operation == "decompose" else self.edit
+        if self.swap_transformers and pipeline.transformer.device != self.device:
+            idle = self.edit if pipeline is self._layered else self._layered
+            idle.transformer.to("cpu")
+            torch.cuda.empty_cache()
+            pipeline.transformer.to(self.device)
+        return pipeline
+
+
+def _bytes_of(*modules: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for module in modules for p in module.parameters())

@@ -63,11 +63,12 @@ class Worker:
         grey = Image.new("RGB", (WARMUP_IMAGE_SIZE, WARMUP_IMAGE_SIZE), (128, 128, 128))
         request = JobRequest(image_base64="", prompt="test", num_inference_steps=1,
                              width=WARMUP_OUTPUT_SIDE, height=WARMUP_OUTPUT_SIDE)
-        operations.edit(self.pipes, request, [grey], seed=0, progress=_no_progress)
+        operations.edit(self.pipes.for_operation("edit"), request, [grey], seed=0, progress=_no_progress)
         if self.pipes.layered_loaded:
             request = JobRequest(operation="decompose", image_base64="", prompt="test",
                                  num_inference_steps=1, layers=2)
-            operations.decompose(self.pipes, request, grey, seed=0, progress=_no_progress)
+            operations.decompose(self.pipes.for_operation("decompose"), request, grey, seed=0,
+                                 progress=_no_progress)
         return time.perf_counter() - start
 
     # ------------------------------------------------------------------
@@ -100,16 +101,18 @@ class Worker:
         bucket = self._bucket_for(request)
         seed = request.seed if request.seed is not None else secrets.randbelow(SEED_LIMIT)
 
-        # 2. The pipeline call (Layered may load here, on its first job).
-        if request.operation == "decompose" and not self.pipes.layered_loaded:
+        # 2. The pipeline call. Layered loads on its first job; on a GPU too small for
+        #    both transformers, the one this job needs comes back from CPU memory.
+        if self.pipes.needs_loading(request.operation):
             with timer.stage("load"):
-                self.pipes.layered()
+                self.pipes.for_operation(request.operation)
+        pipeline = self.pipes.for_operation(request.operation)
         with timer.stage("inference"):
             if request.operation == "decompose":
-                layers, composite = operations.decompose(self.pipes, request, images[0], seed, progress)
+                layers, composite = operations.decompose(pipeline, request, images[0], seed, progress)
                 named = [(f"layer_{i}", layer) for i, layer in enumerate(layers)] + [("composite", composite)]
             else:
-                named = [("output", operations.edit(self.pipes, request, images, seed, progress))]
+                named = [("output", operations.edit(pipeline, request, images, seed, progress))]
 
         # 3. Encode, store, respond.
         with timer.stage("encode"):

@@ -67,7 +67,7 @@ def test_edit_equals_the_pipeline_called_directly(worker, hf_home):
 
     path = worker.pipes.edit_ref.path
     pipeline = QwenImageEditPlusPipeline.from_pretrained(path, processor=load_processor(str(path)),
-                                                         torch_dtype=torch.float32)
+                                                         dtype=torch.float32)
     source = sample_image()
     out = run(worker, "fidelity-1", operation="edit", image_base64=png_b64(source), prompt="a red hat",
               seed=1234, return_base64=True, **FAST)
