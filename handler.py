@@ -27,7 +27,14 @@ def main() -> None:
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Weights come from the volume only; never from the network at job time.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import diffusers
+    import transformers
+
     from src.worker import Worker  # imports torch and diffusers: after logging is set up
+
+    # Their per-call notices (e.g. "guidance_scale is ignored") would repeat on every job.
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
 
     try:
         worker = Worker.start(Settings.from_env(os.environ))

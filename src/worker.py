@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 
 WARMUP_IMAGE_SIZE = 64  # the orchestrators' health-check shape: 64x64 grey, "test", 1 step
 WARMUP_OUTPUT_SIDE = 256
+# diffusers' FlowMatchEulerDiscreteScheduler with the models' shift_terminal=0.02 divides
+# 0 by 0 for a single step, so a 1-step image is black. Served as the pipeline gives it
+# (health checks use 1 step), with this note.
+ONE_STEP_WARNING = ("num_inference_steps: with 1 step the models' scheduler (shift_terminal) yields NaN "
+                    "and a black image; use 2 or more for a real image")
 
 
 def _no_progress(update: dict) -> None:
@@ -125,6 +130,8 @@ class Worker:
             )
         if request.use_fp8:
             warnings.append("use_fp8: accepted for compatibility; this worker runs the published bf16 weights")
+        if request.steps == 1:
+            warnings.append(ONE_STEP_WARNING)
         return self._respond(request, seed, entries, warnings, timer)
 
     def _bucket_for(self, request: JobRequest) -> Bucket | None:

@@ -160,6 +160,13 @@ def test_orchestrator_payload_and_health_check(worker):
     assert "use_fp8" in run(worker, **{**legacy, "use_fp8": True})["warnings"][0]
 
 
+def test_one_step_is_served_as_the_pipeline_gives_it_with_a_note(worker):
+    out = run(worker, operation="edit", image_base64=png_b64(sample_image()), prompt="x", seed=1,
+              return_base64=True, num_inference_steps=1, width=256, height=256)
+    assert out["success"] and out["warnings"][0].startswith("num_inference_steps: with 1 step")
+    assert image_from_b64(out["edited_image_base64"]).getextrema() == ((0, 0), (0, 0), (0, 0))
+
+
 def test_without_a_bucket_images_come_back_inline(worker):
     no_bucket = dataclasses.replace(worker, settings=dataclasses.replace(worker.settings, bucket=None))
     out = run(no_bucket, operation="edit", image_base64=png_b64(sample_image()), prompt="x", **FAST)

@@ -3,6 +3,7 @@ local API server running handler.py. Used by `make demo` and by the tests."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -57,6 +58,7 @@ class LocalS3:
 def start_s3(bucket: str = "qwen-results") -> LocalS3:
     from moto.server import ThreadedMotoServer  # heavy import, only where a server is wanted
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     port = free_port()
     server = ThreadedMotoServer(ip_address=LOOPBACK, port=port, verbose=False)
     server.start()
