@@ -96,3 +96,17 @@ def test_edit_client_against_the_local_api(api, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     saved = list((tmp_path / "out").glob("*.png"))
     assert len(saved) == 1 and Image.open(saved[0]).size == (256, 256)
+
+
+def test_layers_client_against_the_local_api(api, tmp_path):
+    source = tmp_path / "in.png"
+    sample_image(mode="RGBA").save(source)
+    done = subprocess.run(
+        [sys.executable, "tools/test_layers.py", "--url", api.url, "--image", str(source), "--prompt", "scene",
+         "--layers", "2", "--steps", "1", "--seed", "3", "--out", str(tmp_path / "out")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    layers = sorted((tmp_path / "out").glob("*_layer*.png"))
+    assert len(layers) == 2 and all(Image.open(p).mode == "RGBA" for p in layers)
+    assert len(list((tmp_path / "out").glob("*_composite.png"))) == 1
+    assert "cost" in done.stdout
