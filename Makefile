@@ -17,8 +17,9 @@ $(INSTALLED): requirements.txt requirements-dev.txt
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@
 
-$(TINY_MODELS): $(INSTALLED) tools/make_tiny_models.py
+$(TINY_MODELS): $(INSTALLED) tools/make_tiny_models.py tools/make_tiny_loras.py
 	$(BIN)/python tools/make_tiny_models.py --hf-home $(TINY_HF_HOME)
+	$(BIN)/python tools/make_tiny_loras.py --hf-home $(TINY_HF_HOME) --out .cache/loras
 	touch $@
 
 models: $(TINY_MODELS)

@@ -8,13 +8,20 @@ stops at start instead of failing every job.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 DEFAULT_EDIT_MODEL = "Qwen/Qwen-Image-Edit-2511"
 DEFAULT_LAYERED_MODEL = "Qwen/Qwen-Image-Layered"
-PRELOADABLE = ("edit", "layered")
+DEFAULT_LIGHTNING_REPO = "lightx2v/Qwen-Image-Edit-2511-Lightning"
+DEFAULT_LIGHTNING_FILES = {
+    4: "Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors",
+    8: "Qwen-Image-Edit-2511-Lightning-8steps-V1.0-bf16.safetensors",
+}
+PRELOADABLE = ("edit", "layered", "lightning")
+GIB = 1024**3
 RUNPOD_VOLUME = Path("/runpod-volume")
 MIB = 1024 * 1024
 
@@ -49,6 +56,14 @@ class Settings:
     # RunPod refuses /run results over 10 MB (/runsync: 20 MB); inline output is
     # checked against the stricter limit since the worker cannot tell which was used.
     max_inline_bytes: int = 10_000_000
+    lightning_repo: str = DEFAULT_LIGHTNING_REPO
+    lightning_files: dict[int, str] = field(default_factory=lambda: dict(DEFAULT_LIGHTNING_FILES))
+    max_loras: int = 3
+    lora_roots: tuple[Path, ...] = (RUNPOD_VOLUME,)
+    lora_cache_dir: Path | None = None  # None: HF_HOME/lora-cache
+    lora_cache_max_bytes: int = 20 * GIB
+    lora_cache_max_files: int = 50
+    lora_max_download_bytes: int = 2 * GIB
     device: str = "auto"
     transformer_swap: str = "auto"
     warmup: bool = True
@@ -56,8 +71,9 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Settings":
         reader = _EnvReader(env)
+        hf_home = default_hf_home(env)
         return cls(
-            hf_home=default_hf_home(env),
+            hf_home=hf_home,
             edit_model=reader.text("EDIT_MODEL", DEFAULT_EDIT_MODEL),
             layered_model=reader.text("LAYERED_MODEL", DEFAULT_LAYERED_MODEL),
             preload=reader.names("PRELOAD", "edit", PRELOADABLE),
@@ -68,6 +84,15 @@ class Settings:
             max_image_bytes=reader.integer("MAX_IMAGE_BYTES", 20 * MIB, low=1024),
             max_image_pixels=reader.integer("MAX_IMAGE_PIXELS", 4096 * 4096, low=64 * 64),
             max_inline_bytes=reader.integer("MAX_INLINE_BYTES", 10_000_000, low=1),
+            lightning_repo=reader.text("LIGHTNING_REPO", DEFAULT_LIGHTNING_REPO),
+            lightning_files={4: reader.text("LIGHTNING_4STEP_FILE", DEFAULT_LIGHTNING_FILES[4]),
+                             8: reader.text("LIGHTNING_8STEP_FILE", DEFAULT_LIGHTNING_FILES[8])},
+            max_loras=reader.integer("MAX_LORAS", 3, low=0, high=16),
+            lora_roots=tuple(Path(p) for p in reader.text("LORA_ROOTS", str(RUNPOD_VOLUME)).split(os.pathsep) if p),
+            lora_cache_dir=Path(reader.text("LORA_CACHE_DIR", str(hf_home / "lora-cache"))),
+            lora_cache_max_bytes=reader.integer("LORA_CACHE_MAX_BYTES", 20 * GIB, low=MIB),
+            lora_cache_max_files=reader.integer("LORA_CACHE_MAX_FILES", 50, low=1),
+            lora_max_download_bytes=reader.integer("LORA_MAX_DOWNLOAD_BYTES", 2 * GIB, low=1024),
             device=reader.choice("DEVICE", "auto", ("auto", "cuda", "cpu")),
             transformer_swap=reader.choice("TRANSFORMER_SWAP", "auto", ("auto", "always", "never")),
             warmup=reader.flag("WARMUP", True),

@@ -10,6 +10,7 @@ alpha-over composite of the layers.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -29,25 +30,27 @@ def generator_for(seed: int) -> torch.Generator:
 
 
 def edit(pipeline, request: JobRequest, images: list[Image.Image], seed: int,
-         progress: ProgressFn) -> Image.Image:
-    """edit and edit_multi: one image out."""
+         progress: ProgressFn, scheduler=None) -> Image.Image:
+    """edit and edit_multi: one image out. `scheduler` replaces the pipeline's for this
+    call (Lightning LoRAs come with their own)."""
     alpha = images[0].getchannel("A") if len(images) == 1 and images[0].mode == "RGBA" else None
     inputs = [_flatten_on_white(image) for image in images] if len(images) > 1 else [images[0].convert("RGB")]
     width, height = request.output_size()
     if request.auto_resize is False and width is None and height is None:
-        width, height = _keep_size(images[0].size)
-    result = pipeline(
-        image=inputs,
-        prompt=request.prompt,
-        negative_prompt=request.negative_prompt,
-        true_cfg_scale=request.true_cfg_scale,
-        guidance_scale=request.guidance_scale,
-        num_inference_steps=request.steps,
-        width=width,
-        height=height,
-        generator=generator_for(seed),
-        callback_on_step_end=_progress_callback(request.steps, progress),
-    ).images[0]
+        width, height = _keep_size(images[0].size, request.snap)
+    with _scheduler_swapped(pipeline, scheduler):
+        result = pipeline(
+            image=inputs,
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            true_cfg_scale=request.cfg_scale,
+            guidance_scale=request.guidance_scale,
+            num_inference_steps=request.steps,
+            width=width,
+            height=height,
+            generator=generator_for(seed),
+            callback_on_step_end=_progress_callback(request.steps, progress),
+        ).images[0]
     if alpha is not None:
         result = result.convert("RGBA")
         result.putalpha(alpha.resize(result.size, Image.Resampling.LANCZOS))
@@ -61,7 +64,7 @@ def decompose(pipeline, request: JobRequest, image: Image.Image, seed: int,
         image=image.convert("RGBA"),
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
-        true_cfg_scale=request.true_cfg_scale,
+        true_cfg_scale=request.cfg_scale,
         guidance_scale=request.guidance_scale,
         num_inference_steps=request.steps,
         layers=request.layers,
@@ -88,9 +91,22 @@ def _flatten_on_white(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, image).convert("RGB")
 
 
-def _keep_size(size: tuple[int, int]) -> tuple[int, int]:
-    """The input's own size, clamped to the schema's 256..2048 and rounded down to 16."""
-    return tuple(max(256, min(2048, side)) // 16 * 16 for side in size)  # type: ignore[return-value]
+def _keep_size(size: tuple[int, int], multiple: int) -> tuple[int, int]:
+    """The input's own size, clamped to the schema's 256..2048 and rounded down to `multiple`."""
+    return tuple(max(256, min(2048, side)) // multiple * multiple for side in size)  # type: ignore[return-value]
+
+
+@contextmanager
+def _scheduler_swapped(pipeline, scheduler):
+    if scheduler is None:
+        yield
+        return
+    original = pipeline.scheduler
+    pipeline.scheduler = scheduler
+    try:
+        yield
+    finally:
+        pipeline.scheduler = original
 
 
 def _progress_callback(total_steps: int, progress: ProgressFn):

@@ -19,6 +19,7 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
 from src.config import Settings
+from src.loras import FusedLoras
 from src.vl_processor import load_processor
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class Pipelines:
         # Both transformers (2 x 41 GB in bf16) do not fit next to the text encoder on an
         # 80 GB card; then the idle one waits in CPU memory and they trade places per job.
         self.swap_transformers = settings.transformer_swap == "always"
+        self.fused_loras = FusedLoras()
 
     def load(self) -> float:
         """Load what PRELOAD names (the edit pipeline always). Returns seconds taken."""

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 
 MAX_PROMPT_CHARS = 2000
 MAX_EXTRA_IMAGES = 2  # 3 images in all
-SIZE_MIN, SIZE_MAX, SIZE_MULTIPLE = 256, 2048, 16
+SIZE_MIN, SIZE_MAX = 256, 2048
 SEED_LIMIT = 2**32
 DEFAULT_STEPS = {"edit": 40, "edit_multi": 40, "decompose": 50}
 ALPHA_FORMATS = ("png", "webp")
@@ -39,6 +39,16 @@ class BucketOverride(BaseModel):
     region: str | None = None
 
 
+class LoraRequest(BaseModel):
+    """One custom LoRA: a path on the volume, a repo id in the HF cache, or an https/s3 URL."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    source: str = Field(min_length=1, max_length=2048)
+    scale: float = Field(1.0, ge=-4.0, le=4.0)
+    weight_name: str | None = Field(None, min_length=1, max_length=256, pattern=r"^[^/\\][^\\]*$")
+
+
 class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
@@ -61,6 +71,9 @@ class JobRequest(BaseModel):
     output_quality: int = Field(95, ge=1, le=100, description="jpeg and webp")
     return_base64: bool | None = Field(None, description="also return base64; forced without a bucket")
     r2: BucketOverride | None = None
+    lightning: Literal[4, 8] | None = Field(None, description="edits: the 4- or 8-step Lightning LoRA")
+    loras: list[LoraRequest] = Field(default_factory=list, description="edits: custom LoRAs")
+    snap: Literal[16, 32] = Field(16, description="width/height multiple; 32 matches ai-toolkit previews")
     use_fp8: bool | None = Field(None, description="accepted for compatibility")
     auto_resize: bool | None = Field(None, description="false: keep the input's size")
 
@@ -72,7 +85,7 @@ class JobRequest(BaseModel):
             raise _rule("images_base64", "edit_multi needs 2 or 3 images in all: image_base64 plus "
                         "1 or 2 in images_base64; got 1 image")
         if self.operation == "decompose":
-            for key in ("images_base64", "width", "height", "auto_resize"):
+            for key in ("images_base64", "width", "height", "auto_resize", "lightning", "loras", "snap"):
                 if key in self.model_fields_set and getattr(self, key):
                     raise _rule(key, "not used by decompose (its size comes from resolution: 640 or 1024)")
             if self.output_format not in ALPHA_FORMATS:
@@ -82,12 +95,24 @@ class JobRequest(BaseModel):
             for key in ("layers", "resolution"):
                 if key in self.model_fields_set:
                     raise _rule(key, "only used by decompose")
+        if self.lightning is not None:
+            steps = self.num_inference_steps
+            if steps is not None and steps != self.lightning:
+                raise _rule("num_inference_steps", f"lightning {self.lightning} runs {self.lightning} steps; "
+                            f"got {steps} (leave it out)")
+            if "true_cfg_scale" in self.model_fields_set and self.true_cfg_scale != 1.0:
+                raise _rule("true_cfg_scale", f"lightning runs without true CFG (1.0); got {self.true_cfg_scale}")
         return self
 
     # --- derived values -------------------------------------------------
     @property
     def steps(self) -> int:
-        return self.num_inference_steps or DEFAULT_STEPS[self.operation]
+        return self.num_inference_steps or self.lightning or DEFAULT_STEPS[self.operation]
+
+    @property
+    def cfg_scale(self) -> float:
+        """true_cfg_scale as run: Lightning's distilled steps run without true CFG."""
+        return 1.0 if self.lightning else self.true_cfg_scale
 
     @property
     def images(self) -> list[str]:
@@ -106,8 +131,8 @@ class JobRequest(BaseModel):
         return self.return_base64
 
     def output_size(self) -> tuple[int | None, int | None]:
-        """Requested (width, height), each rounded down to a multiple of 16, or None."""
-        round_down = lambda v: None if v is None else v // SIZE_MULTIPLE * SIZE_MULTIPLE  # noqa: E731
+        """Requested (width, height), each rounded down to a multiple of `snap`, or None."""
+        round_down = lambda v: None if v is None else v // self.snap * self.snap  # noqa: E731
         return round_down(self.width), round_down(self.height)
 
 
@@ -139,7 +164,8 @@ def _describe(error: dict) -> str:
     loc = ".".join(str(part) for part in error["loc"])
     key = str(error["loc"][0]) if error["loc"] else "input"
     if error["type"] == "extra_forbidden":
-        allowed = JobRequest.model_fields if key == loc else BucketOverride.model_fields
+        allowed = {"r2": BucketOverride, "loras": LoraRequest}.get(key, JobRequest).model_fields if key != loc \
+            else JobRequest.model_fields
         return f"{loc}: unknown key; allowed keys: {', '.join(allowed)}"
     if error["type"] == "missing":
         return f"{loc}: required"

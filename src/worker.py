@@ -19,6 +19,7 @@ from PIL import Image
 from src import operations
 from src.codec import decode_image
 from src.config import BucketConfig, Settings
+from src.loras import LoraLibrary, adapters_for, lightning_scheduler
 from src.metering import Price, StageTimer, price_for
 from src.operations import ProgressFn
 from src.pipelines import Pipelines, device_name
@@ -49,13 +50,20 @@ class Worker:
     startup_s: dict[str, float] = field(default_factory=dict)
     # The start-up load is reported once, in the first job's timings.
     unreported_load_s: float | None = None
+    loras: LoraLibrary | None = None
 
     @classmethod
     def start(cls, settings: Settings) -> "Worker":
         """Load the models and warm them up: the first job pays neither."""
         pipes = Pipelines(settings)
         load_s = pipes.load()
-        worker = cls(settings, pipes, price_for(device_name(pipes.device), settings.gpu_price_per_hour))
+        worker = cls(settings, pipes, price_for(device_name(pipes.device), settings.gpu_price_per_hour),
+                     loras=LoraLibrary(type(pipes.edit), pipes.edit.transformer, settings.edit_model))
+        if "lightning" in settings.preload:
+            start = time.perf_counter()
+            for steps in (4, 8):
+                adapters_for(JobRequest(image_base64="", prompt="-", lightning=steps), settings, worker.loras)
+            load_s += time.perf_counter() - start
         worker.startup_s["load"] = worker.unreported_load_s = load_s
         if settings.warmup:
             worker.startup_s["warmup"] = worker.warm_up()
@@ -105,6 +113,11 @@ class Worker:
         _check_alpha_format(request, images)
         bucket = self._bucket_for(request)
         seed = request.seed if request.seed is not None else secrets.randbelow(SEED_LIMIT)
+        with timer.stage("lora_resolve"):  # files read and checked on the CPU; URLs downloaded once
+            adapters = adapters_for(request, self.settings, self.loras,
+                                    s3_client_for=(lambda: bucket.client) if bucket else None)
+        if not adapters:
+            timer.ms.pop("lora_resolve")
 
         # 2. The pipeline call. Layered loads on its first job; on a GPU too small for
         #    both transformers, the one this job needs comes back from CPU memory.
@@ -112,12 +125,16 @@ class Worker:
             with timer.stage("load"):
                 self.pipes.for_operation(request.operation)
         pipeline = self.pipes.for_operation(request.operation)
+        if request.operation != "decompose" and self.pipes.fused_loras.needs_change(adapters):
+            with timer.stage("lora"):  # switching adapter sets: restore the base, fuse the new set
+                self.pipes.fused_loras.apply(pipeline, adapters)
+        scheduler = lightning_scheduler(pipeline.scheduler) if request.lightning else None
         with timer.stage("inference"):
             if request.operation == "decompose":
                 layers, composite = operations.decompose(pipeline, request, images[0], seed, progress)
                 named = [(f"layer_{i}", layer) for i, layer in enumerate(layers)] + [("composite", composite)]
             else:
-                named = [("output", operations.edit(pipeline, request, images, seed, progress))]
+                named = [("output", operations.edit(pipeline, request, images, seed, progress, scheduler))]
 
         # 3. Encode, store, respond.
         with timer.stage("encode"):
@@ -132,7 +149,7 @@ class Worker:
             warnings.append("use_fp8: accepted for compatibility; this worker runs the published bf16 weights")
         if request.steps == 1:
             warnings.append(ONE_STEP_WARNING)
-        return self._respond(request, seed, entries, warnings, timer)
+        return self._respond(request, seed, entries, warnings, timer, adapters)
 
     def _bucket_for(self, request: JobRequest) -> Bucket | None:
         if request.r2 is not None:
@@ -146,17 +163,23 @@ class Worker:
         return None
 
     def _respond(self, request: JobRequest, seed: int, entries: list[dict], warnings: list[str],
-                 timer: StageTimer) -> dict:
+                 timer: StageTimer, adapters: list) -> dict:
         model = self.pipes.layered_ref if request.operation == "decompose" else self.pipes.edit_ref
         output: dict = {
             "success": True,
             "operation": request.operation,
             "seed": seed,
             "num_inference_steps": request.steps,
-            "true_cfg_scale": request.true_cfg_scale,
+            "true_cfg_scale": request.cfg_scale,
             "model": model.describe(),
             "images": entries,
         }
+        if request.lightning:
+            output["lightning"] = {"steps": request.lightning, "repo": self.settings.lightning_repo,
+                                   **adapters[0].describe(), "true_cfg_scale": 1.0,
+                                   "scheduler": "FlowMatchEulerDiscreteScheduler, shift 3 (ModelTC/Qwen-Image-Lightning)"}
+        if request.loras:
+            output["loras"] = [adapter.describe() for adapter in adapters[1 if request.lightning else 0:]]
         if request.operation == "decompose":
             output["layers"] = [dict(entry, index=i) for i, entry in enumerate(entries[:-1])]
             output["composite"] = entries[-1]

@@ -58,6 +58,16 @@ def hf_home() -> Path:
 
 
 @pytest.fixture(scope="session")
+def lora_dir(hf_home) -> Path:
+    """Tiny LoRA files for the tiny models; also puts the tiny Lightning repo into hf_home."""
+    folder = TINY_HF_HOME.parent / "loras"
+    if not (folder / "tiny_lora_diffusers.safetensors").exists():
+        subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "make_tiny_loras.py"), "--out", str(folder),
+                        "--hf-home", str(hf_home)], check=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def s3():
     server = start_s3()
     yield server
@@ -65,9 +75,10 @@ def s3():
 
 
 @pytest.fixture(scope="session")
-def worker_env(hf_home, s3) -> dict[str, str]:
+def worker_env(hf_home, lora_dir, s3, tmp_path_factory) -> dict[str, str]:
     return {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "DEVICE": "cpu", "PRELOAD": "edit",
-            "GPU_PRICE_PER_HOUR": "1.80", **s3.env()}
+            "GPU_PRICE_PER_HOUR": "1.80", "LORA_ROOTS": str(lora_dir),
+            "LORA_CACHE_DIR": str(tmp_path_factory.mktemp("lora-cache")), **s3.env()}
 
 
 @pytest.fixture(scope="session")
