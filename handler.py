@@ -1,4 +1,4 @@
-"""RunPod entry point: build the worker from the environment, then serve jobs.
+"""RunPod entry point: check the environment, load and warm up the worker, then serve jobs.
 
     python -u handler.py                                  # on RunPod
     python handler.py --rp_serve_api --rp_api_port 8000   # local API server
@@ -7,13 +7,18 @@
 import logging
 import os
 import sys
+from typing import Mapping, NoReturn
 
 import runpod
 
 from src.config import ConfigError, Settings
-from src.pipelines import ModelNotFound
+from src.deadline import JobGuard, job_timeout_from_env
 
 log = logging.getLogger("worker")
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# A start failure is one line, however long or multi-line the underlying error.
+MAX_START_ERROR_CHARS = 600
 
 
 def progress_sender(job: dict):
@@ -23,27 +28,61 @@ def progress_sender(job: dict):
     return lambda update: log.info("job %s: step %s of %s", job.get("id"), update["step"], update["of"])
 
 
+def log_level_from_env(env: Mapping[str, str]) -> str:
+    level = env.get("LOG_LEVEL", "").strip().upper() or "INFO"
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"LOG_LEVEL: {level!r} is not allowed; allowed: {', '.join(LOG_LEVELS)}")
+    return level
+
+
+def start_failed(reason: str) -> NoReturn:
+    sys.exit(f"start failed: {' '.join(reason.split())[:MAX_START_ERROR_CHARS]}")
+
+
+def loaded_pipelines(worker) -> list:
+    return [worker.pipes.edit] + ([worker.pipes.layered()] if worker.pipes.layered_loaded else [])
+
+
 def main() -> None:
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # 1. The environment, before the heavy imports: a bad value stops the start in seconds.
+    try:
+        log_level = log_level_from_env(os.environ)
+        settings = Settings.from_env(os.environ)
+        guard = JobGuard(job_timeout_from_env(os.environ))
+    except ConfigError as exc:
+        start_failed(str(exc))
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not {"RUNPOD_LOG_LEVEL", "RUNPOD_DEBUG_LEVEL"} & os.environ.keys():
+        # The SDK's default level, DEBUG, logs every job's whole output: presigned URLs,
+        # which let anyone who reads the log fetch the images, and inline base64.
+        runpod.RunPodLogger().set_level("INFO")
     # Weights come from the volume only; never from the network at job time.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import diffusers
     import transformers
 
+    from src.pipelines import ModelNotFound
     from src.worker import Worker  # imports torch and diffusers: after logging is set up
 
     # Their per-call notices (e.g. "guidance_scale is ignored") would repeat on every job.
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
 
+    # 2. Load and warm up. A start that cannot serve exits non-zero with one line.
     try:
-        worker = Worker.start(Settings.from_env(os.environ))
+        worker = Worker.start(settings)
     except (ConfigError, ModelNotFound) as exc:
-        sys.exit(f"start failed: {exc}")
-    except Exception as exc:  # a start that cannot serve must say why in one line
-        sys.exit(f"start failed: {type(exc).__name__}: {exc}")
+        start_failed(str(exc))
+    except Exception as exc:
+        start_failed(f"{type(exc).__name__}: {exc}")
 
-    runpod.serverless.start({"handler": lambda job: worker.handle(job, progress_sender(job))})
+    # 3. Serve, each job under JOB_TIMEOUT_S (the Layered pipeline may load during a job).
+    def handle(job: dict) -> dict:
+        for pipeline in loaded_pipelines(worker):
+            guard.watch(pipeline)
+        return guard.run(lambda: worker.handle(job, progress_sender(job)))
+
+    runpod.serverless.start({"handler": handle})
 
 
 if __name__ == "__main__":

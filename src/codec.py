@@ -2,6 +2,8 @@
 
 Limits are checked in order of cost: the base64 length before decoding it, the
 declared pixel count from the header before decoding pixels, then the full decode.
+Base64 may use the standard or the URL-safe alphabet, with or without its '='
+padding; anything else is refused with the key named, never guessed at.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _DATA_URI = re.compile(r"^data:([^;,]*)(;[^,]*)?,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
+_OUTSIDE_ALPHABETS = re.compile(r"[^A-Za-z0-9+/_=-]")
+_STANDARD_ONLY = re.compile(r"[+/]")
+_URL_SAFE_ONLY = re.compile(r"[-_]")
+_URL_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
 # PNG compression level: the worker pays for encoding in GPU seconds, and level 3
 # is several times faster than the default 6 for a few percent more bytes.
 PNG_COMPRESS_LEVEL = 3
@@ -31,15 +37,36 @@ def decode_image(data: str, key: str, max_bytes: int, max_pixels: int) -> Image.
     # 3 bytes per 4 characters: reject oversize input before spending memory on it.
     if len(payload) * 3 // 4 > max_bytes + 3:
         raise InputError(f"{key}: image is larger than {max_bytes} bytes (MAX_IMAGE_BYTES)")
-    try:
-        raw = base64.b64decode(_WHITESPACE.sub("", payload), validate=True)
-    except (binascii.Error, ValueError):
-        raise InputError(f"{key}: not valid base64") from None
+    raw = _decode_base64(payload, key)
     if not raw:
         raise InputError(f"{key}: empty image")
     if len(raw) > max_bytes:
         raise InputError(f"{key}: image is {len(raw)} bytes; at most {max_bytes} allowed (MAX_IMAGE_BYTES)")
     return _open_checked(raw, key, max_pixels)
+
+
+def _decode_base64(payload: str, key: str) -> bytes:
+    """RFC 4648 base64 in the standard or the URL-safe alphabet (JavaScript's base64url
+    encoders are common clients), whitespace ignored, '=' padding optional since
+    base64url usually leaves it out. A mix of the two alphabets, padding anywhere but
+    at the end, or a length no byte string encodes to is refused."""
+    text = _WHITESPACE.sub("", payload)
+    if _OUTSIDE_ALPHABETS.search(text):
+        raise InputError(f"{key}: not valid base64: characters outside the base64 alphabet")
+    if _URL_SAFE_ONLY.search(text):
+        if _STANDARD_ONLY.search(text):
+            raise InputError(f"{key}: not valid base64: mixes the standard (+/) and URL-safe (-_) alphabets")
+        text = text.translate(_URL_SAFE_TO_STANDARD)
+    data = text.rstrip("=")
+    padding = len(text) - len(data)
+    if "=" in data or padding > 2 or (padding and len(text) % 4):
+        raise InputError(f"{key}: not valid base64: misplaced '=' padding")
+    if len(data) % 4 == 1:
+        raise InputError(f"{key}: not valid base64: {len(data)} characters cannot encode whole bytes (truncated?)")
+    try:
+        return base64.b64decode(data + "=" * (-len(data) % 4), validate=True)
+    except binascii.Error:  # not expected after the checks above; refused all the same
+        raise InputError(f"{key}: not valid base64") from None
 
 
 def _strip_data_uri(data: str, key: str) -> str:
@@ -68,7 +95,10 @@ def _open_checked(raw: bytes, key: str, max_pixels: int) -> Image.Image:
     if width * height > max_pixels:
         raise InputError(f"{key}: image is {width}x{height} = {width * height} pixels; "
                          f"at most {max_pixels} allowed (MAX_IMAGE_PIXELS)")
-    if getattr(image, "n_frames", 1) > 1:
+    # A multi-picture JPEG (MPO) is one photo plus extras such as the HDR gain map that
+    # iPhone and Android cameras embed: its first frame is the photo. Other formats with
+    # several frames are animations.
+    if getattr(image, "n_frames", 1) > 1 and image.format != "MPO":
         raise InputError(f"{key}: animated images are not accepted; send a single frame")
     try:
         image.load()

@@ -1,12 +1,16 @@
 """Result images to output entries: encode, upload (or inline), describe.
 
 Each entry is {url, key, width, height, format, bytes} plus `base64` when returned
-inline. Object keys are `{BUCKET_PREFIX}/{job_id}/{name}.{ext}`.
+inline. Object keys are `{BUCKET_PREFIX}/{job_id}/{attempt}/{name}.{ext}`: `attempt` is
+new each time a job runs, so a job that RunPod retries under the same id, or two job
+ids that read alike once made safe for a key, never overwrite each other's images, and
+the images of one run stay together under one folder.
 """
 
 from __future__ import annotations
 
 import re
+import secrets
 
 from PIL import Image
 
@@ -14,15 +18,21 @@ from src.codec import CONTENT_TYPES, encode_image, to_base64
 from src.storage import Bucket
 
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+# 8 hex digits: 2**32 values, among the few runs that one job id ever has.
+ATTEMPT_ID_BYTES = 4
 
 
 class OutputTooLarge(ValueError):
     """Inline images over RunPod's result size limit with no bucket to put them in."""
 
 
-def object_key(prefix: str, job_id: str, name: str, fmt: str) -> str:
+def new_attempt_id() -> str:
+    return secrets.token_hex(ATTEMPT_ID_BYTES)
+
+
+def object_key(prefix: str, job_id: str, attempt: str, name: str, fmt: str) -> str:
     safe_job = _UNSAFE_KEY_CHARS.sub("_", job_id)[:128] or "job"
-    return "/".join(part for part in (prefix, safe_job, f"{name}.{fmt}") if part)
+    return "/".join(part for part in (prefix, safe_job, attempt, f"{name}.{fmt}") if part)
 
 
 def encode_all(named: list[tuple[str, Image.Image]], fmt: str, quality: int) -> list[tuple[str, Image.Image, bytes]]:
@@ -49,8 +59,10 @@ def describe(encoded: list[tuple[str, Image.Image, bytes]], fmt: str, *, bucket:
         inline = False
         warnings.append(f"return_base64: images left out of the output, over the {max_inline_bytes}-byte "
                         "inline limit; fetch them from their url")
+    attempt = new_attempt_id()
     stored = (
-        bucket.put_all([(object_key(prefix, job_id, name, fmt), data, CONTENT_TYPES[fmt]) for name, _, data in encoded])
+        bucket.put_all([(object_key(prefix, job_id, attempt, name, fmt), data, CONTENT_TYPES[fmt])
+                        for name, _, data in encoded])
         if bucket is not None else [None] * len(encoded)
     )
     entries = []

@@ -1,23 +1,35 @@
 """Result images to an S3-compatible bucket, handed back as presigned GET URLs.
 
 Works with AWS S3, Cloudflare R2, MinIO and moto (path-style addressing, SigV4).
-Error texts name the bucket and the S3 error code, never a credential.
+An upload counts only once the object reads back whole: each attempt is a PUT and
+then a HEAD that must show the object at the uploaded size, so a URL is never handed
+out for a missing or partly written object. Transient faults (connection errors,
+timeouts, 5xx and throttling answers, an incomplete object) are retried with bounded,
+jittered exponential backoff (`UploadPolicy`); any other error fails at once. Error
+texts name the bucket and the S3 error code, never a credential.
 """
 
 from __future__ import annotations
 
+import logging
+import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from src.config import BucketConfig
 
+log = logging.getLogger(__name__)
+
 # Connect and read timeouts keep a dead endpoint from holding a paid GPU for minutes;
-# botocore's standard retry mode backs off on throttling and 5xx answers.
+# botocore's standard retry mode backs off on throttling and 5xx answers. Uploads use
+# their own client (below); this one serves other readers of the bucket.
 _CLIENT_CONFIG = Config(
     signature_version="s3v4",
     s3={"addressing_style": "path"},
@@ -26,10 +38,42 @@ _CLIENT_CONFIG = Config(
     read_timeout=30,
 )
 MAX_PARALLEL_UPLOADS = 8
+# S3 error codes worth another attempt besides 5xx and 429 answers: throttling, and a
+# body that arrived damaged or short (a checksum or length mismatch on the server).
+TRANSIENT_S3_CODES = frozenset({
+    "RequestTimeout", "SlowDown", "Throttling", "ThrottlingException", "TooManyRequests",
+    "RequestLimitExceeded", "BadDigest", "IncompleteBody", "XAmzContentSHA256Mismatch",
+})
 
 
 class StorageError(RuntimeError):
     """An upload that did not complete; the message is safe to return to the caller."""
+
+
+@dataclass(frozen=True)
+class UploadPolicy:
+    """How hard one object's upload tries. Each attempt is a PUT and a HEAD, each bounded
+    by the connect and read timeouts, so an upload ends within `worst_case_s()`."""
+
+    attempts: int = 4
+    first_backoff_s: float = 0.5
+    max_backoff_s: float = 4.0
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 20.0
+
+    def backoff_step_s(self, retry: int) -> float:
+        """The backoff ceiling before retry number `retry` (1, 2, ...): doubling, capped."""
+        return min(self.max_backoff_s, self.first_backoff_s * 2 ** (retry - 1))
+
+    def backoff_s(self, retry: int) -> float:
+        # Equal jitter: half the step fixed, half random, so workers that failed together
+        # do not retry together, and a retry never comes sooner than half the step.
+        step = self.backoff_step_s(retry)
+        return step / 2 + random.uniform(0, step / 2)
+
+    def worst_case_s(self) -> float:
+        requests_s = self.attempts * 2 * (self.connect_timeout_s + self.read_timeout_s)
+        return requests_s + sum(self.backoff_step_s(retry) for retry in range(1, self.attempts))
 
 
 @dataclass(frozen=True)
@@ -38,11 +82,19 @@ class StoredObject:
     url: str
 
 
+class _Transient(Exception):
+    """A failed attempt worth retrying; the message is an S3 code or an error type."""
+
+
 class Bucket:
-    def __init__(self, config: BucketConfig, presign_expiry_s: int):
+    def __init__(self, config: BucketConfig, presign_expiry_s: int, policy: UploadPolicy = UploadPolicy()):
         self.config = config
         self.presign_expiry_s = presign_expiry_s
-        self._client = _client_for(config)
+        self.policy = policy
+        self.client = _client_for(config)
+        # Uploads retry in `put`, where the read-back check is part of each attempt, so
+        # their client does not retry by itself (that would multiply the attempts).
+        self._uploads = _upload_client_for(config, policy)
 
     def put_all(self, objects: list[tuple[str, bytes, str]]) -> list[StoredObject]:
         """Upload (key, data, content_type) triples in parallel; all succeed or StorageError."""
@@ -52,25 +104,77 @@ class Bucket:
             return list(pool.map(lambda obj: self.put(*obj), objects))
 
     def put(self, key: str, data: bytes, content_type: str) -> StoredObject:
-        try:
-            self._client.put_object(Bucket=self.config.bucket_name, Key=key, Body=data, ContentType=content_type)
-            url = self._client.generate_presigned_url(
-                "get_object",
-                Params={"Bucket": self.config.bucket_name, "Key": key},
-                ExpiresIn=self.presign_expiry_s,
-            )
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "unknown")
-            raise StorageError(f"storage: upload to bucket {self.config.bucket_name!r} failed: {code}") from None
-        except BotoCoreError as exc:
-            raise StorageError(f"storage: upload to bucket {self.config.bucket_name!r} failed: "
-                               f"{type(exc).__name__}") from None
+        """Upload and read back one object, retrying transient faults; StorageError otherwise."""
+        started = time.monotonic()
+        for attempt in range(1, self.policy.attempts + 1):
+            try:
+                self._put_once(key, data, content_type)
+                break
+            except _Transient as fault:
+                if attempt == self.policy.attempts:
+                    raise self._failed(f"{fault} ({attempt} attempts in {time.monotonic() - started:.1f} s)") from None
+                log.info("upload of %s: %s; retrying (%d of %d attempts made)", key, fault, attempt,
+                         self.policy.attempts)
+                time.sleep(self.policy.backoff_s(attempt))
+        url = self._uploads.generate_presigned_url(
+            "get_object", Params={"Bucket": self.config.bucket_name, "Key": key}, ExpiresIn=self.presign_expiry_s,
+        )
         return StoredObject(key=key, url=url)
+
+    def _put_once(self, key: str, data: bytes, content_type: str) -> None:
+        try:
+            self._uploads.put_object(Bucket=self.config.bucket_name, Key=key, Body=data, ContentType=content_type)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._classify(exc) from None
+        try:
+            stored_bytes = self._uploads.head_object(Bucket=self.config.bucket_name, Key=key)["ContentLength"]
+        except ClientError as exc:
+            if _status(exc) == 404:  # the PUT was answered, yet nothing is there
+                raise _Transient("object missing after upload") from None
+            raise self._classify(exc) from None
+        except BotoCoreError as exc:
+            raise self._classify(exc) from None
+        if stored_bytes != len(data):
+            raise _Transient(f"incomplete object ({stored_bytes} of {len(data)} bytes stored)")
+
+    def _classify(self, exc: ClientError | BotoCoreError) -> Exception:
+        """A transient fault to retry, or the StorageError to report now."""
+        if isinstance(exc, ClientError):
+            code = exc.response.get("Error", {}).get("Code") or str(_status(exc) or "unknown")
+            status = _status(exc)
+            if status >= 500 or status == 429 or code in TRANSIENT_S3_CODES:
+                return _Transient(code)
+            return self._failed(code)
+        if isinstance(exc, (BotoConnectionError, HTTPClientError)):  # refused, reset, timed out
+            return _Transient(type(exc).__name__)
+        return self._failed(type(exc).__name__)
+
+    def _failed(self, reason: str) -> StorageError:
+        return StorageError(f"storage: upload to bucket {self.config.bucket_name!r} failed: {reason}")
+
+
+def _status(exc: ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
 
 
 @lru_cache(maxsize=8)
 def _client_for(config: BucketConfig):
     """One client per bucket configuration: building one costs ~50 ms, and jobs repeat them."""
+    return _make_client(config, _CLIENT_CONFIG)
+
+
+@lru_cache(maxsize=8)
+def _upload_client_for(config: BucketConfig, policy: UploadPolicy):
+    return _make_client(config, Config(
+        signature_version="s3v4",
+        s3={"addressing_style": "path"},
+        retries={"mode": "standard", "total_max_attempts": 1},
+        connect_timeout=policy.connect_timeout_s,
+        read_timeout=policy.read_timeout_s,
+    ))
+
+
+def _make_client(config: BucketConfig, client_config: Config):
     return boto3.client(
         "s3",
         endpoint_url=config.endpoint_url,
@@ -78,5 +182,5 @@ def _client_for(config: BucketConfig):
         aws_secret_access_key=config.secret_access_key,
         # R2 wants "auto"; AWS needs a real region when none is given.
         region_name=config.region or ("auto" if config.endpoint_url else "us-east-1"),
-        config=_CLIENT_CONFIG,
+        config=client_config,
     )

@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from tools.local_stack import start_api, start_s3  # noqa: E402
 
-TINY_HF_HOME = Path(os.environ.get("TINY_HF_HOME", REPO_ROOT / ".cache" / "hf"))
+TINY_HF_HOME = Path(os.environ.get("TINY_HF_HOME", REPO_ROOT / ".cache" / "hf")).resolve()
 # Small output sizes keep the tiny pipelines fast on 2 CPU cores.
 FAST = {"num_inference_steps": 2, "width": 256, "height": 256}
 
@@ -94,5 +94,48 @@ def worker(worker_env):
 def api(worker_env, tmp_path_factory):
     """handler.py behind the runpod SDK's local API server, on loopback."""
     server = start_api(worker_env, tmp_path_factory.mktemp("api") / "worker.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def guarantee_figures(request):
+    """Figures measured by the guarantee tests (worst times and memory, retry timings, RSS
+    growth), merged into outputs/guarantees.json and listed at the end of the run: the
+    numbers README's "What the worker guarantees" quotes."""
+    figures: dict[str, object] = {}
+    yield figures
+    if not figures:
+        return
+    import json
+
+    path = REPO_ROOT / "outputs" / "guarantees.json"
+    path.parent.mkdir(exist_ok=True)
+    merged = json.loads(path.read_text()) if path.exists() else {}
+    merged.update(figures)
+    path.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_sep("-", f"guarantee figures (also in {path.relative_to(REPO_ROOT)})")
+        for name, value in sorted(figures.items()):
+            reporter.write_line(f"{name}: {value}")
+
+
+@pytest.fixture
+def fault_proxy(s3):
+    """A fault-injecting proxy in front of the loopback S3 (tests/faulty_s3.py)."""
+    from tests.faulty_s3 import FaultyProxy
+
+    proxy = FaultyProxy(s3.endpoint_url)
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture(scope="session")
+def locked_s3():
+    """A loopback S3 that checks credentials: one access key, real signature checks."""
+    from tests.faulty_s3 import start_locked_s3
+
+    server = start_locked_s3()
     yield server
     server.stop()

@@ -4,6 +4,7 @@ loopback S3, fetched over HTTP through their presigned URLs."""
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 
@@ -31,7 +32,7 @@ def test_edit_through_runsync(api):
     assert reply["status"] == "COMPLETED", reply
     out = reply["output"]
     assert out["success"] and out["seed"] == 42
-    assert out["r2_key"] == f"qwen-edit/{reply['id']}/output.png"
+    assert re.fullmatch(rf"qwen-edit/{reply['id']}/[0-9a-f]{{8}}/output\.png", out["r2_key"])
     assert fetch(out["output_url"]).size == (256, 256)
     assert out["timings_ms"]["load"] > 0  # the first job after start reports the start-up load
 

@@ -47,7 +47,7 @@ def test_edit_stores_the_image_and_reports_timings_cost_and_progress(worker, s3)
     assert out["num_inference_steps"] == 2
     assert out["model"]["id"] == "Qwen/Qwen-Image-Edit-2511" and re.fullmatch(r"[0-9a-f]{40}", out["model"]["revision"])
     [entry] = out["images"]
-    assert entry["key"] == "qwen-edit/edit-1/output.png" == out["r2_key"]
+    assert re.fullmatch(r"qwen-edit/edit-1/[0-9a-f]{8}/output\.png", entry["key"]) and entry["key"] == out["r2_key"]
     assert entry["url"] == out["output_url"]
     fetched = fetch(entry["url"])
     assert fetched.format == "PNG" and fetched.size == (256, 256) == tuple(out["image_size"])
@@ -194,7 +194,8 @@ def test_per_job_r2_bucket_is_used(worker, s3):
           "bucket_name": "job-bucket", "region": "us-east-1"}
     out = run(worker, "r2-job", operation="edit", image_base64=png_b64(sample_image()), prompt="x", r2=r2, **FAST)
     assert out["success"]
-    stored = s3.client().get_object(Bucket="job-bucket", Key="qwen-edit/r2-job/output.png")["Body"].read()
+    assert re.fullmatch(r"qwen-edit/r2-job/[0-9a-f]{8}/output\.png", out["r2_key"])
+    stored = s3.client().get_object(Bucket="job-bucket", Key=out["r2_key"])["Body"].read()
     assert stored == requests.get(out["output_url"]).content
 
 
@@ -238,8 +239,10 @@ def test_decompose_returns_rgba_layers_and_their_composite(worker, hf_home):
               layers=3, num_inference_steps=2, seed=11)
     assert out["success"] and out["model"]["id"] == "Qwen/Qwen-Image-Layered"
     assert [layer["index"] for layer in out["layers"]] == [0, 1, 2]
-    assert [layer["key"] for layer in out["layers"]] == [f"qwen-edit/decompose-1/layer_{i}.png" for i in range(3)]
-    assert out["composite"]["key"] == "qwen-edit/decompose-1/composite.png"
+    folder = out["composite"]["key"].rsplit("/", 1)[0]  # one run's images share one folder
+    assert re.fullmatch(r"qwen-edit/decompose-1/[0-9a-f]{8}", folder)
+    assert [layer["key"] for layer in out["layers"]] == [f"{folder}/layer_{i}.png" for i in range(3)]
+    assert out["composite"]["key"] == f"{folder}/composite.png"
     assert len(out["images"]) == 4
     layers = [fetch(layer["url"]) for layer in out["layers"]]
     assert all(layer.mode == "RGBA" for layer in layers)
