@@ -1,10 +1,10 @@
-"""The three operations as calls of the diffusers pipelines, and nothing else.
+"""The operations as calls of the diffusers pipelines, and nothing else.
 
 Fidelity rule: for the same inputs and seed, what these return equals what the
 pipeline returns when called directly (the tests check it pixel for pixel). The only
 pixel work done here is what the job schema promises around the call: alpha kept
-for single RGBA edits, RGBA composited onto white for multi-image edits, and the
-alpha-over composite of the layers.
+for single RGBA edits and edited layers, RGBA composited onto white for multi-image
+edits, and the alpha-over composite of the layers.
 """
 
 from __future__ import annotations
@@ -16,11 +16,14 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from src.schema import JobRequest
+from src.schema import JobRequest, LayerEdit
 
 ProgressFn = Callable[[dict], None]
 PROGRESS_INTERVAL_S = 1.0
 WHITE = (255, 255, 255)
+# The edit pipeline's latent grid: output sides are multiples of the VAE's 8x
+# downscale times the transformer's 2x2 patches.
+EDIT_SIZE_MULTIPLE = 16
 
 
 def generator_for(seed: int) -> torch.Generator:
@@ -39,22 +42,47 @@ def edit(pipeline, request: JobRequest, images: list[Image.Image], seed: int,
     if request.auto_resize is False and width is None and height is None:
         width, height = _keep_size(images[0].size, request.snap)
     with _scheduler_swapped(pipeline, scheduler):
-        result = pipeline(
-            image=inputs,
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            true_cfg_scale=request.cfg_scale,
-            guidance_scale=request.guidance_scale,
-            num_inference_steps=request.steps,
-            width=width,
-            height=height,
-            generator=generator_for(seed),
-            callback_on_step_end=_progress_callback(request.steps, progress),
-        ).images[0]
+        result = _call_edit(pipeline, inputs, request.prompt, request.negative_prompt, request.cfg_scale,
+                            request.guidance_scale, request.steps, width, height, seed, progress)
     if alpha is not None:
         result = result.convert("RGBA")
         result.putalpha(alpha.resize(result.size, Image.Resampling.LANCZOS))
     return result
+
+
+def edit_layer(pipeline, layer: Image.Image, edit: LayerEdit, seed: int, guidance_scale: float,
+               progress: ProgressFn) -> Image.Image:
+    """One RGBA layer edited by an instruction, as `edit` does an RGBA image, at the layer's
+    own size: the RGB is edited and the layer's alpha put back unchanged, so an edit
+    recolours or redraws what is inside the layer's shape and never moves its edges.
+
+    The pipeline works on multiples of 16; a layer of another size is edited at the size
+    rounded down and its RGB resized back (Lanczos) before the alpha goes on."""
+    width, height = (side // EDIT_SIZE_MULTIPLE * EDIT_SIZE_MULTIPLE for side in layer.size)
+    rgb = _call_edit(pipeline, [layer.convert("RGB")], edit.prompt, edit.negative_prompt, edit.true_cfg_scale,
+                     guidance_scale, edit.steps, width, height, seed, progress)
+    if rgb.size != layer.size:
+        rgb = rgb.resize(layer.size, Image.Resampling.LANCZOS)
+    result = rgb.convert("RGBA")
+    result.putalpha(layer.getchannel("A"))
+    return result
+
+
+def _call_edit(pipeline, images: list[Image.Image], prompt: str, negative_prompt: str, true_cfg_scale: float,
+               guidance_scale: float, steps: int, width: int | None, height: int | None, seed: int,
+               progress: ProgressFn) -> Image.Image:
+    return pipeline(
+        image=images,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        true_cfg_scale=true_cfg_scale,
+        guidance_scale=guidance_scale,
+        num_inference_steps=steps,
+        width=width,
+        height=height,
+        generator=generator_for(seed),
+        callback_on_step_end=_progress_callback(steps, progress),
+    ).images[0]
 
 
 def decompose(pipeline, request: JobRequest, image: Image.Image, seed: int,

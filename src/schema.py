@@ -3,6 +3,8 @@
 `parse_request(job_input)` turns `job["input"]` into a typed `JobRequest` or raises
 `InputError("<key>: <reason>")`. Nothing here touches images or the GPU; image bytes
 are checked by `src.codec` right after.
+
+List items are named with their index, as in `edits[1].layer` or `layers_base64[0]`.
 """
 
 from __future__ import annotations
@@ -17,10 +19,18 @@ SIZE_MIN, SIZE_MAX = 256, 2048
 SEED_LIMIT = 2**32
 DEFAULT_STEPS = {"edit": 40, "edit_multi": 40, "decompose": 50}
 ALPHA_FORMATS = ("png", "webp")
+MAX_LAYERS = 10  # the most layers one decomposition makes
+# Layers sent to `composite`: each may be as large as MAX_IMAGE_PIXELS, and all are
+# decoded at once, so the count bounds the job's memory (16 x 4096 x 4096 RGBA = 1 GiB).
+MAX_COMPOSITE_LAYERS = 16
 # Keys whose values are image payloads: their values never go into an error text.
-PAYLOAD_KEYS = ("image_base64", "images_base64")
+PAYLOAD_KEYS = ("image_base64", "images_base64", "layers_base64")
+# What `composite` reads: it stacks layers on the CPU and runs no model.
+COMPOSITE_KEYS = frozenset({"operation", "layers_base64", "output_format", "output_quality", "return_base64",
+                            "r2", "archive"})
 
-Operation = Literal["edit", "edit_multi", "decompose"]
+Operation = Literal["edit", "edit_multi", "decompose", "composite"]
+Archive = Literal["zip", "psd", "ora"]
 
 
 class InputError(ValueError):
@@ -49,11 +59,29 @@ class LoraRequest(BaseModel):
     weight_name: str | None = Field(None, min_length=1, max_length=256, pattern=r"^[^/\\][^\\]*$")
 
 
+class LayerEdit(BaseModel):
+    """One instruction applied to one layer of a decomposition, with the edit pipeline."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    layer: int = Field(ge=0, lt=MAX_LAYERS, description="index of the layer, 0 at the back")
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str = Field(" ", max_length=MAX_PROMPT_CHARS)
+    num_inference_steps: int | None = Field(None, ge=1, le=100, description="default 40, as for edit")
+    true_cfg_scale: float = Field(4.0, ge=1.0, le=20.0)
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT, description="null: the job's seed")
+
+    @property
+    def steps(self) -> int:
+        return self.num_inference_steps or DEFAULT_STEPS["edit"]
+
+
 class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    operation: Operation = Field("edit", description="edit, edit_multi or decompose")
-    image_base64: str = Field(description="raw base64 or data URI; PNG, JPEG or WEBP")
+    operation: Operation = Field("edit", description="edit, edit_multi, decompose or composite")
+    image_base64: str | None = Field(None, description="raw base64 or data URI; PNG, JPEG or WEBP; "
+                                     "required except for composite")
     images_base64: list[str] = Field(default_factory=list, max_length=MAX_EXTRA_IMAGES,
                                      description="extra images for edit and edit_multi")
     prompt: str = Field("", max_length=MAX_PROMPT_CHARS,
@@ -76,9 +104,21 @@ class JobRequest(BaseModel):
     snap: Literal[16, 32] = Field(16, description="width/height multiple; 32 matches ai-toolkit previews")
     use_fp8: bool | None = Field(None, description="accepted for compatibility")
     auto_resize: bool | None = Field(None, description="false: keep the input's size")
+    edits: list[LayerEdit] = Field(default_factory=list, max_length=MAX_LAYERS,
+                                   description="decompose: instructions for single layers")
+    resize_to_input: bool = Field(False, description="decompose: layers at the input image's size")
+    archive: Archive | None = Field(None, description="decompose and composite: the layers in one file")
+    layers_base64: list[str] = Field(default_factory=list, max_length=MAX_COMPOSITE_LAYERS,
+                                     description="composite: RGBA layers, back to front, all one size")
 
     @model_validator(mode="after")
     def _check_operation_rules(self) -> "JobRequest":
+        if self.operation == "composite":
+            return self._check_composite_rules()
+        if self.image_base64 is None:
+            raise _rule("image_base64", "required")
+        if "layers_base64" in self.model_fields_set:
+            raise _rule("layers_base64", "only used by composite")
         if self.operation in ("edit", "edit_multi") and not self.prompt.strip():
             raise _rule("prompt", f"required and non-empty for {self.operation}")
         if self.operation == "edit_multi" and not self.images_base64:
@@ -88,13 +128,14 @@ class JobRequest(BaseModel):
             for key in ("images_base64", "width", "height", "auto_resize", "lightning", "loras", "snap"):
                 if key in self.model_fields_set and getattr(self, key):
                     raise _rule(key, "not used by decompose (its size comes from resolution: 640 or 1024)")
-            if self.output_format not in ALPHA_FORMATS:
-                raise _rule("output_format", f"{self.output_format!r} cannot hold the layers' alpha; "
-                            f"decompose allows {' or '.join(ALPHA_FORMATS)}")
+            self._check_layer_output_format()
+            self._check_edits()
         else:
-            for key in ("layers", "resolution"):
+            for key in ("layers", "resolution", "edits", "resize_to_input"):
                 if key in self.model_fields_set:
                     raise _rule(key, "only used by decompose")
+            if "archive" in self.model_fields_set:
+                raise _rule("archive", "only used by decompose and composite")
         if self.lightning is not None:
             steps = self.num_inference_steps
             if steps is not None and steps != self.lightning:
@@ -103,6 +144,38 @@ class JobRequest(BaseModel):
             if "true_cfg_scale" in self.model_fields_set and self.true_cfg_scale != 1.0:
                 raise _rule("true_cfg_scale", f"lightning runs without true CFG (1.0); got {self.true_cfg_scale}")
         return self
+
+    def _check_composite_rules(self) -> "JobRequest":
+        for key in sorted(self.model_fields_set - COMPOSITE_KEYS):
+            if getattr(self, key) is not None:
+                raise _rule(key, "not used by composite (it stacks layers_base64 on the CPU and runs no model)")
+        if not self.layers_base64:
+            raise _rule("layers_base64", f"required for composite: 1 to {MAX_COMPOSITE_LAYERS} RGBA images, "
+                        "back to front, all the same size")
+        self._check_layer_output_format()
+        return self
+
+    def _check_layer_output_format(self) -> None:
+        if self.output_format in ALPHA_FORMATS:
+            return
+        if self.archive is not None:
+            raise _rule("archive", f"the archive comes with the layers as images, and {self.output_format!r} "
+                        f"cannot hold their alpha; use output_format {' or '.join(ALPHA_FORMATS)}")
+        raise _rule("output_format", f"{self.output_format!r} cannot hold the layers' alpha; "
+                    f"{self.operation} allows {' or '.join(ALPHA_FORMATS)}")
+
+    def _check_edits(self) -> None:
+        edited_by: dict[int, int] = {}
+        for i, edit in enumerate(self.edits):
+            if edit.layer >= self.layers:
+                raise _rule(f"edits[{i}].layer", f"layer {edit.layer} does not exist: this decomposition makes "
+                            f"layers 0 to {self.layers - 1} (layers: {self.layers})")
+            if edit.layer in edited_by:
+                raise _rule(f"edits[{i}].layer", f"layer {edit.layer} is already edited by "
+                            f"edits[{edited_by[edit.layer]}]; one edit per layer (put both instructions in one prompt)")
+            edited_by[edit.layer] = i
+            if not edit.prompt.strip():
+                raise _rule(f"edits[{i}].prompt", "required and non-empty")
 
     # --- derived values -------------------------------------------------
     @property
@@ -161,11 +234,11 @@ def _describe(error: dict) -> str:
     ctx_error = (error.get("ctx") or {}).get("error")
     if isinstance(ctx_error, _RuleError):
         return f"{ctx_error.key}: {ctx_error.reason}"
-    loc = ".".join(str(part) for part in error["loc"])
+    loc = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
     key = str(error["loc"][0]) if error["loc"] else "input"
     if error["type"] == "extra_forbidden":
-        allowed = {"r2": BucketOverride, "loras": LoraRequest}.get(key, JobRequest).model_fields if key != loc \
-            else JobRequest.model_fields
+        nested = {"r2": BucketOverride, "loras": LoraRequest, "edits": LayerEdit}
+        allowed = nested.get(key, JobRequest).model_fields if key != loc else JobRequest.model_fields
         return f"{loc}: unknown key; allowed keys: {', '.join(allowed)}"
     if error["type"] == "missing":
         return f"{loc}: required"

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from src import operations
+from src import archives, operations
 from src.codec import decode_image
 from src.config import BucketConfig, Settings
+from src.layers import DEFAULT_MAX_LAYER_EDITS, LayerStack, check_edit_count, check_same_size, describe_layers, edit_seed
 from src.loras import LoraLibrary, adapters_for, lightning_scheduler
 from src.metering import Price, StageTimer, price_for
 from src.operations import ProgressFn
@@ -105,6 +106,10 @@ class Worker:
     def _run(self, job_id: str, job_input, timer: StageTimer, progress: ProgressFn) -> dict:
         # 1. Everything that can be wrong with the input, before any GPU work.
         request = parse_request(job_input)
+        if request.operation == "composite":
+            return self._run_composite(job_id, request, timer)
+        # MAX_LAYER_EDITS: read from the settings once src/config.py has it.
+        check_edit_count(request, getattr(self.settings, "max_layer_edits", DEFAULT_MAX_LAYER_EDITS))
         with timer.stage("decode"):
             images = [
                 decode_image(data, key, self.settings.max_image_bytes, self.settings.max_image_pixels)
@@ -129,27 +134,99 @@ class Worker:
             with timer.stage("lora"):  # switching adapter sets: restore the base, fuse the new set
                 self.pipes.fused_loras.apply(pipeline, adapters)
         scheduler = lightning_scheduler(pipeline.scheduler) if request.lightning else None
+        stack = None
         with timer.stage("inference"):
             if request.operation == "decompose":
-                layers, composite = operations.decompose(pipeline, request, images[0], seed, progress)
-                named = [(f"layer_{i}", layer) for i, layer in enumerate(layers)] + [("composite", composite)]
+                layers, _ = operations.decompose(pipeline, request, images[0], seed, progress)
             else:
                 named = [("output", operations.edit(pipeline, request, images, seed, progress, scheduler))]
+        if request.operation == "decompose":
+            stack = LayerStack(layers, self._edit_layers(request, layers, seed, timer, progress))
+            if request.resize_to_input:
+                stack = stack.resized(images[0].size)
+            named = stack.named_images()
 
         # 3. Encode, store, respond.
-        with timer.stage("encode"):
-            encoded = encode_all(named, request.output_format, request.output_quality)
-        with timer.stage("upload"):
-            entries, warnings = describe(
-                encoded, request.output_format, bucket=bucket, prefix=self.settings.bucket_prefix,
-                job_id=job_id, inline=request.wants_base64 or bucket is None,
-                max_inline_bytes=self.settings.max_inline_bytes,
-            )
+        entries, warnings = self._store(named, request, bucket, job_id, timer)
+        archive = None
+        if request.archive:
+            archive, archive_warnings = self._store_archive(stack, request, bucket, entries, timer)
+            warnings += archive_warnings
         if request.use_fp8:
             warnings.append("use_fp8: accepted for compatibility; this worker runs the published bf16 weights")
         if request.steps == 1:
             warnings.append(ONE_STEP_WARNING)
-        return self._respond(request, seed, entries, warnings, timer, adapters)
+        return self._respond(request, seed, entries, warnings, timer, adapters, archive)
+
+    def _edit_layers(self, request: JobRequest, layers: list[Image.Image], seed: int, timer: StageTimer,
+                     progress: ProgressFn) -> dict[int, Image.Image]:
+        """The job's edits, each on its layer, by the edit pipeline on its base weights."""
+        if not request.edits:
+            return {}
+        if self.pipes.needs_loading("edit"):  # a GPU too small for both: the edit transformer comes back
+            with timer.stage("load"):
+                self.pipes.for_operation("edit")
+        pipeline = self.pipes.for_operation("edit")
+        if self.pipes.fused_loras.needs_change([]):
+            with timer.stage("lora"):  # a previous job's LoRAs come off: layer edits run on the base model
+                self.pipes.fused_loras.apply(pipeline, [])
+        edited = {}
+        with timer.stage("inference"):
+            for i, edit in enumerate(request.edits):
+                stage = f"edits[{i}]"
+                edited[edit.layer] = operations.edit_layer(
+                    pipeline, layers[edit.layer], edit, edit_seed(request, i, seed), request.guidance_scale,
+                    lambda update, stage=stage: progress({**update, "stage": stage}))
+        return edited
+
+    def _run_composite(self, job_id: str, request: JobRequest, timer: StageTimer) -> dict:
+        """`composite`: layers stacked on the CPU. No pipeline, no GPU: it runs whatever
+        state the models are in."""
+        with timer.stage("decode"):
+            layers = [decode_image(data, f"layers_base64[{i}]", self.settings.max_image_bytes,
+                                   self.settings.max_image_pixels).convert("RGBA")
+                      for i, data in enumerate(request.layers_base64)]
+        check_same_size(layers)
+        bucket = self._bucket_for(request)
+        with timer.stage("composite"):
+            stack = operations.composite(layers)
+        entries, warnings = self._store([("composite", stack)], request, bucket, job_id, timer)
+        output: dict = {"success": True, "operation": "composite", "images": entries, "composite": entries[0],
+                        "image_size": [stack.width, stack.height]}
+        if request.archive:
+            output["archive"], archive_warnings = self._store_archive(LayerStack(layers), request, bucket,
+                                                                      entries, timer)
+            warnings += archive_warnings
+        timings = timer.report()
+        output.update(timings_ms=timings, inference_time_ms=0, cost=self.price.cost(timer.elapsed_s()))
+        output["cost_usd"] = output["cost"]["usd"]
+        if warnings:
+            output["warnings"] = warnings
+        return output
+
+    def _store(self, named: list[tuple[str, Image.Image]], request: JobRequest, bucket: Bucket | None,
+               job_id: str, timer: StageTimer) -> tuple[list[dict], list[str]]:
+        with timer.stage("encode"):
+            encoded = encode_all(named, request.output_format, request.output_quality)
+        with timer.stage("upload"):
+            return describe(
+                encoded, request.output_format, bucket=bucket, prefix=self.settings.bucket_prefix,
+                job_id=job_id, inline=request.wants_base64 or bucket is None,
+                max_inline_bytes=self.settings.max_inline_bytes,
+            )
+
+    def _store_archive(self, stack: LayerStack, request: JobRequest, bucket: Bucket | None,
+                       entries: list[dict], timer: StageTimer) -> tuple[dict, list[str]]:
+        """The final stack and its composite in one file, next to the images.
+        Returns the output's `archive` entry and warnings."""
+        final = stack.final
+        with timer.stage("archive"):
+            data = archives.build(request.archive, list(zip(stack.final_names(), final)), operations.composite(final))
+        with timer.stage("upload"):
+            return archives.describe(
+                data, request.archive, layer_count=len(final), size=final[0].size, bucket=bucket,
+                image_entries=entries, inline=request.wants_base64 or bucket is None,
+                max_inline_bytes=self.settings.max_inline_bytes)
 
     def _bucket_for(self, request: JobRequest) -> Bucket | None:
         if request.r2 is not None:
@@ -163,7 +240,7 @@ class Worker:
         return None
 
     def _respond(self, request: JobRequest, seed: int, entries: list[dict], warnings: list[str],
-                 timer: StageTimer, adapters: list) -> dict:
+                 timer: StageTimer, adapters: list, archive: dict | None = None) -> dict:
         model = self.pipes.layered_ref if request.operation == "decompose" else self.pipes.edit_ref
         output: dict = {
             "success": True,
@@ -181,8 +258,9 @@ class Worker:
         if request.loras:
             output["loras"] = [adapter.describe() for adapter in adapters[1 if request.lightning else 0:]]
         if request.operation == "decompose":
-            output["layers"] = [dict(entry, index=i) for i, entry in enumerate(entries[:-1])]
-            output["composite"] = entries[-1]
+            output.update(describe_layers(entries, request, seed))
+            if archive is not None:
+                output["archive"] = archive
         else:
             first = entries[0]
             output.update(output_url=first["url"], r2_key=first["key"], image_size=[first["width"], first["height"]])

@@ -45,7 +45,7 @@ def test_legacy_payload_gets_base64_unless_it_says_no():
     ({"image_base64": "aGVsbG8="}, "prompt: required and non-empty for edit"),
     ({**BASE, "prompt": "   "}, "prompt: required and non-empty for edit"),
     ({**BASE, "prompt": "x" * 2001}, "prompt: string should have at most 2000 characters"),
-    ({**BASE, "operation": "inpaint"}, "operation: input should be 'edit', 'edit_multi' or 'decompose'; got 'inpaint'"),
+    ({**BASE, "operation": "inpaint"}, "operation: input should be 'edit', 'edit_multi', 'decompose' or 'composite'; got 'inpaint'"),
     ({**BASE, "operation": "edit_multi"}, "images_base64: edit_multi needs 2 or 3 images in all"),
     ({**BASE, "images_base64": ["a", "b", "c"]}, "images_base64: list should have at most 2 items"),
     ({**BASE, "num_inference_steps": 0}, "num_inference_steps: input should be greater than or equal to 1; got 0"),
