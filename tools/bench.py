@@ -1,0 +1,276 @@
+"""Benchmark of the worker's own job path on a GPU, with full-size Qwen models built in
+memory from the published configs with random weights (speed does not depend on the
+values; nothing can be downloaded on the GPU machine).
+
+    python tools/bench.py --out bench/results            # all cases
+    python tools/bench.py --cases edit,lightning4
+
+Each case runs `Worker.handle` (decode, pipeline, encode; no bucket) and records the
+per-stage times, seconds per transformer pass, useful TFLOP/s and its share of the
+card's bf16 peak, and peak GPU memory. Writes `<out>/<gpu>-<date>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import io
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from src.config import Settings  # noqa: E402
+from src.loras import LoraLibrary  # noqa: E402
+from src.metering import price_for  # noqa: E402
+from src.pipelines import ModelRef, Pipelines, device_name  # noqa: E402
+from src.worker import Worker  # noqa: E402
+
+# Qwen2.5-VL-7B-Instruct, the text encoder of every Qwen-Image model (its config.json).
+TEXT_ENCODER_7B = {
+    "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+    "num_key_value_heads": 4, "vocab_size": 152064, "rope_theta": 1000000.0, "max_position_embeddings": 128000,
+    "rms_norm_eps": 1e-6, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+}
+VISION_7B = {
+    "depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 3584,
+    "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+    "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2,
+}
+# The real processor's pixel bounds (Qwen2.5-VL): the condition image becomes ~190 tokens.
+PROCESSOR_MIN_PIXELS, PROCESSOR_MAX_PIXELS = 56 * 56, 28 * 28 * 1280
+BF16_PEAK_TFLOPS = {"H100": 800.0, "H200": 800.0}  # dense bf16 matmul measured on these cards (~790-800)
+LIGHTNING_RANK = 64
+LIGHTNING_LAYERS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                    "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2",
+                    "txt_mlp.net.0.proj", "txt_mlp.net.2")
+
+
+def random_module(factory):
+    """Build a module straight on the GPU in bf16 with its default random init."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            return factory().eval()
+    finally:
+        torch.set_default_dtype(previous)
+
+
+class RandomFullSizePipelines(Pipelines):
+    """`Pipelines` whose models are full-size and random, built in memory; the job path
+    (for_operation, swapping, LoRA fusing) is the worker's own."""
+
+    def __init__(self, settings: Settings, tiny_snapshot: Path):
+        self.settings = settings
+        self.device, self.dtype = torch.device("cuda"), torch.bfloat16
+        self.tiny_snapshot = tiny_snapshot
+        self.edit_ref = ModelRef("Qwen/Qwen-Image-Edit-2511", "random-init", tiny_snapshot)
+        self.layered_ref = ModelRef("Qwen/Qwen-Image-Layered", "random-init", tiny_snapshot)
+        self.edit = None
+        self._layered = None
+        self.swap_transformers = False
+        from src.loras import FusedLoras
+        self.fused_loras = FusedLoras()
+
+    def load(self) -> float:
+        from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline,
+                               QwenImageTransformer2DModel)
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        from src.vl_processor import load_processor
+
+        start = time.perf_counter()
+        processor = load_processor(str(self.tiny_snapshot))
+        processor.image_processor.min_pixels = PROCESSOR_MIN_PIXELS
+        processor.image_processor.max_pixels = PROCESSOR_MAX_PIXELS
+        processor.image_processor.size = {"shortest_edge": PROCESSOR_MIN_PIXELS, "longest_edge": PROCESSOR_MAX_PIXELS}
+        config = Qwen2_5_VLConfig(text_config=TEXT_ENCODER_7B, vision_config=VISION_7B,
+                                  image_token_id=151655, video_token_id=151656, vision_start_token_id=151652)
+        self.edit = QwenImageEditPlusPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(self.tiny_snapshot / "scheduler"),
+            vae=random_module(AutoencoderKLQwenImage),
+            text_encoder=random_module(lambda: Qwen2_5_VLForConditionalGeneration(config)),
+            tokenizer=processor.tokenizer,
+            processor=processor,
+            transformer=random_module(lambda: QwenImageTransformer2DModel(zero_cond_t=True)),
+        )
+        self.edit.set_progress_bar_config(disable=True)
+        return time.perf_counter() - start
+
+    def layered(self):
+        if self._layered is None:
+            from diffusers import AutoencoderKLQwenImage, QwenImageLayeredPipeline, QwenImageTransformer2DModel
+
+            # 41 GB more does not fit next to the edit pipeline on 80 GB: the worker's swap mode.
+            self.swap_transformers = True
+            self.edit.transformer.to("cpu")
+            torch.cuda.empty_cache()
+            self._layered = QwenImageLayeredPipeline(
+                scheduler=self.edit.scheduler, vae=random_module(lambda: AutoencoderKLQwenImage(input_channels=4)),
+                text_encoder=self.edit.text_encoder, tokenizer=self.edit.tokenizer, processor=self.edit.processor,
+                transformer=random_module(lambda: QwenImageTransformer2DModel(use_layer3d_rope=True,
+                                                                              use_additional_t_cond=True)),
+            )
+            self._layered.set_progress_bar_config(disable=True)
+        return self._layered
+
+
+class PassCounter:
+    """Counts transformer forward passes and the tokens in each (image + text streams)."""
+
+    def __init__(self):
+        self.passes, self.tokens = 0, []
+
+    def hook(self, module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        text = kwargs.get("encoder_hidden_states")
+        self.passes += 1
+        self.tokens.append((hidden.shape[1], text.shape[1] if text is not None else 0))
+
+
+def pass_flops(image_tokens: int, text_tokens: int, dim: int = 3072, layers: int = 60) -> float:
+    """Useful FLOPs of one transformer pass: the linears (24·d² per token per block over
+    both streams) plus attention (4·L²·d per block)."""
+    length = image_tokens + text_tokens
+    return layers * (24 * dim * dim * length + 4 * length * length * dim)
+
+
+def png_b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def photo_like(size, seed) -> Image.Image:
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.rand((size[1] // 8, size[0] // 8, 3), generator=generator)
+    return Image.fromarray((noise * 255).byte().numpy()).resize(size, Image.Resampling.BICUBIC)
+
+
+def write_lightning_lora(hf_home: Path, settings: Settings) -> None:
+    """A random rank-64 LoRA with the real Lightning file's layout (kohya keys with alpha,
+    12 layers per block), in the HF-cache place the worker looks for it."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    generator = torch.Generator().manual_seed(0)
+    for block in range(60):
+        for layer in LIGHTNING_LAYERS:
+            out_features = 3072 * 4 if layer.endswith("net.0.proj") else 3072
+            in_features = 3072 * 4 if layer.endswith("net.2") else 3072
+            prefix = f"transformer_blocks.{block}.{layer}"
+            tensors[f"{prefix}.lora_down.weight"] = (torch.randn(LIGHTNING_RANK, in_features, generator=generator) * 0.01).bfloat16()
+            tensors[f"{prefix}.lora_up.weight"] = (torch.randn(out_features, LIGHTNING_RANK, generator=generator) * 0.01).bfloat16()
+            tensors[f"{prefix}.alpha"] = torch.tensor(8.0).bfloat16()
+    repo = hf_home / "hub" / ("models--" + settings.lightning_repo.replace("/", "--"))
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    for steps in (4, 8):
+        save_file(tensors, str(snapshot / settings.lightning_files[steps]))
+
+
+CASES = {  # in the order they run: the edit transformer's cases first, then Layered's
+    "edit": dict(operation="edit", images=1, num_inference_steps=40, true_cfg_scale=4.0),
+    "nocfg4": dict(operation="edit", images=1, num_inference_steps=4, true_cfg_scale=1.0),
+    "lightning4": dict(operation="edit", images=1, lightning=4),
+    "lightning4_again": dict(operation="edit", images=1, lightning=4),
+    "edit2": dict(operation="edit_multi", images=2, num_inference_steps=40, true_cfg_scale=4.0),
+    "decompose": dict(operation="decompose", prompt="a room with a sofa and a lamp", layers=4, resolution=640,
+                      num_inference_steps=50),
+    "decompose_caption": dict(operation="decompose", prompt="", layers=4, resolution=640, num_inference_steps=50),
+}
+
+
+def run_case(worker: Worker, name: str, spec: dict, counter: PassCounter) -> dict:
+    spec = dict(spec)
+    images = [photo_like((1024, 1024), seed) for seed in range(spec.pop("images", 1))]
+    job = {"image_base64": png_b64(images[0]), "prompt": spec.pop("prompt", "make the sky purple"),
+           "seed": 1, "return_base64": True, **spec}
+    if len(images) > 1:
+        job["images_base64"] = [png_b64(image) for image in images[1:]]
+    if spec["operation"] != "decompose":
+        job.update(width=1024, height=1024)
+    counter.passes, counter.tokens = 0, []
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    out = worker.handle({"id": f"bench-{name}", "input": job})
+    torch.cuda.synchronize()
+    if "error" in out:
+        return {"case": name, "error": out["error"]}
+    inference_s = out["timings_ms"]["inference"] / 1000
+    flops = sum(pass_flops(image, text) for image, text in counter.tokens)
+    peak = BF16_PEAK_TFLOPS["H200" if "H200" in torch.cuda.get_device_name() else "H100"]
+    tflops = flops / inference_s / 1e12 if counter.passes else 0.0
+    return {
+        "case": name, "job": {k: v for k, v in job.items() if "base64" not in k},
+        "timings_ms": out["timings_ms"], "passes": counter.passes,
+        "tokens_per_pass": counter.tokens[0] if counter.tokens else None,
+        "s_per_pass": round(inference_s / counter.passes, 4) if counter.passes else None,
+        "useful_tflops": round(tflops, 1), "share_of_peak": round(tflops / peak, 3),
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+        "cost_usd": out["cost_usd"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--tiny-hf-home", default="/tmp/bench-hf", help="tiny models: tokenizer and configs only")
+    args = parser.parse_args()
+
+    hf_home = Path(args.tiny_hf_home)
+    subprocess.run([sys.executable, "tools/make_tiny_models.py", "--hf-home", str(hf_home)], check=True,
+                   stdout=subprocess.DEVNULL)
+    tiny_snapshot = next((hf_home / "hub" / "models--Qwen--Qwen-Image-Edit-2511" / "snapshots").iterdir())
+    settings = Settings.from_env({"HF_HOME": str(hf_home), "DEVICE": "cuda"})
+    names = args.cases.split(",")
+    if any(name.startswith("lightning") for name in names):
+        write_lightning_lora(hf_home, settings)
+
+    pipes = RandomFullSizePipelines(settings, tiny_snapshot)
+    build_s = pipes.load()
+    worker = Worker(settings, pipes, price_for(device_name(pipes.device), None),
+                    loras=LoraLibrary(type(pipes.edit), pipes.edit.transformer, settings.edit_model))
+    warmup_s = worker.warm_up()
+    counter = PassCounter()
+    handles = [pipes.edit.transformer.register_forward_pre_hook(counter.hook, with_kwargs=True)]
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "date": datetime.date.today().isoformat(), "build_s": round(build_s, 1),
+               "warmup_s": round(warmup_s, 1), "weights_gib": round(torch.cuda.memory_allocated() / 2**30, 1),
+               "cases": []}
+    for name in names:
+        if CASES[name]["operation"] == "decompose" and len(handles) == 1:
+            handles.append(pipes.layered().transformer.register_forward_pre_hook(counter.hook, with_kwargs=True))
+        result = run_case(worker, name, CASES[name], counter)
+        results["cases"].append(result)
+        print(json.dumps(result), flush=True)
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", results["gpu"]).strip("-").lower()
+    path = out_dir / f"{gpu}-{results['date']}.json"
+    path.write_text(json.dumps(results, indent=2))
+    print(f"\n{'case':<18} {'inference s':>11} {'passes':>6} {'s/pass':>7} {'TFLOP/s':>8} {'peak':>6} {'GiB':>5}")
+    for case in results["cases"]:
+        if "error" in case:
+            print(f"{case['case']:<18} error: {case['error']}")
+            continue
+        print(f"{case['case']:<18} {case['timings_ms']['inference'] / 1000:>11.2f} {case['passes']:>6} "
+              f"{case['s_per_pass'] or 0:>7.3f} {case['useful_tflops']:>8.1f} {case['share_of_peak']:>6.0%} "
+              f"{case['peak_gpu_gib']:>5.1f}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
