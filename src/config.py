@@ -66,6 +66,8 @@ class Settings:
     lora_max_download_bytes: int = 2 * GIB
     device: str = "auto"
     transformer_swap: str = "auto"
+    attention_backend: str = "auto"
+    compile: str = "auto"
     warmup: bool = True
 
     @classmethod
@@ -95,6 +97,8 @@ class Settings:
             lora_max_download_bytes=reader.integer("LORA_MAX_DOWNLOAD_BYTES", 2 * GIB, low=1024),
             device=reader.choice("DEVICE", "auto", ("auto", "cuda", "cpu")),
             transformer_swap=reader.choice("TRANSFORMER_SWAP", "auto", ("auto", "always", "never")),
+            attention_backend=reader.choice("ATTENTION_BACKEND", "auto", ("auto", "sdpa", "cudnn", "flash")),
+            compile=reader.choice("COMPILE", "auto", ("auto", "true", "false")),
             warmup=reader.flag("WARMUP", True),
         )
 

@@ -18,6 +18,7 @@ from diffusers import QwenImageEditPlusPipeline, QwenImageLayeredPipeline
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
+from src.acceleration import accelerate, attention_backend, compile_enabled
 from src.config import Settings
 from src.loras import FusedLoras
 from src.vl_processor import load_processor
@@ -104,6 +105,7 @@ class Pipelines:
             self.edit_ref.path, processor=processor, dtype=self.dtype
         ).to(self.device)
         self.edit.set_progress_bar_config(disable=True)
+        self.accelerate(self.edit.transformer)
         if "layered" in self.settings.preload:
             self.layered()
         return time.perf_counter() - start
@@ -125,6 +127,7 @@ class Pipelines:
                 dtype=self.dtype,
             )
             layered.set_progress_bar_config(disable=True)
+            self.accelerate(layered.transformer)
             if self.settings.transformer_swap == "auto" and self.device.type == "cuda":
                 free_bytes, _ = torch.cuda.mem_get_info(self.device)
                 self.swap_transformers = _bytes_of(layered.transformer, layered.vae) + ACTIVATION_HEADROOM_BYTES > free_bytes
@@ -133,6 +136,10 @@ class Pipelines:
                 self.edit.transformer.to("cpu")
             self._layered = layered.to(self.device)
         return self._layered
+
+    def accelerate(self, transformer: torch.nn.Module) -> None:
+        accelerate(transformer, attention=attention_backend(self.settings.attention_backend, self.device),
+                   compile_blocks=compile_enabled(self.settings.compile, self.device))
 
     def needs_loading(self, operation: str) -> bool:
         """Whether running `operation` first loads or moves weights (timed as `load`)."""

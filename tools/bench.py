@@ -2,12 +2,19 @@
 memory from the published configs with random weights (speed does not depend on the
 values; nothing can be downloaded on the GPU machine).
 
-    python tools/bench.py --out bench/results            # all cases
+    python tools/bench.py --out bench/results --label ours                 # all cases, default settings
+    COMPILE=false ATTENTION_BACKEND=sdpa python tools/bench.py --label stock  # stock diffusers
     python tools/bench.py --cases edit,lightning4
+    python tools/bench.py --levers --label levers     # each speed lever alone, transformer passes only
 
-Each case runs `Worker.handle` (decode, pipeline, encode; no bucket) and records the
-per-stage times, seconds per transformer pass, useful TFLOP/s and its share of the
-card's bf16 peak, and peak GPU memory. Writes `<out>/<gpu>-<date>.json`.
+Each case runs `Worker.handle` (decode, pipeline, encode; no bucket) with the settings
+the environment gives (as the worker reads them) and records the per-stage times,
+seconds per transformer pass, useful TFLOP/s and its share of the card's bf16 peak, and
+peak GPU memory. Writes `<out>/<gpu>-<date>-<label>.json`.
+
+`--levers` replays the edit transformer's pass at 1024x1024 with one reference image
+under each lever and their combination: seconds per pass, first-call time (compile),
+and the output's deviation from stock diffusers (relative L2 error, cosine similarity).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import base64
 import datetime
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -103,6 +111,7 @@ class RandomFullSizePipelines(Pipelines):
             transformer=random_module(lambda: QwenImageTransformer2DModel(zero_cond_t=True)),
         )
         self.edit.set_progress_bar_config(disable=True)
+        self.accelerate(self.edit.transformer)
         return time.perf_counter() - start
 
     def layered(self):
@@ -120,6 +129,7 @@ class RandomFullSizePipelines(Pipelines):
                                                                               use_additional_t_cond=True)),
             )
             self._layered.set_progress_bar_config(disable=True)
+            self.accelerate(self._layered.transformer)
         return self._layered
 
 
@@ -222,10 +232,129 @@ def run_case(worker: Worker, name: str, spec: dict, counter: PassCounter) -> dic
     }
 
 
+class KwargsCatcher:
+    """Keeps the keyword arguments of a module's first forward call."""
+
+    def __init__(self, module):
+        self.kwargs = None
+        self.handle = module.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs):
+        if self.kwargs is None:
+            self.kwargs = {k: v for k, v in kwargs.items()}
+
+
+def transformer_inputs(worker: Worker, transformer, images: int) -> dict:
+    """The kwargs of the edit transformer's pass in a 1024x1024 job with `images` references."""
+    catcher = KwargsCatcher(transformer)
+    run_case(worker, f"capture{images}", dict(operation="edit", images=images, num_inference_steps=1,
+                                              true_cfg_scale=1.0), PassCounter())
+    catcher.handle.remove()
+    # Random weights give latents and text states far from a trained model's (often not
+    # finite); for a deviation that means something, the streams get unit-normal values.
+    generator = torch.Generator("cuda").manual_seed(images)
+    for key in ("hidden_states", "encoder_hidden_states"):
+        value = catcher.kwargs[key]
+        catcher.kwargs[key] = torch.randn(value.shape, generator=generator, device="cuda", dtype=value.dtype)
+    return catcher.kwargs
+
+
+def uncompile(transformer) -> None:
+    for module in transformer.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
+    torch._dynamo.reset()
+
+
+def timed_passes(transformer, kwargs: dict, repeats: int) -> tuple[float, float, torch.Tensor]:
+    """(seconds of the first call, mean seconds of the next `repeats`, the output)."""
+    kwargs = {**kwargs, "return_dict": False}
+    with torch.inference_mode():
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = transformer(**kwargs)[0]
+        torch.cuda.synchronize()
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(repeats):
+            transformer(**kwargs)
+        torch.cuda.synchronize()
+    return first, (time.perf_counter() - start) / repeats, out.float()
+
+
+def deviation(out: torch.Tensor, reference: torch.Tensor) -> dict:
+    return {"rel_l2": float((out - reference).norm() / reference.norm()),
+            "cosine": float(torch.nn.functional.cosine_similarity(out.flatten(), reference.flatten(), dim=0)),
+            "max_abs": float((out - reference).abs().max())}
+
+
+LEVERS = {  # name: (attention backend, compile)
+    "stock": ("sdpa", False),
+    "attention_cudnn": ("cudnn", False),
+    "attention_flash": ("flash", False),
+    "compile": ("sdpa", True),
+    "compile_cudnn": ("cudnn", True),
+}
+
+
+def measure_levers(worker: Worker, names: list[str], repeats: int = 5) -> list[dict]:
+    from src.acceleration import ATTENTION_BACKENDS
+
+    transformer = worker.pipes.edit.transformer
+    one, two = transformer_inputs(worker, transformer, 1), transformer_inputs(worker, transformer, 2)
+    tokens = (one["hidden_states"].shape[1], one["encoder_hidden_states"].shape[1])
+    reference = None
+    results = []
+    for name in names:
+        attention, compiled = LEVERS[name]
+        uncompile(transformer)
+        transformer.set_attention_backend(ATTENTION_BACKENDS[attention])
+        if compiled:
+            transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
+        try:
+            first, per_pass, out = timed_passes(transformer, one, repeats)
+            first_two, per_pass_two, _ = timed_passes(transformer, two, repeats)
+        except Exception as exc:  # a kernel this build lacks: say so, go on
+            results.append({"lever": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            print(json.dumps(results[-1]), flush=True)
+            continue
+        reference = out if reference is None else reference
+        peak = BF16_PEAK_TFLOPS["H200" if "H200" in torch.cuda.get_device_name() else "H100"]
+        results.append({
+            "lever": name, "attention": attention, "compile": compiled, "tokens": tokens,
+            "first_call_s": round(first, 2), "s_per_pass": round(per_pass, 4),
+            "useful_tflops": round(pass_flops(*tokens) / per_pass / 1e12, 1),
+            "share_of_peak": round(pass_flops(*tokens) / per_pass / 1e12 / peak, 3),
+            "two_images": {"tokens": (two["hidden_states"].shape[1], two["encoder_hidden_states"].shape[1]),
+                           "first_call_s": round(first_two, 2), "s_per_pass": round(per_pass_two, 4)},
+            "deviation_from_stock": deviation(out, reference),
+        })
+        print(json.dumps(results[-1]), flush=True)
+    uncompile(transformer)
+    return results
+
+
+def compile_deviation(worker: Worker) -> dict:
+    """The compiled edit transformer's output against the same code run eagerly
+    (torch.compiler's force_eager stance), on one 1024x1024 pass with one reference."""
+    transformer = worker.pipes.for_operation("edit").transformer
+    kwargs = {**transformer_inputs(worker, transformer, 1), "return_dict": False}
+    with torch.inference_mode():
+        compiled = transformer(**kwargs)[0].float()
+        with torch.compiler.set_stance("force_eager"):
+            eager = transformer(**kwargs)[0].float()
+    return {"what": "regional compile against eager, edit transformer, 1024x1024, 1 reference",
+            **deviation(compiled, eager)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--cases", default=",".join([*CASES, "deviation"]),
+                        help="comma list of cases; `deviation`: compiled against eager output")
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--label", default="ours", help="names the results file: stock, ours...")
+    parser.add_argument("--levers", nargs="?", const=",".join(LEVERS), default="",
+                        help="measure these speed levers alone (default: all) instead of the cases; stock first")
     parser.add_argument("--tiny-hf-home", default="/tmp/bench-hf", help="tiny models: tokenizer and configs only")
     args = parser.parse_args()
 
@@ -233,34 +362,47 @@ def main() -> None:
     subprocess.run([sys.executable, "tools/make_tiny_models.py", "--hf-home", str(hf_home)], check=True,
                    stdout=subprocess.DEVNULL)
     tiny_snapshot = next((hf_home / "hub" / "models--Qwen--Qwen-Image-Edit-2511" / "snapshots").iterdir())
-    settings = Settings.from_env({"HF_HOME": str(hf_home), "DEVICE": "cuda"})
+    env = {key: value for key, value in os.environ.items() if key in ("COMPILE", "ATTENTION_BACKEND")}
+    if args.levers:  # each lever is set by hand on a stock pipeline
+        env = {"COMPILE": "false", "ATTENTION_BACKEND": "sdpa"}
+    settings = Settings.from_env({"HF_HOME": str(hf_home), "DEVICE": "cuda", **env})
     names = args.cases.split(",")
+    cases = [name for name in names if name != "deviation"]
     if any(name.startswith("lightning") for name in names):
         write_lightning_lora(hf_home, settings)
 
     pipes = RandomFullSizePipelines(settings, tiny_snapshot)
     build_s = pipes.load()
+    if any(CASES[name]["operation"] == "decompose" for name in cases):
+        pipes.layered()  # as PRELOAD=edit,layered: built before the warm-up, which then covers it
     worker = Worker(settings, pipes, price_for(device_name(pipes.device), None),
                     loras=LoraLibrary(type(pipes.edit), pipes.edit.transformer, settings.edit_model))
     warmup_s = worker.warm_up()
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "date": datetime.date.today().isoformat(), "label": args.label,
+               "settings": {"attention_backend": settings.attention_backend, "compile": settings.compile},
+               "build_s": round(build_s, 1), "warmup_s": round(warmup_s, 1),
+               "weights_gib": round(torch.cuda.memory_allocated() / 2**30, 1)}
+    if args.levers:
+        results["levers"] = measure_levers(worker, args.levers.split(","))
+        write_results(results, Path(args.out))
+        return
     counter = PassCounter()
     handles = [pipes.edit.transformer.register_forward_pre_hook(counter.hook, with_kwargs=True)]
-    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "date": datetime.date.today().isoformat(), "build_s": round(build_s, 1),
-               "warmup_s": round(warmup_s, 1), "weights_gib": round(torch.cuda.memory_allocated() / 2**30, 1),
-               "cases": []}
+    results["cases"] = []
     for name in names:
+        if name == "deviation":
+            results["compile_deviation"] = compile_deviation(worker)
+            print(json.dumps(results["compile_deviation"]), flush=True)
+            write_results(results, Path(args.out))
+            continue
         if CASES[name]["operation"] == "decompose" and len(handles) == 1:
             handles.append(pipes.layered().transformer.register_forward_pre_hook(counter.hook, with_kwargs=True))
         result = run_case(worker, name, CASES[name], counter)
         results["cases"].append(result)
         print(json.dumps(result), flush=True)
+        write_results(results, Path(args.out))  # after each case: a run cut short keeps what it measured
 
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    gpu = re.sub(r"[^A-Za-z0-9]+", "-", results["gpu"]).strip("-").lower()
-    path = out_dir / f"{gpu}-{results['date']}.json"
-    path.write_text(json.dumps(results, indent=2))
     print(f"\n{'case':<18} {'inference s':>11} {'passes':>6} {'s/pass':>7} {'TFLOP/s':>8} {'peak':>6} {'GiB':>5}")
     for case in results["cases"]:
         if "error" in case:
@@ -269,7 +411,15 @@ def main() -> None:
         print(f"{case['case']:<18} {case['timings_ms']['inference'] / 1000:>11.2f} {case['passes']:>6} "
               f"{case['s_per_pass'] or 0:>7.3f} {case['useful_tflops']:>8.1f} {case['share_of_peak']:>6.0%} "
               f"{case['peak_gpu_gib']:>5.1f}")
+
+
+def write_results(results: dict, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", results["gpu"]).strip("-").lower()
+    path = out_dir / f"{gpu}-{results['date']}-{results['label']}.json"
+    path.write_text(json.dumps(results, indent=2))
     print(f"wrote {path}")
+    return path
 
 
 if __name__ == "__main__":
