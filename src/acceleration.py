@@ -1,10 +1,10 @@
 """Speed levers for the transformers on CUDA: the attention kernel and regional compile.
 
-Both are switches (`ATTENTION_BACKEND`, `COMPILE`) because both change outputs at the
-level of bf16 rounding: another kernel sums in another order. `tools/bench.py --levers`
-measures each alone on the full-size transformer, with its speed and its deviation from
-stock diffusers; README quotes the figures. On the CPU (tests, demo) neither applies, so
-the fidelity tests compare against stock diffusers bit for bit.
+Both are switches (`ATTENTION_BACKEND`, `COMPILE`), off by default: another kernel sums
+in another order, so outputs change, and a change is only turned on once its deviation
+on the real weights is known. `tools/bench.py --levers` measures each alone on the
+full-size transformer; README quotes the figures. On the CPU (tests, demo) neither
+applies, so the fidelity tests compare against stock diffusers bit for bit.
 
 Regional compile (diffusers' `compile_repeated_blocks`) compiles one transformer block
 and reuses it for all 60, so compiling costs seconds, not minutes. It compiles with
@@ -22,36 +22,24 @@ log = logging.getLogger(__name__)
 
 # Our names for diffusers' attention backends (diffusers.models.attention_dispatch).
 ATTENTION_BACKENDS = {
-    "sdpa": "native",  # torch's SDPA, which picks its kernel itself (flash at batch 1 without a mask)
+    "sdpa": "native",  # torch's SDPA, which picks its kernel itself
     "cudnn": "_native_cudnn",  # SDPA's cuDNN kernel: Hopper-tuned
     "flash": "_native_flash",  # SDPA's FlashAttention-2 kernel
 }
-# What `auto` means on CUDA, from `tools/bench.py --levers` on an H100 (README): SDPA's
-# own choice beat the cuDNN kernel (0.397 against 0.415 s per 1024x1024 pass) and
-# FlashAttention-2 (0.466 s); regional compile took it to 0.284 s.
-AUTO_ATTENTION_BACKEND = "sdpa"
-AUTO_COMPILE = True
+# On the H100 (`tools/bench.py --levers`, README), per 1024x1024 pass: SDPA's own choice
+# 0.397 s, the cuDNN kernel 0.415 s, FlashAttention-2 0.466 s; SDPA with regional
+# compile 0.284 s. So `sdpa`, diffusers' default, stays the default kernel.
 
 
-def attention_backend(setting: str, device: torch.device) -> str | None:
-    """Our backend name for ATTENTION_BACKEND on this device; None: leave diffusers' default."""
+def accelerate(transformer: torch.nn.Module, device: torch.device, *, attention: str, compile_blocks: bool) -> None:
+    """Set the transformer's attention kernel and compile its blocks, in place. CUDA only."""
     if device.type != "cuda":
-        return None
-    return AUTO_ATTENTION_BACKEND if setting == "auto" else setting
-
-
-def compile_enabled(setting: str, device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    return AUTO_COMPILE if setting == "auto" else setting == "true"
-
-
-def accelerate(transformer: torch.nn.Module, *, attention: str | None, compile_blocks: bool) -> None:
-    """Set the transformer's attention kernel and compile its blocks, in place."""
-    if attention is not None and attention != "sdpa":
+        return
+    if attention != "sdpa":
         transformer.set_attention_backend(ATTENTION_BACKENDS[attention])
     if compile_blocks:
-        # Compiled lazily, on the first forward: the warm-up job at start.
+        # Compiled lazily, on the first forward: the warm-up job at start (or, for a
+        # Layered pipeline loaded on first use, that first decompose job).
         transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
-    log.info("transformer %s: attention %s, compile %s", type(transformer).__name__, attention or "sdpa",
+    log.info("transformer %s: attention %s, compile %s", type(transformer).__name__, attention,
              "on" if compile_blocks else "off")

@@ -66,8 +66,8 @@ class Settings:
     lora_max_download_bytes: int = 2 * GIB
     device: str = "auto"
     transformer_swap: str = "auto"
-    attention_backend: str = "auto"
-    compile: str = "auto"
+    attention_backend: str = "sdpa"
+    compile: bool = False
     warmup: bool = True
 
     @classmethod
@@ -97,8 +97,8 @@ class Settings:
             lora_max_download_bytes=reader.integer("LORA_MAX_DOWNLOAD_BYTES", 2 * GIB, low=1024),
             device=reader.choice("DEVICE", "auto", ("auto", "cuda", "cpu")),
             transformer_swap=reader.choice("TRANSFORMER_SWAP", "auto", ("auto", "always", "never")),
-            attention_backend=reader.choice("ATTENTION_BACKEND", "auto", ("auto", "sdpa", "cudnn", "flash")),
-            compile=reader.choice("COMPILE", "auto", ("auto", "true", "false")),
+            attention_backend=reader.choice("ATTENTION_BACKEND", "sdpa", ("sdpa", "cudnn", "flash")),
+            compile=reader.flag("COMPILE", False),
             warmup=reader.flag("WARMUP", True),
         )
 

@@ -18,7 +18,7 @@ from diffusers import QwenImageEditPlusPipeline, QwenImageLayeredPipeline
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from src.acceleration import accelerate, attention_backend, compile_enabled
+from src.acceleration import accelerate
 from src.config import Settings
 from src.loras import FusedLoras
 from src.vl_processor import load_processor
@@ -138,8 +138,8 @@ class Pipelines:
         return self._layered
 
     def accelerate(self, transformer: torch.nn.Module) -> None:
-        accelerate(transformer, attention=attention_backend(self.settings.attention_backend, self.device),
-                   compile_blocks=compile_enabled(self.settings.compile, self.device))
+        accelerate(transformer, self.device, attention=self.settings.attention_backend,
+                   compile_blocks=self.settings.compile)
 
     def needs_loading(self, operation: str) -> bool:
         """Whether running `operation` first loads or moves weights (timed as `load`)."""

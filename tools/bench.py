@@ -2,8 +2,8 @@
 memory from the published configs with random weights (speed does not depend on the
 values; nothing can be downloaded on the GPU machine).
 
-    python tools/bench.py --out bench/results --label ours                 # all cases, default settings
-    COMPILE=false ATTENTION_BACKEND=sdpa python tools/bench.py --label stock  # stock diffusers
+    COMPILE=true python tools/bench.py --out bench/results --label ours   # all cases, with regional compile
+    python tools/bench.py --label stock                                    # the defaults: stock diffusers
     python tools/bench.py --cases edit,lightning4
     python tools/bench.py --levers --label levers     # each speed lever alone, transformer passes only
 
@@ -364,7 +364,7 @@ def main() -> None:
     tiny_snapshot = next((hf_home / "hub" / "models--Qwen--Qwen-Image-Edit-2511" / "snapshots").iterdir())
     env = {key: value for key, value in os.environ.items() if key in ("COMPILE", "ATTENTION_BACKEND")}
     if args.levers:  # each lever is set by hand on a stock pipeline
-        env = {"COMPILE": "false", "ATTENTION_BACKEND": "sdpa"}
+        env = {"COMPILE": "false", "ATTENTION_BACKEND": "sdpa"}  # the environment's levers would mix in
     settings = Settings.from_env({"HF_HOME": str(hf_home), "DEVICE": "cuda", **env})
     names = args.cases.split(",")
     cases = [name for name in names if name != "deviation"]

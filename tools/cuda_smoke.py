@@ -38,9 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     subprocess.run([sys.executable, "tools/make_tiny_models.py", "--hf-home", args.hf_home], check=True)
 
-    # COMPILE=false: the fidelity check below is bit for bit against stock diffusers, and
-    # compiled kernels round differently (README: Speed).
-    worker = Worker.start(Settings.from_env({"HF_HOME": args.hf_home, "DEVICE": "cuda", "COMPILE": "false",
+    worker = Worker.start(Settings.from_env({"HF_HOME": args.hf_home, "DEVICE": "cuda",
                                              "PRELOAD": "edit,layered", "TRANSFORMER_SWAP": "always"}))
     pipes = worker.pipes
     source = Image.linear_gradient("L").resize((96, 64)).convert("RGB")
