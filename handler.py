@@ -12,11 +12,12 @@ from typing import Mapping, NoReturn
 import runpod
 
 from src.config import ConfigError, Settings
-from src.deadline import JobGuard, job_timeout_from_env
+from src.deadline import JobGuard
 
 log = logging.getLogger("worker")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+CREDENTIAL_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3")
 # A start failure is one line, however long or multi-line the underlying error.
 MAX_START_ERROR_CHARS = 600
 
@@ -48,10 +49,16 @@ def main() -> None:
     try:
         log_level = log_level_from_env(os.environ)
         settings = Settings.from_env(os.environ)
-        guard = JobGuard(job_timeout_from_env(os.environ))
+        guard = JobGuard(settings.job_timeout_s)
     except ConfigError as exc:
         start_failed(str(exc))
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force: importing runpod already configured the root logger (INFO, in rp_upload),
+    # which would make this call, and so LOG_LEVEL, a no-op.
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    # At DEBUG these log signed request headers (access key ids), presigned URLs and
+    # request bodies: they stay at INFO or above whatever LOG_LEVEL says.
+    for library in CREDENTIAL_LOGGERS:
+        logging.getLogger(library).setLevel(max(logging.INFO, logging.getLevelName(log_level)))
     if not {"RUNPOD_LOG_LEVEL", "RUNPOD_DEBUG_LEVEL"} & os.environ.keys():
         # The SDK's default level, DEBUG, logs every job's whole output: presigned URLs,
         # which let anyone who reads the log fetch the images, and inline base64.

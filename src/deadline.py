@@ -21,18 +21,12 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator
 
 import torch
 
-from src.config import ConfigError
-
 log = logging.getLogger(__name__)
 
-# Off unless set: a legitimate job at the schema's limits (100 steps, 2048x2048, three
-# images) on a slow GPU takes long, and only the operator knows how long is too long.
-DEFAULT_JOB_TIMEOUT_S = 0
-MAX_JOB_TIMEOUT_S = 24 * 3600
 # How long past its deadline a job may take to reach its next block: a generous bound on
 # one block's compute. A job still inside one block after that is treated as hung.
 STUCK_GRACE_S = 30.0
@@ -40,21 +34,6 @@ STUCK_GRACE_S = 30.0
 
 class JobTimeout(RuntimeError):
     """Raised on the job's thread, before its next block, once its time is up."""
-
-
-def job_timeout_from_env(env: Mapping[str, str]) -> int:
-    """JOB_TIMEOUT_S in whole seconds; 0 (the default) turns the timeout off.
-    Belongs in `Settings.from_env` (src/config.py) with the other variables."""
-    raw = env.get("JOB_TIMEOUT_S", "").strip()
-    if not raw:
-        return DEFAULT_JOB_TIMEOUT_S
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"JOB_TIMEOUT_S: {raw!r} is not an integer") from None
-    if not 0 <= value <= MAX_JOB_TIMEOUT_S:
-        raise ConfigError(f"JOB_TIMEOUT_S: {value} is out of range; allowed: 0 (off) to {MAX_JOB_TIMEOUT_S}")
-    return value
 
 
 @dataclass

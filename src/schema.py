@@ -9,9 +9,12 @@ List items are named with their index, as in `edits[1].layer` or `layers_base64[
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+import reprlib
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_PROMPT_CHARS = 2000
 MAX_EXTRA_IMAGES = 2  # 3 images in all
@@ -25,6 +28,17 @@ MAX_LAYERS = 10  # the most layers one decomposition makes
 MAX_COMPOSITE_LAYERS = 16
 # Keys whose values are image payloads: their values never go into an error text.
 PAYLOAD_KEYS = ("image_base64", "images_base64", "layers_base64")
+# Keys whose values may carry credentials (a job's bucket; a LoRA URL with a presigned
+# query string): their values never go into an error text either.
+SECRET_KEYS = ("r2",)
+SECRET_FIELDS = ("source",)
+# An error text stays short whatever the input: values and unknown keys are cut to
+# MAX_ECHO_CHARS, and the whole text to MAX_ERROR_CHARS.
+MAX_ECHO_CHARS = 80
+MAX_ERROR_CHARS = 600
+# Control characters reach the tokenizer as junk tokens (NUL ends C strings in some
+# logs and tools); prompts keep tab and line breaks, the only ones text needs.
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 # What `composite` reads: it stacks layers on the CPU and runs no model.
 COMPOSITE_KEYS = frozenset({"operation", "layers_base64", "output_format", "output_quality", "return_base64",
                             "r2", "archive"})
@@ -35,6 +49,19 @@ Archive = Literal["zip", "psd", "ora"]
 
 class InputError(ValueError):
     """Bad job input. The message is `<key>: <reason>` and never carries a payload."""
+
+
+def _refuse_control_chars(text: str) -> str:
+    found = _CONTROL_CHARS.search(text)
+    if found:
+        raise PydanticCustomError("control_character", "control character {char} at position {position}; "
+                                  "only tab and line breaks are allowed",
+                                  {"char": repr(found.group()), "position": found.start()})
+    return text
+
+
+# Text that goes to the tokenizer.
+Prompt = Annotated[str, AfterValidator(_refuse_control_chars)]
 
 
 class BucketOverride(BaseModel):
@@ -65,8 +92,8 @@ class LayerEdit(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     layer: int = Field(ge=0, lt=MAX_LAYERS, description="index of the layer, 0 at the back")
-    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
-    negative_prompt: str = Field(" ", max_length=MAX_PROMPT_CHARS)
+    prompt: Prompt = Field(max_length=MAX_PROMPT_CHARS)
+    negative_prompt: Prompt = Field(" ", max_length=MAX_PROMPT_CHARS)
     num_inference_steps: int | None = Field(None, ge=1, le=100, description="default 40, as for edit")
     true_cfg_scale: float = Field(4.0, ge=1.0, le=20.0)
     seed: int | None = Field(None, ge=0, lt=SEED_LIMIT, description="null: the job's seed")
@@ -84,9 +111,9 @@ class JobRequest(BaseModel):
                                      "required except for composite")
     images_base64: list[str] = Field(default_factory=list, max_length=MAX_EXTRA_IMAGES,
                                      description="extra images for edit and edit_multi")
-    prompt: str = Field("", max_length=MAX_PROMPT_CHARS,
+    prompt: Prompt = Field("", max_length=MAX_PROMPT_CHARS,
                         description="the instruction; optional for decompose (empty: the model captions the image)")
-    negative_prompt: str = Field(" ", max_length=MAX_PROMPT_CHARS)
+    negative_prompt: Prompt = Field(" ", max_length=MAX_PROMPT_CHARS)
     num_inference_steps: int | None = Field(None, ge=1, le=100, description="default 40; decompose 50")
     true_cfg_scale: float = Field(4.0, ge=1.0, le=20.0)
     guidance_scale: float = Field(1.0, description="passed through to the pipeline")
@@ -226,28 +253,77 @@ def parse_request(job_input: Any) -> JobRequest:
     try:
         return JobRequest.model_validate(job_input)
     except ValidationError as exc:
-        raise InputError(_describe(exc.errors()[0])) from None
+        raise InputError(_bounded(_describe(exc.errors(include_url=False)[0]))) from None
 
 
 def _describe(error: dict) -> str:
-    """One pydantic error as `<key>: <reason>`, with the value unless it is a payload."""
+    """One pydantic error as `<key>: <reason>`, with the value unless it is a payload or
+    may hold a secret."""
     ctx_error = (error.get("ctx") or {}).get("error")
     if isinstance(ctx_error, _RuleError):
         return f"{ctx_error.key}: {ctx_error.reason}"
-    loc = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
-    key = str(error["loc"][0]) if error["loc"] else "input"
+    parts = error["loc"]
+    loc = _loc_text(parts)
     if error["type"] == "extra_forbidden":
         nested = {"r2": BucketOverride, "loras": LoraRequest, "edits": LayerEdit}
-        allowed = nested.get(key, JobRequest).model_fields if key != loc else JobRequest.model_fields
-        return f"{loc}: unknown key; allowed keys: {', '.join(allowed)}"
+        model = nested.get(parts[0], JobRequest) if len(parts) > 1 else JobRequest
+        return f"{loc}: unknown key; allowed keys: {', '.join(model.model_fields)}"
     if error["type"] == "missing":
         return f"{loc}: required"
     message = error["msg"][0].lower() + error["msg"][1:]
-    if key in PAYLOAD_KEYS or "secret" in loc:
+    if not _may_echo(parts):
         return f"{loc}: {message}"
     return f"{loc}: {message}; got {_short_repr(error.get('input'))}"
 
 
-def _short_repr(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]{1,%d}" % MAX_ECHO_CHARS)
+
+
+def _loc_text(parts: tuple) -> str:
+    """`edits[1].layer`; a key that is not a plain name (an unknown key sent with control
+    characters, or a megabyte long) shown as its cut repr."""
+    text = ""
+    for part in parts:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            name = part if isinstance(part, str) and _PLAIN_KEY.fullmatch(part) else _short_repr(part)
+            text += f".{name}" if text else name
+    return text or "input"
+
+
+def _may_echo(parts: tuple) -> bool:
+    return not parts or not (parts[0] in PAYLOAD_KEYS or parts[0] in SECRET_KEYS or parts[-1] in SECRET_FIELDS)
+
+
+class _Echo(reprlib.Repr):
+    """repr() that stays short and safe to build for any JSON value: two levels of
+    nesting, a few items, strings cut, no integer spelled out past 64 bits (Python
+    refuses to write one of over 4300 digits at all)."""
+
+    def __init__(self):
+        super().__init__()
+        self.maxlevel = 2
+        self.maxdict = self.maxlist = self.maxtuple = self.maxset = 4
+        self.maxstring = self.maxother = MAX_ECHO_CHARS
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 64:
+            return f"{'a negative' if x < 0 else 'an'} integer of {x.bit_length()} bits"
+        return repr(x)
+
+    def repr_str(self, x: str, level: int) -> str:
+        cut = repr(x[:MAX_ECHO_CHARS])
+        return cut if len(x) <= MAX_ECHO_CHARS else f"{cut}... ({len(x)} characters)"
+
+
+_ECHO = _Echo()
+
+
+def _short_repr(value: Any) -> str:
+    return _ECHO.repr(value)
+
+
+def _bounded(text: str) -> str:
+    """A last bound on the whole text (a key cut to MAX_ECHO_CHARS may still repr long)."""
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 14] + "... (cut short)"

@@ -23,7 +23,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from src.config import BucketConfig
+from src.config import BucketConfig, Settings
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ TRANSIENT_S3_CODES = frozenset({
     "RequestTimeout", "SlowDown", "Throttling", "ThrottlingException", "TooManyRequests",
     "RequestLimitExceeded", "BadDigest", "IncompleteBody", "XAmzContentSHA256Mismatch",
 })
+CONNECT_TIMEOUT_S = 5.0  # a reachable endpoint answers a TCP connect in well under this
+BACKOFF_GROWTH = 8  # the backoff doubles up to this multiple of the first one
 
 
 class StorageError(RuntimeError):
@@ -60,6 +62,14 @@ class UploadPolicy:
     max_backoff_s: float = 4.0
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 20.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "UploadPolicy":
+        """UPLOAD_ATTEMPTS, UPLOAD_TIMEOUT_S and UPLOAD_BACKOFF_S."""
+        return cls(attempts=settings.upload_attempts, first_backoff_s=settings.upload_backoff_s,
+                   max_backoff_s=BACKOFF_GROWTH * settings.upload_backoff_s,
+                   connect_timeout_s=min(CONNECT_TIMEOUT_S, settings.upload_timeout_s),
+                   read_timeout_s=settings.upload_timeout_s)
 
     def backoff_step_s(self, retry: int) -> float:
         """The backoff ceiling before retry number `retry` (1, 2, ...): doubling, capped."""

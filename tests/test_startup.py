@@ -1,8 +1,11 @@
 """A start that cannot serve exits non-zero with one clear line."""
 
 import os
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import REPO_ROOT
 
@@ -28,7 +31,26 @@ def test_missing_layered_model_fails_the_start_when_preloaded(hf_home, tmp_path)
         "start failed: model Qwen/Qwen-Image-Layered-Missing is not in the Hugging Face cache")
 
 
-def test_bad_environment_value(hf_home):
-    done = start({"HF_HOME": str(hf_home), "PRESIGN_EXPIRY_S": "two hours"})
+@pytest.mark.parametrize("env, line", [
+    ({"PRESIGN_EXPIRY_S": "two hours"}, "start failed: PRESIGN_EXPIRY_S: 'two hours' is not an integer"),
+    ({"JOB_TIMEOUT_S": "-5"}, "start failed: JOB_TIMEOUT_S: -5 is out of range; allowed: 0 to 86400"),
+    ({"UPLOAD_ATTEMPTS": "many"}, "start failed: UPLOAD_ATTEMPTS: 'many' is not an integer"),
+], ids=["PRESIGN_EXPIRY_S", "JOB_TIMEOUT_S", "UPLOAD_ATTEMPTS"])
+def test_bad_environment_value(hf_home, env, line):
+    done = start({"HF_HOME": str(hf_home), **env})
     assert done.returncode != 0
-    assert done.stderr.strip().splitlines()[-1] == "start failed: PRESIGN_EXPIRY_S: 'two hours' is not an integer"
+    assert done.stderr.strip().splitlines()[-1] == line
+
+
+def test_corrupt_snapshot_names_the_broken_file(hf_home, tmp_path):
+    """A weights file cut short (an interrupted copy onto the volume) stops the start
+    with one line naming the file, and no traceback."""
+    repo = "models--Qwen--Qwen-Image-Edit-2511"
+    shutil.copytree(hf_home / "hub" / repo, tmp_path / "hub" / repo)
+    weights = next((tmp_path / "hub" / repo / "snapshots").glob("*/transformer/diffusion_pytorch_model.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    done = start({"HF_HOME": str(tmp_path), "DEVICE": "cpu"})
+    assert done.returncode != 0
+    last_line = done.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("start failed: ") and "transformer/diffusion_pytorch_model.safetensors" in last_line
+    assert "Traceback" not in done.stderr
