@@ -17,10 +17,6 @@ from PIL import Image
 from src.operations import composite
 from src.schema import InputError, JobRequest
 
-# A job's edits run one after another on the GPU: each costs about as much as an
-# `edit` job, so the count is capped (MAX_LAYER_EDITS once src/config.py reads it).
-DEFAULT_MAX_LAYER_EDITS = 4
-
 
 @dataclass(frozen=True)
 class LayerStack:
@@ -58,8 +54,10 @@ class LayerStack:
 
 
 def check_edit_count(request: JobRequest, max_edits: int) -> None:
-    if len(request.edits) > max_edits:
-        raise InputError(f"edits: {len(request.edits)} edits; at most {max_edits} in one job (MAX_LAYER_EDITS)")
+    count = len(request.edits)
+    if count > max_edits:
+        raise InputError(f"edits: {count} edit{'' if count == 1 else 's'}; at most {max_edits} in one job "
+                         "(MAX_LAYER_EDITS)")
 
 
 def edit_seed(request: JobRequest, index: int, job_seed: int) -> int:

@@ -17,6 +17,7 @@ from pyora import Project
 
 from src import archives
 from src.operations import composite
+from tests.layer_checks import assert_psd_merged_is
 
 SIZE = (48, 32)
 
@@ -85,15 +86,16 @@ def test_psd_has_named_layers_in_order_with_their_transparency(layers, stacked):
         assert (visible_pixels(stored.topil()) == visible_pixels(layer)).all()
 
 
-def test_psd_merged_image_is_the_composite(layers, stacked):
-    """The merged image is what viewers without layer support show. PSD stores it
-    matted on white in 8 bits, so compare it on white, within rounding."""
-    merged = Image.open(io.BytesIO(archives.build("psd", layers, stacked)))  # Pillow's reader: frame 0
+@pytest.mark.parametrize("back", ["opaque", "transparent"])
+def test_psd_merged_image_is_the_composite(layers, back):
+    """The merged image is what viewers without layer support show. PSD stores its colour
+    matted on white in 8 bits: checked where the composite is partly transparent too
+    (without the opaque back layer), where the matte shows."""
+    kept = layers if back == "opaque" else layers[1:]
+    stacked = composite([layer for _, layer in kept])
+    merged = Image.open(io.BytesIO(archives.build("psd", kept, stacked)))  # Pillow's reader: frame 0
     assert merged.mode == "RGBA" and merged.size == SIZE
-    alpha_difference = np.abs(np.array(merged.getchannel("A"), int) - np.array(stacked.getchannel("A"), int))
-    assert alpha_difference.max() <= 1
-    on_white = lambda image: np.array(Image.alpha_composite(Image.new("RGBA", SIZE, "white"), image), int)  # noqa: E731
-    assert np.abs(on_white(merged) - on_white(stacked)).max() <= 2
+    assert_psd_merged_is(merged, stacked)
 
 
 def test_psd_layers_read_by_pillow_too(layers, stacked):

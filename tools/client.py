@@ -295,7 +295,9 @@ def save_image(entry: dict, out_dir: Path, name: str, log: Printer = print) -> P
 
 
 # --------------------------------------------------------------------------- print
-TIMING_ORDER = ("load", "decode", "inference", "encode", "upload", "total")
+# The worker's stages in the order they run; any other stage is listed after total.
+TIMING_ORDER = ("load", "lora_resolve", "lora", "decode", "inference", "composite", "encode", "archive", "upload",
+                "total")
 
 
 def format_ms(ms: float) -> str:
@@ -335,7 +337,8 @@ LABEL_WIDTH = 10
 
 
 def _line(label: str, text: str) -> str:
-    return f"{label:<{LABEL_WIDTH}}{text}"
+    # A label longer than the column still gets a space before its text.
+    return f"{label:<{LABEL_WIDTH - 1}} {text}"
 
 
 def print_header(result: JobResult, log: Printer = print) -> None:

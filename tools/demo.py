@@ -1,8 +1,9 @@
 """`make demo`: the worker's main jobs end to end on this machine, on tiny random models.
 
 Starts a loopback S3 (moto) and handler.py behind the runpod SDK's local API server,
-then sends a single edit, a 2-image edit and a decomposition through the repo's own
-clients, which print URLs, timings and cost and save the images under --out.
+then sends a single edit, a 2-image edit and a decomposition with one layer edited
+through the repo's own clients, which print URLs, timings and cost and save the images
+(and, for the layers, a PSD and a contact sheet) under --out.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def main() -> None:
         client("test_qwen_edit.py", api.url, "--image", str(house), "--image", str(hat),
                "--prompt", "put the hat on the roof", *size, "--out", str(out))
         client("test_layers.py", api.url, "--image", str(house), "--prompt", "a house under a blue sky",
-               "--layers", "3", "--steps", "4", "--seed", "42", "--out", str(out))
+               "--layers", "3", "--steps", "4", "--seed", "42", "--edit", "2:paint the house green",
+               "--edit-steps", "4", "--resize-to-input", "--archive", "psd", "--out", str(out))
     finally:
         api.stop()
         s3.stop()
