@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from src.schema import MAX_LAYERS
+
 DEFAULT_EDIT_MODEL = "Qwen/Qwen-Image-Edit-2511"
 DEFAULT_LAYERED_MODEL = "Qwen/Qwen-Image-Layered"
 DEFAULT_LIGHTNING_REPO = "lightx2v/Qwen-Image-Edit-2511-Lightning"
@@ -24,6 +26,13 @@ PRELOADABLE = ("edit", "layered", "lightning")
 GIB = 1024**3
 RUNPOD_VOLUME = Path("/runpod-volume")
 MIB = 1024 * 1024
+# JOB_TIMEOUT_S is off unless set: a legitimate job at the schema's limits (100 steps,
+# 2048x2048, three images) on a slow GPU takes long, and only the operator knows how
+# long is too long.
+MAX_JOB_TIMEOUT_S = 24 * 3600
+# A job's layer edits run one after another on the GPU, each costing about as much
+# as an `edit` job: the count per decompose job is capped (MAX_LAYER_EDITS).
+DEFAULT_MAX_LAYER_EDITS = 4
 
 
 class ConfigError(ValueError):
@@ -59,6 +68,7 @@ class Settings:
     lightning_repo: str = DEFAULT_LIGHTNING_REPO
     lightning_files: dict[int, str] = field(default_factory=lambda: dict(DEFAULT_LIGHTNING_FILES))
     max_loras: int = 3
+    max_layer_edits: int = DEFAULT_MAX_LAYER_EDITS
     lora_roots: tuple[Path, ...] = (RUNPOD_VOLUME,)
     lora_cache_dir: Path | None = None  # None: HF_HOME/lora-cache
     lora_cache_max_bytes: int = 20 * GIB
@@ -69,6 +79,13 @@ class Settings:
     attention_backend: str = "sdpa"
     compile: bool = False
     warmup: bool = True
+    job_timeout_s: int = 0  # 0: off
+    # Each result upload: attempts (PUT and read-back), each request's read timeout, and
+    # the first backoff (doubling, capped at 8x). UploadPolicy.worst_case_s() bounds an
+    # upload: with these defaults about 200 s, for a store that hangs on every request.
+    upload_attempts: int = 4
+    upload_timeout_s: float = 20.0
+    upload_backoff_s: float = 0.5
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Settings":
@@ -90,6 +107,8 @@ class Settings:
             lightning_files={4: reader.text("LIGHTNING_4STEP_FILE", DEFAULT_LIGHTNING_FILES[4]),
                              8: reader.text("LIGHTNING_8STEP_FILE", DEFAULT_LIGHTNING_FILES[8])},
             max_loras=reader.integer("MAX_LORAS", 3, low=0, high=16),
+            max_layer_edits=reader.integer("MAX_LAYER_EDITS", DEFAULT_MAX_LAYER_EDITS, low=0,
+                                           high=MAX_LAYERS),
             lora_roots=tuple(Path(p) for p in reader.text("LORA_ROOTS", str(RUNPOD_VOLUME)).split(os.pathsep) if p),
             lora_cache_dir=Path(reader.text("LORA_CACHE_DIR", str(hf_home / "lora-cache"))),
             lora_cache_max_bytes=reader.integer("LORA_CACHE_MAX_BYTES", 20 * GIB, low=MIB),
@@ -100,6 +119,10 @@ class Settings:
             attention_backend=reader.choice("ATTENTION_BACKEND", "sdpa", ("sdpa", "cudnn", "flash")),
             compile=reader.flag("COMPILE", False),
             warmup=reader.flag("WARMUP", True),
+            job_timeout_s=reader.integer("JOB_TIMEOUT_S", 0, low=0, high=MAX_JOB_TIMEOUT_S),
+            upload_attempts=reader.integer("UPLOAD_ATTEMPTS", 4, low=1, high=10),
+            upload_timeout_s=reader.number("UPLOAD_TIMEOUT_S", 20.0, low=0.1, high=300.0),
+            upload_backoff_s=reader.number("UPLOAD_BACKOFF_S", 0.5, low=0.0, high=30.0),
         )
 
 
@@ -156,7 +179,7 @@ class _EnvReader:
             raise ConfigError(f"{name}: {value} is out of range; allowed: {allowed}")
         return value
 
-    def number(self, name: str, default: float | None, low: float) -> float | None:
+    def number(self, name: str, default: float | None, low: float, high: float = math.inf) -> float | None:
         raw = self.env.get(name, "").strip()
         if not raw:
             return default
@@ -164,8 +187,9 @@ class _EnvReader:
             value = float(raw)
         except ValueError:
             raise ConfigError(f"{name}: {raw!r} is not a number") from None
-        if not math.isfinite(value) or value < low:
-            raise ConfigError(f"{name}: {raw!r} is out of range; allowed: a finite number >= {low}")
+        if not math.isfinite(value) or not low <= value <= high:
+            allowed = f"{low:g} to {high:g}" if math.isfinite(high) else f"a finite number >= {low}"
+            raise ConfigError(f"{name}: {raw!r} is out of range; allowed: {allowed}")
         return value
 
     def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:

@@ -19,14 +19,14 @@ from PIL import Image
 from src import archives, operations
 from src.codec import decode_image
 from src.config import BucketConfig, Settings
-from src.layers import DEFAULT_MAX_LAYER_EDITS, LayerStack, check_edit_count, check_same_size, describe_layers, edit_seed
+from src.layers import LayerStack, check_edit_count, check_same_size, describe_layers, edit_seed
 from src.loras import LoraLibrary, adapters_for, lightning_scheduler
 from src.metering import Price, StageTimer, price_for
 from src.operations import ProgressFn
 from src.pipelines import Pipelines, device_name
 from src.results import OutputTooLarge, describe, encode_all
 from src.schema import InputError, JobRequest, SEED_LIMIT, parse_request
-from src.storage import Bucket, StorageError
+from src.storage import Bucket, StorageError, UploadPolicy
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +108,7 @@ class Worker:
         request = parse_request(job_input)
         if request.operation == "composite":
             return self._run_composite(job_id, request, timer)
-        # MAX_LAYER_EDITS: read from the settings once src/config.py has it.
-        check_edit_count(request, getattr(self.settings, "max_layer_edits", DEFAULT_MAX_LAYER_EDITS))
+        check_edit_count(request, self.settings.max_layer_edits)
         with timer.stage("decode"):
             images = [
                 decode_image(data, key, self.settings.max_image_bytes, self.settings.max_image_pixels)
@@ -156,6 +155,7 @@ class Worker:
             warnings.append("use_fp8: accepted for compatibility; this worker runs the published bf16 weights")
         if request.steps == 1:
             warnings.append(ONE_STEP_WARNING)
+        warnings += [f"edits[{i}].{ONE_STEP_WARNING}" for i, edit in enumerate(request.edits) if edit.steps == 1]
         return self._respond(request, seed, entries, warnings, timer, adapters, archive)
 
     def _edit_layers(self, request: JobRequest, layers: list[Image.Image], seed: int, timer: StageTimer,
@@ -229,14 +229,15 @@ class Worker:
                 max_inline_bytes=self.settings.max_inline_bytes)
 
     def _bucket_for(self, request: JobRequest) -> Bucket | None:
+        policy = UploadPolicy.from_settings(self.settings)
         if request.r2 is not None:
             r2 = request.r2
             config = BucketConfig(bucket_name=r2.bucket_name, access_key_id=r2.access_key_id,
                                   secret_access_key=r2.secret_access_key.get_secret_value(),
                                   endpoint_url=r2.endpoint_url, region=r2.region)
-            return Bucket(config, self.settings.presign_expiry_s)
+            return Bucket(config, self.settings.presign_expiry_s, policy)
         if self.settings.bucket is not None:
-            return Bucket(self.settings.bucket, self.settings.presign_expiry_s)
+            return Bucket(self.settings.bucket, self.settings.presign_expiry_s, policy)
         return None
 
     def _respond(self, request: JobRequest, seed: int, entries: list[dict], warnings: list[str],

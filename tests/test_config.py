@@ -15,6 +15,9 @@ def test_defaults_from_an_empty_environment():
     assert (settings.bucket_prefix, settings.presign_expiry_s) == ("qwen-edit", 7200)
     assert settings.max_image_bytes == 20 * 1024 * 1024
     assert settings.max_image_pixels == 4096 * 4096
+    assert (settings.job_timeout_s, settings.upload_attempts, settings.upload_timeout_s) == (0, 4, 20.0)
+    assert settings.max_layer_edits == 4
+    assert (settings.compile, settings.attention_backend) == (False, "sdpa")  # stock diffusers: exact outputs
 
 
 def test_bucket_from_runpod_names_keeps_the_secret_out_of_repr():
@@ -35,6 +38,13 @@ def test_bucket_from_runpod_names_keeps_the_secret_out_of_repr():
     ({"PRELOAD": "edit,video"}, "PRELOAD: video not allowed"),
     ({"DEVICE": "tpu"}, "DEVICE: 'tpu' is not allowed"),
     ({"WARMUP": "maybe"}, "WARMUP: 'maybe' is not a boolean"),
+    ({"COMPILE": "fast"}, "COMPILE: 'fast' is not a boolean"),
+    ({"ATTENTION_BACKEND": "xformers"}, "ATTENTION_BACKEND: 'xformers' is not allowed; allowed: sdpa, cudnn, flash"),
+    ({"JOB_TIMEOUT_S": "90s"}, "JOB_TIMEOUT_S: '90s' is not an integer"),
+    ({"JOB_TIMEOUT_S": "-1"}, "JOB_TIMEOUT_S: -1 is out of range; allowed: 0 to 86400"),
+    ({"UPLOAD_ATTEMPTS": "0"}, "UPLOAD_ATTEMPTS: 0 is out of range; allowed: 1 to 10"),
+    ({"UPLOAD_TIMEOUT_S": "inf"}, "UPLOAD_TIMEOUT_S: 'inf' is out of range; allowed: 0.1 to 300"),
+    ({"MAX_LAYER_EDITS": "11"}, "MAX_LAYER_EDITS: 11 is out of range; allowed: 0 to 10"),
     ({"BUCKET_NAME": "results"}, "BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY must be set too"),
     ({"BUCKET_ENDPOINT_URL": "http://x"}, "BUCKET_ENDPOINT_URL is set but"),
 ])

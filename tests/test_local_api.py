@@ -12,6 +12,9 @@ import requests
 from PIL import Image
 
 from tests.conftest import FAST, REPO_ROOT, image_from_b64, png_b64, sample_image
+from tests.layer_checks import (EDITS, SOURCE_SIZE, alpha_over, assert_archive_holds, decompose_job, fetch_archive,
+                                layer_pile, read_archive, same_pixels)
+from tools.contact_sheet import BACKGROUND, DEFAULT_TILE_SIDE, LABEL_HEIGHT, MARGIN
 
 
 def runsync(api, job_input: dict) -> dict:
@@ -76,16 +79,6 @@ def test_orchestrator_health_check(api):
     assert out["inference_time_ms"] >= 0 and out["cost_usd"] >= 0
 
 
-def test_payloads_and_secrets_stay_out_of_the_log(api, s3):
-    payload = png_b64(sample_image(seed=9))
-    runsync(api, {"image_base64": payload, "prompt": "x", "r2": {
-        "endpoint_url": s3.endpoint_url, "access_key_id": "k", "secret_access_key": "per-job-secret-value",
-        "bucket_name": "missing-bucket", "region": "us-east-1"}, **FAST})
-    log = api.log()
-    assert payload[:64] not in log
-    assert "per-job-secret-value" not in log and s3.secret_access_key not in log
-
-
 def test_edit_client_against_the_local_api(api, tmp_path):
     source = tmp_path / "in.png"
     sample_image().save(source)
@@ -102,12 +95,69 @@ def test_edit_client_against_the_local_api(api, tmp_path):
 def test_layers_client_against_the_local_api(api, tmp_path):
     source = tmp_path / "in.png"
     sample_image(mode="RGBA").save(source)
+    out_dir = tmp_path / "out"
     done = subprocess.run(
         [sys.executable, "tools/test_layers.py", "--url", api.url, "--image", str(source), "--prompt", "scene",
-         "--layers", "2", "--steps", "1", "--seed", "3", "--out", str(tmp_path / "out")],
+         "--layers", "2", "--steps", "2", "--seed", "3", "--edit", "1:make it red", "--edit-steps", "2",
+         "--resize-to-input", "--archive", "zip", "--out", str(out_dir)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    layers = sorted((tmp_path / "out").glob("*_layer*.png"))
-    assert len(layers) == 2 and all(Image.open(p).mode == "RGBA" for p in layers)
-    assert len(list((tmp_path / "out").glob("*_composite.png"))) == 1
     assert "cost" in done.stdout
+    [sheet_path] = out_dir.glob("*_contact_sheet.png")
+    stem = sheet_path.name.removesuffix("_contact_sheet.png")
+    names = ["layer0", "layer1", "composite", "edited_layer1", "composite_edited"]
+    images = {name: Image.open(out_dir / f"{stem}_{name}.png") for name in names}
+    assert sorted(path.name for path in out_dir.iterdir()) == sorted(
+        [f"{stem}_{name}.png" for name in names] + [f"{stem}_layers.zip", sheet_path.name])
+    assert all(image.mode == "RGBA" and image.size == source_size(source) for image in images.values())
+    assert images["edited_layer1"].getchannel("A").tobytes() == images["layer1"].getchannel("A").tobytes()
+    final = [images["layer0"], images["edited_layer1"]]
+    assert_archive_holds("zip", read_archive("zip", (out_dir / f"{stem}_layers.zip").read_bytes()),
+                         ["layer_0", "edited_layer_1"], final, images["composite_edited"])
+    # The sheet: originals and composite above, the edited layer and its composite below.
+    sheet = Image.open(sheet_path)
+    width, height = source_size(source)
+    tile_height = round(DEFAULT_TILE_SIDE * height / width)  # wide images: the width fills the tile
+    assert sheet.format == "PNG" and sheet.size == (MARGIN + 3 * (DEFAULT_TILE_SIDE + MARGIN),
+                                                    MARGIN + 2 * (tile_height + LABEL_HEIGHT + MARGIN))
+    empty_cell = (MARGIN, 2 * MARGIN + tile_height + LABEL_HEIGHT)  # under layer 0, which was not edited
+    assert sheet.getpixel(empty_cell) == BACKGROUND
+
+
+def source_size(path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        return image.size
+
+
+# --- the layer workflow ------------------------------------------------------------
+
+def test_layer_edits_and_a_psd_archive_through_runsync(api):
+    reply = runsync(api, decompose_job(layers=2, edits=[EDITS[1] | {"layer": 1}], resize_to_input=True,
+                                       archive="psd"))
+    assert reply["status"] == "COMPLETED", reply
+    out = reply["output"]
+    images = {entry["name"]: fetch(entry["url"]) for entry in out["images"]}
+    assert set(images) == {"layer_0", "layer_1", "composite", "edited_layer_1", "composite_edited"}
+    assert all(image.size == SOURCE_SIZE for image in images.values())
+    assert images["edited_layer_1"].getchannel("A").tobytes() == images["layer_1"].getchannel("A").tobytes()
+    final = [images["layer_0"], images["edited_layer_1"]]
+    assert same_pixels(images["composite_edited"], alpha_over(final))
+    assert_archive_holds("psd", read_archive("psd", fetch_archive(out, "psd")), ["layer_0", "edited_layer_1"],
+                         final, images["composite_edited"])
+
+
+def test_composite_and_a_zip_archive_through_runsync(api):
+    layers = layer_pile()
+    reply = runsync(api, {"operation": "composite", "layers_base64": [png_b64(layer) for layer in layers],
+                          "archive": "zip"})
+    assert reply["status"] == "COMPLETED", reply
+    out = reply["output"]
+    assert same_pixels(fetch(out["composite"]["url"]), alpha_over(layers))
+    assert_archive_holds("zip", read_archive("zip", fetch_archive(out, "zip")), [f"layer_{i}" for i in range(4)],
+                         layers, alpha_over(layers))
+
+
+def test_more_edits_than_the_default_cap_fail_the_job(api):
+    reply = runsync(api, decompose_job(layers=6, edits=[{"layer": i, "prompt": "x"} for i in range(5)]))
+    assert reply["status"] == "FAILED"
+    assert reply["error"] == "edits: 5 edits; at most 4 in one job (MAX_LAYER_EDITS)"
