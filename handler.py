@@ -4,6 +4,7 @@
     python handler.py --rp_serve_api --rp_api_port 8000   # local API server
 """
 
+import atexit
 import logging
 import os
 import sys
@@ -68,6 +69,9 @@ def main() -> None:
     import diffusers
     import transformers
 
+    import torch
+
+    from src.parallel import Leader, ParallelPlan, StartFailed
     from src.pipelines import ModelNotFound
     from src.worker import Worker  # imports torch and diffusers: after logging is set up
 
@@ -75,10 +79,18 @@ def main() -> None:
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
 
-    # 2. Load and warm up. A start that cannot serve exits non-zero with one line.
+    # 2. Load and warm up: on several GPUs, one process per GPU (src/parallel.py).
+    #    A start that cannot serve exits non-zero with one line.
     try:
-        worker = Worker.start(settings)
-    except (ConfigError, ModelNotFound) as exc:
+        plan = ParallelPlan.from_env(os.environ, torch.cuda.device_count())
+        if plan.enabled:
+            leader = Leader.launch(settings, plan)
+            atexit.register(leader.shutdown)
+            worker, run_job = leader.worker, leader.handle
+        else:
+            worker = Worker.start(settings)
+            run_job = worker.handle
+    except (ConfigError, ModelNotFound, StartFailed) as exc:
         start_failed(str(exc))
     except Exception as exc:
         start_failed(f"{type(exc).__name__}: {exc}")
@@ -87,7 +99,7 @@ def main() -> None:
     def handle(job: dict) -> dict:
         for pipeline in loaded_pipelines(worker):
             guard.watch(pipeline)
-        return guard.run(lambda: worker.handle(job, progress_sender(job)))
+        return guard.run(lambda: run_job(job, progress_sender(job)))
 
     runpod.serverless.start({"handler": handle})
 

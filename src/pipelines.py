@@ -94,6 +94,9 @@ class Pipelines:
         # 80 GB card; then the idle one waits in CPU memory and they trade places per job.
         self.swap_transformers = settings.transformer_swap == "always"
         self.fused_loras = FusedLoras()
+        # The ranks of a multi-GPU worker (src/parallel.py sets them after the start-up
+        # load): a transformer loaded later runs under context parallelism too.
+        self.ranks = None
 
     def load(self) -> float:
         """Load what PRELOAD names (the edit pipeline always). Returns seconds taken."""
@@ -140,6 +143,10 @@ class Pipelines:
     def accelerate(self, transformer: torch.nn.Module) -> None:
         accelerate(transformer, self.device, attention=self.settings.attention_backend,
                    compile_blocks=self.settings.compile)
+        if self.ranks is not None:
+            from src.parallel import enable_context_parallel
+
+            enable_context_parallel(transformer, self.ranks)
 
     def needs_loading(self, operation: str) -> bool:
         """Whether running `operation` first loads or moves weights (timed as `load`)."""
