@@ -38,7 +38,7 @@ _HOP_BY_HOP = ("connection", "keep-alive", "transfer-encoding", "content-length"
 @dataclass(frozen=True)
 class Fault:
     kind: str  # "status", "delay", "drop", "truncate", "fake_ok"
-    status: int = 0
+    http_status: int = 0
     code: str = ""
     seconds: float = 0.0
     keep: float = 1.0
@@ -46,7 +46,7 @@ class Fault:
     @classmethod
     def status(cls, status: int = 500, code: str = "InternalError") -> "Fault":
         """Answer with an S3 error document, without forwarding."""
-        return cls("status", status=status, code=code)
+        return cls("status", http_status=status, code=code)
 
     @classmethod
     def delay(cls, seconds: float) -> "Fault":
@@ -141,7 +141,7 @@ def _handler_for(proxy: FaultyProxy):
             if fault is None or fault.kind == "delay":
                 self._forward(headers, body, delay_s=fault.seconds if fault else 0.0)
             elif fault.kind == "status":
-                self._answer(fault.status, _s3_error(fault.code).encode(), {"Content-Type": "application/xml"})
+                self._answer(fault.http_status, _s3_error(fault.code).encode(), {"Content-Type": "application/xml"})
             elif fault.kind == "drop":
                 self.close_connection = True
             elif fault.kind == "fake_ok":

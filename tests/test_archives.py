@@ -5,8 +5,8 @@ for the OpenRaster file. No models: layers with every kind of alpha, made here."
 from __future__ import annotations
 
 import io
-import re
 import json
+import re
 import zipfile
 
 import numpy as np
@@ -17,7 +17,7 @@ from pyora import Project
 
 from src import archives
 from src.operations import composite
-from tests.layer_checks import assert_psd_merged_is
+from tests.layer_checks import assert_psd_merged_is, same_pixels, visible_pixels
 
 SIZE = (48, 32)
 
@@ -35,18 +35,6 @@ def sample_layers() -> list[tuple[str, Image.Image]]:
     arrays = [back, gradient, holes, empty]
     names = ["layer_0", "edited_layer_1", "layer_2", "layer_3"]
     return [(name, Image.fromarray(array.astype(np.uint8), "RGBA")) for name, array in zip(names, arrays)]
-
-
-def same_pixels(a: Image.Image, b: Image.Image) -> bool:
-    return a.size == b.size and a.convert("RGBA").tobytes() == b.convert("RGBA").tobytes()
-
-
-def visible_pixels(image: Image.Image) -> np.ndarray:
-    """RGBA with the colour of fully transparent pixels zeroed: that colour is not part of
-    the picture, and readers may store or rebuild it differently."""
-    array = np.array(image.convert("RGBA"))
-    array[array[..., 3] == 0] = 0
-    return array
 
 
 @pytest.fixture(scope="module")

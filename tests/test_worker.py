@@ -9,7 +9,7 @@ import re
 import pytest
 import requests
 import torch
-from PIL import Image, ImageChops
+from PIL import Image
 
 from src.worker import Worker
 from tests.conftest import FAST, image_from_b64, png_b64, sample_image
