@@ -87,13 +87,18 @@ class JobGuard:
         self.timeout_s = timeout_s or None
         self.grace_s = grace_s
         self._hooked: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+        self._watched: weakref.WeakSet = weakref.WeakSet()  # pipelines already walked
         # Held by a job's thread while it runs, and so by a stuck one until it ends.
         self._pipelines_free = threading.Lock()
 
     def watch(self, pipeline) -> int:
         """Hook the blocks of every model in a diffusers pipeline (once each; models that
         pipelines share, like the text encoder, are hooked once). Returns how many blocks
-        were newly hooked."""
+        were newly hooked. Without a timeout there is nothing to check: no hooks at all,
+        so the models run exactly as they load."""
+        if self.timeout_s is None or pipeline in self._watched:
+            return 0
+        self._watched.add(pipeline)
         added = 0
         for component, model in pipeline.components.items():
             if not isinstance(model, torch.nn.Module):

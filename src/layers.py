@@ -11,6 +11,7 @@ that stacks the returned layers gets the returned composite exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from PIL import Image
 
@@ -30,6 +31,11 @@ class LayerStack:
         """The stack as the job leaves it: edited layers in place of their originals."""
         return [self.edited.get(i, layer) for i, layer in enumerate(self.originals)]
 
+    @cached_property
+    def final_composite(self) -> Image.Image:
+        """The composite of `final`; computed once, for the images and the archive."""
+        return composite(self.final)
+
     def final_names(self) -> list[str]:
         return [f"edited_layer_{i}" if i in self.edited else f"layer_{i}" for i in range(len(self.originals))]
 
@@ -46,10 +52,11 @@ class LayerStack:
         """What the job stores: the originals and their composite, then the edited layers
         (back to front) and the composite of the final stack."""
         named = [(f"layer_{i}", layer) for i, layer in enumerate(self.originals)]
-        named.append(("composite", composite(self.originals)))
+        # Without edits the final stack is the original one: its composite serves both.
+        named.append(("composite", composite(self.originals) if self.edited else self.final_composite))
         if self.edited:
             named += [(f"edited_layer_{i}", self.edited[i]) for i in sorted(self.edited)]
-            named.append(("composite_edited", composite(self.final)))
+            named.append(("composite_edited", self.final_composite))
         return named
 
 

@@ -86,9 +86,9 @@ def _call_edit(pipeline, images: list[Image.Image], prompt: str, negative_prompt
 
 
 def decompose(pipeline, request: JobRequest, image: Image.Image, seed: int,
-              progress: ProgressFn) -> tuple[list[Image.Image], Image.Image]:
-    """One image to `request.layers` RGBA layers (back to front) and their composite."""
-    layers = pipeline(
+              progress: ProgressFn) -> list[Image.Image]:
+    """One image to `request.layers` RGBA layers, back to front (`composite` stacks them)."""
+    return pipeline(
         image=image.convert("RGBA"),
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
@@ -101,7 +101,6 @@ def decompose(pipeline, request: JobRequest, image: Image.Image, seed: int,
         generator=generator_for(seed),
         callback_on_step_end=_progress_callback(request.steps, progress),
     ).images[0]
-    return layers, composite(layers)
 
 
 def composite(layers: list[Image.Image]) -> Image.Image:

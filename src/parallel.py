@@ -240,8 +240,8 @@ def start_worker(settings: Settings, ranks: Ranks):
     worker, errors = ranks.lockstep(lambda: Worker.start(dataclasses.replace(settings, warmup=False)))
     _raise_first(errors, "load")
     parallelize(worker.pipes, ranks)
-    # With the Pipelines hook (see the integration patch), a Layered pipeline that
-    # loads during a job is parallelized as it loads, on every rank.
+    # From here on `Pipelines.accelerate` parallelizes a Layered pipeline that loads
+    # during a job, as it loads, on every rank.
     worker.pipes.ranks = ranks
     if settings.warmup:
         _, errors = ranks.lockstep(lambda: worker.startup_s.__setitem__("warmup", worker.warm_up()))

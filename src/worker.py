@@ -123,20 +123,13 @@ class Worker:
         if not adapters:
             timer.ms.pop("lora_resolve")
 
-        # 2. The pipeline call. Layered loads on its first job; on a GPU too small for
-        #    both transformers, the one this job needs comes back from CPU memory.
-        if self.pipes.needs_loading(request.operation):
-            with timer.stage("load"):
-                self.pipes.for_operation(request.operation)
-        pipeline = self.pipes.for_operation(request.operation)
-        if request.operation != "decompose" and self.pipes.fused_loras.needs_change(adapters):
-            with timer.stage("lora"):  # switching adapter sets: restore the base, fuse the new set
-                self.pipes.fused_loras.apply(pipeline, adapters)
+        # 2. The pipeline call.
+        pipeline = self._ready_pipeline(request.operation, adapters, timer)
         scheduler = lightning_scheduler(pipeline.scheduler) if request.lightning else None
         stack = None
         with timer.stage("inference"):
             if request.operation == "decompose":
-                layers, _ = operations.decompose(pipeline, request, images[0], seed, progress)
+                layers = operations.decompose(pipeline, request, images[0], seed, progress)
             else:
                 named = [("output", operations.edit(pipeline, request, images, seed, progress, scheduler))]
         if request.operation == "decompose":
@@ -163,13 +156,7 @@ class Worker:
         """The job's edits, each on its layer, by the edit pipeline on its base weights."""
         if not request.edits:
             return {}
-        if self.pipes.needs_loading("edit"):  # a GPU too small for both: the edit transformer comes back
-            with timer.stage("load"):
-                self.pipes.for_operation("edit")
-        pipeline = self.pipes.for_operation("edit")
-        if self.pipes.fused_loras.needs_change([]):
-            with timer.stage("lora"):  # a previous job's LoRAs come off: layer edits run on the base model
-                self.pipes.fused_loras.apply(pipeline, [])
+        pipeline = self._ready_pipeline("edit", [], timer)  # layer edits run on the base model
         edited = {}
         with timer.stage("inference"):
             for i, edit in enumerate(request.edits):
@@ -178,6 +165,19 @@ class Worker:
                     pipeline, layers[edit.layer], edit, edit_seed(request, i, seed), request.guidance_scale,
                     lambda update, stage=stage: progress({**update, "stage": stage}))
         return edited
+
+    def _ready_pipeline(self, operation: str, adapters: list, timer: StageTimer):
+        """The pipeline that runs `operation`, ready for it: Layered loaded on its first job
+        and, on a GPU too small for both transformers, this one back from CPU memory (timed
+        as `load`); for edits, exactly `adapters` fused (switching sets timed as `lora`)."""
+        if self.pipes.needs_loading(operation):
+            with timer.stage("load"):
+                self.pipes.for_operation(operation)
+        pipeline = self.pipes.for_operation(operation)
+        if operation != "decompose" and self.pipes.fused_loras.needs_change(adapters):
+            with timer.stage("lora"):
+                self.pipes.fused_loras.apply(pipeline, adapters)
+        return pipeline
 
     def _run_composite(self, job_id: str, request: JobRequest, timer: StageTimer) -> dict:
         """`composite`: layers stacked on the CPU. No pipeline, no GPU: it runs whatever
@@ -188,14 +188,14 @@ class Worker:
                       for i, data in enumerate(request.layers_base64)]
         check_same_size(layers)
         bucket = self._bucket_for(request)
+        stack = LayerStack(layers)
         with timer.stage("composite"):
-            stack = operations.composite(layers)
-        entries, warnings = self._store([("composite", stack)], request, bucket, job_id, timer)
+            composite = stack.final_composite
+        entries, warnings = self._store([("composite", composite)], request, bucket, job_id, timer)
         output: dict = {"success": True, "operation": "composite", "images": entries, "composite": entries[0],
-                        "image_size": [stack.width, stack.height]}
+                        "image_size": [composite.width, composite.height]}
         if request.archive:
-            output["archive"], archive_warnings = self._store_archive(LayerStack(layers), request, bucket,
-                                                                      entries, timer)
+            output["archive"], archive_warnings = self._store_archive(stack, request, bucket, entries, timer)
             warnings += archive_warnings
         timings = timer.report()
         output.update(timings_ms=timings, inference_time_ms=0, cost=self.price.cost(timer.elapsed_s()))
@@ -221,7 +221,7 @@ class Worker:
         Returns the output's `archive` entry and warnings."""
         final = stack.final
         with timer.stage("archive"):
-            data = archives.build(request.archive, list(zip(stack.final_names(), final)), operations.composite(final))
+            data = archives.build(request.archive, list(zip(stack.final_names(), final)), stack.final_composite)
         with timer.stage("upload"):
             return archives.describe(
                 data, request.archive, layer_count=len(final), size=final[0].size, bucket=bucket,

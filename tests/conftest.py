@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import requests
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +32,25 @@ def png_b64(image: Image.Image) -> str:
 
 def image_from_b64(data: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(data)))
+
+
+def fetch_bytes(url: str) -> requests.Response:
+    """A presigned URL fetched over HTTP, as a client would."""
+    response = requests.get(url, timeout=30)
+    response.raise_for_status()
+    return response
+
+
+def fetch(url: str) -> Image.Image:
+    image = Image.open(io.BytesIO(fetch_bytes(url).content))
+    image.load()
+    return image
+
+
+def job_r2(endpoint_url: str, bucket: str, key_id: str = "job-key-id", secret: str = "job-secret") -> dict:
+    """A job's own bucket (`r2`)."""
+    return {"endpoint_url": endpoint_url, "access_key_id": key_id, "secret_access_key": secret,
+            "bucket_name": bucket, "region": "us-east-1"}
 
 
 def sample_image(size=(96, 64), mode="RGB", seed=0) -> Image.Image:
@@ -101,7 +121,7 @@ def api(worker_env, tmp_path_factory):
 @pytest.fixture(scope="session")
 def guarantee_figures(request):
     """Figures measured by the guarantee tests (worst times and memory, retry timings, RSS
-    growth), merged into outputs/guarantees.json and listed at the end of the run: the
+    growth), written to outputs/guarantees.json and listed at the end of the run: the
     numbers README's "What the worker guarantees" quotes."""
     figures: dict[str, object] = {}
     yield figures
@@ -111,9 +131,8 @@ def guarantee_figures(request):
 
     path = REPO_ROOT / "outputs" / "guarantees.json"
     path.parent.mkdir(exist_ok=True)
-    merged = json.loads(path.read_text()) if path.exists() else {}
-    merged.update(figures)
-    path.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
+    # This run's figures only: merging with an earlier run's would pass off stale ones.
+    path.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.write_sep("-", f"guarantee figures (also in {path.relative_to(REPO_ROOT)})")

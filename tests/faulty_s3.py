@@ -4,7 +4,7 @@ of the moto S3 server, and a moto server that checks credentials.
     proxy = FaultyProxy(s3.endpoint_url)
     proxy.plan(Fault.status(500), Fault.status(500))   # the next two PUTs answer 500
     proxy.always(Fault.delay(2.0))                      # every PUT answers 2 s late
-    proxy.seen                                          # what reached the proxy, and what it did
+    proxy.count("PUT")                                  # how many PUTs reached the proxy
 
 Faults apply to requests of one HTTP method (PUT unless told otherwise); every other
 request passes through untouched.
@@ -37,7 +37,7 @@ _HOP_BY_HOP = ("connection", "keep-alive", "transfer-encoding", "content-length"
 
 @dataclass(frozen=True)
 class Fault:
-    kind: str  # "status", "delay", "drop", "truncate", "fake_ok"
+    kind: str  # "status", "delay", "truncate", "fake_ok"
     http_status: int = 0
     code: str = ""
     seconds: float = 0.0
@@ -54,11 +54,6 @@ class Fault:
         return cls("delay", seconds=seconds)
 
     @classmethod
-    def drop(cls) -> "Fault":
-        """Read the request, then close the connection without answering."""
-        return cls("drop")
-
-    @classmethod
     def truncate(cls, keep: float = 0.5) -> "Fault":
         """Forward only the first `keep` of the body and pass on the server's 200."""
         return cls("truncate", keep=keep)
@@ -69,18 +64,10 @@ class Fault:
         return cls("fake_ok")
 
 
-@dataclass(frozen=True)
-class Seen:
-    method: str
-    path: str
-    fault: str  # the fault's kind, or "pass"
-    at: float  # time.monotonic()
-
-
 class FaultyProxy:
     def __init__(self, upstream_url: str):
         self.upstream = urlsplit(upstream_url)
-        self.seen: list[Seen] = []
+        self.methods_seen: list[str] = []
         self._planned: list[tuple[str, Fault]] = []
         self._standing: dict[str, Fault] = {}
         self._lock = threading.Lock()
@@ -98,13 +85,8 @@ class FaultyProxy:
         with self._lock:
             self._standing[method] = fault
 
-    def heal(self) -> None:
-        with self._lock:
-            self._planned.clear()
-            self._standing.clear()
-
     def count(self, method: str = "PUT") -> int:
-        return sum(1 for seen in self.seen if seen.method == method)
+        return self.methods_seen.count(method)
 
     def stop(self) -> None:
         self._server.shutdown()
@@ -118,7 +100,7 @@ class FaultyProxy:
                     if planned_method == method:
                         fault = self._planned.pop(i)[1]
                         break
-            self.seen.append(Seen(method, path, fault.kind if fault else "pass", time.monotonic()))
+            self.methods_seen.append(method)
         return fault
 
 
@@ -142,8 +124,6 @@ def _handler_for(proxy: FaultyProxy):
                 self._forward(headers, body, delay_s=fault.seconds if fault else 0.0)
             elif fault.kind == "status":
                 self._answer(fault.http_status, _s3_error(fault.code).encode(), {"Content-Type": "application/xml"})
-            elif fault.kind == "drop":
-                self.close_connection = True
             elif fault.kind == "fake_ok":
                 self._answer(200, b"", {"ETag": '"00000000000000000000000000000000"'})
             elif fault.kind == "truncate":

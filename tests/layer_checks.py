@@ -11,12 +11,11 @@ import zipfile
 from dataclasses import dataclass
 
 import numpy as np
-import requests
 from PIL import Image
 from psd_tools import PSDImage
 from pyora import Project
 
-from tests.conftest import png_b64, sample_image
+from tests.conftest import fetch_bytes, png_b64, sample_image
 
 # PSD's merged image is 8-bit colour matted on white: a step of rounding from ours.
 PSD_MERGED_TOLERANCE = 2
@@ -37,18 +36,6 @@ def decompose_job(**extra) -> dict:
     """A decomposition into 3 layers, 2 steps, of a small RGBA image."""
     return {"operation": "decompose", "image_base64": png_b64(sample_image(size=SOURCE_SIZE, mode="RGBA")),
             "prompt": "a scene", "layers": 3, "num_inference_steps": 2, "seed": SEED, **extra}
-
-
-def fetch_bytes(url: str) -> requests.Response:
-    response = requests.get(url, timeout=30)
-    response.raise_for_status()
-    return response
-
-
-def fetch(url: str) -> Image.Image:
-    image = Image.open(io.BytesIO(fetch_bytes(url).content))
-    image.load()
-    return image
 
 
 def layer_pile(size=(48, 32)) -> list[Image.Image]:

@@ -15,8 +15,8 @@ from PIL import Image
 
 from src.config import Settings
 from src.worker import Worker
-from tests.conftest import png_b64, sample_image
-from tests.layer_checks import (EDITS, SEED, SOURCE_SIZE, alpha_over, assert_archive_holds, decompose_job, fetch,
+from tests.conftest import fetch, png_b64, sample_image
+from tests.layer_checks import (EDITS, SEED, SOURCE_SIZE, alpha_over, assert_archive_holds, decompose_job,
                                 fetch_archive, layer_pile, read_archive, same_pixels)
 
 @dataclass

@@ -3,7 +3,6 @@ loopback S3, fetched over HTTP through their presigned URLs."""
 
 from __future__ import annotations
 
-import io
 import re
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import sys
 import requests
 from PIL import Image
 
-from tests.conftest import FAST, REPO_ROOT, image_from_b64, png_b64, sample_image
+from tests.conftest import FAST, REPO_ROOT, fetch, image_from_b64, png_b64, sample_image
 from tests.layer_checks import (EDITS, SOURCE_SIZE, alpha_over, assert_archive_holds, decompose_job, fetch_archive,
                                 layer_pile, read_archive, same_pixels)
 from tools.contact_sheet import BACKGROUND, DEFAULT_TILE_SIDE, LABEL_HEIGHT, MARGIN
@@ -22,11 +21,6 @@ def runsync(api, job_input: dict) -> dict:
     response.raise_for_status()
     return response.json()
 
-
-def fetch(url: str) -> Image.Image:
-    response = requests.get(url, timeout=30)
-    response.raise_for_status()
-    return Image.open(io.BytesIO(response.content))
 
 
 def test_edit_through_runsync(api):

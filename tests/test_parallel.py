@@ -20,8 +20,9 @@ from PIL import Image
 
 from src.config import ConfigError
 from src.parallel import ParallelPlan, follower_job
-from tests.conftest import REPO_ROOT
-from tools.parallel_check import input_image, png_b64
+from tests.conftest import REPO_ROOT, png_b64
+from tools.local_stack import free_port
+from tools.parallel_check import input_image
 
 TOOL = REPO_ROOT / "tools" / "parallel_check.py"
 RUN_TIMEOUT_S = 240
@@ -99,11 +100,9 @@ def _lockstep_rank(rank: int, port: int, results) -> None:
 
 
 def test_a_rank_that_fails_before_the_model_stops_the_others_and_the_next_job_runs():
-    from src.parallel import _free_port
-
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    port = _free_port()
+    port = free_port()
     processes = [context.Process(target=_lockstep_rank, args=(rank, port, results)) for rank in range(2)]
     for process in processes:
         process.start()

@@ -11,8 +11,10 @@ from tests.conftest import REPO_ROOT
 
 
 def start(env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "handler.py"], cwd=REPO_ROOT, env={**os.environ, **env},
+    done = subprocess.run([sys.executable, "handler.py"], cwd=REPO_ROOT, env={**os.environ, **env},
                           capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in done.stderr  # a failed start says why in one line, not a stack
+    return done
 
 
 def test_missing_model_names_the_repo_and_the_cache(tmp_path):

@@ -15,12 +15,11 @@ from dataclasses import replace
 
 import boto3
 import pytest
-import requests
 from PIL import Image
 
 from src.storage import UploadPolicy
 from src.worker import Worker
-from tests.conftest import FAST, png_b64, sample_image
+from tests.conftest import FAST, fetch_bytes, job_r2, png_b64, sample_image
 from tests.faulty_s3 import Fault, unused_endpoint
 
 # Short timeouts and backoff, so that lasting faults fail in seconds (as UPLOAD_TIMEOUT_S,
@@ -41,11 +40,6 @@ def policy(quick_worker) -> UploadPolicy:
     return UploadPolicy.from_settings(quick_worker.settings)
 
 
-def bucket_at(endpoint_url: str, bucket: str, key_id: str = "job-key-id", secret: str = "job-secret") -> dict:
-    return {"endpoint_url": endpoint_url, "access_key_id": key_id, "secret_access_key": secret,
-            "bucket_name": bucket, "region": "us-east-1"}
-
-
 def run_job(worker: Worker, r2: dict | None = None, job_id: str = "storage-job", **fields) -> tuple[dict, float]:
     job_input = {"operation": "edit", "image_base64": png_b64(sample_image()), "prompt": "make it blue", "seed": 3,
                  **FAST, **fields}
@@ -56,17 +50,11 @@ def run_job(worker: Worker, r2: dict | None = None, job_id: str = "storage-job",
     return out, time.monotonic() - started
 
 
-def fetched(url: str) -> bytes:
-    response = requests.get(url, timeout=30)
-    response.raise_for_status()
-    return response.content
-
-
 def assert_whole_images(out: dict) -> None:
     """Success means every image is at its URL, complete."""
     assert out.get("success") is True, out
     for entry in out["images"]:
-        data = fetched(entry["url"])
+        data = fetch_bytes(entry["url"]).content
         assert len(data) == entry["bytes"]
         assert Image.open(io.BytesIO(data)).size == (entry["width"], entry["height"])
 
@@ -78,7 +66,7 @@ def assert_storage_error(out: dict, bucket: str, reason: str) -> None:
 
 def test_transient_500s_are_retried_and_the_job_succeeds(quick_worker, s3, fault_proxy, guarantee_figures):
     fault_proxy.plan(Fault.status(500), Fault.status(503, "SlowDown"))
-    out, seconds = run_job(quick_worker, bucket_at(fault_proxy.url, s3.bucket))
+    out, seconds = run_job(quick_worker, job_r2(fault_proxy.url, s3.bucket))
     assert_whole_images(out)
     assert fault_proxy.count("PUT") == 3
     guarantee_figures["storage_two_5xx_then_ok"] = (
@@ -87,7 +75,7 @@ def test_transient_500s_are_retried_and_the_job_succeeds(quick_worker, s3, fault
 
 def test_lasting_500s_end_in_a_clear_error_in_bounded_time(quick_worker, s3, fault_proxy, policy, guarantee_figures):
     fault_proxy.always(Fault.status(500))
-    out, seconds = run_job(quick_worker, bucket_at(fault_proxy.url, s3.bucket))
+    out, seconds = run_job(quick_worker, job_r2(fault_proxy.url, s3.bucket))
     assert_storage_error(out, s3.bucket, f"InternalError ({policy.attempts} attempts in ")
     assert fault_proxy.count("PUT") == policy.attempts
     assert seconds < policy.worst_case_s()
@@ -96,7 +84,7 @@ def test_lasting_500s_end_in_a_clear_error_in_bounded_time(quick_worker, s3, fau
 
 
 def test_a_server_that_is_down_ends_in_a_clear_error(quick_worker, s3, policy, guarantee_figures):
-    out, seconds = run_job(quick_worker, bucket_at(unused_endpoint(), s3.bucket))
+    out, seconds = run_job(quick_worker, job_r2(unused_endpoint(), s3.bucket))
     assert_storage_error(out, s3.bucket, f"EndpointConnectionError ({policy.attempts} attempts in ")
     assert seconds < policy.worst_case_s()
     guarantee_figures["storage_server_down"] = f"error after {policy.attempts} attempts, job {seconds:.2f} s"
@@ -104,7 +92,7 @@ def test_a_server_that_is_down_ends_in_a_clear_error(quick_worker, s3, policy, g
 
 def test_slow_answers_time_out_and_are_retried(quick_worker, s3, fault_proxy):
     fault_proxy.plan(Fault.delay(SLOW_ANSWER_S))
-    out, _ = run_job(quick_worker, bucket_at(fault_proxy.url, s3.bucket))
+    out, _ = run_job(quick_worker, job_r2(fault_proxy.url, s3.bucket))
     assert_whole_images(out)
     assert fault_proxy.count("PUT") == 2
 
@@ -112,7 +100,7 @@ def test_slow_answers_time_out_and_are_retried(quick_worker, s3, fault_proxy):
 def test_answers_that_stay_slow_end_in_bounded_time(quick_worker, s3, fault_proxy, policy, guarantee_figures):
     """The proxy writes each object, then answers late: unconfirmed, so still an error."""
     fault_proxy.always(Fault.delay(SLOW_ANSWER_S))
-    out, seconds = run_job(quick_worker, bucket_at(fault_proxy.url, s3.bucket))
+    out, seconds = run_job(quick_worker, job_r2(fault_proxy.url, s3.bucket))
     assert_storage_error(out, s3.bucket, f"ReadTimeoutError ({policy.attempts} attempts in ")
     assert seconds < policy.worst_case_s()
     guarantee_figures["storage_slow_always"] = (
@@ -124,12 +112,12 @@ def test_answers_that_stay_slow_end_in_bounded_time(quick_worker, s3, fault_prox
 def test_an_incomplete_upload_is_never_handed_out(quick_worker, s3, fault_proxy, policy, fault):
     # Once: the read-back catches it, the retry writes the whole object.
     fault_proxy.plan(fault)
-    out, _ = run_job(quick_worker, bucket_at(fault_proxy.url, s3.bucket))
+    out, _ = run_job(quick_worker, job_r2(fault_proxy.url, s3.bucket))
     assert_whole_images(out)
     assert fault_proxy.count("PUT") == 2
     # Always: an error, never a URL.
     fault_proxy.always(fault)
-    out, _ = run_job(quick_worker, bucket_at(fault_proxy.url, s3.bucket))
+    out, _ = run_job(quick_worker, job_r2(fault_proxy.url, s3.bucket))
     reason = "incomplete object" if fault.kind == "truncate" else "object missing after upload"
     assert_storage_error(out, s3.bucket, reason)
     assert f"({policy.attempts} attempts in " in out["error"]
@@ -139,7 +127,7 @@ def test_one_refused_image_fails_the_whole_job(quick_worker, s3, fault_proxy):
     """A decomposition uploads its layers and composite in parallel; one refused PUT
     means no success and no URLs, though the other objects were written."""
     fault_proxy.plan(Fault.status(403, "AccessDenied"))
-    out, _ = run_job(quick_worker, bucket_at(fault_proxy.url, s3.bucket), operation="decompose", layers=2,
+    out, _ = run_job(quick_worker, job_r2(fault_proxy.url, s3.bucket), operation="decompose", layers=2,
                      num_inference_steps=2, width=None, height=None)
     assert_storage_error(out, s3.bucket, "AccessDenied")
     assert fault_proxy.count("PUT") == 3  # two layers and the composite
@@ -150,15 +138,15 @@ def test_one_refused_image_fails_the_whole_job(quick_worker, s3, fault_proxy):
     ("AKIAWRONGKEYID000000", "wrong-secret-value", "InvalidAccessKeyId"),
 ], ids=["wrong secret", "unknown key id"])
 def test_wrong_credentials_fail_at_once_without_echoing_them(quick_worker, locked_s3, key_id, secret, reason):
-    r2 = bucket_at(locked_s3.endpoint_url, locked_s3.bucket, key_id or locked_s3.access_key_id, secret)
+    r2 = job_r2(locked_s3.endpoint_url, locked_s3.bucket, key_id or locked_s3.access_key_id, secret)
     out, seconds = run_job(quick_worker, r2)
     assert_storage_error(out, locked_s3.bucket, reason)
-    assert "(" not in out["error"]  # no retries: the answer will not change
+    assert "attempts in" not in out["error"]  # no retries: the answer will not change
     assert secret not in out["error"] and r2["access_key_id"] not in out["error"]
 
 
 def test_right_credentials_pass_the_checking_server(quick_worker, locked_s3):
-    r2 = bucket_at(locked_s3.endpoint_url, locked_s3.bucket, locked_s3.access_key_id, locked_s3.secret_access_key)
+    r2 = job_r2(locked_s3.endpoint_url, locked_s3.bucket, locked_s3.access_key_id, locked_s3.secret_access_key)
     out, _ = run_job(quick_worker, r2)
     assert out.get("success") is True, out
     # Read back with a signed client: moto 5.2.5 answers presigned GETs with a 500 once
@@ -170,8 +158,9 @@ def test_right_credentials_pass_the_checking_server(quick_worker, locked_s3):
 
 
 def test_a_missing_bucket_fails_at_once(quick_worker, s3):
-    out, _ = run_job(quick_worker, bucket_at(s3.endpoint_url, "no-such-bucket"))
+    out, _ = run_job(quick_worker, job_r2(s3.endpoint_url, "no-such-bucket"))
     assert_storage_error(out, "no-such-bucket", "NoSuchBucket")
+    assert "attempts in" not in out["error"]  # no retries: the answer will not change
 
 
 def test_keys_never_collide_across_runs_of_one_job_id(quick_worker, s3):

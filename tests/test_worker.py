@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import re
 
 import pytest
@@ -12,13 +11,8 @@ import torch
 from PIL import Image
 
 from src.worker import Worker
-from tests.conftest import FAST, image_from_b64, png_b64, sample_image
+from tests.conftest import FAST, fetch, image_from_b64, png_b64, sample_image
 
-
-def fetch(url: str) -> Image.Image:
-    response = requests.get(url, timeout=30)
-    response.raise_for_status()
-    return Image.open(io.BytesIO(response.content))
 
 
 def run(worker: Worker, job_id: str = "job-1", **job_input) -> dict:

@@ -20,9 +20,7 @@ and the output's deviation from stock diffusers (relative L2 error, cosine simil
 from __future__ import annotations
 
 import argparse
-import base64
 import datetime
-import io
 import json
 import os
 import re
@@ -35,6 +33,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from src.codec import encode_image, to_base64  # noqa: E402
 from src.config import Settings  # noqa: E402
 from src.loras import LoraLibrary  # noqa: E402
 from src.metering import price_for  # noqa: E402
@@ -77,16 +76,10 @@ class RandomFullSizePipelines(Pipelines):
     (for_operation, swapping, LoRA fusing) is the worker's own."""
 
     def __init__(self, settings: Settings, tiny_snapshot: Path):
-        self.settings = settings
-        self.device, self.dtype = torch.device("cuda"), torch.bfloat16
+        super().__init__(settings)  # the tiny models sit in the HF cache: the references resolve
         self.tiny_snapshot = tiny_snapshot
         self.edit_ref = ModelRef("Qwen/Qwen-Image-Edit-2511", "random-init", tiny_snapshot)
         self.layered_ref = ModelRef("Qwen/Qwen-Image-Layered", "random-init", tiny_snapshot)
-        self.edit = None
-        self._layered = None
-        self.swap_transformers = False
-        from src.loras import FusedLoras
-        self.fused_loras = FusedLoras()
 
     def load(self) -> float:
         from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline,
@@ -154,9 +147,7 @@ def pass_flops(image_tokens: int, text_tokens: int, dim: int = 3072, layers: int
 
 
 def png_b64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+    return to_base64(encode_image(image, "png", quality=100))  # quality: jpeg and webp only
 
 
 def photo_like(size, seed) -> Image.Image:

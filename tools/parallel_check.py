@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
-import io
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from src.codec import encode_image, to_base64  # noqa: E402
 from src.config import Settings  # noqa: E402
 
 PROMPT = "a red hat"
@@ -43,9 +43,7 @@ def input_image() -> Image.Image:
 
 
 def png_b64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+    return to_base64(encode_image(image, "png", quality=100))  # quality: jpeg and webp only
 
 
 def watch_tokens(transformer, seen: dict) -> None:
