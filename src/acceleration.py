@@ -1,8 +1,8 @@
-"""Speed levers for the transformers on CUDA: the attention kernel and regional compile.
+"""Speed levers for the transformers on CUDA: FP8, the attention kernel, regional compile.
 
-Both are switches (`ATTENTION_BACKEND`, `COMPILE`), off by default: another kernel sums
-in another order, so outputs change, and a change is only turned on once its deviation
-on the real weights is known. `tools/bench.py --levers` measures each alone on the
+All are switches (`QUANTIZE`, `ATTENTION_BACKEND`, `COMPILE`), off by default: another
+kernel sums in another order, and FP8 rounds every weight and activation, so outputs
+change, and a change is only turned on once its deviation on the real weights is known. `tools/bench.py --levers` measures each alone on the
 full-size transformer; README quotes the figures. On the CPU (tests, demo) neither
 applies, so the fidelity tests compare against stock diffusers bit for bit.
 
@@ -18,6 +18,8 @@ import logging
 
 import torch
 
+from src.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 # Our names for diffusers' attention backends (diffusers.models.attention_dispatch).
@@ -31,15 +33,46 @@ ATTENTION_BACKENDS = {
 # compile 0.284 s. So `sdpa`, diffusers' default, stays the default kernel.
 
 
-def accelerate(transformer: torch.nn.Module, device: torch.device, *, attention: str, compile_blocks: bool) -> None:
-    """Set the transformer's attention kernel and compile its blocks, in place. CUDA only."""
+# FP8 matmuls need Ada or Hopper tensor cores (compute capability 8.9+).
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+def check_supported(quantize: str, device: torch.device) -> None:
+    """ConfigError (a start failure, before any loading) when `device` cannot run `quantize`."""
+    if quantize == "none":
+        return
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_MIN_CAPABILITY:
+        return
+    have = (f"{torch.cuda.get_device_name(device)} (compute capability "
+            f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))})" if device.type == "cuda" else "no GPU")
+    raise ConfigError(f"QUANTIZE={quantize} needs a GPU with FP8 tensor cores (compute capability 8.9 or newer: "
+                       f"L4, L40S, H100, H200); this worker has {have}")
+
+
+def quantize_blocks_fp8(transformer: torch.nn.Module) -> None:
+    """FP8 (e4m3) weights and activations for the linears of the 60 transformer blocks,
+    with one scale per weight row and per activation token (torchao). The embedders and
+    the output projection, small and closest to the pixels, stay in bf16."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+              filter_fn=lambda module, name: isinstance(module, torch.nn.Linear)
+              and name.startswith("transformer_blocks."))
+
+
+def accelerate(transformer: torch.nn.Module, device: torch.device, *, attention: str, compile_blocks: bool,
+               quantize: str = "none") -> None:
+    """Quantize, set the attention kernel and compile the blocks of the transformer, in
+    place. CUDA only (`check_supported` has refused FP8 elsewhere)."""
     if device.type != "cuda":
         return
+    if quantize == "fp8":
+        quantize_blocks_fp8(transformer)
     if attention != "sdpa":
         transformer.set_attention_backend(ATTENTION_BACKENDS[attention])
     if compile_blocks:
         # Compiled lazily, on the first forward: the warm-up job at start (or, for a
         # Layered pipeline loaded on first use, that first decompose job).
         transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
-    log.info("transformer %s: attention %s, compile %s", type(transformer).__name__, attention,
-             "on" if compile_blocks else "off")
+    log.info("transformer %s: quantize %s, attention %s, compile %s", type(transformer).__name__, quantize,
+             attention, "on" if compile_blocks else "off")

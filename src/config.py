@@ -78,6 +78,8 @@ class Settings:
     transformer_swap: str = "auto"
     attention_backend: str = "sdpa"
     compile: bool = False
+    quantize: str = "none"
+    memory_mode: str = "auto"
     warmup: bool = True
     job_timeout_s: int = 0  # 0: off
     # Each result upload: attempts (PUT and read-back), each request's read timeout, and
@@ -91,7 +93,7 @@ class Settings:
     def from_env(cls, env: Mapping[str, str]) -> "Settings":
         reader = _EnvReader(env)
         hf_home = default_hf_home(env)
-        return cls(
+        settings = cls(
             hf_home=hf_home,
             edit_model=reader.text("EDIT_MODEL", DEFAULT_EDIT_MODEL),
             layered_model=reader.text("LAYERED_MODEL", DEFAULT_LAYERED_MODEL),
@@ -118,12 +120,18 @@ class Settings:
             transformer_swap=reader.choice("TRANSFORMER_SWAP", "auto", ("auto", "always", "never")),
             attention_backend=reader.choice("ATTENTION_BACKEND", "sdpa", ("sdpa", "cudnn", "flash")),
             compile=reader.flag("COMPILE", False),
+            quantize=reader.choice("QUANTIZE", "none", ("none", "fp8")),
+            memory_mode=reader.choice("MEMORY_MODE", "auto", ("auto", "resident", "text_offload", "offload")),
             warmup=reader.flag("WARMUP", True),
             job_timeout_s=reader.integer("JOB_TIMEOUT_S", 0, low=0, high=MAX_JOB_TIMEOUT_S),
             upload_attempts=reader.integer("UPLOAD_ATTEMPTS", 4, low=1, high=10),
             upload_timeout_s=reader.number("UPLOAD_TIMEOUT_S", 20.0, low=0.1, high=300.0),
             upload_backoff_s=reader.number("UPLOAD_BACKOFF_S", 0.5, low=0.0, high=30.0),
         )
+        if settings.quantize != "none" and "lightning" in settings.preload:
+            raise ConfigError(f"PRELOAD: lightning cannot be used with QUANTIZE={settings.quantize} "
+                              "(LoRAs fuse into bf16 weights); drop one of them")
+        return settings
 
 
 def default_hf_home(env: Mapping[str, str]) -> Path:

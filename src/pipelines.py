@@ -18,17 +18,13 @@ from diffusers import QwenImageEditPlusPipeline, QwenImageLayeredPipeline
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from src.acceleration import accelerate
-from src.config import Settings
+from src import memory
+from src.acceleration import accelerate, check_supported
+from src.config import ConfigError, Settings
 from src.loras import FusedLoras
 from src.vl_processor import load_processor
 
 log = logging.getLogger(__name__)
-
-
-# Activation memory kept free next to the weights: a 1024x1024 edit with 3 references
-# at bf16 peaks at a few GiB above the weights.
-ACTIVATION_HEADROOM_BYTES = 8 * 1024**3
 
 
 class ModelNotFound(RuntimeError):
@@ -82,6 +78,7 @@ class Pipelines:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.device = resolve_device(settings.device)
+        check_supported(settings.quantize, self.device)  # before minutes of loading
         self.dtype = dtype_for(self.device)
         self.edit_ref = locate(settings.edit_model, settings.hf_home)
         # Locate Layered now too when it will be loaded at start, so a missing model fails the start.
@@ -93,6 +90,7 @@ class Pipelines:
         # Both transformers (2 x 41 GB in bf16) do not fit next to the text encoder on an
         # 80 GB card; then the idle one waits in CPU memory and they trade places per job.
         self.swap_transformers = settings.transformer_swap == "always"
+        self.memory_mode = "resident"  # load() chooses (MEMORY_MODE)
         self.fused_loras = FusedLoras()
         # The ranks of a multi-GPU worker (src/parallel.py sets them after the start-up
         # load): a transformer loaded later runs under context parallelism too.
@@ -104,10 +102,10 @@ class Pipelines:
         log.info("loading %s@%s onto %s (%s)", self.edit_ref.repo_id, self.edit_ref.revision[:12],
                  self.device, self.dtype)
         processor = load_processor(str(self.edit_ref.path))
-        self.edit = QwenImageEditPlusPipeline.from_pretrained(
-            self.edit_ref.path, processor=processor, dtype=self.dtype
-        ).to(self.device)
+        self.edit = QwenImageEditPlusPipeline.from_pretrained(self.edit_ref.path, processor=processor, dtype=self.dtype)
         self.edit.set_progress_bar_config(disable=True)
+        self.choose_memory_mode()
+        memory.place(self.edit, self.memory_mode, self.device)
         self.accelerate(self.edit.transformer)
         if "layered" in self.settings.preload:
             self.layered()
@@ -130,19 +128,44 @@ class Pipelines:
                 dtype=self.dtype,
             )
             layered.set_progress_bar_config(disable=True)
-            self.accelerate(layered.transformer)
-            if self.settings.transformer_swap == "auto" and self.device.type == "cuda":
+            if self.memory_mode == "offload":  # both transformers stream from CPU memory: nothing to swap
+                self.swap_transformers = False
+            elif self.settings.transformer_swap == "auto" and self.device.type == "cuda":
                 free_bytes, _ = torch.cuda.mem_get_info(self.device)
-                self.swap_transformers = _bytes_of(layered.transformer, layered.vae) + ACTIVATION_HEADROOM_BYTES > free_bytes
+                needed = memory.bytes_of(layered.transformer, layered.vae) + memory.ACTIVATION_HEADROOM_BYTES
+                self.swap_transformers = needed > free_bytes
             if self.swap_transformers:
                 log.info("GPU too small for both transformers: the idle one waits in CPU memory")
                 self.edit.transformer.to("cpu")
-            self._layered = layered.to(self.device)
+            memory.place(layered, self.memory_mode, self.device, text_encoder_placed=True)
+            self.accelerate(layered.transformer)
+            self._layered = layered
         return self._layered
+
+    def choose_memory_mode(self) -> None:
+        """MEMORY_MODE, or (auto) the first mode the GPU's free memory holds; on the CPU
+        everything is resident. FP8 needs its transformer resident."""
+        if self.device.type != "cuda":
+            self.memory_mode = "resident" if self.settings.memory_mode == "auto" else self.settings.memory_mode
+            return
+        free_bytes, _ = torch.cuda.mem_get_info(self.device)
+        transformer = memory.bytes_of(self.edit.transformer)
+        if self.settings.quantize == "fp8":
+            transformer = int(transformer * memory.FP8_TRANSFORMER_SHARE)
+        self.memory_mode = memory.choose(self.settings.memory_mode, free_bytes, transformer=transformer,
+                                         text_encoder=memory.bytes_of(self.edit.text_encoder),
+                                         vae=memory.bytes_of(self.edit.vae))
+        if self.memory_mode == "offload" and self.settings.quantize != "none":
+            raise ConfigError(
+                f"QUANTIZE={self.settings.quantize} needs the transformer resident on the GPU: "
+                f"{free_bytes / memory.GIB:.1f} GiB free is too little (memory mode offload); "
+                f"use QUANTIZE=none on this GPU")
+        log.info("memory mode %s (%.1f GiB free on %s)", self.memory_mode, free_bytes / memory.GIB,
+                 torch.cuda.get_device_name(self.device))
 
     def accelerate(self, transformer: torch.nn.Module) -> None:
         accelerate(transformer, self.device, attention=self.settings.attention_backend,
-                   compile_blocks=self.settings.compile)
+                   compile_blocks=self.settings.compile, quantize=self.settings.quantize)
         if self.ranks is not None:
             from src.parallel import enable_context_parallel
 
@@ -164,6 +187,3 @@ class Pipelines:
             pipeline.transformer.to(self.device)
         return pipeline
 
-
-def _bytes_of(*modules: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for module in modules for p in module.parameters())

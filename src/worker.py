@@ -117,6 +117,7 @@ class Worker:
         _check_alpha_format(request, images)
         bucket = self._bucket_for(request)
         seed = request.seed if request.seed is not None else secrets.randbelow(SEED_LIMIT)
+        self._check_loras_allowed(request)
         with timer.stage("lora_resolve"):  # files read and checked on the CPU; URLs downloaded once
             adapters = adapters_for(request, self.settings, self.loras,
                                     s3_client_for=(lambda: bucket.client) if bucket else None)
@@ -144,12 +145,27 @@ class Worker:
         if request.archive:
             archive, archive_warnings = self._store_archive(stack, request, bucket, entries, timer)
             warnings += archive_warnings
-        if request.use_fp8:
-            warnings.append("use_fp8: accepted for compatibility; this worker runs the published bf16 weights")
+        if request.use_fp8 is not None and request.use_fp8 != (self.settings.quantize == "fp8"):
+            warnings.append(f"use_fp8: accepted for compatibility; this worker's precision is set by its "
+                            f"QUANTIZE setting ({self.settings.quantize}: "
+                            f"{'FP8' if self.settings.quantize == 'fp8' else 'the published bf16 weights'})")
         if request.steps == 1:
             warnings.append(ONE_STEP_WARNING)
         warnings += [f"edits[{i}].{ONE_STEP_WARNING}" for i, edit in enumerate(request.edits) if edit.steps == 1]
         return self._respond(request, seed, entries, warnings, timer, adapters, archive)
+
+    def _check_loras_allowed(self, request: JobRequest) -> None:
+        """LoRAs are fused into bf16 weights held on the GPU: FP8 or streamed weights cannot take them."""
+        if not (request.lightning or request.loras):
+            return
+        key = "lightning" if request.lightning else "loras"
+        if self.settings.quantize != "none":
+            raise InputError(f"{key}: LoRAs fuse into bf16 weights, and this worker runs QUANTIZE="
+                             f"{self.settings.quantize}; use a worker with QUANTIZE=none")
+        if self.pipes.memory_mode == "offload":
+            raise InputError(f"{key}: LoRAs fuse into the transformer's weights on the GPU, and this worker "
+                             "streams them from CPU memory (MEMORY_MODE offload); use a GPU that holds the "
+                             "transformer (resident or text_offload)")
 
     def _edit_layers(self, request: JobRequest, layers: list[Image.Image], seed: int, timer: StageTimer,
                      progress: ProgressFn) -> dict[int, Image.Image]:

@@ -1,0 +1,81 @@
+"""Memory modes (src/memory.py): the choice from free memory, and the same images from
+every mode. On the CPU the streamed modes run diffusers' group-offloading hooks with
+the CPU as both homes: the hooks move nothing, but every module runs through them."""
+
+from __future__ import annotations
+
+import pytest
+
+from src import memory
+from src.config import Settings
+from src.worker import Worker
+from tests.conftest import FAST, image_from_b64, png_b64, sample_image
+
+GIB = memory.GIB
+# The full-size models' bf16 bytes (tools/bench.py builds them from the published configs).
+TRANSFORMER, TEXT_ENCODER, VAE = int(38.1 * GIB), int(15.4 * GIB), int(0.24 * GIB)
+
+
+@pytest.mark.parametrize("card, free_gib, fp8, mode", [
+    ("H100 80 GB", 78.6, False, "resident"),
+    ("L40S 48 GB", 44.0, False, "offload"),  # 38 GiB of transformer leave too little for activations
+    ("L40S 48 GB", 44.0, True, "resident"),
+    ("A100 40 GB", 39.0, False, "offload"),
+    ("RTX 4090 24 GB", 23.2, False, "offload"),
+    ("RTX 4090 24 GB", 23.2, True, "offload"),
+    ("H100 with 60 GB free", 60.0, False, "text_offload"),
+])
+def test_auto_picks_the_first_mode_that_fits(card, free_gib, fp8, mode):
+    transformer = int(TRANSFORMER * memory.FP8_TRANSFORMER_SHARE) if fp8 else TRANSFORMER
+    chosen = memory.choose("auto", int(free_gib * GIB), transformer=transformer, text_encoder=TEXT_ENCODER, vae=VAE)
+    assert chosen == mode, card
+
+
+def test_a_forced_mode_is_kept_whatever_the_memory():
+    assert memory.choose("resident", GIB, transformer=TRANSFORMER, text_encoder=TEXT_ENCODER, vae=VAE) == "resident"
+    assert memory.choose("offload", 1000 * GIB, transformer=TRANSFORMER, text_encoder=TEXT_ENCODER, vae=VAE) == "offload"
+
+
+@pytest.fixture(scope="module", params=["text_offload", "offload"])
+def streamed_worker(request, worker_env):
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    worker = Worker.start(Settings.from_env({**worker_env, "MEMORY_MODE": request.param, "PRELOAD": "edit,layered"}))
+    assert worker.pipes.memory_mode == request.param
+    streamed = {"text_encoder": True, "vae": False, "transformer": request.param == "offload"}
+    for pipeline in (worker.pipes.edit, worker.pipes.layered()):
+        assert {name: _is_group_offload_enabled(getattr(pipeline, name)) for name in streamed} == streamed
+    return worker
+
+
+def job(**extra) -> dict:
+    return {"image_base64": png_b64(sample_image()), "prompt": "a red hat", "seed": 11, "return_base64": True,
+            **FAST, **extra}
+
+
+def images_of(out: dict) -> list[bytes]:
+    assert "error" not in out, out
+    return [image_from_b64(entry["base64"]).tobytes() for entry in out["images"]]
+
+
+def test_streamed_modes_give_the_resident_images(worker, streamed_worker):
+    edit = job(operation="edit", true_cfg_scale=4.0)
+    assert images_of(streamed_worker.handle({"id": "m1", "input": edit})) == \
+        images_of(worker.handle({"id": "r1", "input": edit}))
+    decompose = job(operation="decompose", layers=2, resolution=640, num_inference_steps=2)
+    for key in ("width", "height"):
+        decompose.pop(key)
+    assert images_of(streamed_worker.handle({"id": "m2", "input": decompose})) == \
+        images_of(worker.handle({"id": "r2", "input": decompose}))
+
+
+def test_loras_run_only_where_the_transformer_is_resident(worker, streamed_worker):
+    lightning = job(operation="edit", lightning=4)
+    del lightning["num_inference_steps"]  # the preset sets it
+    out = streamed_worker.handle({"id": "m3", "input": lightning})
+    if streamed_worker.pipes.memory_mode == "offload":
+        assert out["error"] == ("lightning: LoRAs fuse into the transformer's weights on the GPU, and this "
+                                "worker streams them from CPU memory (MEMORY_MODE offload); use a GPU that "
+                                "holds the transformer (resident or text_offload)")
+    else:
+        assert images_of(out) == images_of(worker.handle({"id": "r3", "input": lightning}))
