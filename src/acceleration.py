@@ -14,6 +14,7 @@ code, and the warm-up at start compiles it once, so no job pays for it.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 import torch
@@ -42,6 +43,9 @@ def check_supported(quantize: str, device: torch.device) -> None:
     if quantize == "none":
         return
     if device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_MIN_CAPABILITY:
+        if importlib.util.find_spec("torchao") is None:
+            raise ConfigError(f"QUANTIZE={quantize} needs torchao: pip install -r requirements-gpu.txt "
+                              "(the Docker image has it)")
         return
     have = (f"{torch.cuda.get_device_name(device)} (compute capability "
             f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))})" if device.type == "cuda" else "no GPU")
@@ -49,30 +53,27 @@ def check_supported(quantize: str, device: torch.device) -> None:
                        f"L4, L40S, H100, H200); this worker has {have}")
 
 
-def quantize_blocks_fp8(transformer: torch.nn.Module) -> None:
+def quantize_blocks_fp8(transformer: torch.nn.Module, device: torch.device) -> None:
     """FP8 (e4m3) weights and activations for the linears of the 60 transformer blocks,
-    with one scale per weight row and per activation token (torchao). The embedders and
-    the output projection, small and closest to the pixels, stay in bf16."""
+    with one scale per weight row and per activation token (torchao), each linear moved
+    to `device` as it is quantized. The embedders and the output projection, small and
+    closest to the pixels, stay in bf16."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
     quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
               filter_fn=lambda module, name: isinstance(module, torch.nn.Linear)
-              and name.startswith("transformer_blocks."))
+              and name.startswith("transformer_blocks."), device=device)
 
 
-def accelerate(transformer: torch.nn.Module, device: torch.device, *, attention: str, compile_blocks: bool,
-               quantize: str = "none") -> None:
-    """Quantize, set the attention kernel and compile the blocks of the transformer, in
-    place. CUDA only (`check_supported` has refused FP8 elsewhere)."""
+def accelerate(transformer: torch.nn.Module, device: torch.device, *, attention: str, compile_blocks: bool) -> None:
+    """Set the transformer's attention kernel and compile its blocks, in place. CUDA only."""
     if device.type != "cuda":
         return
-    if quantize == "fp8":
-        quantize_blocks_fp8(transformer)
     if attention != "sdpa":
         transformer.set_attention_backend(ATTENTION_BACKENDS[attention])
     if compile_blocks:
         # Compiled lazily, on the first forward: the warm-up job at start (or, for a
         # Layered pipeline loaded on first use, that first decompose job).
         transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
-    log.info("transformer %s: quantize %s, attention %s, compile %s", type(transformer).__name__, quantize,
-             attention, "on" if compile_blocks else "off")
+    log.info("transformer %s: attention %s, compile %s", type(transformer).__name__, attention,
+             "on" if compile_blocks else "off")

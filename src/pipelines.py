@@ -19,7 +19,7 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
 from src import memory
-from src.acceleration import accelerate, check_supported
+from src.acceleration import accelerate, check_supported, quantize_blocks_fp8
 from src.config import ConfigError, Settings
 from src.loras import FusedLoras
 from src.vl_processor import load_processor
@@ -101,15 +101,39 @@ class Pipelines:
         start = time.perf_counter()
         log.info("loading %s@%s onto %s (%s)", self.edit_ref.repo_id, self.edit_ref.revision[:12],
                  self.device, self.dtype)
-        processor = load_processor(str(self.edit_ref.path))
-        self.edit = QwenImageEditPlusPipeline.from_pretrained(self.edit_ref.path, processor=processor, dtype=self.dtype)
-        self.edit.set_progress_bar_config(disable=True)
+        self.edit = self.load_edit()
         self.choose_memory_mode()
-        memory.place(self.edit, self.memory_mode, self.device)
-        self.accelerate(self.edit.transformer)
+        self.prepare(self.edit)
         if "layered" in self.settings.preload:
             self.layered()
         return time.perf_counter() - start
+
+    def load_edit(self) -> QwenImageEditPlusPipeline:
+        """The edit pipeline from the cache, in CPU memory."""
+        processor = load_processor(str(self.edit_ref.path))
+        pipeline = QwenImageEditPlusPipeline.from_pretrained(self.edit_ref.path, processor=processor, dtype=self.dtype)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    def load_layered(self) -> QwenImageLayeredPipeline:
+        """The Layered pipeline from the cache, in CPU memory, sharing the edit pipeline's
+        text encoder, tokenizer and processor."""
+        self.layered_ref = self.layered_ref or locate(self.settings.layered_model, self.settings.hf_home)
+        log.info("loading %s@%s", self.layered_ref.repo_id, self.layered_ref.revision[:12])
+        pipeline = QwenImageLayeredPipeline.from_pretrained(
+            self.layered_ref.path, text_encoder=self.edit.text_encoder, tokenizer=self.edit.tokenizer,
+            processor=self.edit.processor, dtype=self.dtype)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    def prepare(self, pipeline, text_encoder_placed: bool = False) -> None:
+        """Quantize, place (the memory mode) and accelerate a pipeline loaded on the CPU.
+        FP8 quantizes each linear on the GPU as it moves there, so the bf16 transformer
+        never has to fit whole."""
+        if self.settings.quantize == "fp8":
+            quantize_blocks_fp8(pipeline.transformer, self.device)
+        memory.place(pipeline, self.memory_mode, self.device, text_encoder_placed=text_encoder_placed)
+        self.accelerate(pipeline.transformer)
 
     @property
     def layered_loaded(self) -> bool:
@@ -118,27 +142,20 @@ class Pipelines:
     def layered(self) -> QwenImageLayeredPipeline:
         if self._layered is None:
             assert self.edit is not None, "load() first"
-            self.layered_ref = self.layered_ref or locate(self.settings.layered_model, self.settings.hf_home)
-            log.info("loading %s@%s", self.layered_ref.repo_id, self.layered_ref.revision[:12])
-            layered = QwenImageLayeredPipeline.from_pretrained(
-                self.layered_ref.path,
-                text_encoder=self.edit.text_encoder,
-                tokenizer=self.edit.tokenizer,
-                processor=self.edit.processor,
-                dtype=self.dtype,
-            )
-            layered.set_progress_bar_config(disable=True)
             if self.memory_mode == "offload":  # both transformers stream from CPU memory: nothing to swap
                 self.swap_transformers = False
             elif self.settings.transformer_swap == "auto" and self.device.type == "cuda":
+                # Layered's transformer has the edit transformer's shape: as many parameters.
                 free_bytes, _ = torch.cuda.mem_get_info(self.device)
-                needed = memory.bytes_of(layered.transformer, layered.vae) + memory.ACTIVATION_HEADROOM_BYTES
+                needed = (self.prepared_bytes(self.edit.transformer) + memory.bytes_of(self.edit.vae)
+                          + memory.ACTIVATION_HEADROOM_BYTES)
                 self.swap_transformers = needed > free_bytes
             if self.swap_transformers:
                 log.info("GPU too small for both transformers: the idle one waits in CPU memory")
                 self.edit.transformer.to("cpu")
-            memory.place(layered, self.memory_mode, self.device, text_encoder_placed=True)
-            self.accelerate(layered.transformer)
+                torch.cuda.empty_cache()
+            layered = self.load_layered()
+            self.prepare(layered, text_encoder_placed=True)
             self._layered = layered
         return self._layered
 
@@ -149,10 +166,8 @@ class Pipelines:
             self.memory_mode = "resident" if self.settings.memory_mode == "auto" else self.settings.memory_mode
             return
         free_bytes, _ = torch.cuda.mem_get_info(self.device)
-        transformer = memory.bytes_of(self.edit.transformer)
-        if self.settings.quantize == "fp8":
-            transformer = int(transformer * memory.FP8_TRANSFORMER_SHARE)
-        self.memory_mode = memory.choose(self.settings.memory_mode, free_bytes, transformer=transformer,
+        self.memory_mode = memory.choose(self.settings.memory_mode, free_bytes,
+                                         transformer=self.prepared_bytes(self.edit.transformer),
                                          text_encoder=memory.bytes_of(self.edit.text_encoder),
                                          vae=memory.bytes_of(self.edit.vae))
         if self.memory_mode == "offload" and self.settings.quantize != "none":
@@ -163,9 +178,14 @@ class Pipelines:
         log.info("memory mode %s (%.1f GiB free on %s)", self.memory_mode, free_bytes / memory.GIB,
                  torch.cuda.get_device_name(self.device))
 
+    def prepared_bytes(self, transformer: torch.nn.Module) -> int:
+        """GPU bytes of a transformer of this shape once prepared (FP8 or not)."""
+        share = memory.FP8_TRANSFORMER_SHARE if self.settings.quantize == "fp8" else 1.0
+        return int(sum(p.numel() for p in transformer.parameters()) * self.dtype.itemsize * share)
+
     def accelerate(self, transformer: torch.nn.Module) -> None:
         accelerate(transformer, self.device, attention=self.settings.attention_backend,
-                   compile_blocks=self.settings.compile, quantize=self.settings.quantize)
+                   compile_blocks=self.settings.compile)
         if self.ranks is not None:
             from src.parallel import enable_context_parallel
 
