@@ -6,9 +6,13 @@ values; nothing can be downloaded on the GPU machine).
     python tools/bench.py --label stock                                    # the defaults: stock diffusers
     python tools/bench.py --cases edit,lightning4
     python tools/bench.py --levers --label levers     # each speed lever alone, transformer passes only
+    QUANTIZE=fp8 COMPILE=true python tools/bench.py --label fp8
+    MEMORY_MODE=offload python tools/bench.py --gpu-memory-gib 22 --cases nocfg4,edit --label offload-24gb
 
 Each case runs `Worker.handle` (decode, pipeline, encode; no bucket) with the settings
-the environment gives (as the worker reads them) and records the per-stage times,
+the environment gives (COMPILE, ATTENTION_BACKEND, QUANTIZE, MEMORY_MODE, as the worker
+reads them; MEMORY_MODE defaults to resident here, `--gpu-memory-gib` caps the memory as a
+smaller card would have) and records the per-stage times,
 seconds per transformer pass, useful TFLOP/s and its share of the card's bf16 peak, and
 peak GPU memory. Writes `<out>/<gpu>-<date>-<label>.json`.
 
@@ -34,6 +38,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from src.codec import encode_image, to_base64  # noqa: E402
+from src import memory  # noqa: E402
 from src.config import Settings  # noqa: E402
 from src.loras import LoraLibrary  # noqa: E402
 from src.metering import price_for  # noqa: E402
@@ -81,21 +86,20 @@ class RandomFullSizePipelines(Pipelines):
         self.edit_ref = ModelRef("Qwen/Qwen-Image-Edit-2511", "random-init", tiny_snapshot)
         self.layered_ref = ModelRef("Qwen/Qwen-Image-Layered", "random-init", tiny_snapshot)
 
-    def load(self) -> float:
+    def load_edit(self):
         from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline,
                                QwenImageTransformer2DModel)
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
         from src.vl_processor import load_processor
 
-        start = time.perf_counter()
         processor = load_processor(str(self.tiny_snapshot))
         processor.image_processor.min_pixels = PROCESSOR_MIN_PIXELS
         processor.image_processor.max_pixels = PROCESSOR_MAX_PIXELS
         processor.image_processor.size = {"shortest_edge": PROCESSOR_MIN_PIXELS, "longest_edge": PROCESSOR_MAX_PIXELS}
         config = Qwen2_5_VLConfig(text_config=TEXT_ENCODER_7B, vision_config=VISION_7B,
                                   image_token_id=151655, video_token_id=151656, vision_start_token_id=151652)
-        self.edit = QwenImageEditPlusPipeline(
+        pipeline = QwenImageEditPlusPipeline(
             scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(self.tiny_snapshot / "scheduler"),
             vae=random_module(AutoencoderKLQwenImage),
             text_encoder=random_module(lambda: Qwen2_5_VLForConditionalGeneration(config)),
@@ -103,27 +107,20 @@ class RandomFullSizePipelines(Pipelines):
             processor=processor,
             transformer=random_module(lambda: QwenImageTransformer2DModel(zero_cond_t=True)),
         )
-        self.edit.set_progress_bar_config(disable=True)
-        self.accelerate(self.edit.transformer)
-        return time.perf_counter() - start
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline  # built on the GPU (fast); `prepare` then places it as the memory mode says
 
-    def layered(self):
-        if self._layered is None:
-            from diffusers import AutoencoderKLQwenImage, QwenImageLayeredPipeline, QwenImageTransformer2DModel
+    def load_layered(self):
+        from diffusers import AutoencoderKLQwenImage, QwenImageLayeredPipeline, QwenImageTransformer2DModel
 
-            # 41 GB more does not fit next to the edit pipeline on 80 GB: the worker's swap mode.
-            self.swap_transformers = True
-            self.edit.transformer.to("cpu")
-            torch.cuda.empty_cache()
-            self._layered = QwenImageLayeredPipeline(
-                scheduler=self.edit.scheduler, vae=random_module(lambda: AutoencoderKLQwenImage(input_channels=4)),
-                text_encoder=self.edit.text_encoder, tokenizer=self.edit.tokenizer, processor=self.edit.processor,
-                transformer=random_module(lambda: QwenImageTransformer2DModel(use_layer3d_rope=True,
-                                                                              use_additional_t_cond=True)),
-            )
-            self._layered.set_progress_bar_config(disable=True)
-            self.accelerate(self._layered.transformer)
-        return self._layered
+        pipeline = QwenImageLayeredPipeline(
+            scheduler=self.edit.scheduler, vae=random_module(lambda: AutoencoderKLQwenImage(input_channels=4)),
+            text_encoder=self.edit.text_encoder, tokenizer=self.edit.tokenizer, processor=self.edit.processor,
+            transformer=random_module(lambda: QwenImageTransformer2DModel(use_layer3d_rope=True,
+                                                                          use_additional_t_cond=True)),
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
 
 
 class PassCounter:
@@ -238,7 +235,8 @@ class KwargsCatcher:
 def transformer_inputs(worker: Worker, transformer, images: int) -> dict:
     """The kwargs of the edit transformer's pass in a 1024x1024 job with `images` references."""
     catcher = KwargsCatcher(transformer)
-    run_case(worker, f"capture{images}", dict(operation="edit", images=images, num_inference_steps=1,
+    # 2 steps: with 1, the models' scheduler gives a NaN timestep (see src/worker.py).
+    run_case(worker, f"capture{images}", dict(operation="edit", images=images, num_inference_steps=2,
                                               true_cfg_scale=1.0), PassCounter())
     catcher.handle.remove()
     # Random weights give latents and text states far from a trained model's (often not
@@ -279,26 +277,68 @@ def deviation(out: torch.Tensor, reference: torch.Tensor) -> dict:
             "max_abs": float((out - reference).abs().max())}
 
 
-LEVERS = {  # name: (attention backend, compile)
-    "stock": ("sdpa", False),
-    "attention_cudnn": ("cudnn", False),
-    "attention_flash": ("flash", False),
-    "compile": ("sdpa", True),
-    "compile_cudnn": ("cudnn", True),
+LEVER_SETTINGS = ("COMPILE", "ATTENTION_BACKEND", "QUANTIZE", "MEMORY_MODE")
+LEVERS = {  # name: (attention backend, compile, fp8); FP8 cannot be undone, so its levers come last
+    "stock": ("sdpa", False, False),
+    "attention_cudnn": ("cudnn", False, False),
+    "attention_flash": ("flash", False, False),
+    "compile": ("sdpa", True, False),
+    "compile_cudnn": ("cudnn", True, False),
+    "fp8": ("sdpa", False, True),
+    "fp8_compile": ("sdpa", True, True),
 }
 
 
-def measure_levers(worker: Worker, names: list[str], repeats: int = 5) -> list[dict]:
-    from src.acceleration import ATTENTION_BACKENDS
+def make_finite(transformer, kwargs: dict, tries: int = 6) -> dict:
+    """Random weights can drive the 60-block stack to inf/NaN, and a deviation of NaN says
+    nothing. Where the output is not finite: record the first block whose output is not,
+    then halve the blocks' linear weights until the output is finite (speed does not
+    depend on the values). Returns what was found and done."""
+    found: dict = {"first_nonfinite_block": None, "weight_scale": 1.0}
+
+    def watch(index):
+        def hook(module, args, output):
+            if found["first_nonfinite_block"] is None and not all(torch.isfinite(t).all() for t in output):
+                found["first_nonfinite_block"] = index
+        return hook
+
+    handles = [block.register_forward_hook(watch(i)) for i, block in enumerate(transformer.transformer_blocks)]
+    kwargs = {**kwargs, "return_dict": False}
+    with torch.inference_mode():
+        for _ in range(tries):
+            if torch.isfinite(transformer(**kwargs)[0]).all():
+                break
+            for name, module in transformer.transformer_blocks.named_modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight.mul_(0.5)
+            found["weight_scale"] /= 2
+    for handle in handles:
+        handle.remove()
+    with torch.inference_mode():
+        found["finite"] = bool(torch.isfinite(transformer(**kwargs)[0]).all())
+    print(json.dumps({"finite_inputs": found}), flush=True)
+    return found
+
+
+def measure_levers(worker: Worker, names: list[str], record: dict, out_dir: Path, repeats: int = 5) -> None:
+    """Each lever's figures into `record["levers"]`, written after each (a run cut short keeps them)."""
+    from src.acceleration import ATTENTION_BACKENDS, quantize_blocks_fp8
 
     transformer = worker.pipes.edit.transformer
     one, two = transformer_inputs(worker, transformer, 1), transformer_inputs(worker, transformer, 2)
+    record["finite_inputs"] = make_finite(transformer, one)
+    results = record.setdefault("levers", [])
     tokens = (one["hidden_states"].shape[1], one["encoder_hidden_states"].shape[1])
-    reference = None
-    results = []
+    reference, quantized = None, False
     for name in names:
-        attention, compiled = LEVERS[name]
+        attention, compiled, fp8 = LEVERS[name]
         uncompile(transformer)
+        if fp8 != quantized:
+            if quantized:
+                results.append({"lever": name, "error": "bf16 levers must come before the fp8 ones"})
+                continue
+            quantize_blocks_fp8(transformer, worker.pipes.device)
+            quantized = True
         transformer.set_attention_backend(ATTENTION_BACKENDS[attention])
         if compiled:
             transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
@@ -312,30 +352,33 @@ def measure_levers(worker: Worker, names: list[str], repeats: int = 5) -> list[d
         reference = out if reference is None else reference
         peak = BF16_PEAK_TFLOPS["H200" if "H200" in torch.cuda.get_device_name() else "H100"]
         results.append({
-            "lever": name, "attention": attention, "compile": compiled, "tokens": tokens,
+            "lever": name, "attention": attention, "compile": compiled, "fp8": fp8, "tokens": tokens,
             "first_call_s": round(first, 2), "s_per_pass": round(per_pass, 4),
             "useful_tflops": round(pass_flops(*tokens) / per_pass / 1e12, 1),
             "share_of_peak": round(pass_flops(*tokens) / per_pass / 1e12 / peak, 3),
             "two_images": {"tokens": (two["hidden_states"].shape[1], two["encoder_hidden_states"].shape[1]),
                            "first_call_s": round(first_two, 2), "s_per_pass": round(per_pass_two, 4)},
             "deviation_from_stock": deviation(out, reference),
+            "gpu_allocated_gib": round(torch.cuda.memory_allocated() / 2**30, 1),  # all weights on the GPU
         })
         print(json.dumps(results[-1]), flush=True)
+        write_results(record, out_dir)
     uncompile(transformer)
-    return results
 
 
 def compile_deviation(worker: Worker) -> dict:
     """The compiled edit transformer's output against the same code run eagerly
     (torch.compiler's force_eager stance), on one 1024x1024 pass with one reference."""
     transformer = worker.pipes.for_operation("edit").transformer
-    kwargs = {**transformer_inputs(worker, transformer, 1), "return_dict": False}
+    kwargs = transformer_inputs(worker, transformer, 1)
+    finiteness = make_finite(transformer, kwargs)
+    kwargs["return_dict"] = False
     with torch.inference_mode():
         compiled = transformer(**kwargs)[0].float()
         with torch.compiler.set_stance("force_eager"):
             eager = transformer(**kwargs)[0].float()
     return {"what": "regional compile against eager, edit transformer, 1024x1024, 1 reference",
-            **deviation(compiled, eager)}
+            "finite_inputs": finiteness, **deviation(compiled, eager)}
 
 
 def main() -> None:
@@ -347,15 +390,21 @@ def main() -> None:
     parser.add_argument("--levers", nargs="?", const=",".join(LEVERS), default="",
                         help="measure these speed levers alone (default: all) instead of the cases; stock first")
     parser.add_argument("--tiny-hf-home", default="/tmp/bench-hf", help="tiny models: tokenizer and configs only")
+    parser.add_argument("--gpu-memory-gib", type=float, default=None,
+                        help="cap the GPU memory the worker may use after loading, as on a smaller card "
+                             "(44 for a 48 GB card, 22 for a 24 GB one); set MEMORY_MODE to the mode to measure")
     args = parser.parse_args()
 
     hf_home = Path(args.tiny_hf_home)
     subprocess.run([sys.executable, "tools/make_tiny_models.py", "--hf-home", str(hf_home)], check=True,
                    stdout=subprocess.DEVNULL)
     tiny_snapshot = next((hf_home / "hub" / "models--Qwen--Qwen-Image-Edit-2511" / "snapshots").iterdir())
-    env = {key: value for key, value in os.environ.items() if key in ("COMPILE", "ATTENTION_BACKEND")}
+    env = {key: value for key, value in os.environ.items() if key in LEVER_SETTINGS}
     if args.levers:  # each lever is set by hand on a stock pipeline
-        env = {"COMPILE": "false", "ATTENTION_BACKEND": "sdpa"}  # the environment's levers would mix in
+        env = {"COMPILE": "false", "ATTENTION_BACKEND": "sdpa", "QUANTIZE": "none"}  # the environment's would mix in
+    # The models are built on the GPU before their memory mode places them, so free memory
+    # at that point says nothing about the card: the mode is given, `resident` unless set.
+    env.setdefault("MEMORY_MODE", "resident")
     settings = Settings.from_env({"HF_HOME": str(hf_home), "DEVICE": "cuda", **env})
     names = args.cases.split(",")
     cases = [name for name in names if name != "deviation"]
@@ -366,17 +415,27 @@ def main() -> None:
     build_s = pipes.load()
     if any(CASES[name]["operation"] == "decompose" for name in cases):
         pipes.layered()  # as PRELOAD=edit,layered: built before the warm-up, which then covers it
+    torch.cuda.empty_cache()
+    memory_cap = None
+    if args.gpu_memory_gib:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.gpu_memory_gib * 2**30 / total)
+        memory_cap = {"gib": args.gpu_memory_gib, "auto_would_choose": memory.choose(
+            "auto", int(args.gpu_memory_gib * 2**30), text_encoder=memory.bytes_of(pipes.edit.text_encoder),
+            transformer=pipes.prepared_bytes(pipes.edit.transformer),
+            vae=memory.bytes_of(pipes.edit.vae))}
     worker = Worker(settings, pipes, price_for(device_name(pipes.device), None),
                     loras=LoraLibrary(type(pipes.edit), pipes.edit.transformer, settings.edit_model))
     warmup_s = worker.warm_up()
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                "date": datetime.date.today().isoformat(), "label": args.label,
-               "settings": {"attention_backend": settings.attention_backend, "compile": settings.compile},
+               "settings": {"attention_backend": settings.attention_backend, "compile": settings.compile,
+                            "quantize": settings.quantize, "memory_mode": pipes.memory_mode},
+               "memory_cap": memory_cap,
                "build_s": round(build_s, 1), "warmup_s": round(warmup_s, 1),
                "weights_gib": round(torch.cuda.memory_allocated() / 2**30, 1)}
     if args.levers:
-        results["levers"] = measure_levers(worker, args.levers.split(","))
-        write_results(results, Path(args.out))
+        measure_levers(worker, args.levers.split(","), results, Path(args.out))
         return
     counter = PassCounter()
     handles = [pipes.edit.transformer.register_forward_pre_hook(counter.hook, with_kwargs=True)]
