@@ -2,9 +2,10 @@
 
 All are switches (`QUANTIZE`, `ATTENTION_BACKEND`, `COMPILE`), off by default: another
 kernel sums in another order, and FP8 rounds every weight and activation, so outputs
-change, and a change is only turned on once its deviation on the real weights is known. `tools/bench.py --levers` measures each alone on the
-full-size transformer; README quotes the figures. On the CPU (tests, demo) neither
-applies, so the fidelity tests compare against stock diffusers bit for bit.
+change, and a change is only turned on once its deviation on the real weights is known.
+`tools/bench.py --levers` measures each alone on the full-size transformer; README quotes
+the figures. On the CPU (tests, demo) none applies, so the fidelity tests compare against
+stock diffusers bit for bit.
 
 Regional compile (diffusers' `compile_repeated_blocks`) compiles one transformer block
 and reuses it for all 60, so compiling costs seconds, not minutes. It compiles with

@@ -109,6 +109,7 @@ class Worker:
         if request.operation == "composite":
             return self._run_composite(job_id, request, timer)
         check_edit_count(request, self.settings.max_layer_edits)
+        self._check_loras_allowed(request)
         with timer.stage("decode"):
             images = [
                 decode_image(data, key, self.settings.max_image_bytes, self.settings.max_image_pixels)
@@ -117,7 +118,6 @@ class Worker:
         _check_alpha_format(request, images)
         bucket = self._bucket_for(request)
         seed = request.seed if request.seed is not None else secrets.randbelow(SEED_LIMIT)
-        self._check_loras_allowed(request)
         with timer.stage("lora_resolve"):  # files read and checked on the CPU; URLs downloaded once
             adapters = adapters_for(request, self.settings, self.loras,
                                     s3_client_for=(lambda: bucket.client) if bucket else None)

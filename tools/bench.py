@@ -136,6 +136,52 @@ class PassCounter:
         self.tokens.append((hidden.shape[1], text.shape[1] if text is not None else 0))
 
 
+class StageClock:
+    """Where a job's inference time goes: seconds inside the text encoder, the transformer
+    passes and the VAE, each bracketed by device syncs (so `--breakdown` runs lose a little
+    CPU-GPU overlap); the rest is the pipeline's own Python, the scheduler and the image
+    conversions."""
+
+    STAGES = ("text_encoder", "transformer", "vae")
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(self.STAGES, 0.0)
+        self.watched: set[int] = set()
+
+    @staticmethod
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def timed(self, stage: str, call):
+        def wrapper(*args, **kwargs):
+            self.sync()
+            start = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                self.sync()
+                self.seconds[stage] += time.perf_counter() - start
+        return wrapper
+
+    def attach(self, pipeline) -> None:
+        """Watch a pipeline's models (a model shared by two pipelines is watched once)."""
+        for stage, owner, names in (("text_encoder", pipeline.text_encoder, ("forward",)),
+                                    ("transformer", pipeline.transformer, ("forward",)),
+                                    ("vae", pipeline.vae, ("encode", "decode"))):
+            if id(owner) in self.watched:
+                continue
+            self.watched.add(id(owner))
+            for name in names:  # instance attributes: the module's own forward stays as it is
+                setattr(owner, name, self.timed(stage, getattr(owner, name)))
+
+    def report(self, inference_s: float) -> dict:
+        report = {stage: round(seconds, 3) for stage, seconds in self.seconds.items()}
+        report["rest"] = round(inference_s - sum(self.seconds.values()), 3)
+        self.seconds = dict.fromkeys(self.STAGES, 0.0)
+        return report
+
+
 def pass_flops(image_tokens: int, text_tokens: int, dim: int = 3072, layers: int = 60) -> float:
     """Useful FLOPs of one transformer pass: the linears (24·d² per token per block over
     both streams) plus attention (4·L²·d per block)."""
@@ -189,7 +235,7 @@ CASES = {  # in the order they run: the edit transformer's cases first, then Lay
 }
 
 
-def run_case(worker: Worker, name: str, spec: dict, counter: PassCounter) -> dict:
+def run_case(worker: Worker, name: str, spec: dict, counter: PassCounter, clock: StageClock | None = None) -> dict:
     spec = dict(spec)
     images = [photo_like((1024, 1024), seed) for seed in range(spec.pop("images", 1))]
     job = {"image_base64": png_b64(images[0]), "prompt": spec.pop("prompt", "make the sky purple"),
@@ -217,6 +263,7 @@ def run_case(worker: Worker, name: str, spec: dict, counter: PassCounter) -> dic
         "useful_tflops": round(tflops, 1), "share_of_peak": round(tflops / peak, 3),
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
         "cost_usd": out["cost_usd"],
+        **({"inference_breakdown_s": clock.report(inference_s)} if clock else {}),
     }
 
 
@@ -393,6 +440,8 @@ def main() -> None:
     parser.add_argument("--gpu-memory-gib", type=float, default=None,
                         help="cap the GPU memory the worker may use after loading, as on a smaller card "
                              "(44 for a 48 GB card, 22 for a 24 GB one); set MEMORY_MODE to the mode to measure")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="split each case's inference time: text encoder, transformer passes, VAE, the rest")
     args = parser.parse_args()
 
     hf_home = Path(args.tiny_hf_home)
@@ -438,6 +487,7 @@ def main() -> None:
         measure_levers(worker, args.levers.split(","), results, Path(args.out))
         return
     counter = PassCounter()
+    clock = StageClock() if args.breakdown else None
     handles = [pipes.edit.transformer.register_forward_pre_hook(counter.hook, with_kwargs=True)]
     results["cases"] = []
     for name in names:
@@ -448,7 +498,9 @@ def main() -> None:
             continue
         if CASES[name]["operation"] == "decompose" and len(handles) == 1:
             handles.append(pipes.layered().transformer.register_forward_pre_hook(counter.hook, with_kwargs=True))
-        result = run_case(worker, name, CASES[name], counter)
+        if clock:
+            clock.attach(pipes.layered() if CASES[name]["operation"] == "decompose" else pipes.edit)
+        result = run_case(worker, name, CASES[name], counter, clock)
         results["cases"].append(result)
         print(json.dumps(result), flush=True)
         write_results(results, Path(args.out))  # after each case: a run cut short keeps what it measured
