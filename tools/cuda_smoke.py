@@ -1,5 +1,7 @@
 """The worker's job path on a CUDA GPU with the tiny models: bf16 loading, the edit,
-multi-image and decompose jobs, transformer swapping, and fidelity to direct calls.
+multi-image and decompose jobs, transformer swapping, fidelity to direct calls, the
+streamed memory modes (same images as resident) and QUANTIZE=fp8 (runs; its pixel
+difference from bf16 is reported).
 
     python tools/cuda_smoke.py --hf-home /tmp/tiny-hf [--report smoke.json]
 
@@ -51,11 +53,13 @@ def main() -> None:
         report["jobs"].append({"job": name, "timings_ms": out["timings_ms"], "transformers": placement})
         return out
 
-    edit = job("edit", operation="edit", image_base64=png_b64(source), prompt="x", seed=3, return_base64=True,
-               num_inference_steps=2, width=256, height=256)
+    edit_input = dict(operation="edit", image_base64=png_b64(source), prompt="x", seed=3, return_base64=True,
+                      num_inference_steps=2, width=256, height=256)
+    decompose_input = dict(operation="decompose", image_base64=png_b64(source), prompt="a scene", layers=2,
+                           num_inference_steps=2, seed=3, return_base64=True)
+    edit = job("edit", **edit_input)
     assert pipes.edit.transformer.device.type == "cuda" and pipes.layered().transformer.device.type == "cpu"
-    job("decompose", operation="decompose", image_base64=png_b64(source), prompt="a scene", layers=2,
-        num_inference_steps=2, seed=3)
+    decompose = job("decompose", **decompose_input)
     assert pipes.layered().transformer.device.type == "cuda" and pipes.edit.transformer.device.type == "cpu"
     again = job("edit-again", operation="edit", image_base64=png_b64(source), prompt="x", seed=3,
                 return_base64=True, num_inference_steps=2, width=256, height=256)
@@ -70,11 +74,34 @@ def main() -> None:
     report["fidelity_equal"] = got.tobytes() == direct.tobytes()
     report["repeat_equal"] = edit["edited_image_base64"] == again["edited_image_base64"]
     report["dtype"] = str(pipes.edit.transformer.dtype)
+
+    def images(out: dict) -> list[str]:
+        assert "error" not in out, out
+        return [entry["base64"] for entry in out["images"]]
+
+    def fresh_worker(**env) -> Worker:  # the tiny models: the earlier workers may stay
+        torch.cuda.reset_peak_memory_stats()
+        return Worker.start(Settings.from_env({"HF_HOME": args.hf_home, "DEVICE": "cuda", **env}))
+
+    report["memory_modes"] = {}
+    for mode in ("text_offload", "offload"):
+        other = fresh_worker(MEMORY_MODE=mode, PRELOAD="edit,layered")
+        report["memory_modes"][mode] = {
+            "edit_equal": images(other.handle({"id": f"{mode}-edit", "input": edit_input})) == images(edit),
+            "decompose_equal": images(other.handle({"id": f"{mode}-dec", "input": decompose_input})) == images(decompose),
+            "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+    if torch.cuda.get_device_capability() >= (8, 9):
+        fp8 = fresh_worker(QUANTIZE="fp8").handle({"id": "fp8-edit", "input": edit_input})
+        fp8_pixels = Image.open(io.BytesIO(base64.b64decode(images(fp8)[0]))).convert("RGB")
+        difference = [abs(a - b) for a, b in zip(fp8_pixels.tobytes(), got.tobytes())]
+        report["fp8_vs_bf16"] = {"max_abs_8bit": max(difference), "mean_abs_8bit": sum(difference) / len(difference)}
     text = json.dumps(report, indent=2)
     print(text)
     if args.report:
         Path(args.report).write_text(text)
     assert report["fidelity_equal"] and report["repeat_equal"], "outputs differ"
+    assert all(all(v for k, v in checks.items() if k.endswith("_equal")) for checks in report["memory_modes"].values()), \
+        "a memory mode changed the images"
     print("cuda smoke: all checks passed")
 
 
