@@ -18,7 +18,7 @@ from diffusers import QwenImageEditPlusPipeline, QwenImageLayeredPipeline
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from src import memory
+from src import memory, weights
 from src.acceleration import accelerate, check_supported, quantize_blocks_fp8
 from src.config import ConfigError, Settings
 from src.loras import FusedLoras
@@ -91,6 +91,7 @@ class Pipelines:
         # 80 GB card; then the idle one waits in CPU memory and they trade places per job.
         self.swap_transformers = settings.transformer_swap == "always"
         self.memory_mode = "resident"  # load() chooses (MEMORY_MODE)
+        self.prefetched: list[dict] = []  # what WEIGHTS_PREFETCH read, per pipeline loaded
         self.fused_loras = FusedLoras()
         # The ranks of a multi-GPU worker (src/parallel.py sets them after the start-up
         # load): a transformer loaded later runs under context parallelism too.
@@ -108,8 +109,13 @@ class Pipelines:
             self.layered()
         return time.perf_counter() - start
 
+    def prefetch(self, *folders: Path) -> None:
+        if weights.should_prefetch(self.settings.weights_prefetch, self.settings.hf_home):
+            self.prefetched.append(weights.prefetch(weights.weight_files(*folders)))
+
     def load_edit(self) -> QwenImageEditPlusPipeline:
         """The edit pipeline from the cache, in CPU memory."""
+        self.prefetch(self.edit_ref.path)
         processor = load_processor(str(self.edit_ref.path))
         pipeline = QwenImageEditPlusPipeline.from_pretrained(self.edit_ref.path, processor=processor, dtype=self.dtype)
         pipeline.set_progress_bar_config(disable=True)
@@ -120,6 +126,7 @@ class Pipelines:
         text encoder, tokenizer and processor."""
         self.layered_ref = self.layered_ref or locate(self.settings.layered_model, self.settings.hf_home)
         log.info("loading %s@%s", self.layered_ref.repo_id, self.layered_ref.revision[:12])
+        self.prefetch(self.layered_ref.path / "transformer", self.layered_ref.path / "vae")  # its own text encoder stays unread
         pipeline = QwenImageLayeredPipeline.from_pretrained(
             self.layered_ref.path, text_encoder=self.edit.text_encoder, tokenizer=self.edit.tokenizer,
             processor=self.edit.processor, dtype=self.dtype)

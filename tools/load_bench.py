@@ -8,7 +8,8 @@ Saves the transformer as diffusers does (safetensors shards), drops the files fr
 page cache before every read (posix_fadvise DONTNEED: each read is cold), then times:
 a plain sequential read of the files; diffusers' from_pretrained on the CPU followed by
 `.to("cuda")` (what the worker does: safetensors memory-mapped); the same with
-`disable_mmap=True` (whole shards read sequentially: what network volumes need); and
+`disable_mmap=True` (whole shards read sequentially); the worker's way after
+WEIGHTS_PREFETCH (src/weights.py) has read the files into the page cache; and
 `device_map="cuda"` (tensors straight to the GPU).
 """
 
@@ -20,10 +21,14 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from src.weights import prefetch, weight_files  # noqa: E402
 
 READ_CHUNK = 64 * 1024**2
 
@@ -103,6 +108,8 @@ def main() -> None:
         ("plain sequential read", lambda: plain_read(folder)),
         ("from_pretrained (mmap) + .to(cuda): the worker", lambda: load()().to("cuda")),
         ("from_pretrained(disable_mmap=True) + .to(cuda)", lambda: load(disable_mmap=True)().to("cuda")),
+        ("WEIGHTS_PREFETCH, then from_pretrained (mmap) + .to(cuda)",
+         lambda: (prefetch(weight_files(folder)), load()().to("cuda"))),
         ('from_pretrained(device_map="cuda")', load(device_map="cuda")),
     ]
     for label, action in runs:

@@ -1,0 +1,98 @@
+"""Reading the weight files before diffusers memory-maps them (`WEIGHTS_PREFETCH`).
+
+diffusers and transformers load safetensors through mmap: every tensor copied to the
+GPU faults its pages in, a few at a time, in the order the model asks for them. On a
+local disk that costs 1.27x a plain read (README, Speed); on network storage (a RunPod
+network volume) each fault is a round trip. Prefetching reads every weight file front
+to back in large chunks, several files at once, into the page cache, so the mmap reads
+that follow are served from memory. It is on by default (`auto`) where HF_HOME is on a
+network filesystem, and skipped when the files would not fit in available memory (the
+page cache would drop them again).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 64 * 1024**2
+PARALLEL_FILES = 4  # network filesystems serve several streams faster than one
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# Filesystem types (as /proc/mounts names them) whose reads go over a network.
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "lustre", "9p", "fuse", "beegfs",
+                       "gpfs", "wekafs")
+
+
+def filesystem_of(path: Path, mounts: str) -> str:
+    """The type of the filesystem holding `path`, from /proc/mounts' text (longest mount point wins)."""
+    best, best_type = "", ""
+    target = str(path.resolve())
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount_point = fields[1].replace("\\040", " ")
+        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) > len(best):
+            best, best_type = mount_point, fields[2]
+    return best_type
+
+
+def is_network(filesystem: str) -> bool:
+    return filesystem.split(".")[0] in NETWORK_FILESYSTEMS
+
+
+def should_prefetch(setting: str, hf_home: Path, mounts: str | None = None) -> bool:
+    if setting != "auto":
+        return setting == "on"
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return False
+    return is_network(filesystem_of(hf_home, mounts))
+
+
+def weight_files(*folders: Path) -> list[Path]:
+    return sorted({path.resolve() for folder in folders for path in folder.rglob("*")
+                   if path.name.endswith(WEIGHT_SUFFIXES) and path.is_file()})
+
+
+def available_memory_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def prefetch(files: list[Path]) -> dict:
+    """Read `files` into the page cache, several at a time. Returns what was done."""
+    total = sum(path.stat().st_size for path in files)
+    available = available_memory_bytes()
+    if available is not None and total > 0.9 * available:
+        log.info("weights prefetch skipped: %.1f GB of files, %.1f GB of memory available", total / 1e9,
+                 available / 1e9)
+        return {"files": len(files), "bytes": total, "skipped": "not enough memory"}
+    start = time.perf_counter()
+    with ThreadPoolExecutor(PARALLEL_FILES) as pool:
+        read = sum(pool.map(_read_through, files))
+    seconds = time.perf_counter() - start
+    log.info("weights prefetched: %d files, %.1f GB in %.1f s (%.2f GB/s)", len(files), read / 1e9, seconds,
+             read / 1e9 / max(seconds, 1e-9))
+    return {"files": len(files), "bytes": read, "seconds": round(seconds, 2)}
+
+
+def _read_through(path: Path) -> int:
+    buffer = bytearray(CHUNK_BYTES)
+    total = 0
+    with open(path, "rb", buffering=0) as file:
+        while count := file.readinto(buffer):
+            total += count
+    return total
