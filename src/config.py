@@ -130,6 +130,9 @@ class Settings:
             upload_timeout_s=reader.number("UPLOAD_TIMEOUT_S", 20.0, low=0.1, high=300.0),
             upload_backoff_s=reader.number("UPLOAD_BACKOFF_S", 0.5, low=0.0, high=30.0),
         )
+        if settings.quantize != "none" and settings.memory_mode == "offload":
+            raise ConfigError(f"MEMORY_MODE: offload cannot be used with QUANTIZE={settings.quantize} "
+                              "(FP8 needs the transformer resident on the GPU); drop one of them")
         if settings.quantize != "none" and "lightning" in settings.preload:
             raise ConfigError(f"PRELOAD: lightning cannot be used with QUANTIZE={settings.quantize} "
                               "(LoRAs fuse into bf16 weights); drop one of them")

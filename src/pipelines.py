@@ -126,7 +126,8 @@ class Pipelines:
         text encoder, tokenizer and processor."""
         self.layered_ref = self.layered_ref or locate(self.settings.layered_model, self.settings.hf_home)
         log.info("loading %s@%s", self.layered_ref.repo_id, self.layered_ref.revision[:12])
-        self.prefetch(self.layered_ref.path / "transformer", self.layered_ref.path / "vae")  # its own text encoder stays unread
+        # Its own text encoder, which the worker never loads, is not read either.
+        self.prefetch(self.layered_ref.path / "transformer", self.layered_ref.path / "vae")
         pipeline = QwenImageLayeredPipeline.from_pretrained(
             self.layered_ref.path, text_encoder=self.edit.text_encoder, tokenizer=self.edit.tokenizer,
             processor=self.edit.processor, dtype=self.dtype)
@@ -167,8 +168,8 @@ class Pipelines:
         return self._layered
 
     def choose_memory_mode(self) -> None:
-        """MEMORY_MODE, or (auto) the first mode the GPU's free memory holds; on the CPU
-        everything is resident. FP8 needs its transformer resident."""
+        """MEMORY_MODE, or (auto) the first mode the GPU's free memory holds; on the CPU,
+        auto means resident. FP8 needs its transformer resident."""
         if self.device.type != "cuda":
             self.memory_mode = "resident" if self.settings.memory_mode == "auto" else self.settings.memory_mode
             return
