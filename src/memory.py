@@ -5,7 +5,7 @@
                   layer for each prompt; the transformer and VAE stay on the GPU
     offload       the transformers stream in too, one block ahead of the one running
                   (diffusers group offloading on a CUDA side stream): a 24 GB card runs,
-                  at the speed of the PCIe link
+                  bound by the PCIe link
 
 `MEMORY_MODE=auto` (the default) takes the first mode whose resident weights plus
 activation headroom fit the GPU's free memory at start; a mode can be forced. Streaming
@@ -20,7 +20,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-MODES = ("resident", "text_offload", "offload")
 GIB = 1024**3
 # Activation memory kept free next to the resident weights. Measured on the H100 bench:
 # a 1024x1024 edit with one reference peaks about 4 GiB above the weights; the schema
