@@ -132,3 +132,8 @@ def encode_image(image: Image.Image, fmt: str, quality: int) -> bytes:
 
 def to_base64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+def png_base64(image: Image.Image) -> str:
+    """An image as a job sends it: lossless PNG in base64 (the tools' inputs)."""
+    return to_base64(encode_image(image, "png", quality=100))  # quality: jpeg and webp only

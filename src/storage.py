@@ -44,12 +44,14 @@ TRANSIENT_S3_CODES = frozenset({
     "RequestTimeout", "SlowDown", "Throttling", "ThrottlingException", "TooManyRequests",
     "RequestLimitExceeded", "BadDigest", "IncompleteBody", "XAmzContentSHA256Mismatch",
 })
-CONNECT_TIMEOUT_S = 5.0  # a reachable endpoint answers a TCP connect in well under this
-BACKOFF_GROWTH = 8  # the backoff doubles up to this multiple of the first one
 
 
 class StorageError(RuntimeError):
     """An upload that did not complete; the message is safe to return to the caller."""
+
+
+CONNECT_TIMEOUT_S = 5.0  # a reachable endpoint answers a TCP connect in well under this
+BACKOFF_GROWTH = 8  # the backoff doubles up to this multiple of the first one
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ class UploadPolicy:
     attempts: int = 4
     first_backoff_s: float = 0.5
     max_backoff_s: float = 4.0
-    connect_timeout_s: float = 5.0
+    connect_timeout_s: float = CONNECT_TIMEOUT_S
     read_timeout_s: float = 20.0
 
     @classmethod

@@ -82,14 +82,14 @@ def prefetch(files: list[Path]) -> dict:
         return {"files": len(files), "bytes": total, "skipped": "not enough memory"}
     start = time.perf_counter()
     with ThreadPoolExecutor(PARALLEL_FILES) as pool:
-        read = sum(pool.map(_read_through, files))
+        read = sum(pool.map(read_through, files))
     seconds = time.perf_counter() - start
     log.info("weights prefetched: %d files, %.1f GB in %.1f s (%.2f GB/s)", len(files), read / 1e9, seconds,
              read / 1e9 / max(seconds, 1e-9))
     return {"files": len(files), "bytes": read, "seconds": round(seconds, 2)}
 
 
-def _read_through(path: Path) -> int:
+def read_through(path: Path) -> int:
     buffer = bytearray(CHUNK_BYTES)
     total = 0
     with open(path, "rb", buffering=0) as file:

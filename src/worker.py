@@ -7,6 +7,7 @@ the next job; CUDA out-of-memory also asks RunPod for a fresh worker.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
@@ -186,10 +187,8 @@ class Worker:
         """The pipeline that runs `operation`, ready for it: Layered loaded on its first job
         and, on a GPU too small for both transformers, this one back from CPU memory (timed
         as `load`); for edits, exactly `adapters` fused (switching sets timed as `lora`)."""
-        if self.pipes.needs_loading(operation):
-            with timer.stage("load"):
-                self.pipes.for_operation(operation)
-        pipeline = self.pipes.for_operation(operation)
+        with timer.stage("load") if self.pipes.needs_loading(operation) else contextlib.nullcontext():
+            pipeline = self.pipes.for_operation(operation)
         if operation != "decompose" and self.pipes.fused_loras.needs_change(adapters):
             with timer.stage("lora"):
                 self.pipes.fused_loras.apply(pipeline, adapters)

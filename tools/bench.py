@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from src.codec import encode_image, to_base64  # noqa: E402
+from src.codec import png_base64  # noqa: E402
 from src import memory  # noqa: E402
 from src.config import Settings  # noqa: E402
 from src.loras import LoraLibrary  # noqa: E402
@@ -189,10 +189,6 @@ def pass_flops(image_tokens: int, text_tokens: int, dim: int = 3072, layers: int
     return layers * (24 * dim * dim * length + 4 * length * length * dim)
 
 
-def png_b64(image: Image.Image) -> str:
-    return to_base64(encode_image(image, "png", quality=100))  # quality: jpeg and webp only
-
-
 def photo_like(size, seed) -> Image.Image:
     generator = torch.Generator().manual_seed(seed)
     noise = torch.rand((size[1] // 8, size[0] // 8, 3), generator=generator)
@@ -238,10 +234,10 @@ CASES = {  # in the order they run: the edit transformer's cases first, then Lay
 def run_case(worker: Worker, name: str, spec: dict, counter: PassCounter, clock: StageClock | None = None) -> dict:
     spec = dict(spec)
     images = [photo_like((1024, 1024), seed) for seed in range(spec.pop("images", 1))]
-    job = {"image_base64": png_b64(images[0]), "prompt": spec.pop("prompt", "make the sky purple"),
+    job = {"image_base64": png_base64(images[0]), "prompt": spec.pop("prompt", "make the sky purple"),
            "seed": 1, "return_base64": True, **spec}
     if len(images) > 1:
-        job["images_base64"] = [png_b64(image) for image in images[1:]]
+        job["images_base64"] = [png_base64(image) for image in images[1:]]
     if spec["operation"] != "decompose":
         job.update(width=1024, height=1024)
     counter.passes, counter.tokens = 0, []
@@ -336,44 +332,12 @@ LEVERS = {  # name: (attention backend, compile, fp8); FP8 cannot be undone, so 
 }
 
 
-def make_finite(transformer, kwargs: dict, tries: int = 6) -> dict:
-    """Random weights can drive the 60-block stack to inf/NaN, and a deviation of NaN says
-    nothing. Where the output is not finite: record the first block whose output is not,
-    then halve the blocks' linear weights until the output is finite (speed does not
-    depend on the values). Returns what was found and done."""
-    found: dict = {"first_nonfinite_block": None, "weight_scale": 1.0}
-
-    def watch(index):
-        def hook(module, args, output):
-            if found["first_nonfinite_block"] is None and not all(torch.isfinite(t).all() for t in output):
-                found["first_nonfinite_block"] = index
-        return hook
-
-    handles = [block.register_forward_hook(watch(i)) for i, block in enumerate(transformer.transformer_blocks)]
-    kwargs = {**kwargs, "return_dict": False}
-    with torch.inference_mode():
-        for _ in range(tries):
-            if torch.isfinite(transformer(**kwargs)[0]).all():
-                break
-            for name, module in transformer.transformer_blocks.named_modules():
-                if isinstance(module, torch.nn.Linear):
-                    module.weight.mul_(0.5)
-            found["weight_scale"] /= 2
-    for handle in handles:
-        handle.remove()
-    with torch.inference_mode():
-        found["finite"] = bool(torch.isfinite(transformer(**kwargs)[0]).all())
-    print(json.dumps({"finite_inputs": found}), flush=True)
-    return found
-
-
 def measure_levers(worker: Worker, names: list[str], record: dict, out_dir: Path, repeats: int = 5) -> None:
     """Each lever's figures into `record["levers"]`, written after each (a run cut short keeps them)."""
     from src.acceleration import ATTENTION_BACKENDS, quantize_blocks_fp8
 
     transformer = worker.pipes.edit.transformer
     one, two = transformer_inputs(worker, transformer, 1), transformer_inputs(worker, transformer, 2)
-    record["finite_inputs"] = make_finite(transformer, one)
     results = record.setdefault("levers", [])
     tokens = (one["hidden_states"].shape[1], one["encoder_hidden_states"].shape[1])
     reference, quantized = None, False
@@ -417,15 +381,13 @@ def compile_deviation(worker: Worker) -> dict:
     """The compiled edit transformer's output against the same code run eagerly
     (torch.compiler's force_eager stance), on one 1024x1024 pass with one reference."""
     transformer = worker.pipes.for_operation("edit").transformer
-    kwargs = transformer_inputs(worker, transformer, 1)
-    finiteness = make_finite(transformer, kwargs)
-    kwargs["return_dict"] = False
+    kwargs = {**transformer_inputs(worker, transformer, 1), "return_dict": False}
     with torch.inference_mode():
         compiled = transformer(**kwargs)[0].float()
         with torch.compiler.set_stance("force_eager"):
             eager = transformer(**kwargs)[0].float()
     return {"what": "regional compile against eager, edit transformer, 1024x1024, 1 reference",
-            "finite_inputs": finiteness, **deviation(compiled, eager)}
+            **deviation(compiled, eager)}
 
 
 def main() -> None:

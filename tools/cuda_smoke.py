@@ -23,14 +23,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from src.codec import png_base64  # noqa: E402
 from src.config import Settings  # noqa: E402
 from src.worker import Worker  # noqa: E402
-
-
-def png_b64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def main() -> None:
@@ -53,18 +48,18 @@ def main() -> None:
         report["jobs"].append({"job": name, "timings_ms": out["timings_ms"], "transformers": placement})
         return out
 
-    edit_input = dict(operation="edit", image_base64=png_b64(source), prompt="x", seed=3, return_base64=True,
+    edit_input = dict(operation="edit", image_base64=png_base64(source), prompt="x", seed=3, return_base64=True,
                       num_inference_steps=2, width=256, height=256)
-    decompose_input = dict(operation="decompose", image_base64=png_b64(source), prompt="a scene", layers=2,
+    decompose_input = dict(operation="decompose", image_base64=png_base64(source), prompt="a scene", layers=2,
                            num_inference_steps=2, seed=3, return_base64=True)
     edit = job("edit", **edit_input)
     assert pipes.edit.transformer.device.type == "cuda" and pipes.layered().transformer.device.type == "cpu"
     decompose = job("decompose", **decompose_input)
     assert pipes.layered().transformer.device.type == "cuda" and pipes.edit.transformer.device.type == "cpu"
-    again = job("edit-again", operation="edit", image_base64=png_b64(source), prompt="x", seed=3,
+    again = job("edit-again", operation="edit", image_base64=png_base64(source), prompt="x", seed=3,
                 return_base64=True, num_inference_steps=2, width=256, height=256)
     assert pipes.edit.transformer.device.type == "cuda"
-    job("edit-multi", operation="edit_multi", image_base64=png_b64(source), images_base64=[png_b64(source)],
+    job("edit-multi", operation="edit_multi", image_base64=png_base64(source), images_base64=[png_base64(source)],
         prompt="x", seed=3, num_inference_steps=2, width=256, height=256)
 
     direct = pipes.edit(image=[source], prompt="x", negative_prompt=" ", true_cfg_scale=4.0, guidance_scale=1.0,

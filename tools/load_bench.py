@@ -28,9 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from src.weights import prefetch, weight_files  # noqa: E402
-
-READ_CHUNK = 64 * 1024**2
+from src.weights import prefetch, read_through, weight_files  # noqa: E402
 
 
 def drop_from_page_cache(folder: Path) -> None:
@@ -49,16 +47,6 @@ def cached_gib() -> float:
         if line.startswith("Cached:"):
             return int(line.split()[1]) / 2**20
     return float("nan")
-
-
-def plain_read(folder: Path) -> int:
-    buffer = bytearray(READ_CHUNK)
-    total = 0
-    for path in sorted(folder.rglob("*.safetensors")):
-        with open(path, "rb", buffering=0) as file:
-            while count := file.readinto(buffer):
-                total += count
-    return total
 
 
 def timed(label: str, folder: Path, action) -> dict:
@@ -102,15 +90,18 @@ def main() -> None:
     print(json.dumps(results), flush=True)
 
     def load(**kwargs):
-        return lambda: QwenImageTransformer2DModel.from_pretrained(folder, torch_dtype=torch.bfloat16, **kwargs)
+        return QwenImageTransformer2DModel.from_pretrained(folder, torch_dtype=torch.bfloat16, **kwargs)
+
+    def prefetched_load():
+        prefetch(weight_files(folder))
+        return load().to("cuda")
 
     runs = [
-        ("plain sequential read", lambda: plain_read(folder)),
-        ("from_pretrained (mmap) + .to(cuda): the worker", lambda: load()().to("cuda")),
-        ("from_pretrained(disable_mmap=True) + .to(cuda)", lambda: load(disable_mmap=True)().to("cuda")),
-        ("WEIGHTS_PREFETCH, then from_pretrained (mmap) + .to(cuda)",
-         lambda: (prefetch(weight_files(folder)), load()().to("cuda"))),
-        ('from_pretrained(device_map="cuda")', load(device_map="cuda")),
+        ("plain sequential read", lambda: sum(read_through(path) for path in weight_files(folder))),
+        ("from_pretrained (mmap) + .to(cuda): the worker", lambda: load().to("cuda")),
+        ("from_pretrained(disable_mmap=True) + .to(cuda)", lambda: load(disable_mmap=True).to("cuda")),
+        ("WEIGHTS_PREFETCH, then from_pretrained (mmap) + .to(cuda)", prefetched_load),
+        ('from_pretrained(device_map="cuda")', lambda: load(device_map="cuda")),
     ]
     for label, action in runs:
         record = timed(label, folder, action)

@@ -28,7 +28,7 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from src.codec import encode_image, to_base64  # noqa: E402
+from src.codec import png_base64  # noqa: E402
 from src.config import Settings  # noqa: E402
 
 PROMPT = "a red hat"
@@ -40,10 +40,6 @@ def input_image() -> Image.Image:
     image = Image.linear_gradient("L").resize((96, 64)).convert("RGB")
     image.paste((0, 200, 60), (24, 16, 48, 32))
     return image
-
-
-def png_b64(image: Image.Image) -> str:
-    return to_base64(encode_image(image, "png", quality=100))  # quality: jpeg and webp only
 
 
 def watch_tokens(transformer, seen: dict) -> None:
@@ -103,7 +99,7 @@ def main() -> int:
 
     source = input_image()
     source.save(out / "input.png")
-    edit = {"operation": "edit", "image_base64": png_b64(source), "prompt": PROMPT, "seed": SEED,
+    edit = {"operation": "edit", "image_base64": png_base64(source), "prompt": PROMPT, "seed": SEED,
             "num_inference_steps": args.steps, "width": args.size, "height": args.size, "return_base64": True}
     extra = json.loads(Path(args.extra_jobs).read_text()) if args.extra_jobs else {}
     jobs = {"edit": edit, "bad_input": {**edit, "num_inference_steps": 0}, **extra, "edit_again": edit}
