@@ -18,10 +18,10 @@ WORKDIR /app
 
 # 1. Dependencies. The base image's torch and torchvision are pinned as constraints so
 #    that no requirement can pull a different (CPU or other-CUDA) torch over them.
-COPY requirements.txt requirements-gpu.txt ./
+COPY requirements.txt ./
 RUN python -c "import torch, torchvision; print('torch==' + torch.__version__); print('torchvision==' + torchvision.__version__)" \
         > /tmp/base-constraints.txt \
-    && pip install --constraint /tmp/base-constraints.txt --requirement requirements.txt --requirement requirements-gpu.txt \
+    && pip install --constraint /tmp/base-constraints.txt --requirement requirements.txt \
     && rm /tmp/base-constraints.txt \
     && python -c "import torch, diffusers, transformers, runpod; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| diffusers', diffusers.__version__, '| transformers', transformers.__version__, '| runpod', runpod.__version__)"
 

@@ -1,11 +1,13 @@
-"""Speed levers for the transformers on CUDA: FP8, the attention kernel, regional compile.
+"""Speed levers for the transformers on CUDA: the attention kernel, regional compile, and
+the check that the device can run FP8 (`src/fp8.py` does the quantizing).
 
 All are switches (`QUANTIZE`, `ATTENTION_BACKEND`, `COMPILE`), off by default: another
 kernel sums in another order, and FP8 rounds every weight and activation, so outputs
 change, and a change is only turned on once its deviation on the real weights is known.
 `tools/bench.py --levers` measures each alone on the full-size transformer; README quotes
-the figures. On the CPU (tests, demo) none applies, so the fidelity tests compare against
-stock diffusers bit for bit.
+the figures. On the CPU (tests, demo) the attention kernel and compile do not apply, so
+the fidelity tests compare against stock diffusers bit for bit; FP8 runs there too (slowly),
+so its job path is tested.
 
 Regional compile (diffusers' `compile_repeated_blocks`) compiles one transformer block
 and reuses it for all 60, so compiling costs seconds, not minutes. It compiles with
@@ -15,7 +17,6 @@ code, and the warm-up at start compiles it once, so no job pays for it.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 
 import torch
@@ -40,30 +41,16 @@ FP8_MIN_CAPABILITY = (8, 9)
 
 
 def check_supported(quantize: str, device: torch.device) -> None:
-    """ConfigError (a start failure, before any loading) when `device` cannot run `quantize`."""
-    if quantize == "none":
+    """ConfigError (a start failure, before any loading) when `device` cannot run `quantize`.
+    The CPU runs FP8 matmuls in software (tests); a GPU needs FP8 tensor cores."""
+    if quantize == "none" or device.type != "cuda":
         return
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_MIN_CAPABILITY:
-        if importlib.util.find_spec("torchao") is None:
-            raise ConfigError(f"QUANTIZE={quantize} needs torchao: pip install -r requirements-gpu.txt "
-                              "(the Docker image has it)")
-        return
-    have = (f"{torch.cuda.get_device_name(device)} (compute capability "
-            f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))})" if device.type == "cuda" else "no GPU")
-    raise ConfigError(f"QUANTIZE={quantize} needs a GPU with FP8 tensor cores (compute capability 8.9 or newer: "
-                       f"L4, L40S, H100, H200); this worker has {have}")
-
-
-def quantize_blocks_fp8(transformer: torch.nn.Module, device: torch.device) -> None:
-    """FP8 (e4m3) weights and activations for the linears of the 60 transformer blocks,
-    with one scale per weight row and per activation token (torchao), each linear moved
-    to `device` as it is quantized. The embedders and the output projection, small and
-    closest to the pixels, stay in bf16."""
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-
-    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-              filter_fn=lambda module, name: isinstance(module, torch.nn.Linear)
-              and name.startswith("transformer_blocks."), device=device)
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FP8_MIN_CAPABILITY:
+        raise ConfigError(
+            f"QUANTIZE={quantize} needs a GPU with FP8 tensor cores (compute capability 8.9 or newer: L4, L40S, "
+            f"H100, H200); this worker has {torch.cuda.get_device_name(device)} (compute capability "
+            f"{'.'.join(map(str, capability))})")
 
 
 def accelerate(transformer: torch.nn.Module, device: torch.device, *, attention: str, compile_blocks: bool) -> None:

@@ -80,7 +80,7 @@ class Settings:
     compile: bool = False
     quantize: str = "none"
     memory_mode: str = "auto"
-    weights_prefetch: str = "auto"
+    weights_prefetch: str = "on"
     warmup: bool = True
     job_timeout_s: int = 0  # 0: off
     # Each result upload: attempts (PUT and read-back), each request's read timeout, and
@@ -123,7 +123,7 @@ class Settings:
             compile=reader.flag("COMPILE", False),
             quantize=reader.choice("QUANTIZE", "none", ("none", "fp8")),
             memory_mode=reader.choice("MEMORY_MODE", "auto", ("auto", "resident", "text_offload", "offload")),
-            weights_prefetch=reader.choice("WEIGHTS_PREFETCH", "auto", ("auto", "on", "off")),
+            weights_prefetch=reader.choice("WEIGHTS_PREFETCH", "on", ("on", "auto", "off")),
             warmup=reader.flag("WARMUP", True),
             job_timeout_s=reader.integer("JOB_TIMEOUT_S", 0, low=0, high=MAX_JOB_TIMEOUT_S),
             upload_attempts=reader.integer("UPLOAD_ATTEMPTS", 4, low=1, high=10),

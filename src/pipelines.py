@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +19,8 @@ from diffusers import QwenImageEditPlusPipeline, QwenImageLayeredPipeline
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from src import memory, weights
-from src.acceleration import accelerate, check_supported, quantize_blocks_fp8
+from src import fp8, memory, weights
+from src.acceleration import accelerate, check_supported
 from src.config import ConfigError, Settings
 from src.loras import FusedLoras
 from src.vl_processor import load_processor
@@ -102,20 +103,28 @@ class Pipelines:
         start = time.perf_counter()
         log.info("loading %s@%s onto %s (%s)", self.edit_ref.repo_id, self.edit_ref.revision[:12],
                  self.device, self.dtype)
+        reading = self.read_ahead(self.edit_ref.path)
         self.edit = self.load_edit()
         self.choose_memory_mode()
-        self.prepare(self.edit)
+        self.prepare(self.edit)  # the copies to the GPU: the read-ahead is often still reading
+        self.finish_read_ahead(reading)
         if "layered" in self.settings.preload:
             self.layered()
         return time.perf_counter() - start
 
-    def prefetch(self, *folders: Path) -> None:
+    def read_ahead(self, *folders: Path) -> Future | None:
+        """WEIGHTS_PREFETCH: the weight files in `folders` read on a background thread while
+        the caller loads them; `finish_read_ahead` waits for it."""
         if weights.should_prefetch(self.settings.weights_prefetch, self.settings.hf_home):
-            self.prefetched.append(weights.prefetch(weights.weight_files(*folders)))
+            return weights.read_ahead(weights.weight_files(*folders))
+        return None
+
+    def finish_read_ahead(self, reading: Future | None) -> None:
+        if reading is not None:
+            self.prefetched.append(reading.result())
 
     def load_edit(self) -> QwenImageEditPlusPipeline:
         """The edit pipeline from the cache, in CPU memory."""
-        self.prefetch(self.edit_ref.path)
         processor = load_processor(str(self.edit_ref.path))
         pipeline = QwenImageEditPlusPipeline.from_pretrained(self.edit_ref.path, processor=processor, dtype=self.dtype)
         pipeline.set_progress_bar_config(disable=True)
@@ -124,10 +133,7 @@ class Pipelines:
     def load_layered(self) -> QwenImageLayeredPipeline:
         """The Layered pipeline from the cache, in CPU memory, sharing the edit pipeline's
         text encoder, tokenizer and processor."""
-        self.layered_ref = self.layered_ref or locate(self.settings.layered_model, self.settings.hf_home)
         log.info("loading %s@%s", self.layered_ref.repo_id, self.layered_ref.revision[:12])
-        # Its own text encoder, which the worker never loads, is not read either.
-        self.prefetch(self.layered_ref.path / "transformer", self.layered_ref.path / "vae")
         pipeline = QwenImageLayeredPipeline.from_pretrained(
             self.layered_ref.path, text_encoder=self.edit.text_encoder, tokenizer=self.edit.tokenizer,
             processor=self.edit.processor, dtype=self.dtype)
@@ -139,7 +145,7 @@ class Pipelines:
         FP8 quantizes each linear on the GPU as it moves there, so the bf16 transformer
         never has to fit whole."""
         if self.settings.quantize == "fp8":
-            quantize_blocks_fp8(pipeline.transformer, self.device)
+            fp8.quantize_blocks(pipeline.transformer, self.device)
         memory.place(pipeline, self.memory_mode, self.device, text_encoder_placed=text_encoder_placed)
         self.accelerate(pipeline.transformer)
 
@@ -154,6 +160,9 @@ class Pipelines:
                 self.swap_transformers = False
             elif self.settings.transformer_swap == "auto" and self.device.type == "cuda":
                 # Layered's transformer has the edit transformer's shape: as many parameters.
+                # Blocks freed while preparing (FP8's bf16 originals) still sit in torch's
+                # cache, which the driver counts as used: give them back first.
+                torch.cuda.empty_cache()
                 free_bytes, _ = torch.cuda.mem_get_info(self.device)
                 needed = (self.prepared_bytes(self.edit.transformer) + memory.bytes_of(self.edit.vae)
                           + memory.ACTIVATION_HEADROOM_BYTES)
@@ -162,8 +171,12 @@ class Pipelines:
                 log.info("GPU too small for both transformers: the idle one waits in CPU memory")
                 self.edit.transformer.to("cpu")
                 torch.cuda.empty_cache()
+            self.layered_ref = self.layered_ref or locate(self.settings.layered_model, self.settings.hf_home)
+            # Its own text encoder, which the worker never loads, is not read either.
+            reading = self.read_ahead(self.layered_ref.path / "transformer", self.layered_ref.path / "vae")
             layered = self.load_layered()
             self.prepare(layered, text_encoder_placed=True)
+            self.finish_read_ahead(reading)
             self._layered = layered
         return self._layered
 

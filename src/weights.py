@@ -1,20 +1,24 @@
-"""Reading the weight files before diffusers memory-maps them (`WEIGHTS_PREFETCH`).
+"""Reading the weight files ahead of diffusers' memory-mapped loads (`WEIGHTS_PREFETCH`).
 
 diffusers and transformers load safetensors through mmap: every tensor copied to the
 GPU faults its pages in, a few at a time, in the order the model asks for them. On a
-local disk that costs 1.27x a plain read (README, Speed); on network storage (a RunPod
+local disk that costs 1.3x a plain read (README, Speed); on network storage (a RunPod
 network volume) each fault is a round trip. Prefetching reads every weight file front
-to back in large chunks, several files at once, into the page cache, so the mmap reads
-that follow are served from memory. It is on by default (`auto`) where HF_HOME is on a
-network filesystem, and skipped when the files would not fit in available memory (the
-page cache would drop them again).
+to back in large chunks, several files at once, into the page cache, on a background
+thread while the loader runs: the loader's mmap reads then find their pages in memory,
+and its copies to the GPU overlap the reading of later files. On by default: on the
+H100's local disk it took a cold start from 1.28x to 1.15x a plain read (README, Speed),
+and on network storage it replaces page faults with large parallel reads. `auto` keeps
+it to network filesystems. Skipped when the files would not fit in available memory
+(the page cache would drop them again).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -87,6 +91,21 @@ def prefetch(files: list[Path]) -> dict:
     log.info("weights prefetched: %d files, %.1f GB in %.1f s (%.2f GB/s)", len(files), read / 1e9, seconds,
              read / 1e9 / max(seconds, 1e-9))
     return {"files": len(files), "bytes": read, "seconds": round(seconds, 2)}
+
+
+def read_ahead(files: list[Path]) -> Future:
+    """`prefetch(files)` on a background thread; the Future gives its report. A daemon
+    thread, so a start that fails meanwhile exits without waiting for the reading."""
+    reading: Future = Future()
+
+    def run() -> None:
+        try:
+            reading.set_result(prefetch(files))
+        except BaseException as exc:  # handed to whoever waits on the Future
+            reading.set_exception(exc)
+
+    threading.Thread(target=run, name="weights-read-ahead", daemon=True).start()
+    return reading
 
 
 def read_through(path: Path) -> int:

@@ -41,15 +41,12 @@ def test_missing_layered_model_fails_the_start_when_preloaded(hf_home, tmp_path)
     ({"QUANTIZE": "fp8", "PRELOAD": "edit,lightning"},
      "start failed: PRELOAD: lightning cannot be used with QUANTIZE=fp8 (LoRAs fuse into bf16 weights); "
      "drop one of them"),
-    ({"QUANTIZE": "fp8", "DEVICE": "cpu"},
-     "start failed: QUANTIZE=fp8 needs a GPU with FP8 tensor cores (compute capability 8.9 or newer: L4, L40S, "
-     "H100, H200); this worker has no GPU"),
     ({"QUANTIZE": "fp8", "MEMORY_MODE": "offload"},
      "start failed: MEMORY_MODE: offload cannot be used with QUANTIZE=fp8 (FP8 needs the transformer resident on "
      "the GPU); drop one of them"),
     ({"MEMORY_MODE": "tiny"},
      "start failed: MEMORY_MODE: 'tiny' is not allowed; allowed: auto, resident, text_offload, offload"),
-], ids=["PRESIGN_EXPIRY_S", "JOB_TIMEOUT_S", "UPLOAD_ATTEMPTS", "QUANTIZE", "QUANTIZE_lightning", "QUANTIZE_cpu",
+], ids=["PRESIGN_EXPIRY_S", "JOB_TIMEOUT_S", "UPLOAD_ATTEMPTS", "QUANTIZE", "QUANTIZE_lightning",
         "QUANTIZE_offload", "MEMORY_MODE"])
 def test_bad_environment_value(hf_home, env, line):
     done = start({"HF_HOME": str(hf_home), **env})

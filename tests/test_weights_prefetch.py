@@ -1,5 +1,5 @@
-"""WEIGHTS_PREFETCH (src/weights.py): which filesystems count as network storage, and a
-start that prefetches reads every weight file the worker loads, and only those."""
+"""WEIGHTS_PREFETCH (src/weights.py): which filesystems count as network storage (`auto`),
+and a start that reads ahead reads every weight file the worker loads, and only those."""
 
 from __future__ import annotations
 
@@ -55,9 +55,18 @@ def test_a_prefetching_start_reads_the_files_it_loads(hf_home):
     assert all("text_encoder" not in path.parts for path in layered_files)
 
 
-def test_no_prefetch_off_network_storage(hf_home):
+def test_auto_reads_nothing_ahead_off_network_storage(hf_home):
     if weights.should_prefetch("auto", hf_home):
         pytest.skip(f"{hf_home} is on network storage here")
-    pipes = Pipelines(Settings.from_env({"HF_HOME": str(hf_home), "DEVICE": "cpu"}))  # auto, on a local disk
+    pipes = Pipelines(Settings.from_env({"HF_HOME": str(hf_home), "DEVICE": "cpu", "WEIGHTS_PREFETCH": "auto"}))
     pipes.load()
     assert pipes.prefetched == []
+
+
+def test_the_default_reads_ahead_on_any_storage(hf_home):
+    """On the H100's local disk the read-ahead took the cold start from 1.28x to 1.15x a
+    plain read (README, Speed), so it is on unless turned off."""
+    pipes = Pipelines(Settings.from_env({"HF_HOME": str(hf_home), "DEVICE": "cpu"}))
+    pipes.load()
+    edit_files = weights.weight_files(pipes.edit_ref.path)
+    assert [report["bytes"] for report in pipes.prefetched] == [sum(path.stat().st_size for path in edit_files)]

@@ -334,7 +334,8 @@ LEVERS = {  # name: (attention backend, compile, fp8); FP8 cannot be undone, so 
 
 def measure_levers(worker: Worker, names: list[str], record: dict, out_dir: Path, repeats: int = 5) -> None:
     """Each lever's figures into `record["levers"]`, written after each (a run cut short keeps them)."""
-    from src.acceleration import ATTENTION_BACKENDS, quantize_blocks_fp8
+    from src.acceleration import ATTENTION_BACKENDS
+    from src.fp8 import quantize_blocks
 
     transformer = worker.pipes.edit.transformer
     one, two = transformer_inputs(worker, transformer, 1), transformer_inputs(worker, transformer, 2)
@@ -348,7 +349,7 @@ def measure_levers(worker: Worker, names: list[str], record: dict, out_dir: Path
             if quantized:
                 results.append({"lever": name, "error": "bf16 levers must come before the fp8 ones"})
                 continue
-            quantize_blocks_fp8(transformer, worker.pipes.device)
+            quantize_blocks(transformer, worker.pipes.device)
             quantized = True
         transformer.set_attention_backend(ATTENTION_BACKENDS[attention])
         if compiled:

@@ -8,9 +8,10 @@ Saves the transformer as diffusers does (safetensors shards), drops the files fr
 page cache before every read (posix_fadvise DONTNEED: each read is cold), then times:
 a plain sequential read of the files; diffusers' from_pretrained on the CPU followed by
 `.to("cuda")` (what the worker does: safetensors memory-mapped); the same with
-`disable_mmap=True` (whole shards read sequentially); the worker's way after
-WEIGHTS_PREFETCH (src/weights.py) has read the files into the page cache; and
-`device_map="cuda"` (tensors straight to the GPU).
+`disable_mmap=True` (whole shards read sequentially); the same after a prefetch has
+read the files into the page cache first; the worker's way with WEIGHTS_PREFETCH
+(src/weights.py: the read-ahead thread running while it loads); and
+`device_map="cuda"` (tensors straight to the GPU). `--runs` picks some of them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from src.weights import prefetch, read_through, weight_files  # noqa: E402
+from src.weights import prefetch, read_ahead, read_through, weight_files  # noqa: E402
 
 
 def drop_from_page_cache(folder: Path) -> None:
@@ -70,6 +71,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default="/tmp/load-bench")
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--runs", default="read,worker,no_mmap,prefetch,read_ahead,device_map",
+                        help="comma list of: read, worker, no_mmap, prefetch, read_ahead, device_map")
+    parser.add_argument("--label", default="load", help="names the results file")
     args = parser.parse_args()
     folder = Path(args.dir) / "transformer"
 
@@ -85,7 +89,7 @@ def main() -> None:
     drop_from_page_cache(folder)
     size = sum(path.stat().st_size for path in folder.rglob("*.safetensors"))
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "date": datetime.date.today().isoformat(), "label": "load",
+               "date": datetime.date.today().isoformat(), "label": args.label,
                "bytes": size, "save_s": round(time.perf_counter() - start, 1), "runs": []}
     print(json.dumps(results), flush=True)
 
@@ -96,14 +100,22 @@ def main() -> None:
         prefetch(weight_files(folder))
         return load().to("cuda")
 
-    runs = [
-        ("plain sequential read", lambda: sum(read_through(path) for path in weight_files(folder))),
-        ("from_pretrained (mmap) + .to(cuda): the worker", lambda: load().to("cuda")),
-        ("from_pretrained(disable_mmap=True) + .to(cuda)", lambda: load(disable_mmap=True).to("cuda")),
-        ("WEIGHTS_PREFETCH, then from_pretrained (mmap) + .to(cuda)", prefetched_load),
-        ('from_pretrained(device_map="cuda")', lambda: load(device_map="cuda")),
-    ]
-    for label, action in runs:
+    def read_ahead_load():
+        reading = read_ahead(weight_files(folder))
+        model = load().to("cuda")
+        reading.result()
+        return model
+
+    runs = {  # key (for --runs): (label, action)
+        "read": ("plain sequential read", lambda: sum(read_through(path) for path in weight_files(folder))),
+        "worker": ("from_pretrained (mmap) + .to(cuda): the worker", lambda: load().to("cuda")),
+        "no_mmap": ("from_pretrained(disable_mmap=True) + .to(cuda)", lambda: load(disable_mmap=True).to("cuda")),
+        "prefetch": ("prefetch first, then from_pretrained (mmap) + .to(cuda)", prefetched_load),
+        "read_ahead": ("WEIGHTS_PREFETCH: read-ahead thread during from_pretrained (mmap) + .to(cuda)",
+                       read_ahead_load),
+        "device_map": ('from_pretrained(device_map="cuda")', lambda: load(device_map="cuda")),
+    }
+    for label, action in (runs[key] for key in args.runs.split(",")):
         record = timed(label, folder, action)
         record["gb_per_s"] = round(size / record["seconds"] / 1e9, 2)
         results["runs"].append(record)
@@ -114,7 +126,7 @@ def main() -> None:
 def write(results: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", results["gpu"]).strip("-").lower()
-    (out_dir / f"{gpu}-{results['date']}-load.json").write_text(json.dumps(results, indent=2))
+    (out_dir / f"{gpu}-{results['date']}-{results['label']}.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

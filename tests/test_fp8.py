@@ -1,0 +1,108 @@
+"""QUANTIZE=fp8 (src/fp8.py): the scaled FP8 linear against the linear it replaces, which
+layers are replaced, and the worker's job path with FP8 on the CPU (torch's CPU build
+runs the same scaled matmul as the GPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from src.config import Settings
+from src.fp8 import E4M3_MAX, Fp8Linear, quantize_blocks, rowwise_fp8
+from src.worker import Worker
+from tests.conftest import FAST, image_from_b64, png_b64, sample_image
+
+# e4m3 keeps 3 mantissa bits: rounding moves a value by at most 2**-4 of itself, or, near
+# zero (subnormals, steps of 2**-9), by half a step.
+E4M3_RELATIVE_STEP, E4M3_SUBNORMAL_HALF_STEP = 2**-4, 2**-10
+
+
+def relative_l2(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm())
+
+
+def test_rowwise_values_times_scales_give_the_rows_back():
+    rows = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)) * torch.logspace(-3, 3, 64)[:, None]
+    values, scales = rowwise_fp8(rows)
+    assert values.dtype == torch.float8_e4m3fn and scales.shape == (64, 1)
+    # Each row's largest value maps to e4m3's largest: the whole range is used, per row.
+    assert torch.allclose(values.float().abs().amax(dim=1), torch.full((64,), E4M3_MAX))
+    restored = values.float() * scales
+    assert torch.all((restored - rows).abs() <= E4M3_RELATIVE_STEP * rows.abs() + E4M3_SUBNORMAL_HALF_STEP * scales)
+
+
+def test_fp8_linear_is_close_to_the_linear_it_replaces_but_not_equal():
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(256, 384)
+    x = torch.randn(2, 7, 256, generator=generator)
+    want = linear(x)
+    got = Fp8Linear(linear)(x)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    # Weights and activations each round by up to 2**-4; summed over 256 products the
+    # errors average out to a few percent of the output.
+    assert 1e-3 < relative_l2(got, want) < 0.05
+    assert Fp8Linear(linear).weight.dtype == torch.float8_e4m3fn
+
+
+def test_zero_rows_give_the_bias_and_no_nans():
+    linear = torch.nn.Linear(32, 16)
+    out = Fp8Linear(linear)(torch.zeros(3, 32))
+    assert torch.equal(out, linear.bias.detach().expand(3, 16))
+
+
+def test_only_the_blocks_linears_are_replaced(hf_home):
+    from diffusers import QwenImageTransformer2DModel
+
+    folder = next((hf_home / "hub" / "models--Qwen--Qwen-Image-Edit-2511" / "snapshots").iterdir()) / "transformer"
+    transformer = QwenImageTransformer2DModel.from_pretrained(folder)
+    in_blocks = sum(isinstance(m, torch.nn.Linear) for m in transformer.transformer_blocks.modules())
+    outside = [name for name, m in transformer.named_modules()
+               if isinstance(m, torch.nn.Linear) and not name.startswith("transformer_blocks.")]
+    assert quantize_blocks(transformer, torch.device("cpu")) == in_blocks > 0
+    assert not any(type(m) is torch.nn.Linear for m in transformer.transformer_blocks.modules())
+    # The embedders and the output projection keep their precision.
+    assert outside and all(type(transformer.get_submodule(name)) is torch.nn.Linear for name in outside)
+
+
+@pytest.fixture(scope="module")
+def fp8_worker(worker_env):
+    return Worker.start(Settings.from_env({**worker_env, "QUANTIZE": "fp8", "PRELOAD": "edit,layered"}))
+
+
+def job(**extra) -> dict:
+    return {"image_base64": png_b64(sample_image()), "prompt": "a red hat", "seed": 11, "return_base64": True,
+            **FAST, **extra}
+
+
+def pixels(entry: dict) -> np.ndarray:
+    return np.asarray(image_from_b64(entry["base64"])).astype(int)
+
+
+@pytest.mark.parametrize("request_input", [
+    job(),
+    job(operation="decompose", layers=2, width=None, height=None),
+], ids=["edit", "decompose"])
+def test_fp8_jobs_stay_near_the_unquantized_images(fp8_worker, worker, request_input):
+    request_input = {key: value for key, value in request_input.items() if value is not None}
+    for pipeline in (fp8_worker.pipes.edit, fp8_worker.pipes.layered()):
+        assert all(type(m) is not torch.nn.Linear for m in pipeline.transformer.transformer_blocks.modules())
+    quantized = fp8_worker.handle({"id": "fp8", "input": request_input})
+    reference = worker.handle({"id": "full", "input": request_input})
+    assert "error" not in quantized, quantized
+    assert len(quantized["images"]) == len(reference["images"])
+    for got, want in zip(quantized["images"], reference["images"]):
+        difference = np.abs(pixels(got) - pixels(want))
+        # Tiny random weights amplify rounding (README: at most a few 8-bit levels on
+        # average); the images differ, so FP8 ran, and stay close.
+        assert 0 < difference.mean() < 8, (got["name"], difference.mean())
+
+
+@pytest.mark.parametrize("extra, key", [({"lightning": 4}, "lightning"),
+                                        ({"loras": [{"source": "tiny_lora_diffusers.safetensors"}]}, "loras")])
+def test_fp8_refuses_loras_and_serves_the_next_job(fp8_worker, extra, key):
+    request_input = {key: value for key, value in job(**extra).items() if key != "num_inference_steps"}
+    out = fp8_worker.handle({"id": "lora", "input": request_input})
+    assert out == {"error": f"{key}: LoRAs fuse into bf16 weights, and this worker runs QUANTIZE=fp8; "
+                            "use a worker with QUANTIZE=none"}
+    assert fp8_worker.handle({"id": "next", "input": job()})["success"] is True
