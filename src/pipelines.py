@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from diffusers import QwenImageEditPlusPipeline, QwenImageLayeredPipeline
@@ -103,23 +104,21 @@ class Pipelines:
         start = time.perf_counter()
         log.info("loading %s@%s onto %s (%s)", self.edit_ref.repo_id, self.edit_ref.revision[:12],
                  self.device, self.dtype)
-        reading = self.read_ahead(self.edit_ref.path)
-        self.edit = self.load_edit()
-        self.choose_memory_mode()
-        self.prepare(self.edit)  # the copies to the GPU: the read-ahead is often still reading
-        self.finish_read_ahead(reading)
+        with self.reading_ahead(self.edit_ref.path):
+            self.edit = self.load_edit()
+            self.choose_memory_mode()
+            self.prepare(self.edit)  # the copies to the GPU, while later files are still being read
         if "layered" in self.settings.preload:
             self.layered()
         return time.perf_counter() - start
 
-    def read_ahead(self, *folders: Path) -> Future | None:
+    @contextmanager
+    def reading_ahead(self, *folders: Path) -> Iterator[None]:
         """WEIGHTS_PREFETCH: the weight files in `folders` read on a background thread while
-        the caller loads them; `finish_read_ahead` waits for it."""
-        if weights.should_prefetch(self.settings.weights_prefetch, self.settings.hf_home):
-            return weights.read_ahead(weights.weight_files(*folders))
-        return None
-
-    def finish_read_ahead(self, reading: Future | None) -> None:
+        the body loads them, and waited for at its end (not after a failure)."""
+        reading = (weights.read_ahead(weights.weight_files(*folders))
+                   if weights.should_prefetch(self.settings.weights_prefetch, self.settings.hf_home) else None)
+        yield
         if reading is not None:
             self.prefetched.append(reading.result())
 
@@ -173,10 +172,9 @@ class Pipelines:
                 torch.cuda.empty_cache()
             self.layered_ref = self.layered_ref or locate(self.settings.layered_model, self.settings.hf_home)
             # Its own text encoder, which the worker never loads, is not read either.
-            reading = self.read_ahead(self.layered_ref.path / "transformer", self.layered_ref.path / "vae")
-            layered = self.load_layered()
-            self.prepare(layered, text_encoder_placed=True)
-            self.finish_read_ahead(reading)
+            with self.reading_ahead(self.layered_ref.path / "transformer", self.layered_ref.path / "vae"):
+                layered = self.load_layered()
+                self.prepare(layered, text_encoder_placed=True)
             self._layered = layered
         return self._layered
 
