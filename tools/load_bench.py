@@ -7,7 +7,7 @@ just to read those bytes.
 Saves the transformer as diffusers does (safetensors shards), drops the files from the
 page cache before every read (posix_fadvise DONTNEED: each read is cold), then times:
 a plain sequential read of the files; diffusers' from_pretrained on the CPU followed by
-`.to("cuda")` (what the worker does: safetensors memory-mapped); the same with
+`.to("cuda")` (safetensors memory-mapped, as the worker loads); the same with
 `disable_mmap=True` (whole shards read sequentially); the same after a prefetch has
 read the files into the page cache first; the worker's way with WEIGHTS_PREFETCH
 (src/weights.py: the read-ahead thread running while it loads); and
@@ -71,8 +71,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default="/tmp/load-bench")
     parser.add_argument("--out", default="bench/results")
-    parser.add_argument("--runs", default="read,worker,no_mmap,prefetch,read_ahead,device_map",
-                        help="comma list of: read, worker, no_mmap, prefetch, read_ahead, device_map")
+    parser.add_argument("--runs", default="read,mmap,no_mmap,prefetch,read_ahead,device_map",
+                        help="comma list of: read, mmap, no_mmap, prefetch, read_ahead, device_map")
     parser.add_argument("--label", default="load", help="names the results file")
     args = parser.parse_args()
     folder = Path(args.dir) / "transformer"
@@ -108,7 +108,7 @@ def main() -> None:
 
     runs = {  # key (for --runs): (label, action)
         "read": ("plain sequential read", lambda: sum(read_through(path) for path in weight_files(folder))),
-        "worker": ("from_pretrained (mmap) + .to(cuda): the worker", lambda: load().to("cuda")),
+        "mmap": ("from_pretrained (mmap) + .to(cuda), no read-ahead", lambda: load().to("cuda")),
         "no_mmap": ("from_pretrained(disable_mmap=True) + .to(cuda)", lambda: load(disable_mmap=True).to("cuda")),
         "prefetch": ("prefetch first, then from_pretrained (mmap) + .to(cuda)", prefetched_load),
         "read_ahead": ("WEIGHTS_PREFETCH: read-ahead thread during from_pretrained (mmap) + .to(cuda)",
