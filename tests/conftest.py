@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +46,16 @@ def fetch(url: str) -> Image.Image:
     image = Image.open(io.BytesIO(fetch_bytes(url).content))
     image.load()
     return image
+
+
+def direct_edit(pipeline, images, prompt, seed, **kwargs) -> Image.Image:
+    """What the diffusers pipeline itself returns for these inputs and seed."""
+    return pipeline(image=images, prompt=prompt, negative_prompt=" ", true_cfg_scale=4.0,
+                    guidance_scale=1.0, generator=torch.Generator("cpu").manual_seed(seed), **kwargs).images[0]
+
+
+def same_pixels(a: Image.Image, b: Image.Image) -> bool:
+    return a.size == b.size and a.mode == b.mode and a.tobytes() == b.tobytes()
 
 
 def job_r2(endpoint_url: str, bucket: str, key_id: str = "job-key-id", secret: str = "job-secret") -> dict:

@@ -11,7 +11,7 @@ import torch
 from src.config import Settings
 from src.fp8 import E4M3_MAX, Fp8Linear, quantize_blocks, rowwise_fp8
 from src.worker import Worker
-from tests.conftest import FAST, image_from_b64, png_b64, sample_image
+from tests.conftest import FAST, direct_edit, image_from_b64, png_b64, same_pixels, sample_image
 
 # e4m3 keeps 3 mantissa bits: rounding moves a value by at most 2**-4 of itself, or, near
 # zero (subnormals, steps of 2**-9), by half a step.
@@ -98,6 +98,23 @@ def test_fp8_jobs_stay_near_the_unquantized_images(fp8_worker, worker, request_i
         # Tiny random weights amplify rounding (README: at most a few 8-bit levels on
         # average); the images differ, so FP8 ran, and stay close.
         assert 0 < difference.mean() < 8, (got["name"], difference.mean())
+
+
+def test_fp8_edit_equals_the_pipeline_with_quantized_blocks_called_directly(fp8_worker):
+    """FP8 is the only change: diffusers' pipeline, its blocks quantized the same way and
+    called directly, gives the worker's pixels."""
+    from diffusers import QwenImageEditPlusPipeline
+
+    from src.vl_processor import load_processor
+
+    path = fp8_worker.pipes.edit_ref.path
+    pipeline = QwenImageEditPlusPipeline.from_pretrained(path, processor=load_processor(str(path)),
+                                                         dtype=torch.float32)
+    quantize_blocks(pipeline.transformer, torch.device("cpu"))
+    source = sample_image()
+    out = fp8_worker.handle({"id": "fp8-fidelity", "input": {**job(), "seed": 1234}})
+    expected = direct_edit(pipeline, [source], "a red hat", 1234, num_inference_steps=2, width=256, height=256)
+    assert same_pixels(image_from_b64(out["edited_image_base64"]).convert("RGB"), expected)
 
 
 @pytest.mark.parametrize("extra, key", [({"lightning": 4}, "lightning"),

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from src.worker import Worker
-from tests.conftest import FAST, fetch, image_from_b64, png_b64, sample_image
+from tests.conftest import FAST, direct_edit, fetch, image_from_b64, png_b64, same_pixels, sample_image
 
 
 
@@ -20,16 +20,6 @@ def run(worker: Worker, job_id: str = "job-1", **job_input) -> dict:
     output = worker.handle({"id": job_id, "input": job_input}, progress=updates.append)
     output["_progress"] = updates
     return output
-
-
-def direct_edit(pipeline, images, prompt, seed, **kwargs) -> Image.Image:
-    """What the diffusers pipeline itself returns for these inputs and seed."""
-    return pipeline(image=images, prompt=prompt, negative_prompt=" ", true_cfg_scale=4.0,
-                    guidance_scale=1.0, generator=torch.Generator("cpu").manual_seed(seed), **kwargs).images[0]
-
-
-def same_pixels(a: Image.Image, b: Image.Image) -> bool:
-    return a.size == b.size and a.mode == b.mode and a.tobytes() == b.tobytes()
 
 
 # --- edit ---------------------------------------------------------------------
