@@ -31,6 +31,14 @@ ACTIVATION_HEADROOM_BYTES = 8 * GIB
 FP8_TRANSFORMER_SHARE = 0.52
 
 
+def free_gpu_bytes(device: torch.device) -> int:
+    """What the GPU can still hold. Blocks torch has freed but keeps cached (FP8's bf16
+    originals, a swapped-out transformer) count as used to the driver: they go back first."""
+    torch.cuda.empty_cache()
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    return free_bytes
+
+
 def bytes_of(*modules: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for module in modules for p in module.parameters())
 

@@ -159,10 +159,7 @@ class Pipelines:
                 self.swap_transformers = False
             elif self.settings.transformer_swap == "auto" and self.device.type == "cuda":
                 # Layered's transformer has the edit transformer's shape: as many parameters.
-                # Blocks freed while preparing (FP8's bf16 originals) still sit in torch's
-                # cache, which the driver counts as used: give them back first.
-                torch.cuda.empty_cache()
-                free_bytes, _ = torch.cuda.mem_get_info(self.device)
+                free_bytes = memory.free_gpu_bytes(self.device)
                 needed = (self.prepared_bytes(self.edit.transformer) + memory.bytes_of(self.edit.vae)
                           + memory.ACTIVATION_HEADROOM_BYTES)
                 self.swap_transformers = needed > free_bytes
@@ -184,7 +181,7 @@ class Pipelines:
         if self.device.type != "cuda":
             self.memory_mode = "resident" if self.settings.memory_mode == "auto" else self.settings.memory_mode
             return
-        free_bytes, _ = torch.cuda.mem_get_info(self.device)
+        free_bytes = memory.free_gpu_bytes(self.device)
         self.memory_mode = memory.choose(self.settings.memory_mode, free_bytes,
                                          transformer=self.prepared_bytes(self.edit.transformer),
                                          text_encoder=memory.bytes_of(self.edit.text_encoder),

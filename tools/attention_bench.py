@@ -11,13 +11,17 @@ counts of the bench's cases, and checks each against the math kernel in float32.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
-import re
+import sys
 from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tools.bench_results import write_results  # noqa: E402
 
 HEADS, HEAD_DIM = 24, 128
 # Image + text tokens per pass (tools/bench.py's cases): a 1024x1024 edit with one and with
@@ -46,7 +50,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "cudnn": torch.backends.cudnn.version(), "date": datetime.date.today().isoformat(), "cases": []}
+               "cudnn": torch.backends.cudnn.version(), "date": datetime.date.today().isoformat(),
+               "label": "attention", "cases": []}
     for case, length in LENGTHS.items():
         q, k, v = (torch.randn(1, HEADS, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         with sdpa_kernel(SDPBackend.MATH):
@@ -56,11 +61,8 @@ def main() -> None:
             def call():
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v)
             try:
-                if kernel is None:
+                with sdpa_kernel(kernel) if kernel else contextlib.nullcontext():
                     ms, out = time_ms(call), call()
-                else:
-                    with sdpa_kernel(kernel):
-                        ms, out = time_ms(call), call()
             except RuntimeError as exc:
                 results["cases"].append({"case": case, "kernel": name, "error": str(exc)[:200]})
                 continue
@@ -69,12 +71,7 @@ def main() -> None:
                                      "tflops": round(flops / ms / 1e9, 1), "per_pass_60_blocks_s": round(60 * ms / 1e3, 4),
                                      "rel_l2_vs_fp32": rel})
             print(json.dumps(results["cases"][-1]), flush=True)
-    gpu = re.sub(r"[^A-Za-z0-9]+", "-", results["gpu"]).strip("-").lower()
-    path = Path(args.out) / f"{gpu}-{results['date']}-attention.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
-    print(f"wrote {path}")
-
+    write_results(results, Path(args.out))
 
 if __name__ == "__main__":
     main()

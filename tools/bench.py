@@ -27,7 +27,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from src.codec import png_base64  # noqa: E402
+from tools.bench_results import write_results  # noqa: E402
 from src import memory  # noqa: E402
 from src.config import Settings  # noqa: E402
 from src.loras import LoraLibrary  # noqa: E402
@@ -476,15 +476,6 @@ def main() -> None:
         print(f"{case['case']:<18} {case['timings_ms']['inference'] / 1000:>11.2f} {case['passes']:>6} "
               f"{case['s_per_pass'] or 0:>7.3f} {case['useful_tflops']:>8.1f} {case['share_of_peak']:>6.0%} "
               f"{case['peak_gpu_gib']:>5.1f}")
-
-
-def write_results(results: dict, out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    gpu = re.sub(r"[^A-Za-z0-9]+", "-", results["gpu"]).strip("-").lower()
-    path = out_dir / f"{gpu}-{results['date']}-{results['label']}.json"
-    path.write_text(json.dumps(results, indent=2))
-    print(f"wrote {path}")
-    return path
 
 
 if __name__ == "__main__":

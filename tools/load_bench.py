@@ -20,7 +20,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -30,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from src.weights import prefetch, read_ahead, read_through, weight_files  # noqa: E402
+from tools.bench_results import write_results  # noqa: E402
 
 
 def drop_from_page_cache(folder: Path) -> None:
@@ -119,14 +119,8 @@ def main() -> None:
         record = timed(label, folder, action)
         record["gb_per_s"] = round(size / record["seconds"] / 1e9, 2)
         results["runs"].append(record)
-        write(results, Path(args.out))
+        write_results(results, Path(args.out))
     shutil.rmtree(args.dir)
-
-
-def write(results: dict, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    gpu = re.sub(r"[^A-Za-z0-9]+", "-", results["gpu"]).strip("-").lower()
-    (out_dir / f"{gpu}-{results['date']}-{results['label']}.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
