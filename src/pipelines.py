@@ -2,8 +2,9 @@
 
 Weights are never downloaded here: a model missing from HF_HOME stops the start
 with an error naming the repo id and the cache path. The Layered pipeline borrows
-the edit pipeline's text encoder, tokenizer and processor, so the 7B text encoder
-is resident once.
+the edit pipeline's text encoder, tokenizer and processor where its repository holds
+the same files (src/shared_components.py), so the 7B text encoder is resident once;
+a component whose files differ is loaded from Layered's own snapshot.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Iterator
 
@@ -20,10 +22,11 @@ from diffusers import QwenImageEditPlusPipeline, QwenImageLayeredPipeline
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from src import fp8, memory, weights
+from src import fp8, memory, upstream_fixes, weights
 from src.acceleration import accelerate, check_supported
 from src.config import ConfigError, Settings
 from src.loras import FusedLoras
+from src.shared_components import SHARED_COMPONENTS, own_components
 from src.vl_processor import load_processor
 
 log = logging.getLogger(__name__)
@@ -106,6 +109,7 @@ class Pipelines:
                  self.device, self.dtype)
         with self.reading_ahead(self.edit_ref.path):
             self.edit = self.load_edit()
+            upstream_fixes.apply(self.edit)
             self.choose_memory_mode()
             self.prepare(self.edit)  # the copies to the GPU, while later files are still being read
         if "layered" in self.settings.preload:
@@ -130,21 +134,30 @@ class Pipelines:
         return pipeline
 
     def load_layered(self) -> QwenImageLayeredPipeline:
-        """The Layered pipeline from the cache, in CPU memory, sharing the edit pipeline's
-        text encoder, tokenizer and processor."""
-        log.info("loading %s@%s", self.layered_ref.repo_id, self.layered_ref.revision[:12])
-        pipeline = QwenImageLayeredPipeline.from_pretrained(
-            self.layered_ref.path, text_encoder=self.edit.text_encoder, tokenizer=self.edit.tokenizer,
-            processor=self.edit.processor, dtype=self.dtype)
+        """The Layered pipeline from the cache, in CPU memory, with the edit pipeline's text
+        encoder, tokenizer and processor where Layered's own are the same files."""
+        own = self.layered_own_components
+        log.info("loading %s@%s (%s)", self.layered_ref.repo_id, self.layered_ref.revision[:12],
+                 f"its own {', '.join(own)}: they differ from the edit model's" if own
+                 else "text encoder, tokenizer and processor shared with the edit model")
+        components = {name: getattr(self.edit, name) for name in SHARED_COMPONENTS if name not in own}
+        if "processor" in own:
+            components["processor"] = load_processor(str(self.layered_ref.path))
+        pipeline = QwenImageLayeredPipeline.from_pretrained(self.layered_ref.path, dtype=self.dtype, **components)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
+
+    @cached_property
+    def layered_own_components(self) -> tuple[str, ...]:
+        """Which of text_encoder, tokenizer and processor Layered loads from its own snapshot."""
+        return own_components(self.edit_ref.path, self.layered_ref.path)
 
     def prepare(self, pipeline, text_encoder_placed: bool = False) -> None:
         """Quantize, place (the memory mode) and accelerate a pipeline loaded on the CPU.
         FP8 quantizes each linear on the GPU as it moves there, so the bf16 transformer
         never has to fit whole."""
         if self.settings.quantize == "fp8":
-            fp8.quantize_blocks(pipeline.transformer, self.device)
+            fp8.quantize_blocks(pipeline.transformer, self.device, keep=self.settings.fp8_keep_bf16)
         memory.place(pipeline, self.memory_mode, self.device, text_encoder_placed=text_encoder_placed)
         self.accelerate(pipeline.transformer)
 
@@ -155,6 +168,8 @@ class Pipelines:
     def layered(self) -> QwenImageLayeredPipeline:
         if self._layered is None:
             assert self.edit is not None, "load() first"
+            self.layered_ref = self.layered_ref or locate(self.settings.layered_model, self.settings.hf_home)
+            own_text_encoder = "text_encoder" in self.layered_own_components
             if self.memory_mode == "offload":  # both transformers stream from CPU memory: nothing to swap
                 self.swap_transformers = False
             elif self.settings.transformer_swap == "auto" and self.device.type == "cuda":
@@ -162,16 +177,19 @@ class Pipelines:
                 free_bytes = memory.free_gpu_bytes(self.device)
                 needed = (self.prepared_bytes(self.edit.transformer) + memory.bytes_of(self.edit.vae)
                           + memory.ACTIVATION_HEADROOM_BYTES)
+                if own_text_encoder and self.memory_mode == "resident":
+                    needed += memory.bytes_of(self.edit.text_encoder)  # as large as the edit model's
                 self.swap_transformers = needed > free_bytes
             if self.swap_transformers:
                 log.info("GPU too small for both transformers: the idle one waits in CPU memory")
                 self.edit.transformer.to("cpu")
                 torch.cuda.empty_cache()
-            self.layered_ref = self.layered_ref or locate(self.settings.layered_model, self.settings.hf_home)
-            # Its own text encoder, which the worker never loads, is not read either.
-            with self.reading_ahead(self.layered_ref.path / "transformer", self.layered_ref.path / "vae"):
+            # Its own text encoder, unless it differs from the edit model's, is not read either.
+            folders = ("transformer", "vae") + (("text_encoder",) if own_text_encoder else ())
+            with self.reading_ahead(*(self.layered_ref.path / folder for folder in folders)):
                 layered = self.load_layered()
-                self.prepare(layered, text_encoder_placed=True)
+                upstream_fixes.apply(layered)
+                self.prepare(layered, text_encoder_placed=not own_text_encoder)
             self._layered = layered
         return self._layered
 
@@ -196,8 +214,9 @@ class Pipelines:
 
     def prepared_bytes(self, transformer: torch.nn.Module) -> int:
         """GPU bytes of a transformer of this shape once prepared (FP8 or not)."""
-        share = memory.FP8_TRANSFORMER_SHARE if self.settings.quantize == "fp8" else 1.0
-        return int(sum(p.numel() for p in transformer.parameters()) * self.dtype.itemsize * share)
+        if self.settings.quantize == "fp8":
+            return fp8.prepared_bytes(transformer, keep=self.settings.fp8_keep_bf16)
+        return sum(p.numel() for p in transformer.parameters()) * self.dtype.itemsize
 
     def accelerate(self, transformer: torch.nn.Module) -> None:
         accelerate(transformer, self.device, attention=self.settings.attention_backend,
