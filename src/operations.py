@@ -1,10 +1,12 @@
 """The operations as calls of the diffusers pipelines, and nothing else.
 
 Fidelity rule: for the same inputs and seed, what these return equals what the
-pipeline returns when called directly (the tests check it pixel for pixel). The only
-pixel work done here is what the job schema promises around the call: alpha kept
-for single RGBA edits and edited layers, RGBA composited onto white for multi-image
-edits, and the alpha-over composite of the layers.
+pipeline returns when called directly (the tests check it pixel for pixel), called the
+way the models' authors call it where that differs from diffusers' defaults
+(docs/upstream-register.md). The only pixel work done here is what the job schema
+promises around the call: RGBA inputs flattened onto a uniform matte before the edit
+model sees them, alpha put back for single RGBA edits and edited layers, and the
+alpha-over composite of the layers.
 """
 
 from __future__ import annotations
@@ -20,10 +22,6 @@ from src.schema import JobRequest, LayerEdit
 
 ProgressFn = Callable[[dict], None]
 PROGRESS_INTERVAL_S = 1.0
-WHITE = (255, 255, 255)
-# The edit pipeline's latent grid: output sides are multiples of the VAE's 8x
-# downscale times the transformer's 2x2 patches.
-EDIT_SIZE_MULTIPLE = 16
 
 
 def generator_for(seed: int) -> torch.Generator:
@@ -37,7 +35,8 @@ def edit(pipeline, request: JobRequest, images: list[Image.Image], seed: int,
     """edit and edit_multi: one image out. `scheduler` replaces the pipeline's for this
     call (Lightning LoRAs come with their own)."""
     alpha = images[0].getchannel("A") if len(images) == 1 and images[0].mode == "RGBA" else None
-    inputs = [_flatten_on_white(image) for image in images] if len(images) > 1 else [images[0].convert("RGB")]
+    matte = request.matte_for(len(images))
+    inputs = [flatten(image, matte) for image in images]
     width, height = request.output_size()
     if request.auto_resize is False and width is None and height is None:
         width, height = _keep_size(images[0].size, request.snap)
@@ -50,17 +49,20 @@ def edit(pipeline, request: JobRequest, images: list[Image.Image], seed: int,
     return result
 
 
-def edit_layer(pipeline, layer: Image.Image, edit: LayerEdit, seed: int, guidance_scale: float,
+def edit_layer(pipeline, layer: Image.Image, edit: LayerEdit, seed: int, guidance_scale: float, matte: str,
                progress: ProgressFn) -> Image.Image:
-    """One RGBA layer edited by an instruction, as `edit` does an RGBA image, at the layer's
-    own size: the RGB is edited and the layer's alpha put back unchanged, so an edit
+    """One RGBA layer edited by an instruction, as `edit` does an RGBA image: the layer
+    flattened onto `matte` is edited and the layer's alpha put back unchanged, so an edit
     recolours or redraws what is inside the layer's shape and never moves its edges.
 
-    The pipeline works on multiples of 16; a layer of another size is edited at the size
-    rounded down and its RGB resized back (Lanczos) before the alpha goes on."""
-    width, height = (side // EDIT_SIZE_MULTIPLE * EDIT_SIZE_MULTIPLE for side in layer.size)
-    rgb = _call_edit(pipeline, [layer.convert("RGB")], edit.prompt, edit.negative_prompt, edit.true_cfg_scale,
-                     guidance_scale, edit.steps, width, height, seed, progress)
+    The edit runs at the pipeline's own size (about 1 MP at the layer's aspect, as the
+    authors call it), the size the pipeline encodes the layer at, and its RGB is resized
+    to the layer's (Lanczos) before the alpha goes on. Asked for a smaller size (640x640
+    layers), the model lines its output up with the middle of the larger condition
+    (centred rope positions) and returns a zoomed-in crop that the alpha no longer fits
+    (docs/upstream-register.md, row 5)."""
+    rgb = _call_edit(pipeline, [flatten(layer, matte)], edit.prompt, edit.negative_prompt, edit.true_cfg_scale,
+                     guidance_scale, edit.steps, None, None, seed, progress)
     if rgb.size != layer.size:
         rgb = rgb.resize(layer.size, Image.Resampling.LANCZOS)
     result = rgb.convert("RGBA")
@@ -97,6 +99,8 @@ def decompose(pipeline, request: JobRequest, image: Image.Image, seed: int,
         num_inference_steps=request.steps,
         layers=request.layers,
         resolution=request.resolution,
+        # The authors' settings (Qwen-Image-Layered README and demo app), not diffusers' defaults.
+        cfg_normalize=request.cfg_normalize,
         use_en_prompt=True,  # caption in English when the prompt is empty
         generator=generator_for(seed),
         callback_on_step_end=_progress_callback(request.steps, progress),
@@ -111,10 +115,12 @@ def composite(layers: list[Image.Image]) -> Image.Image:
     return canvas
 
 
-def _flatten_on_white(image: Image.Image) -> Image.Image:
+def flatten(image: Image.Image, matte: str) -> Image.Image:
+    """An RGBA image alpha-composited onto a flat `matte` ('#rrggbb'), as RGB: the model
+    sees what the user sees, never the colours stored under transparent pixels."""
     if image.mode != "RGBA":
         return image.convert("RGB")
-    background = Image.new("RGBA", image.size, WHITE + (255,))
+    background = Image.new("RGBA", image.size, matte)
     return Image.alpha_composite(background, image).convert("RGB")
 
 

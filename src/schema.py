@@ -22,6 +22,11 @@ SIZE_MIN, SIZE_MAX = 256, 2048
 SEED_LIMIT = 2**32
 DEFAULT_STEPS = {"edit": 40, "edit_multi": 40, "decompose": 50}
 ALPHA_FORMATS = ("png", "webp")
+# What the edit model sees under an RGBA image's transparent pixels. One image: the flat
+# green the Qwen-Image-Layered authors' RGBA edit tool (src/tool/edit_rgba_image.py) puts
+# under a layer before the edit (RGB 30, 215, 96); several: white, as documented.
+SINGLE_IMAGE_MATTE = "#1ed760"
+MULTI_IMAGE_MATTE = "#ffffff"
 MAX_LAYERS = 10  # the most layers one decomposition makes
 # Layers sent to `composite`: each may be as large as MAX_IMAGE_PIXELS, and all are
 # decoded at once, so the count bounds the job's memory (16 x 4096 x 4096 RGBA = 1 GiB).
@@ -62,6 +67,17 @@ def _refuse_control_chars(text: str) -> str:
 
 # Text that goes to the tokenizer.
 Prompt = Annotated[str, AfterValidator(_refuse_control_chars)]
+
+_HEX_COLOUR = re.compile(r"#[0-9a-fA-F]{6}")
+
+
+def _check_colour(text: str) -> str:
+    if not _HEX_COLOUR.fullmatch(text):
+        raise PydanticCustomError("colour", "a colour as '#rrggbb' (hex digits), e.g. '#ffffff'")
+    return text.lower()
+
+
+Colour = Annotated[str, AfterValidator(_check_colour)]
 
 
 class BucketOverride(BaseModel):
@@ -134,6 +150,10 @@ class JobRequest(BaseModel):
     edits: list[LayerEdit] = Field(default_factory=list, max_length=MAX_LAYERS,
                                    description="decompose: instructions for single layers")
     resize_to_input: bool = Field(False, description="decompose: layers at the input image's size")
+    cfg_normalize: bool = Field(True, description="decompose: rescale the CFG prediction to the conditional "
+                                "one's norm, as the Qwen-Image-Layered authors run it")
+    matte: Colour | None = Field(None, description="'#rrggbb' under RGBA images given to the edit model; "
+                                 "default: the authors' green for one image, white for several")
     archive: Archive | None = Field(None, description="decompose and composite: the layers in one file")
     layers_base64: list[str] = Field(default_factory=list, max_length=MAX_COMPOSITE_LAYERS,
                                      description="composite: RGBA layers, back to front, all one size")
@@ -157,8 +177,11 @@ class JobRequest(BaseModel):
                     raise _rule(key, "not used by decompose (its size comes from resolution: 640 or 1024)")
             self._check_layer_output_format()
             self._check_edits()
+            if "matte" in self.model_fields_set and not self.edits:
+                raise _rule("matte", "only used when RGBA images go to the edit model: edit, edit_multi, "
+                            "or decompose with edits")
         else:
-            for key in ("layers", "resolution", "edits", "resize_to_input"):
+            for key in ("layers", "resolution", "edits", "resize_to_input", "cfg_normalize"):
                 if key in self.model_fields_set:
                     raise _rule(key, "only used by decompose")
             if "archive" in self.model_fields_set:
@@ -229,6 +252,12 @@ class JobRequest(BaseModel):
         if self.return_base64 is None:
             return self.legacy_shape
         return self.return_base64
+
+    def matte_for(self, image_count: int) -> str:
+        """The matte RGBA inputs are flattened onto: the job's, else the default for this many images."""
+        if self.matte is not None:
+            return self.matte
+        return SINGLE_IMAGE_MATTE if image_count == 1 else MULTI_IMAGE_MATTE
 
     def output_size(self) -> tuple[int | None, int | None]:
         """Requested (width, height), each rounded down to a multiple of `snap`, or None."""

@@ -153,7 +153,7 @@ class Worker:
         if request.steps == 1:
             warnings.append(ONE_STEP_WARNING)
         warnings += [f"edits[{i}].{ONE_STEP_WARNING}" for i, edit in enumerate(request.edits) if edit.steps == 1]
-        return self._respond(request, seed, entries, warnings, timer, adapters, archive)
+        return self._respond(request, seed, entries, warnings, timer, adapters, archive, _matte_used(request, images))
 
     def _check_loras_allowed(self, request: JobRequest) -> None:
         """LoRAs are fused into bf16 weights held on the GPU: FP8 or streamed weights cannot take them."""
@@ -180,7 +180,7 @@ class Worker:
                 stage = f"edits[{i}]"
                 edited[edit.layer] = operations.edit_layer(
                     pipeline, layers[edit.layer], edit, edit_seed(request, i, seed), request.guidance_scale,
-                    lambda update, stage=stage: progress({**update, "stage": stage}))
+                    request.matte_for(1), lambda update, stage=stage: progress({**update, "stage": stage}))
         return edited
 
     def _ready_pipeline(self, operation: str, adapters: list, timer: StageTimer):
@@ -256,7 +256,8 @@ class Worker:
         return None
 
     def _respond(self, request: JobRequest, seed: int, entries: list[dict], warnings: list[str],
-                 timer: StageTimer, adapters: list, archive: dict | None = None) -> dict:
+                 timer: StageTimer, adapters: list, archive: dict | None = None,
+                 matte: str | None = None) -> dict:
         model = self.pipes.layered_ref if request.operation == "decompose" else self.pipes.edit_ref
         output: dict = {
             "success": True,
@@ -273,7 +274,10 @@ class Worker:
                                    "scheduler": "FlowMatchEulerDiscreteScheduler, shift 3 (ModelTC/Qwen-Image-Lightning)"}
         if request.loras:
             output["loras"] = [adapter.describe() for adapter in adapters[1 if request.lightning else 0:]]
+        if matte is not None:
+            output["matte"] = matte
         if request.operation == "decompose":
+            output["cfg_normalize"] = request.cfg_normalize
             output.update(describe_layers(entries, request, seed))
             if archive is not None:
                 output["archive"] = archive
@@ -299,6 +303,14 @@ def _image_keys(request: JobRequest) -> list[tuple[str, str]]:
     return [("image_base64", request.image_base64)] + [
         (f"images_base64[{i}]", data) for i, data in enumerate(request.images_base64)
     ]
+
+
+def _matte_used(request: JobRequest, images: list[Image.Image]) -> str | None:
+    """The matte RGBA images went to the edit model on, if any did: RGBA edit inputs, or
+    a decomposition's layers when it has edits."""
+    if request.operation == "decompose":
+        return request.matte_for(1) if request.edits else None
+    return request.matte_for(len(images)) if any(image.mode == "RGBA" for image in images) else None
 
 
 def _check_alpha_format(request: JobRequest, images: list[Image.Image]) -> None:
