@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from src.fp8 import BLOCK_LINEARS, MODULATION_LINEARS
 from src.schema import MAX_LAYERS
 
 DEFAULT_EDIT_MODEL = "Qwen/Qwen-Image-Edit-2511"
@@ -79,6 +80,7 @@ class Settings:
     attention_backend: str = "sdpa"
     compile: bool = False
     quantize: str = "none"
+    fp8_keep_bf16: frozenset[str] = frozenset(MODULATION_LINEARS)
     memory_mode: str = "auto"
     weights_prefetch: str = "on"
     warmup: bool = True
@@ -122,6 +124,9 @@ class Settings:
             attention_backend=reader.choice("ATTENTION_BACKEND", "sdpa", ("sdpa", "cudnn", "flash")),
             compile=reader.flag("COMPILE", False),
             quantize=reader.choice("QUANTIZE", "none", ("none", "fp8")),
+            # "none": every block linear in FP8 (about 6.3 GiB less than the default).
+            fp8_keep_bf16=reader.names("FP8_KEEP_BF16", ",".join(MODULATION_LINEARS),
+                                       BLOCK_LINEARS + ("none",)) - {"none"},
             memory_mode=reader.choice("MEMORY_MODE", "auto", ("auto", "resident", "text_offload", "offload")),
             weights_prefetch=reader.choice("WEIGHTS_PREFETCH", "on", ("on", "auto", "off")),
             warmup=reader.flag("WARMUP", True),

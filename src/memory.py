@@ -25,10 +25,6 @@ GIB = 1024**3
 # a 1024x1024 edit with one reference peaks about 4 GiB above the weights; the schema
 # allows 2048x2048 with three references, which needs more.
 ACTIVATION_HEADROOM_BYTES = 8 * GIB
-# FP8 stores the blocks' linears (nearly all of the 20B parameters) in one byte each: on
-# the H100 bench the edit transformer went from 38.1 to 19.1 GiB. A little over half,
-# for the scales and the bf16 layers.
-FP8_TRANSFORMER_SHARE = 0.52
 
 
 def free_gpu_bytes(device: torch.device) -> int:

@@ -349,7 +349,7 @@ def measure_levers(worker: Worker, names: list[str], record: dict, out_dir: Path
             if quantized:
                 results.append({"lever": name, "error": "bf16 levers must come before the fp8 ones"})
                 continue
-            quantize_blocks(transformer, worker.pipes.device)
+            quantize_blocks(transformer, worker.pipes.device, keep=worker.settings.fp8_keep_bf16)
             quantized = True
         transformer.set_attention_backend(ATTENTION_BACKENDS[attention])
         if compiled:
