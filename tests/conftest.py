@@ -48,6 +48,30 @@ def fetch(url: str) -> Image.Image:
     return image
 
 
+def reference_edit_pipeline(path):
+    """diffusers' edit pipeline loaded apart from the worker, with the models' authors'
+    corrections of it (src/upstream_fixes.py, tested against the authors' way in
+    tests/test_reference_parity.py): the reference the worker's images must equal."""
+    from diffusers import QwenImageEditPlusPipeline
+
+    from src import upstream_fixes
+    from src.vl_processor import load_processor
+
+    pipeline = QwenImageEditPlusPipeline.from_pretrained(path, processor=load_processor(str(path)), dtype=torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+    upstream_fixes.apply(pipeline)
+    return pipeline
+
+
+def on_matte(image: Image.Image, rgb: tuple[int, int, int]) -> Image.Image:
+    """An RGBA image alpha-composited onto a flat colour, as RGB."""
+    return Image.alpha_composite(Image.new("RGBA", image.size, rgb + (255,)), image.convert("RGBA")).convert("RGB")
+
+
+# The flat green the Qwen-Image-Layered authors put under RGBA images before an edit.
+AUTHORS_GREEN = (30, 215, 96)
+
+
 def direct_edit(pipeline, images, prompt, seed, **kwargs) -> Image.Image:
     """What the diffusers pipeline itself returns for these inputs and seed."""
     return pipeline(image=images, prompt=prompt, negative_prompt=" ", true_cfg_scale=4.0,

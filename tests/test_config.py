@@ -20,6 +20,13 @@ def test_defaults_from_an_empty_environment():
     assert (settings.compile, settings.attention_backend) == (False, "sdpa")  # stock diffusers: exact outputs
 
 
+def test_fp8_keeps_the_modulation_in_bf16_unless_told_otherwise():
+    assert Settings.from_env({}).fp8_keep_bf16 == {"img_mod.1", "txt_mod.1"}
+    assert Settings.from_env({"FP8_KEEP_BF16": "none"}).fp8_keep_bf16 == set()
+    chosen = Settings.from_env({"FP8_KEEP_BF16": "img_mod.1, txt_mod.1,img_mlp.net.2"}).fp8_keep_bf16
+    assert chosen == {"img_mod.1", "txt_mod.1", "img_mlp.net.2"}
+
+
 def test_bucket_from_runpod_names_keeps_the_secret_out_of_repr():
     settings = Settings.from_env({
         "BUCKET_ENDPOINT_URL": "https://acc.r2.cloudflarestorage.com", "BUCKET_ACCESS_KEY_ID": "key-id",
@@ -44,6 +51,7 @@ def test_bucket_from_runpod_names_keeps_the_secret_out_of_repr():
     ({"JOB_TIMEOUT_S": "-1"}, "JOB_TIMEOUT_S: -1 is out of range; allowed: 0 to 86400"),
     ({"UPLOAD_ATTEMPTS": "0"}, "UPLOAD_ATTEMPTS: 0 is out of range; allowed: 1 to 10"),
     ({"UPLOAD_TIMEOUT_S": "inf"}, "UPLOAD_TIMEOUT_S: 'inf' is out of range; allowed: 0.1 to 300"),
+    ({"FP8_KEEP_BF16": "img_mod.1,img_mod"}, "FP8_KEEP_BF16: img_mod not allowed; allowed: a comma list of img_mod.1"),
     ({"MAX_LAYER_EDITS": "11"}, "MAX_LAYER_EDITS: 11 is out of range; allowed: 0 to 10"),
     ({"BUCKET_NAME": "results"}, "BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY must be set too"),
     ({"BUCKET_ENDPOINT_URL": "http://x"}, "BUCKET_ENDPOINT_URL is set but"),

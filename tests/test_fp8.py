@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from src.config import Settings
-from src.fp8 import E4M3_MAX, Fp8Linear, quantize_blocks, rowwise_fp8
+from src.fp8 import (BLOCK_LINEARS, E4M3_MAX, MODULATION_LINEARS, Fp8Linear, prepared_bytes, quantize_blocks,
+                     rowwise_fp8)
 from src.worker import Worker
-from tests.conftest import FAST, direct_edit, image_from_b64, png_b64, same_pixels, sample_image
+from tests.conftest import FAST, direct_edit, image_from_b64, png_b64, reference_edit_pipeline, same_pixels, sample_image
 
 # e4m3 keeps 3 mantissa bits: rounding moves a value by at most 2**-4 of itself, or, near
 # zero (subnormals, steps of 2**-9), by half a step.
@@ -53,18 +54,47 @@ def test_zero_rows_give_the_bias_and_no_nans():
     assert torch.equal(out, linear.bias.detach().expand(3, 16))
 
 
-def test_only_the_blocks_linears_are_replaced(hf_home):
+def tiny_transformer(hf_home):
     from diffusers import QwenImageTransformer2DModel
 
     folder = next((hf_home / "hub" / "models--Qwen--Qwen-Image-Edit-2511" / "snapshots").iterdir()) / "transformer"
-    transformer = QwenImageTransformer2DModel.from_pretrained(folder)
-    in_blocks = sum(isinstance(m, torch.nn.Linear) for m in transformer.transformer_blocks.modules())
+    return QwenImageTransformer2DModel.from_pretrained(folder)
+
+
+def block_linears(transformer, kind) -> set[str]:
+    """Names, inside a block, of the linears of type `kind`, over all blocks."""
+    return {name for block in transformer.transformer_blocks for name, m in block.named_modules() if type(m) is kind}
+
+
+def test_the_blocks_linears_but_the_modulation_are_replaced(hf_home):
+    transformer = tiny_transformer(hf_home)
+    assert block_linears(transformer, torch.nn.Linear) == set(BLOCK_LINEARS)
     outside = [name for name, m in transformer.named_modules()
                if isinstance(m, torch.nn.Linear) and not name.startswith("transformer_blocks.")]
-    assert quantize_blocks(transformer, torch.device("cpu")) == in_blocks > 0
-    assert not any(type(m) is torch.nn.Linear for m in transformer.transformer_blocks.modules())
-    # The embedders and the output projection keep their precision.
+    assert quantize_blocks(transformer, torch.device("cpu")) == 12 * len(transformer.transformer_blocks)
+    # The modulation linears (one token per pass) keep their precision by default...
+    assert block_linears(transformer, torch.nn.Linear) == {"img_mod.1", "txt_mod.1"}
+    assert block_linears(transformer, Fp8Linear) == set(BLOCK_LINEARS) - {"img_mod.1", "txt_mod.1"}
+    # ...as do the embedders and the output projection.
     assert outside and all(type(transformer.get_submodule(name)) is torch.nn.Linear for name in outside)
+
+
+def test_keep_chooses_which_block_linears_stay(hf_home):
+    everything = tiny_transformer(hf_home)
+    assert quantize_blocks(everything, torch.device("cpu"), keep=()) == 14 * len(everything.transformer_blocks)
+    assert block_linears(everything, torch.nn.Linear) == set()
+    down_too = tiny_transformer(hf_home)
+    quantize_blocks(down_too, torch.device("cpu"), keep=MODULATION_LINEARS + ("img_mlp.net.2",))
+    assert block_linears(down_too, torch.nn.Linear) == {"img_mod.1", "txt_mod.1", "img_mlp.net.2"}
+
+
+def test_prepared_bytes_are_the_quantized_transformers_bytes(hf_home):
+    for keep in ((), MODULATION_LINEARS):
+        transformer = tiny_transformer(hf_home)
+        predicted = prepared_bytes(transformer, keep)
+        quantize_blocks(transformer, torch.device("cpu"), keep=keep)
+        actual = sum(p.numel() * p.element_size() for p in transformer.parameters())
+        assert predicted == actual == prepared_bytes(transformer, keep)
 
 
 @pytest.fixture(scope="module")
@@ -106,13 +136,7 @@ def test_fp8_jobs_stay_near_the_unquantized_images(fp8_worker, worker, request_i
 def test_fp8_edit_equals_the_pipeline_with_quantized_blocks_called_directly(fp8_worker):
     """FP8 is the only change: diffusers' pipeline, its blocks quantized the same way and
     called directly, gives the worker's pixels."""
-    from diffusers import QwenImageEditPlusPipeline
-
-    from src.vl_processor import load_processor
-
-    path = fp8_worker.pipes.edit_ref.path
-    pipeline = QwenImageEditPlusPipeline.from_pretrained(path, processor=load_processor(str(path)),
-                                                         dtype=torch.float32)
+    pipeline = reference_edit_pipeline(fp8_worker.pipes.edit_ref.path)
     quantize_blocks(pipeline.transformer, torch.device("cpu"))
     source = sample_image()
     out = fp8_worker.handle({"id": "fp8-fidelity", "input": {**job(), "seed": 1234}})

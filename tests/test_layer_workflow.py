@@ -15,7 +15,7 @@ from PIL import Image
 
 from src.config import Settings
 from src.worker import Worker
-from tests.conftest import fetch, png_b64, sample_image
+from tests.conftest import AUTHORS_GREEN, fetch, on_matte, png_b64, reference_edit_pipeline, sample_image
 from tests.layer_checks import (EDITS, SEED, SOURCE_SIZE, alpha_over, assert_archive_holds, decompose_job,
                                 fetch_archive, layer_pile, read_archive, same_pixels)
 
@@ -79,23 +79,20 @@ def test_each_composite_is_the_alpha_over_of_its_layers(edited):
 
 
 def test_a_layer_edit_equals_the_edit_pipeline_called_directly(worker, edited):
-    """Fidelity: a separately loaded edit pipeline, given the layer's RGB at the layer's
-    size and the edit's settings, gives the edited RGB; the layer's alpha goes back on."""
-    from diffusers import QwenImageEditPlusPipeline
-    from src.vl_processor import load_processor
-
-    path = worker.pipes.edit_ref.path
-    pipeline = QwenImageEditPlusPipeline.from_pretrained(path, processor=load_processor(str(path)),
-                                                         dtype=torch.float32)
+    """Fidelity: a separately loaded edit pipeline, given the layer on the authors' green
+    and the edit's settings and no size (the authors' call: about 1 MP at the layer's
+    aspect, the size the layer is encoded at), gives the edited RGB; resized to the
+    layer's size, it takes the layer's alpha."""
+    pipeline = reference_edit_pipeline(worker.pipes.edit_ref.path)
     for edit, seed in ((EDITS[0], SEED), (EDITS[1], EDITS[1]["seed"])):
         layer = edited.images[f"layer_{edit['layer']}"]
-        assert layer.width % 16 == 0 and layer.height % 16 == 0  # the model's buckets: no resize around the edit
-        rgb = pipeline(image=[layer.convert("RGB")], prompt=edit["prompt"],
+        rgb = pipeline(image=[on_matte(layer, AUTHORS_GREEN)], prompt=edit["prompt"],
                        negative_prompt=edit.get("negative_prompt", " "),
                        true_cfg_scale=edit.get("true_cfg_scale", 4.0), guidance_scale=1.0,
-                       num_inference_steps=edit["num_inference_steps"], width=layer.width, height=layer.height,
+                       num_inference_steps=edit["num_inference_steps"],
                        generator=torch.Generator("cpu").manual_seed(seed)).images[0]
-        expected = rgb.convert("RGBA")
+        assert rgb.size != layer.size  # a 640 layer is edited at 1024 and resized back
+        expected = rgb.resize(layer.size, Image.Resampling.LANCZOS).convert("RGBA")
         expected.putalpha(layer.getchannel("A"))
         assert same_pixels(edited.images[f"edited_layer_{edit['layer']}"], expected)
 

@@ -15,7 +15,7 @@ import requests
 import torch
 
 from src.loras import LIGHTNING_SCHEDULER_CONFIG
-from tests.conftest import image_from_b64, png_b64, sample_image
+from tests.conftest import image_from_b64, png_b64, reference_edit_pipeline, sample_image
 
 FAST = {"num_inference_steps": 2, "width": 256, "height": 256}
 
@@ -41,11 +41,7 @@ def direct(pipeline, steps=2, cfg=4.0) -> bytes:
 def fresh_pipeline(worker):
     """A second edit pipeline loaded by diffusers itself, for the fidelity checks (fresh
     per test: diffusers' own unfuse does not restore weights exactly)."""
-    from diffusers import QwenImageEditPlusPipeline
-    from src.vl_processor import load_processor
-
-    path = worker.pipes.edit_ref.path
-    return QwenImageEditPlusPipeline.from_pretrained(path, processor=load_processor(str(path)), dtype=torch.float32)
+    return reference_edit_pipeline(worker.pipes.edit_ref.path)
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,9 @@ the CPU as both homes: the hooks move nothing, but every module runs through the
 from __future__ import annotations
 
 import pytest
+import torch
 
-from src import memory
+from src import fp8, memory
 from src.config import Settings
 from src.worker import Worker
 from tests.conftest import FAST, image_from_b64, png_b64, sample_image
@@ -14,19 +15,39 @@ from tests.conftest import FAST, image_from_b64, png_b64, sample_image
 GIB = memory.GIB
 # The full-size models' bf16 bytes (tools/bench.py builds them from the published configs).
 TRANSFORMER, TEXT_ENCODER, VAE = int(38.1 * GIB), int(15.4 * GIB), int(0.24 * GIB)
+# The edit transformer under QUANTIZE=fp8, measured on the H100 bench with every block
+# linear in FP8 (FP8_KEEP_BF16=none).
+FP8_ALL_LINEARS_GIB = 19.1
 
 
-@pytest.mark.parametrize("card, free_gib, fp8, mode", [
-    ("H100 80 GB", 78.6, False, "resident"),
-    ("L40S 48 GB", 44.0, False, "offload"),  # 38 GiB of transformer leave too little for activations
-    ("L40S 48 GB", 44.0, True, "resident"),
-    ("A100 40 GB", 39.0, False, "offload"),
-    ("RTX 4090 24 GB", 23.2, False, "offload"),
-    ("RTX 4090 24 GB", 23.2, True, "offload"),
-    ("H100 with 60 GB free", 60.0, False, "text_offload"),
+@pytest.fixture(scope="module")
+def full_size_transformer():
+    """The edit transformer at its published size, on the meta device: shapes, no memory."""
+    from diffusers import QwenImageTransformer2DModel
+
+    with torch.device("meta"):
+        return QwenImageTransformer2DModel(zero_cond_t=True).to(torch.bfloat16)
+
+
+def test_fp8_prepared_bytes_match_the_measured_transformer(full_size_transformer):
+    assert fp8.prepared_bytes(full_size_transformer, keep=()) / GIB == pytest.approx(FP8_ALL_LINEARS_GIB, abs=0.1)
+    # The modulation linears kept in bf16 (the default) are a third of the blocks' weights.
+    kept = fp8.prepared_bytes(full_size_transformer, keep=fp8.MODULATION_LINEARS) / GIB
+    assert kept == pytest.approx(FP8_ALL_LINEARS_GIB + 6.3, abs=0.1)
+
+
+@pytest.mark.parametrize("card, free_gib, keep_bf16, mode", [
+    ("H100 80 GB", 78.6, None, "resident"),
+    ("L40S 48 GB", 44.0, None, "offload"),  # 38 GiB of transformer leave too little for activations
+    ("L40S 48 GB", 44.0, fp8.MODULATION_LINEARS, "text_offload"),  # FP8's default: 25.4 GiB
+    ("L40S 48 GB", 44.0, (), "resident"),  # FP8_KEEP_BF16=none: 19.1 GiB
+    ("A100 40 GB", 39.0, None, "offload"),
+    ("RTX 4090 24 GB", 23.2, None, "offload"),
+    ("RTX 4090 24 GB", 23.2, (), "offload"),
+    ("H100 with 60 GB free", 60.0, None, "text_offload"),
 ])
-def test_auto_picks_the_first_mode_that_fits(card, free_gib, fp8, mode):
-    transformer = int(TRANSFORMER * memory.FP8_TRANSFORMER_SHARE) if fp8 else TRANSFORMER
+def test_auto_picks_the_first_mode_that_fits(full_size_transformer, card, free_gib, keep_bf16, mode):
+    transformer = TRANSFORMER if keep_bf16 is None else fp8.prepared_bytes(full_size_transformer, keep=keep_bf16)
     chosen = memory.choose("auto", int(free_gib * GIB), transformer=transformer, text_encoder=TEXT_ENCODER, vae=VAE)
     assert chosen == mode, card
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from src.config import ConfigError
 from src.parallel import ParallelPlan, follower_job
-from tests.conftest import REPO_ROOT, png_b64
+from tests.conftest import REPO_ROOT, png_b64, reference_edit_pipeline
 from tools.local_stack import free_port
 from tools.parallel_check import input_image
 
@@ -147,10 +147,7 @@ def test_two_cpu_ranks_serve_jobs_like_one_pipeline_and_shut_down(hf_home, lora_
     LoRA is on S3 and only rank 0 gets the job's bucket: rank 1 fails before the model,
     rank 0 stops at its first transformer call and answers with rank 1's error), the
     edit again, shutdown."""
-    from diffusers import QwenImageEditPlusPipeline
     from huggingface_hub import snapshot_download
-
-    from src.vl_processor import load_processor
 
     s3.client().upload_file(str(lora_dir / "tiny_lora_diffusers.safetensors"), s3.bucket, "parallel/style.safetensors")
     r2 = {"endpoint_url": s3.endpoint_url, "access_key_id": s3.access_key_id,
@@ -172,8 +169,7 @@ def test_two_cpu_ranks_serve_jobs_like_one_pipeline_and_shut_down(hf_home, lora_
 
     # The same job through diffusers on one process.
     path = snapshot_download("Qwen/Qwen-Image-Edit-2511", cache_dir=hf_home / "hub", local_files_only=True)
-    pipeline = QwenImageEditPlusPipeline.from_pretrained(path, processor=load_processor(path), dtype=torch.float32)
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = reference_edit_pipeline(path)
     expected = pipeline(image=[Image.open(tmp_path / "input.png").convert("RGB")], prompt="a red hat",
                         negative_prompt=" ", true_cfg_scale=4.0, guidance_scale=1.0, num_inference_steps=2,
                         width=256, height=256, generator=torch.Generator("cpu").manual_seed(1234)).images[0]

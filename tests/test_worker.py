@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from src.worker import Worker
-from tests.conftest import FAST, direct_edit, fetch, image_from_b64, png_b64, same_pixels, sample_image
+from tests.conftest import (AUTHORS_GREEN, FAST, direct_edit, fetch, image_from_b64, on_matte, png_b64,
+                            reference_edit_pipeline, same_pixels, sample_image)
 
 
 
@@ -46,12 +47,7 @@ def test_edit_stores_the_image_and_reports_timings_cost_and_progress(worker, s3)
 
 def test_edit_equals_the_pipeline_called_directly(worker, hf_home):
     """Fidelity: a separately loaded diffusers pipeline gives the same pixels."""
-    from diffusers import QwenImageEditPlusPipeline
-    from src.vl_processor import load_processor
-
-    path = worker.pipes.edit_ref.path
-    pipeline = QwenImageEditPlusPipeline.from_pretrained(path, processor=load_processor(str(path)),
-                                                         dtype=torch.float32)
+    pipeline = reference_edit_pipeline(worker.pipes.edit_ref.path)
     source = sample_image()
     out = run(worker, "fidelity-1", operation="edit", image_base64=png_b64(source), prompt="a red hat",
               seed=1234, return_base64=True, **FAST)
@@ -78,9 +74,11 @@ def test_rgba_edit_keeps_the_alpha_resized_to_the_output(worker):
     assert result.mode == "RGBA" and result.size == (384, 256)
     expected_alpha = source.getchannel("A").resize((384, 256), Image.Resampling.LANCZOS)
     assert result.getchannel("A").tobytes() == expected_alpha.tobytes()
-    rgb_only = direct_edit(worker.pipes.edit, [source.convert("RGB")], "x", 3,
+    # The model saw the image on the authors' green; the alpha went back on afterwards.
+    on_green = direct_edit(worker.pipes.edit, [on_matte(source, AUTHORS_GREEN)], "x", 3,
                            num_inference_steps=2, width=384, height=256)
-    assert same_pixels(result.convert("RGB"), rgb_only)
+    assert same_pixels(result.convert("RGB"), on_green)
+    assert out["matte"] == "#1ed760"
 
 
 def test_rgba_jpeg_edit_is_refused_before_inference(worker):
@@ -98,8 +96,7 @@ def test_multi_image_edit_combines_the_images(worker, count):
               return_base64=True, **FAST)
     assert out["success"] and out["operation"] == "edit_multi"
     # RGBA inputs are flattened onto white before the pipeline sees them.
-    flattened = [Image.alpha_composite(Image.new("RGBA", s.size, "white"), s.convert("RGBA")).convert("RGB")
-                 for s in sources]
+    flattened = [on_matte(s, (255, 255, 255)) for s in sources]
     expected = direct_edit(worker.pipes.edit, flattened, "put them together", 5, num_inference_steps=2,
                            width=256, height=256)
     assert same_pixels(image_from_b64(out["edited_image_base64"]), expected)
@@ -237,7 +234,7 @@ def test_decompose_returns_rgba_layers_and_their_composite(worker, hf_home):
     # Fidelity: the layers equal the Layered pipeline's own output.
     expected = worker.pipes.layered()(image=source.convert("RGBA"), prompt="a scene", negative_prompt=" ",
                                       true_cfg_scale=4.0, guidance_scale=1.0, layers=3, resolution=640,
-                                      num_inference_steps=2, use_en_prompt=True,
+                                      num_inference_steps=2, cfg_normalize=True, use_en_prompt=True,
                                       generator=torch.Generator("cpu").manual_seed(11)).images[0]
     assert all(same_pixels(got, want) for got, want in zip(layers, expected))
 
