@@ -36,6 +36,12 @@ WARMUP_OUTPUT_SIDE = 256
 # diffusers' FlowMatchEulerDiscreteScheduler with the models' shift_terminal=0.02 divides
 # 0 by 0 for a single step, so a 1-step image is black. Served as the pipeline gives it
 # (health checks use 1 step), with this note.
+# diffusers' Qwen transformer has 4096 text rope positions, starting after the output's
+# largest half-side in patches (64 at 2048 px), and the edit pipeline never truncates its
+# prompt: a longer text sequence fails inside the transformer (docs/upstream-register.md,
+# row 16). The condition images' vision tokens (about 190 each, three at most) and the
+# template take about 600 of them, so an edit prompt of this many tokens always fits.
+MAX_EDIT_PROMPT_TOKENS = 3000
 ONE_STEP_WARNING = ("num_inference_steps: with 1 step the models' scheduler (shift_terminal) yields NaN "
                     "and a black image; use 2 or more for a real image")
 
@@ -110,6 +116,7 @@ class Worker:
         if request.operation == "composite":
             return self._run_composite(job_id, request, timer)
         check_edit_count(request, self.settings.max_layer_edits)
+        self._check_edit_prompt_tokens(request)
         self._check_loras_allowed(request)
         with timer.stage("decode"):
             images = [
@@ -154,6 +161,19 @@ class Worker:
             warnings.append(ONE_STEP_WARNING)
         warnings += [f"edits[{i}].{ONE_STEP_WARNING}" for i, edit in enumerate(request.edits) if edit.steps == 1]
         return self._respond(request, seed, entries, warnings, timer, adapters, archive, _matte_used(request, images))
+
+    def _check_edit_prompt_tokens(self, request: JobRequest) -> None:
+        """Edit prompts, counted in the text encoder's tokens (a character can be several)."""
+        if request.operation == "decompose":  # Layered cuts its text-only prompts at 512 tokens itself
+            texts = [(f"edits[{i}].{key}", getattr(edit, key)) for i, edit in enumerate(request.edits)
+                     for key in ("prompt", "negative_prompt")]
+        else:
+            texts = [("prompt", request.prompt), ("negative_prompt", request.negative_prompt)]
+        for key, text in texts:
+            count = len(self.pipes.edit.tokenizer(text).input_ids)
+            if count > MAX_EDIT_PROMPT_TOKENS:
+                raise InputError(f"{key}: {count} tokens; at most {MAX_EDIT_PROMPT_TOKENS} (the edit model's text "
+                                 "positions); shorten it")
 
     def _check_loras_allowed(self, request: JobRequest) -> None:
         """LoRAs are fused into bf16 weights held on the GPU: FP8 or streamed weights cannot take them."""
