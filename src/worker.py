@@ -33,15 +33,15 @@ log = logging.getLogger(__name__)
 
 WARMUP_IMAGE_SIZE = 64  # the orchestrators' health-check shape: 64x64 grey, "test", 1 step
 WARMUP_OUTPUT_SIDE = 256
-# diffusers' FlowMatchEulerDiscreteScheduler with the models' shift_terminal=0.02 divides
-# 0 by 0 for a single step, so a 1-step image is black. Served as the pipeline gives it
-# (health checks use 1 step), with this note.
 # diffusers' Qwen transformer has 4096 text rope positions, starting after the output's
 # largest half-side in patches (64 at 2048 px), and the edit pipeline never truncates its
 # prompt: a longer text sequence fails inside the transformer (docs/upstream-register.md,
 # row 16). The condition images' vision tokens (about 190 each, three at most) and the
 # template take about 600 of them, so an edit prompt of this many tokens always fits.
 MAX_EDIT_PROMPT_TOKENS = 3000
+# diffusers' FlowMatchEulerDiscreteScheduler with the models' shift_terminal=0.02 divides
+# 0 by 0 for a single step, so a 1-step image is black. Served as the pipeline gives it
+# (health checks use 1 step), with this note.
 ONE_STEP_WARNING = ("num_inference_steps: with 1 step the models' scheduler (shift_terminal) yields NaN "
                     "and a black image; use 2 or more for a real image")
 
