@@ -1,5 +1,6 @@
 """QUANTIZE=fp8: the transformer blocks' linears as FP8 (e4m3) matmuls, with torch's own
-scaled matmul (`torch._scaled_mm`), no extra package.
+scaled matmul (`torch._scaled_mm`), no extra package; those named in FP8_KEEP_BF16 (by
+default the modulation linears) stay bf16.
 
 Each weight row gets one float32 scale, set once at load, that maps its largest value to
 e4m3's largest (448); each activation row (one token) gets one at run time the same way.
@@ -28,8 +29,9 @@ BLOCK_LINEARS = ("img_mod.1", "txt_mod.1", "attn.to_q", "attn.to_k", "attn.to_v"
                  "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2")
 # Kept in bf16 by default (FP8_KEEP_BF16): the modulation linears turn the timestep
 # embedding, one token per pass, into every shift, scale and gate of the block. FP8 makes
-# them no faster and rounds every one of them: on an H200 (issue 12), keeping them took
-# the edit's relative L2 from stock bf16 from 1.46% to 1.26% at the same 0.26 s per pass.
+# them no faster and rounds every one of them: on an H200, keeping them took the edit
+# transformer's relative L2 from stock bf16 from 1.46% to 1.25% at the same 0.26 s per pass
+# (bench/results/nvidia-h200-2026-12-01-levers-fp8-keep-modulation.json).
 # They hold a third of the blocks' weights, so the FP8 transformer grows by about 6.3 GiB.
 MODULATION_LINEARS = ("img_mod.1", "txt_mod.1")
 

@@ -1,6 +1,7 @@
 """Where the weights live on the GPU: one memory mode per worker, chosen at start.
 
-    resident      everything on the GPU (an 80 GB card; a 48 GB card with QUANTIZE=fp8)
+    resident      everything on the GPU (an 80 GB card; a 48 GB card with QUANTIZE=fp8 and
+                  FP8_KEEP_BF16=none)
     text_offload  the 7B text encoder waits in pinned CPU memory and streams in layer by
                   layer for each prompt; the transformer and VAE stay on the GPU
     offload       the transformers stream in too, one block ahead of the one running

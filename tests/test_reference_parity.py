@@ -172,20 +172,20 @@ def test_bad_matte_and_cfg_normalize_are_refused_with_the_key(worker, job_input,
     assert out == {"error": error}
 
 
+LONG_TEXT = "\U0001F600" * 2000  # 4 UTF-8 bytes each: 8000 byte tokens for the tiny models' tokenizer
+
+
 @pytest.mark.parametrize("job_input, key", [
-    ({}, "prompt"),
-    ({"operation": "decompose", "edits": [{"layer": 0, "prompt": "x"}]}, "edits[0].negative_prompt"),
+    ({"prompt": LONG_TEXT}, "prompt"),
+    ({"operation": "decompose", "edits": [{"layer": 0, "prompt": "x", "negative_prompt": LONG_TEXT}]},
+     "edits[0].negative_prompt"),
 ])
 def test_an_edit_prompt_past_the_models_text_positions_is_refused_before_the_gpu(worker, job_input, key):
     """The edit pipeline never truncates; past the transformer's text rope positions it
-    fails inside the model (register row 16). 2000 characters of four UTF-8 bytes each
-    are 8000 byte tokens for the tiny models' tokenizer."""
-    long_text = "\U0001F600" * 2000
-    job = {"image_base64": png_b64(sample_image()), "prompt": "x", **job_input}
-    job["edits" if "edits" in job else "prompt"] = (
-        [{**job["edits"][0], "negative_prompt": long_text}] if "edits" in job else long_text)
+    fails inside the model (register row 16)."""
     progress = []
-    out = worker.handle({"id": "long", "input": job}, progress.append)
+    out = worker.handle({"id": "long", "input": {"image_base64": png_b64(sample_image()), "prompt": "x",
+                                                 **job_input}}, progress.append)
     assert out == {"error": f"{key}: 8000 tokens; at most 3000 (the edit model's text positions); shorten it"}
     assert progress == []
     assert run(worker, image_base64=png_b64(sample_image()), prompt="x", seed=1, **FAST)["success"]

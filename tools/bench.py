@@ -40,6 +40,7 @@ from src.codec import png_base64  # noqa: E402
 from tools.bench_results import write_results  # noqa: E402
 from src import memory  # noqa: E402
 from src.config import Settings  # noqa: E402
+from src.fp8 import BLOCK_LINEARS, MODULATION_LINEARS  # noqa: E402
 from src.loras import LoraLibrary  # noqa: E402
 from src.metering import price_for  # noqa: E402
 from src.pipelines import ModelRef, Pipelines, device_name  # noqa: E402
@@ -60,9 +61,8 @@ VISION_7B = {
 PROCESSOR_MIN_PIXELS, PROCESSOR_MAX_PIXELS = 56 * 56, 28 * 28 * 1280
 BF16_PEAK_TFLOPS = {"H100": 800.0, "H200": 800.0}  # dense bf16 matmul measured on these cards (~790-800)
 LIGHTNING_RANK = 64
-LIGHTNING_LAYERS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-                    "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2",
-                    "txt_mlp.net.0.proj", "txt_mlp.net.2")
+# The real Lightning file adapts every block linear but the modulation.
+LIGHTNING_LAYERS = tuple(name for name in BLOCK_LINEARS if name not in MODULATION_LINEARS)
 
 
 def random_module(factory):
@@ -442,7 +442,8 @@ def main() -> None:
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                "date": datetime.date.today().isoformat(), "label": args.label,
                "settings": {"attention_backend": settings.attention_backend, "compile": settings.compile,
-                            "quantize": settings.quantize, "memory_mode": pipes.memory_mode},
+                            "quantize": settings.quantize, "fp8_keep_bf16": sorted(settings.fp8_keep_bf16),
+                            "memory_mode": pipes.memory_mode},
                "memory_cap": memory_cap,
                "build_s": round(build_s, 1), "warmup_s": round(warmup_s, 1),
                "weights_gib": round(torch.cuda.memory_allocated() / 2**30, 1)}
