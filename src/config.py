@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Mapping
 
 from src.fp8 import BLOCK_LINEARS, MODULATION_LINEARS
-from src.schema import MAX_LAYERS
+from src.schema import MAX_LAYERS, MAX_PROMPTS_LIMIT
 
 DEFAULT_EDIT_MODEL = "Qwen/Qwen-Image-Edit-2511"
 DEFAULT_LAYERED_MODEL = "Qwen/Qwen-Image-Layered"
@@ -34,6 +34,8 @@ MAX_JOB_TIMEOUT_S = 24 * 3600
 # A job's layer edits run one after another on the GPU, each costing about as much
 # as an `edit` job: the count per decompose job is capped (MAX_LAYER_EDITS).
 DEFAULT_MAX_LAYER_EDITS = 4
+# A prompt list runs one edit per prompt (times num_images), one after another.
+DEFAULT_MAX_PROMPTS = 8
 
 
 class ConfigError(ValueError):
@@ -70,6 +72,14 @@ class Settings:
     lightning_files: dict[int, str] = field(default_factory=lambda: dict(DEFAULT_LIGHTNING_FILES))
     max_loras: int = 3
     max_layer_edits: int = DEFAULT_MAX_LAYER_EDITS
+    max_prompts: int = DEFAULT_MAX_PROMPTS
+    # Job URLs (images, LoRAs, a job's bucket): whether they may reach loopback, private
+    # and link-local addresses (src/url_guard.py), and how long one download may take.
+    allow_private_urls: bool = False
+    fetch_connect_timeout_s: float = 5.0
+    fetch_timeout_s: float = 30.0
+    # "missing": a start that finds a model absent from HF_HOME downloads it first.
+    download_models: str = "never"
     lora_roots: tuple[Path, ...] = (RUNPOD_VOLUME,)
     lora_cache_dir: Path | None = None  # None: HF_HOME/lora-cache
     lora_cache_max_bytes: int = 20 * GIB
@@ -114,6 +124,11 @@ class Settings:
             max_loras=reader.integer("MAX_LORAS", 3, low=0, high=16),
             max_layer_edits=reader.integer("MAX_LAYER_EDITS", DEFAULT_MAX_LAYER_EDITS, low=0,
                                            high=MAX_LAYERS),
+            max_prompts=reader.integer("MAX_PROMPTS", DEFAULT_MAX_PROMPTS, low=1, high=MAX_PROMPTS_LIMIT),
+            allow_private_urls=reader.flag("ALLOW_PRIVATE_URLS", False),
+            fetch_connect_timeout_s=reader.number("FETCH_CONNECT_TIMEOUT_S", 5.0, low=0.1, high=60.0),
+            fetch_timeout_s=reader.number("FETCH_TIMEOUT_S", 30.0, low=0.1, high=600.0),
+            download_models=reader.choice("DOWNLOAD_MODELS", "never", ("never", "missing")),
             lora_roots=tuple(Path(p) for p in reader.text("LORA_ROOTS", str(RUNPOD_VOLUME)).split(os.pathsep) if p),
             lora_cache_dir=Path(reader.text("LORA_CACHE_DIR", str(hf_home / "lora-cache"))),
             lora_cache_max_bytes=reader.integer("LORA_CACHE_MAX_BYTES", 20 * GIB, low=MIB),

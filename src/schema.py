@@ -18,6 +18,9 @@ from pydantic_core import PydanticCustomError
 
 MAX_PROMPT_CHARS = 2000
 MAX_EXTRA_IMAGES = 2  # 3 images in all
+MAX_IMAGES_PER_PROMPT = 4  # num_images
+# The most prompts one job may list; MAX_PROMPTS (default 8) sets the worker's limit below it.
+MAX_PROMPTS_LIMIT = 32
 SIZE_MIN, SIZE_MAX = 256, 2048
 SEED_LIMIT = 2**32
 DEFAULT_STEPS = {"edit": 40, "edit_multi": 40, "decompose": 50}

@@ -133,7 +133,9 @@ def s3():
 def worker_env(hf_home, lora_dir, s3, tmp_path_factory) -> dict[str, str]:
     return {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "DEVICE": "cpu", "PRELOAD": "edit",
             "GPU_PRICE_PER_HOUR": "1.80", "LORA_ROOTS": str(lora_dir),
-            "LORA_CACHE_DIR": str(tmp_path_factory.mktemp("lora-cache")), **s3.env()}
+            "LORA_CACHE_DIR": str(tmp_path_factory.mktemp("lora-cache")),
+            # The loopback S3 and the tests' HTTP servers are private addresses.
+            "ALLOW_PRIVATE_URLS": "true", **s3.env()}
 
 
 @pytest.fixture(scope="session")
