@@ -7,6 +7,7 @@ stops at start instead of failing every job.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Mapping
 
 from src.fp8 import BLOCK_LINEARS, MODULATION_LINEARS
 from src.schema import MAX_LAYERS, MAX_PROMPTS_LIMIT
+from src.url_guard import AddressPolicy
 
 DEFAULT_EDIT_MODEL = "Qwen/Qwen-Image-Edit-2511"
 DEFAULT_LAYERED_MODEL = "Qwen/Qwen-Image-Layered"
@@ -76,6 +78,7 @@ class Settings:
     # Job URLs (images, LoRAs, a job's bucket): whether they may reach loopback, private
     # and link-local addresses (src/url_guard.py), and how long one download may take.
     allow_private_urls: bool = False
+    allowed_private_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     fetch_connect_timeout_s: float = 5.0
     fetch_timeout_s: float = 30.0
     # "missing": a start that finds a model absent from HF_HOME downloads it first.
@@ -126,6 +129,7 @@ class Settings:
                                            high=MAX_LAYERS),
             max_prompts=reader.integer("MAX_PROMPTS", DEFAULT_MAX_PROMPTS, low=1, high=MAX_PROMPTS_LIMIT),
             allow_private_urls=reader.flag("ALLOW_PRIVATE_URLS", False),
+            allowed_private_networks=reader.networks("ALLOWED_PRIVATE_NETWORKS"),
             fetch_connect_timeout_s=reader.number("FETCH_CONNECT_TIMEOUT_S", 5.0, low=0.1, high=60.0),
             fetch_timeout_s=reader.number("FETCH_TIMEOUT_S", 30.0, low=0.1, high=600.0),
             download_models=reader.choice("DOWNLOAD_MODELS", "never", ("never", "missing")),
@@ -157,6 +161,11 @@ class Settings:
             raise ConfigError(f"PRELOAD: lightning cannot be used with QUANTIZE={settings.quantize} "
                               "(LoRAs fuse into bf16 weights); drop one of them")
         return settings
+
+    @property
+    def address_policy(self) -> AddressPolicy:
+        """What job URLs may reach (src/url_guard.py)."""
+        return AddressPolicy(self.allow_private_urls, self.allowed_private_networks)
 
 
 def default_hf_home(env: Mapping[str, str]) -> Path:
@@ -238,6 +247,19 @@ class _EnvReader:
         if unknown:
             raise ConfigError(f"{name}: {', '.join(unknown)} not allowed; allowed: a comma list of {', '.join(allowed)}")
         return frozenset(values)
+
+    def networks(self, name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """A comma list of networks in CIDR form ('10.1.2.0/24, fd00::/8'), or none."""
+        found = []
+        for part in self.text(name, "").split(","):
+            if not part.strip():
+                continue
+            try:
+                found.append(ipaddress.ip_network(part.strip()))
+            except ValueError:
+                raise ConfigError(f"{name}: {part.strip()!r} is not a network; allowed: a comma list of "
+                                  "networks such as 10.1.2.0/24 or fd00::/8") from None
+        return tuple(found)
 
     def flag(self, name: str, default: bool) -> bool:
         raw = self.text(name, "").lower()

@@ -7,7 +7,9 @@ refuses it, before any connection, when any address it resolves to is not global
 routable. Callers then connect to the addresses it returned, never to the name again,
 so a second DNS answer cannot differ from the checked one (DNS rebinding).
 
-`allow_private` (ALLOW_PRIVATE_URLS=true) lifts the check for tests and local runs.
+`AddressPolicy` says what may be reached: ALLOW_PRIVATE_URLS=true lifts the check
+(tests and local runs); ALLOWED_PRIVATE_NETWORKS lets a deployment reach only its own
+private networks, such as an image store inside its VPC.
 """
 
 from __future__ import annotations
@@ -35,6 +37,22 @@ class UrlRefused(InputError):
 
 
 @dataclass(frozen=True)
+class AddressPolicy:
+    """Which non-global addresses a job URL may reach: all (`allow_private`), those in
+    `allowed_networks`, or none (the default)."""
+
+    allow_private: bool = False
+    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    def refusal(self, address: Address) -> str | None:
+        """Why `address` may not be reached ('a loopback', ...), or None if it may."""
+        if self.allow_private or any(address in network for network in self.allowed_networks
+                                     if network.version == address.version):
+            return None
+        return non_global_category(address)
+
+
+@dataclass(frozen=True)
 class CheckedTarget:
     """A URL's parts and the addresses its host resolved to, all of them checked."""
 
@@ -55,7 +73,7 @@ def shown(url: str) -> str:
     return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
-def resolve_checked(url: str, key: str, allow_private: bool) -> CheckedTarget:
+def resolve_checked(url: str, key: str, policy: AddressPolicy) -> CheckedTarget:
     """Resolve `url`'s host and check every address, or raise UrlRefused naming `key`."""
     parts = urlsplit(url)
     if parts.scheme not in ALLOWED_SCHEMES:
@@ -72,12 +90,11 @@ def resolve_checked(url: str, key: str, allow_private: bool) -> CheckedTarget:
     except (socket.gaierror, UnicodeError):
         raise UrlRefused(f"{key}: host {host!r} does not resolve") from None
     addresses = tuple(dict.fromkeys(info[4][0] for info in infos))
-    if not allow_private:
-        for address in addresses:
-            category = non_global_category(ipaddress.ip_address(address.split("%", 1)[0]))
-            if category:
-                raise UrlRefused(f"{key}: host {host!r} resolves to {address}, {category} address; "
-                                 "set ALLOW_PRIVATE_URLS=true to allow it")
+    for address in addresses:
+        category = policy.refusal(ipaddress.ip_address(address.split("%", 1)[0]))
+        if category:
+            raise UrlRefused(f"{key}: host {host!r} resolves to {address}, {category} address; "
+                             "set ALLOW_PRIVATE_URLS=true to allow it")
     return CheckedTarget(url=parts, host=host, port=port, addresses=addresses)
 
 
