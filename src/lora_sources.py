@@ -1,8 +1,9 @@
 """Where a LoRA file comes from: a path on the volume, a repo in the HF cache, or an
 https/S3 URL downloaded once into a size-capped cache on the volume.
 
-Every failure is a `LoraError` that names the job key (`loras[i].source`) and the
-source, never a credential or a presigned query string.
+Every failure is a `LoraError` (or, for an http(s) URL, a `url_fetch.FetchError` or
+`url_guard.UrlRefused`) that names the job key (`loras[i].source`) and the source, never
+a credential or a presigned query string.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import requests
-
 from src.schema import InputError
+from src.url_fetch import FetchLimits, iter_chunks
+from src.url_guard import AddressPolicy
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DOWNLOAD_CHUNK_BYTES = 1 << 20
-DOWNLOAD_TIMEOUT_S = (10, 60)  # connect, read between chunks
+# LoRA files run to 2 GB: their downloads have no total bound, only this on each wait
+# for the next bytes.
+DOWNLOAD_IDLE_TIMEOUT_S = 60.0
 
 
 class LoraError(InputError):
@@ -68,12 +71,21 @@ def describe_source(source: str) -> str:
     return source
 
 
+def http_limits(max_download_bytes: int, connect_timeout_s: float) -> FetchLimits:
+    """What one LoRA download over http(s) may take."""
+    return FetchLimits(max_bytes=max_download_bytes, max_bytes_setting="LORA_MAX_DOWNLOAD_BYTES",
+                       connect_timeout_s=connect_timeout_s, total_timeout_s=None,
+                       idle_timeout_s=DOWNLOAD_IDLE_TIMEOUT_S)
+
+
 def resolve(source: str, weight_name: str | None, key: str, *, roots: tuple[Path, ...], hf_home: Path,
-            cache: LoraCache, s3_client_for=None) -> LoraFile:
-    """The local file behind a LoRA source, downloading it into the cache if needed."""
+            cache: LoraCache, policy: AddressPolicy, limits: FetchLimits, s3_client_for=None) -> LoraFile:
+    """The local file behind a LoRA source, downloading it into the cache if needed;
+    http(s) URLs only to addresses `policy` allows, within `limits`."""
     shown = describe_source(source)
     if source.startswith(("https://", "http://")):
-        return _download(source, key, cache, lambda: _http_chunks(source, key, shown))
+        return _download(source, key, cache,
+                         lambda: iter_chunks(source, key, policy, limits, DOWNLOAD_CHUNK_BYTES))
     if source.startswith("s3://"):
         if s3_client_for is None:
             raise LoraError(f"{key}: {shown!r} is an S3 URL but no bucket credentials are configured "
@@ -151,16 +163,6 @@ def _download(url: str, key: str, cache: LoraCache, chunks) -> LoraFile:
     sidecar.write_text(digest.hexdigest())
     cache.evict(keep=target)
     return LoraFile(source=url, path=target, sha256=digest.hexdigest(), downloaded=True)
-
-
-def _http_chunks(url: str, key: str, shown: str):
-    try:
-        with requests.get(url, stream=True, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            if response.status_code != 200:
-                raise LoraError(f"{key}: downloading {shown!r} failed: HTTP {response.status_code}")
-            yield from response.iter_content(DOWNLOAD_CHUNK_BYTES)
-    except requests.RequestException as exc:
-        raise LoraError(f"{key}: downloading {shown!r} failed: {type(exc).__name__}") from None
 
 
 def _s3_chunks(client, bucket: str, object_key: str, key: str, shown: str):

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from src.config import Settings
-from src.lora_sources import LoraCache, LoraError, LoraFile, describe_source, resolve
+from src.lora_sources import LoraCache, LoraError, LoraFile, describe_source, http_limits, resolve
 from src.schema import JobRequest
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,9 @@ def adapters_for(request: JobRequest, settings: Settings, library: LoraLibrary, 
     cache = LoraCache(folder=settings.lora_cache_dir or settings.hf_home / "lora-cache",
                       max_bytes=settings.lora_cache_max_bytes, max_files=settings.lora_cache_max_files,
                       max_download_bytes=settings.lora_max_download_bytes)
-    common = dict(roots=settings.lora_roots, hf_home=settings.hf_home, cache=cache, s3_client_for=s3_client_for)
+    common = dict(roots=settings.lora_roots, hf_home=settings.hf_home, cache=cache, s3_client_for=s3_client_for,
+                  policy=settings.address_policy,
+                  limits=http_limits(settings.lora_max_download_bytes, settings.fetch_connect_timeout_s))
     adapters = []
     if request.lightning:
         file = resolve(settings.lightning_repo, settings.lightning_files[request.lightning], "lightning", **common)

@@ -46,10 +46,15 @@ def fresh_pipeline(worker):
 
 @pytest.fixture(scope="module")
 def file_server(lora_dir):
-    """A loopback HTTP server for the LoRA files, counting the requests it answers."""
-    counts: dict[str, int] = {}
+    """A loopback HTTP server for the LoRA files, counting the requests it answers by
+    path and the connections it accepts under "connections"."""
+    counts: dict[str, int] = {"connections": 0}
 
     class Handler(http.server.SimpleHTTPRequestHandler):
+        def setup(self):
+            counts["connections"] += 1
+            super().setup()
+
         def do_GET(self):
             counts[self.path] = counts.get(self.path, 0) + 1
             super().do_GET()
@@ -165,11 +170,29 @@ def test_lora_errors_name_the_key(worker, lora_dir, file_server, tmp_path):
     small_cap = dataclasses.replace(worker, settings=dataclasses.replace(
         worker.settings, lora_max_download_bytes=1024, lora_cache_dir=tmp_path))
     too_big = edit(small_cap, loras=[{"source": f"{base_url}/tiny_lora_diffusers.safetensors"}])
-    assert too_big["error"].endswith("is larger than 1024 bytes (LORA_MAX_DOWNLOAD_BYTES)")
+    size = (lora_dir / "tiny_lora_diffusers.safetensors").stat().st_size
+    assert too_big["error"] == (f"loras[0].source: '{base_url}/tiny_lora_diffusers.safetensors' is {size} bytes "
+                                "(Content-Length), larger than 1024 bytes (LORA_MAX_DOWNLOAD_BYTES)")
     assert not list(tmp_path.iterdir())  # no partial file left behind
     decompose = worker.handle({"id": "x", "input": {"operation": "decompose", "image_base64": png_b64(sample_image()),
                                                     "loras": [good]}})
     assert decompose["error"].startswith("loras: not used by decompose")
+
+
+def test_url_source_on_a_private_address_is_refused_before_connecting(worker, file_server):
+    """The session worker allows private URLs (its test servers are on loopback); a
+    worker with the default policy, sharing the loaded pipelines, refuses them."""
+    from src.worker import Worker
+
+    strict = Worker(settings=dataclasses.replace(worker.settings, allow_private_urls=False), pipes=worker.pipes,
+                    price=worker.price, loras=worker.loras)
+    base_url, counts = file_server
+    before = dict(counts)
+    refused = edit(strict, loras=[{"source": f"{base_url}/tiny_lora_diffusers.safetensors?X-Amz-Signature=secret"}])
+    assert refused["error"] == ("loras[0].source: host '127.0.0.1' resolves to 127.0.0.1, a loopback address; "
+                                "set ALLOW_PRIVATE_URLS=true to allow it")
+    assert counts == before  # not one connection
+    assert pixels(edit(strict)) == pixels(edit(worker))  # the next job is served
 
 
 def test_lora_job_through_the_local_api(api, lora_dir):
