@@ -38,10 +38,17 @@ def decode_image(data: str, key: str, max_bytes: int, max_pixels: int) -> Image.
     if len(payload) * 3 // 4 > max_bytes + 3:
         raise InputError(f"{key}: image is larger than {max_bytes} bytes (MAX_IMAGE_BYTES)")
     raw = _decode_base64(payload, key)
-    if not raw:
-        raise InputError(f"{key}: empty image")
     if len(raw) > max_bytes:
         raise InputError(f"{key}: image is {len(raw)} bytes; at most {max_bytes} allowed (MAX_IMAGE_BYTES)")
+    return open_image(raw, key, max_pixels)
+
+
+def open_image(raw: bytes, key: str, max_pixels: int) -> Image.Image:
+    """Image bytes (a decoded payload or a download, already within MAX_IMAGE_BYTES) to a
+    checked RGB or RGBA image; the format is sniffed from the bytes, never trusted from a
+    name or a Content-Type."""
+    if not raw:
+        raise InputError(f"{key}: empty image")
     return _open_checked(raw, key, max_pixels)
 
 

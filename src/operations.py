@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from PIL import Image
 
 from src.schema import JobRequest, LayerEdit
+from src.shared_encodings import encodings_shared
 
 ProgressFn = Callable[[dict], None]
 PROGRESS_INTERVAL_S = 1.0
@@ -30,23 +32,41 @@ def generator_for(seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed)
 
 
+@dataclass(frozen=True)
+class EditResult:
+    image: Image.Image
+    prompt_index: int
+    seed: int
+
+
 def edit(pipeline, request: JobRequest, images: list[Image.Image], seed: int,
-         progress: ProgressFn, scheduler=None) -> Image.Image:
-    """edit and edit_multi: one image out. `scheduler` replaces the pipeline's for this
-    call (Lightning LoRAs come with their own)."""
+         progress: ProgressFn, scheduler=None) -> list[EditResult]:
+    """edit and edit_multi: `num_images` results for each prompt, prompts in order. Result
+    k is the pipeline's call with its prompt and seed `request.output_seed(seed, k)`, so
+    it equals the single-image job with that prompt and seed; the encodings those calls
+    share are computed once (src/shared_encodings.py). `scheduler` replaces the
+    pipeline's for these calls (Lightning LoRAs come with their own)."""
     alpha = images[0].getchannel("A") if len(images) == 1 and images[0].mode == "RGBA" else None
     matte = request.matte_for(len(images))
     inputs = [flatten(image, matte) for image in images]
     width, height = request.output_size()
     if request.auto_resize is False and width is None and height is None:
         width, height = _keep_size(images[0].size, request.snap)
-    with _scheduler_swapped(pipeline, scheduler):
-        result = _call_edit(pipeline, inputs, request.prompt, request.negative_prompt, request.cfg_scale,
-                            request.guidance_scale, request.steps, width, height, seed, progress)
-    if alpha is not None:
-        result = result.convert("RGBA")
-        result.putalpha(alpha.resize(result.size, Image.Resampling.LANCZOS))
-    return result
+    runs = [(prompt_index, prompt) for prompt_index, prompt in enumerate(request.prompts)
+            for _ in range(request.num_images)]
+    results = []
+    with _scheduler_swapped(pipeline, scheduler), encodings_shared(pipeline):
+        for index, (prompt_index, prompt) in enumerate(runs):
+            result_seed = request.output_seed(seed, index)
+            image_progress = progress if len(runs) == 1 else (
+                lambda update, index=index: progress({**update, "image": index + 1, "images": len(runs)}))
+            result = _call_edit(pipeline, inputs, prompt, request.negative_prompt, request.cfg_scale,
+                                request.guidance_scale, request.steps, width, height, result_seed, image_progress)
+            if alpha is not None:
+                result = result.convert("RGBA")
+                result.putalpha(alpha.resize(result.size, Image.Resampling.LANCZOS))
+            results.append(EditResult(result, prompt_index, result_seed))
+    return results
 
 
 def edit_layer(pipeline, layer: Image.Image, edit: LayerEdit, seed: int, guidance_scale: float, matte: str,

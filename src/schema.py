@@ -13,7 +13,8 @@ import re
 import reprlib
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, SecretStr, TypeAdapter,
+                      ValidationError, model_validator)
 from pydantic_core import PydanticCustomError
 
 MAX_PROMPT_CHARS = 2000
@@ -36,9 +37,9 @@ MAX_LAYERS = 10  # the most layers one decomposition makes
 MAX_COMPOSITE_LAYERS = 16
 # Keys whose values are image payloads: their values never go into an error text.
 PAYLOAD_KEYS = ("image_base64", "images_base64", "layers_base64")
-# Keys whose values may carry credentials (a job's bucket; a LoRA URL with a presigned
-# query string): their values never go into an error text either.
-SECRET_KEYS = ("r2",)
+# Keys whose values may carry credentials (a job's bucket; image and LoRA URLs with a
+# presigned query string): their values never go into an error text either.
+SECRET_KEYS = ("r2", "image_url", "image_urls")
 SECRET_FIELDS = ("source",)
 # An error text stays short whatever the input: values and unknown keys are cut to
 # MAX_ECHO_CHARS, and the whole text to MAX_ERROR_CHARS.
@@ -52,6 +53,10 @@ COMPOSITE_KEYS = frozenset({"operation", "layers_base64", "output_format", "outp
                             "r2", "archive"})
 
 Operation = Literal["edit", "edit_multi", "decompose", "composite"]
+# An image URL as a job sends it; what it may reach is checked when it is fetched (src/url_guard.py).
+ImageUrl = Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^https?://")]
+# The keys that carry a job's input images: one style per job.
+IMAGE_KEYS = ("image_base64", "image_url", "image_urls")
 Archive = Literal["zip", "psd", "ora"]
 
 
@@ -70,6 +75,32 @@ def _refuse_control_chars(text: str) -> str:
 
 # Text that goes to the tokenizer.
 Prompt = Annotated[str, AfterValidator(_refuse_control_chars)]
+_ONE_PROMPT = TypeAdapter(Annotated[str, Field(max_length=MAX_PROMPT_CHARS), AfterValidator(_refuse_control_chars)],
+                          config=ConfigDict(strict=True))
+
+
+def _prompt_or_prompts(value: Any) -> str | list[str]:
+    """`prompt`: one instruction, or a list of them, each item named by its index in errors."""
+    if not isinstance(value, list):
+        return _one_prompt(value, ("prompt",))
+    if not 1 <= len(value) <= MAX_PROMPTS_LIMIT:
+        raise _rule("prompt", f"a list of {len(value)} prompts; give 1 to {MAX_PROMPTS_LIMIT}")
+    return [_one_prompt(item, ("prompt", i)) for i, item in enumerate(value)]
+
+
+def _one_prompt(value: Any, loc: tuple) -> str:
+    try:
+        text = _ONE_PROMPT.validate_python(value)
+        text.encode("utf-8")  # a lone surrogate cannot reach the tokenizer
+        return text
+    except ValidationError as exc:
+        raise _rule(_loc_text(loc), _describe({**exc.errors(include_url=False)[0], "loc": loc}).split(": ", 1)[1])
+    except UnicodeEncodeError as exc:
+        raise _rule(_loc_text(loc), f"not valid Unicode text: a lone surrogate at position {exc.start}") from None
+
+
+# One instruction, or several for the same images (edit and edit_multi).
+Prompts = Annotated[str | list[str], PlainValidator(_prompt_or_prompts)]
 
 _HEX_COLOUR = re.compile(r"#[0-9a-fA-F]{6}")
 
@@ -127,11 +158,17 @@ class JobRequest(BaseModel):
 
     operation: Operation = Field("edit", description="edit, edit_multi, decompose or composite")
     image_base64: str | None = Field(None, description="raw base64 or data URI; PNG, JPEG or WEBP; "
-                                     "required except for composite")
+                                     "one of image_base64, image_url, image_urls is required except for composite")
     images_base64: list[str] = Field(default_factory=list, max_length=MAX_EXTRA_IMAGES,
-                                     description="extra images for edit and edit_multi")
-    prompt: Prompt = Field("", max_length=MAX_PROMPT_CHARS,
-                        description="the instruction; optional for decompose (empty: the model captions the image)")
+                                     description="extra images for edit and edit_multi, after image_base64")
+    image_url: ImageUrl | None = Field(None, description="the image by http(s) URL instead of image_base64")
+    image_urls: list[ImageUrl] = Field(default_factory=list, max_length=MAX_EXTRA_IMAGES + 1,
+                                       description="edit and edit_multi: all 1 to 3 images by URL")
+    prompt: Prompts = Field(
+        "", description="the instruction; optional for decompose (empty: the model captions the image); "
+        "edit and edit_multi also take a list: one result per prompt, same images")
+    num_images: int = Field(1, ge=1, le=MAX_IMAGES_PER_PROMPT,
+                            description="edit and edit_multi: results per prompt, with seeds seed, seed+1, ...")
     negative_prompt: Prompt = Field(" ", max_length=MAX_PROMPT_CHARS)
     num_inference_steps: int | None = Field(None, ge=1, le=100, description="default 40; decompose 50")
     true_cfg_scale: float = Field(4.0, ge=1.0, le=20.0)
@@ -165,19 +202,24 @@ class JobRequest(BaseModel):
     def _check_operation_rules(self) -> "JobRequest":
         if self.operation == "composite":
             return self._check_composite_rules()
-        if self.image_base64 is None:
-            raise _rule("image_base64", "required")
+        self._check_image_keys()
         if "layers_base64" in self.model_fields_set:
             raise _rule("layers_base64", "only used by composite")
-        if self.operation in ("edit", "edit_multi") and not self.prompt.strip():
-            raise _rule("prompt", f"required and non-empty for {self.operation}")
-        if self.operation == "edit_multi" and not self.images_base64:
-            raise _rule("images_base64", "edit_multi needs 2 or 3 images in all: image_base64 plus "
-                        "1 or 2 in images_base64; got 1 image")
+        if self.operation in ("edit", "edit_multi"):
+            self._check_prompts()
+        if self.operation == "edit_multi" and len(self.image_sources) < 2:
+            raise _rule("image_urls" if self.image_urls else "images_base64",
+                        "edit_multi needs 2 or 3 images in all: image_base64 plus 1 or 2 in images_base64, "
+                        "or 2 or 3 in image_urls; got 1 image")
         if self.operation == "decompose":
-            for key in ("images_base64", "width", "height", "auto_resize", "lightning", "loras", "snap"):
+            if isinstance(self.prompt, list):
+                raise _rule("prompt", "decompose takes one prompt (a string), not a list")
+            for key in ("width", "height", "auto_resize", "snap"):
                 if key in self.model_fields_set and getattr(self, key):
                     raise _rule(key, "not used by decompose (its size comes from resolution: 640 or 1024)")
+            for key in ("images_base64", "image_urls", "num_images", "lightning", "loras"):
+                if key in self.model_fields_set and getattr(self, key):
+                    raise _rule(key, "not used by decompose (edit and edit_multi only)")
             self._check_layer_output_format()
             self._check_edits()
             if "matte" in self.model_fields_set and not self.edits:
@@ -197,6 +239,24 @@ class JobRequest(BaseModel):
             if "true_cfg_scale" in self.model_fields_set and self.true_cfg_scale != 1.0:
                 raise _rule("true_cfg_scale", f"lightning runs without true CFG (1.0); got {self.true_cfg_scale}")
         return self
+
+    def _check_image_keys(self) -> None:
+        if self.images_base64 and self.image_base64 is None:
+            raise _rule("images_base64", "extra images come after image_base64; by URL, send all images "
+                        "in image_urls")
+        given = [key for key in IMAGE_KEYS if getattr(self, key) not in (None, [])]
+        if not given:
+            raise _rule("image_base64", "required: the image as image_base64, or by URL as image_url "
+                        "(image_urls for several)")
+        if len(given) > 1:
+            raise _rule(given[1], f"one style of image input per job; got both {given[0]} and {given[1]} "
+                        "(send all images as base64 or all by URL)")
+
+    def _check_prompts(self) -> None:
+        for i, text in enumerate(self.prompts):
+            if not text.strip():
+                key = f"prompt[{i}]" if isinstance(self.prompt, list) else "prompt"
+                raise _rule(key, f"required and non-empty for {self.operation}")
 
     def _check_composite_rules(self) -> "JobRequest":
         for key in sorted(self.model_fields_set - COMPOSITE_KEYS):
@@ -241,8 +301,29 @@ class JobRequest(BaseModel):
         return 1.0 if self.lightning else self.true_cfg_scale
 
     @property
-    def images(self) -> list[str]:
-        return [self.image_base64, *self.images_base64]
+    def image_sources(self) -> list[tuple[str, str]]:
+        """(key, value) of each input image, in order: base64 payloads or URLs."""
+        if self.image_url:
+            return [("image_url", self.image_url)]
+        if self.image_urls:
+            return [(f"image_urls[{i}]", url) for i, url in enumerate(self.image_urls)]
+        return [("image_base64", self.image_base64)] + [
+            (f"images_base64[{i}]", data) for i, data in enumerate(self.images_base64)]
+
+    @property
+    def prompts(self) -> list[str]:
+        return self.prompt if isinstance(self.prompt, list) else [self.prompt]
+
+    @property
+    def output_count(self) -> int:
+        """Result images of an edit: one per prompt and per num_images."""
+        return len(self.prompts) * self.num_images
+
+    def output_seed(self, seed: int, index: int) -> int:
+        """The seed of result `index` (prompts first, then each prompt's images): the job's
+        seed plus the index, wrapping within the schema's range so that it is a seed a
+        single-image job can ask for."""
+        return (seed + index) % SEED_LIMIT
 
     @property
     def legacy_shape(self) -> bool:

@@ -12,13 +12,14 @@ import logging
 import secrets
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
 from src import archives, operations
-from src.codec import decode_image
+from src.codec import decode_image, open_image
 from src.config import BucketConfig, Settings
 from src.layers import LayerStack, check_edit_count, check_same_size, describe_layers, edit_seed
 from src.loras import LoraLibrary, adapters_for, lightning_scheduler
@@ -28,6 +29,7 @@ from src.pipelines import Pipelines, device_name
 from src.results import OutputTooLarge, describe, encode_all
 from src.schema import InputError, JobRequest, SEED_LIMIT, parse_request
 from src.storage import Bucket, StorageError, UploadPolicy
+from src.url_fetch import FetchLimits, fetch_bytes
 
 log = logging.getLogger(__name__)
 
@@ -116,15 +118,12 @@ class Worker:
         if request.operation == "composite":
             return self._run_composite(job_id, request, timer)
         check_edit_count(request, self.settings.max_layer_edits)
+        self._check_prompt_count(request)
         self._check_edit_prompt_tokens(request)
         self._check_loras_allowed(request)
-        with timer.stage("decode"):
-            images = [
-                decode_image(data, key, self.settings.max_image_bytes, self.settings.max_image_pixels)
-                for key, data in _image_keys(request)
-            ]
-        _check_alpha_format(request, images)
         bucket = self._bucket_for(request)
+        images = self._input_images(request, timer)
+        _check_alpha_format(request, images)
         seed = request.seed if request.seed is not None else secrets.randbelow(SEED_LIMIT)
         with timer.stage("lora_resolve"):  # files read and checked on the CPU; URLs downloaded once
             adapters = adapters_for(request, self.settings, self.loras,
@@ -140,7 +139,8 @@ class Worker:
             if request.operation == "decompose":
                 layers = operations.decompose(pipeline, request, images[0], seed, progress)
             else:
-                named = [("output", operations.edit(pipeline, request, images, seed, progress, scheduler))]
+                results = operations.edit(pipeline, request, images, seed, progress, scheduler)
+                named = [(_result_name(k, len(results)), result.image) for k, result in enumerate(results)]
         if request.operation == "decompose":
             stack = LayerStack(layers, self._edit_layers(request, layers, seed, timer, progress))
             if request.resize_to_input:
@@ -149,6 +149,9 @@ class Worker:
 
         # 3. Encode, store, respond.
         entries, warnings = self._store(named, request, bucket, job_id, timer)
+        if request.operation != "decompose":
+            for entry, result in zip(entries, results):
+                entry.update(prompt_index=result.prompt_index, seed=result.seed)
         archive = None
         if request.archive:
             archive, archive_warnings = self._store_archive(stack, request, bucket, entries, timer)
@@ -162,13 +165,38 @@ class Worker:
         warnings += [f"edits[{i}].{ONE_STEP_WARNING}" for i, edit in enumerate(request.edits) if edit.steps == 1]
         return self._respond(request, seed, entries, warnings, timer, adapters, archive, _matte_used(request, images))
 
+    def _input_images(self, request: JobRequest, timer: StageTimer) -> list[Image.Image]:
+        """The job's images, fetched (URLs, under the SSRF guard) and decoded, each checked
+        against MAX_IMAGE_BYTES and MAX_IMAGE_PIXELS."""
+        sources = request.image_sources
+        settings = self.settings
+        if request.image_base64 is None:
+            limits = FetchLimits(max_bytes=settings.max_image_bytes, max_bytes_setting="MAX_IMAGE_BYTES",
+                                 connect_timeout_s=settings.fetch_connect_timeout_s,
+                                 total_timeout_s=settings.fetch_timeout_s, idle_timeout_s=settings.fetch_timeout_s)
+            with timer.stage("fetch"), ThreadPoolExecutor(max_workers=len(sources)) as pool:
+                downloads = list(pool.map(
+                    lambda source: fetch_bytes(source[1], source[0], settings.address_policy, limits), sources))
+            with timer.stage("decode"):
+                return [open_image(raw, key, settings.max_image_pixels) for (key, _), raw in zip(sources, downloads)]
+        with timer.stage("decode"):
+            return [decode_image(data, key, settings.max_image_bytes, settings.max_image_pixels)
+                    for key, data in sources]
+
+    def _check_prompt_count(self, request: JobRequest) -> None:
+        if len(request.prompts) > self.settings.max_prompts:
+            raise InputError(f"prompt: {len(request.prompts)} prompts; this worker allows at most "
+                             f"{self.settings.max_prompts} per job (MAX_PROMPTS)")
+
     def _check_edit_prompt_tokens(self, request: JobRequest) -> None:
         """Edit prompts, counted in the text encoder's tokens (a character can be several)."""
         if request.operation == "decompose":  # Layered cuts its text-only prompts at 512 tokens itself
             texts = [(f"edits[{i}].{key}", getattr(edit, key)) for i, edit in enumerate(request.edits)
                      for key in ("prompt", "negative_prompt")]
         else:
-            texts = [("prompt", request.prompt), ("negative_prompt", request.negative_prompt)]
+            named = ([(f"prompt[{i}]", text) for i, text in enumerate(request.prompt)]
+                     if isinstance(request.prompt, list) else [("prompt", request.prompt)])
+            texts = [*named, ("negative_prompt", request.negative_prompt)]
         for key, text in texts:
             count = len(self.pipes.edit.tokenizer(text).input_ids)
             if count > MAX_EDIT_PROMPT_TOKENS:
@@ -319,10 +347,9 @@ class Worker:
         return output
 
 
-def _image_keys(request: JobRequest) -> list[tuple[str, str]]:
-    return [("image_base64", request.image_base64)] + [
-        (f"images_base64[{i}]", data) for i, data in enumerate(request.images_base64)
-    ]
+def _result_name(index: int, count: int) -> str:
+    """The name (and object key) of edit result `index`: `output` alone, else `output_<index>`."""
+    return "output" if count == 1 else f"output_{index}"
 
 
 def _matte_used(request: JobRequest, images: list[Image.Image]) -> str | None:
