@@ -3,9 +3,12 @@ loopback S3, fetched over HTTP through their presigned URLs."""
 
 from __future__ import annotations
 
+import http.server
 import re
 import subprocess
 import sys
+import threading
+from functools import partial
 
 import requests
 from PIL import Image
@@ -84,6 +87,34 @@ def test_edit_client_against_the_local_api(api, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     saved = list((tmp_path / "out").glob("*.png"))
     assert len(saved) == 1 and Image.open(saved[0]).size == (256, 256)
+
+
+def test_edit_client_with_an_image_url_and_several_results(api, tmp_path):
+    """The client sends a URL, two prompts and num_images 2: four images come back, in order."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    sample_image().save(folder / "in.png")
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), partial(QuietFileHandler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        done = subprocess.run(
+            [sys.executable, "tools/test_qwen_edit.py", "--url", api.url,
+             "--image", f"http://127.0.0.1:{server.server_port}/in.png", "--prompt", "blue", "--prompt", "red",
+             "--num-images", "2", "--steps", "1", "--seed", "3", "--width", "256", "--height", "256",
+             "--out", str(tmp_path / "out")],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    finally:
+        server.shutdown()
+    assert done.returncode == 0, done.stdout + done.stderr
+    saved = sorted((tmp_path / "out").glob("*.png"))
+    assert [path.name.rsplit("_", 1)[1] for path in saved] == ["0.png", "1.png", "2.png", "3.png"]
+    assert all(Image.open(path).size == (256, 256) for path in saved)
+
+
+class QuietFileHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
 
 
 def test_layers_client_against_the_local_api(api, tmp_path):

@@ -7,7 +7,10 @@
         --image person.png --image hat.png --prompt "the person wears the hat" --seed 7
 
 One --image sends operation "edit"; two or three send "edit_multi" (the first image is
-`image_base64`, the others `images_base64`). Images are saved to --out as <job id>_<n>.<format>.
+`image_base64`, the others `images_base64`). An --image that is an http(s) URL is sent as
+`image_url` / `image_urls` for the worker to fetch (all images one way or the other).
+Repeat --prompt for one result per prompt; --num-images gives several per prompt. Images
+are saved to --out as <job id>_<n>.<format>.
 """
 
 from __future__ import annotations
@@ -28,9 +31,12 @@ FORMATS = ("png", "jpeg", "webp")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image", action="append", required=True, metavar="PATH",
-                        help=f"input image; repeat for multi-image edit ({MIN_IMAGES} to {MAX_IMAGES})")
-    parser.add_argument("--prompt", required=True, help="the edit instruction")
+    parser.add_argument("--image", action="append", required=True, metavar="PATH_OR_URL",
+                        help=f"input image file or http(s) URL; repeat for multi-image edit "
+                             f"({MIN_IMAGES} to {MAX_IMAGES})")
+    parser.add_argument("--prompt", action="append", required=True,
+                        help="the edit instruction; repeat for one result per prompt")
+    parser.add_argument("--num-images", type=int, help="results per prompt (1 to 4), seeds seed, seed+1, ...")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                         help=f"num_inference_steps; default {DEFAULT_STEPS}")
     parser.add_argument("--seed", type=int, help="default: the worker picks one and returns it")
@@ -45,23 +51,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not MIN_IMAGES <= len(args.image) <= MAX_IMAGES:
         parser.error(f"--image: give {MIN_IMAGES} to {MAX_IMAGES} images, got {len(args.image)}")
+    if len({is_url(image) for image in args.image}) > 1:
+        parser.error("--image: give all images as files or all as URLs (the worker takes one style per job)")
     return args
+
+
+def is_url(image: str) -> bool:
+    return image.startswith(("http://", "https://"))
 
 
 def build_payload(args: argparse.Namespace) -> dict:
     """The job input for these arguments, in the worker's key names."""
-    images = [client.encode_file(path) for path in args.image]
     payload: dict = {
-        "operation": "edit" if len(images) == 1 else "edit_multi",
-        "image_base64": images[0],
-        "prompt": args.prompt,
+        "operation": "edit" if len(args.image) == 1 else "edit_multi",
+        "prompt": args.prompt[0] if len(args.prompt) == 1 else args.prompt,
         "num_inference_steps": args.steps,
         "true_cfg_scale": args.cfg,
         "output_format": args.format,
     }
-    if len(images) > 1:
-        payload["images_base64"] = images[1:]
-    optional = {"seed": args.seed, "negative_prompt": args.negative_prompt,
+    if is_url(args.image[0]):
+        payload.update({"image_url": args.image[0]} if len(args.image) == 1 else {"image_urls": args.image})
+    else:
+        images = [client.encode_file(path) for path in args.image]
+        payload["image_base64"] = images[0]
+        if len(images) > 1:
+            payload["images_base64"] = images[1:]
+    optional = {"seed": args.seed, "negative_prompt": args.negative_prompt, "num_images": args.num_images,
                 "width": args.width, "height": args.height}
     payload.update({key: value for key, value in optional.items() if value is not None})
     if args.return_base64:
@@ -86,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     target = client.target_from_args(args)
     payload = build_payload(args)
-    print(f"{payload['operation']}: {len(args.image)} image(s), {args.steps} steps, cfg {args.cfg} -> {target.label}")
+    print(f"{payload['operation']}: {len(args.image)} image(s), {len(args.prompt)} prompt(s), {args.steps} steps, "
+          f"cfg {args.cfg} -> {target.label}")
     result = client.run_job(payload, target)
     client.print_header(result)
     save_outputs(result, Path(args.out))
