@@ -222,6 +222,10 @@ def write_lightning_lora(hf_home: Path, settings: Settings) -> None:
 CASES = {  # in the order they run: the edit transformer's cases first, then Layered's
     "edit": dict(operation="edit", images=1, num_inference_steps=40, true_cfg_scale=4.0),
     "nocfg4": dict(operation="edit", images=1, num_inference_steps=4, true_cfg_scale=1.0),
+    # Several results per job: four images of one prompt, and two prompts of two images.
+    "nocfg4_x4": dict(operation="edit", images=1, num_inference_steps=4, true_cfg_scale=1.0, num_images=4),
+    "nocfg4_2x2": dict(operation="edit", images=1, num_inference_steps=4, true_cfg_scale=1.0, num_images=2,
+                       prompt=["make the sky purple", "make the grass blue"]),
     "lightning4": dict(operation="edit", images=1, lightning=4),
     "lightning4_again": dict(operation="edit", images=1, lightning=4),
     "edit2": dict(operation="edit_multi", images=2, num_inference_steps=40, true_cfg_scale=4.0),
@@ -253,7 +257,7 @@ def run_case(worker: Worker, name: str, spec: dict, counter: PassCounter, clock:
     tflops = flops / inference_s / 1e12 if counter.passes else 0.0
     return {
         "case": name, "job": {k: v for k, v in job.items() if "base64" not in k},
-        "timings_ms": out["timings_ms"], "passes": counter.passes,
+        "timings_ms": out["timings_ms"], "results": len(out["images"]), "passes": counter.passes,
         "tokens_per_pass": counter.tokens[0] if counter.tokens else None,
         "s_per_pass": round(inference_s / counter.passes, 4) if counter.passes else None,
         "useful_tflops": round(tflops, 1), "share_of_peak": round(tflops / peak, 3),

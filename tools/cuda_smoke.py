@@ -1,5 +1,6 @@
 """The worker's job path on a CUDA GPU with the tiny models: bf16 loading, the edit,
-multi-image and decompose jobs, transformer swapping, fidelity to direct calls, the
+multi-image and decompose jobs, several results per job (each equal to its single job),
+transformer swapping, fidelity to direct calls, the
 streamed memory modes (same images as resident) and QUANTIZE=fp8 (runs; its pixel
 difference from bf16 is reported).
 
@@ -59,6 +60,13 @@ def main() -> None:
     again = job("edit-again", operation="edit", image_base64=png_base64(source), prompt="x", seed=3,
                 return_base64=True, num_inference_steps=2, width=256, height=256)
     assert pipes.edit.transformer.device.type == "cuda"
+    several_input = {**edit_input, "prompt": ["x", "y"], "num_images": 2}
+    several = job("several", **several_input)
+    singles = [job(f"single-{k}", **{**edit_input, "prompt": several_input["prompt"][entry["prompt_index"]],
+                                     "seed": entry["seed"]})
+               for k, entry in enumerate(several["images"])]
+    report["several_results_equal_singles"] = all(
+        entry["base64"] == single["images"][0]["base64"] for entry, single in zip(several["images"], singles))
     job("edit-multi", operation="edit_multi", image_base64=png_base64(source), images_base64=[png_base64(source)],
         prompt="x", seed=3, num_inference_steps=2, width=256, height=256)
 
@@ -84,6 +92,7 @@ def main() -> None:
         report["memory_modes"][mode] = {
             "edit_equal": images(other.handle({"id": f"{mode}-edit", "input": edit_input})) == images(edit),
             "decompose_equal": images(other.handle({"id": f"{mode}-dec", "input": decompose_input})) == images(decompose),
+            "several_equal": images(other.handle({"id": f"{mode}-several", "input": several_input})) == images(several),
             "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
     if torch.cuda.get_device_capability() >= (8, 9):
         fp8 = fresh_worker(QUANTIZE="fp8").handle({"id": "fp8-edit", "input": edit_input})
@@ -94,7 +103,8 @@ def main() -> None:
     print(text)
     if args.report:
         Path(args.report).write_text(text)
-    assert report["fidelity_equal"] and report["repeat_equal"], "outputs differ"
+    assert report["fidelity_equal"] and report["repeat_equal"] and report["several_results_equal_singles"], \
+        "outputs differ"
     assert all(all(v for k, v in checks.items() if k.endswith("_equal")) for checks in report["memory_modes"].values()), \
         "a memory mode changed the images"
     print("cuda smoke: all checks passed")
