@@ -88,6 +88,8 @@ class Settings:
     lora_cache_max_bytes: int = 20 * GIB
     lora_cache_max_files: int = 50
     lora_max_download_bytes: int = 2 * GIB
+    # A LoRA URL's whole download: 2 GB at 3.5 MB/s.
+    lora_download_timeout_s: float = 600.0
     device: str = "auto"
     transformer_swap: str = "auto"
     attention_backend: str = "sdpa"
@@ -138,6 +140,7 @@ class Settings:
             lora_cache_max_bytes=reader.integer("LORA_CACHE_MAX_BYTES", 20 * GIB, low=MIB),
             lora_cache_max_files=reader.integer("LORA_CACHE_MAX_FILES", 50, low=1),
             lora_max_download_bytes=reader.integer("LORA_MAX_DOWNLOAD_BYTES", 2 * GIB, low=1024),
+            lora_download_timeout_s=reader.number("LORA_DOWNLOAD_TIMEOUT_S", 600.0, low=1.0, high=3600.0),
             device=reader.choice("DEVICE", "auto", ("auto", "cuda", "cpu")),
             transformer_swap=reader.choice("TRANSFORMER_SWAP", "auto", ("auto", "always", "never")),
             attention_backend=reader.choice("ATTENTION_BACKEND", "sdpa", ("sdpa", "cudnn", "flash")),

@@ -22,8 +22,8 @@ from src.url_guard import AddressPolicy
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DOWNLOAD_CHUNK_BYTES = 1 << 20
-# LoRA files run to 2 GB: their downloads have no total bound, only this on each wait
-# for the next bytes.
+# The longest wait for a LoRA download's next bytes; the whole download is bounded by
+# LORA_DOWNLOAD_TIMEOUT_S (files run to 2 GB).
 DOWNLOAD_IDLE_TIMEOUT_S = 60.0
 
 
@@ -71,11 +71,11 @@ def describe_source(source: str) -> str:
     return source
 
 
-def http_limits(max_download_bytes: int, connect_timeout_s: float) -> FetchLimits:
+def http_limits(max_download_bytes: int, connect_timeout_s: float, total_timeout_s: float) -> FetchLimits:
     """What one LoRA download over http(s) may take."""
     return FetchLimits(max_bytes=max_download_bytes, max_bytes_setting="LORA_MAX_DOWNLOAD_BYTES",
-                       connect_timeout_s=connect_timeout_s, total_timeout_s=None,
-                       idle_timeout_s=DOWNLOAD_IDLE_TIMEOUT_S)
+                       connect_timeout_s=connect_timeout_s, total_timeout_s=total_timeout_s,
+                       total_timeout_setting="LORA_DOWNLOAD_TIMEOUT_S", idle_timeout_s=DOWNLOAD_IDLE_TIMEOUT_S)
 
 
 def resolve(source: str, weight_name: str | None, key: str, *, roots: tuple[Path, ...], hf_home: Path,

@@ -198,7 +198,8 @@ def adapters_for(request: JobRequest, settings: Settings, library: LoraLibrary, 
                       max_download_bytes=settings.lora_max_download_bytes)
     common = dict(roots=settings.lora_roots, hf_home=settings.hf_home, cache=cache, s3_client_for=s3_client_for,
                   policy=settings.address_policy,
-                  limits=http_limits(settings.lora_max_download_bytes, settings.fetch_connect_timeout_s))
+                  limits=http_limits(settings.lora_max_download_bytes, settings.fetch_connect_timeout_s,
+                                     settings.lora_download_timeout_s))
     adapters = []
     if request.lightning:
         file = resolve(settings.lightning_repo, settings.lightning_files[request.lightning], "lightning", **common)

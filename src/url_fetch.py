@@ -38,9 +38,8 @@ from src.schema import InputError
 from src.url_guard import AddressPolicy, CheckedTarget, resolve_checked, shown
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-# The settings the timeouts come from, named in timeout errors (src/config.py).
+# The setting the connect timeout comes from, named in timeout errors (src/config.py).
 CONNECT_TIMEOUT_SETTING = "FETCH_CONNECT_TIMEOUT_S"
-TOTAL_TIMEOUT_SETTING = "FETCH_TIMEOUT_S"
 FETCH_BYTES_CHUNK = 1 << 16
 USER_AGENT = "qwen-image-edit-worker"
 # Characters a request target may carry as they are (RFC 3986's reserved and unreserved,
@@ -58,6 +57,7 @@ class FetchLimits:
     total_timeout_s: float | None  # the whole download, redirects included; None: no total bound
     idle_timeout_s: float  # the longest wait for the next bytes
     max_redirects: int = 3
+    total_timeout_setting: str = "FETCH_TIMEOUT_S"  # the env var named in a total-timeout error
 
 
 class FetchError(InputError):
@@ -269,7 +269,7 @@ def _failures_named(hop: _Hop, clock: _Clock, connecting: bool):
         yield
     except TimeoutError:
         if clock.total_bound:
-            reason = f"timed out after {limits.total_timeout_s:g} s ({TOTAL_TIMEOUT_SETTING})"
+            reason = f"timed out after {limits.total_timeout_s:g} s ({limits.total_timeout_setting})"
         elif connecting:
             reason = f"no connection within {limits.connect_timeout_s:g} s ({CONNECT_TIMEOUT_SETTING})"
         else:

@@ -309,6 +309,15 @@ def test_a_trickling_body_fails_at_the_total_timeout(serve):
     assert error == f"{KEY}: downloading {server.url('/slow')!r} failed: timed out after 0.6 s (FETCH_TIMEOUT_S)"
 
 
+def test_the_total_timeout_error_names_the_callers_setting(serve):
+    """LoRA downloads have their own total bound (LORA_DOWNLOAD_TIMEOUT_S)."""
+    server = serve(lambda handler: trickle(handler, b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n",
+                                           b"x" * 1000, every_s=0.05))
+    error = fetch_error(server.url("/slow"), fetch_limits=limits(total_timeout_s=0.3, idle_timeout_s=0.2,
+                                                                 total_timeout_setting="LORA_DOWNLOAD_TIMEOUT_S"))
+    assert error.endswith("failed: timed out after 0.3 s (LORA_DOWNLOAD_TIMEOUT_S)")
+
+
 def test_trickling_headers_fail_at_the_total_timeout(serve):
     """http.client reads a header line in many reads: each is bounded, not just each line."""
     server = serve(lambda handler: trickle(handler, b"HTTP/1.1 200 OK\r\n", b"X-Padding: " + b"y" * 1000,
