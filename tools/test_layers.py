@@ -46,7 +46,8 @@ def layer_edit(text: str) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image", required=True, metavar="PATH", help="the image to decompose")
+    parser.add_argument("--image", required=True, metavar="PATH_OR_URL",
+                        help="the image to decompose: a file, or an http(s) URL the worker fetches (image_url)")
     parser.add_argument("--prompt", default="", help="what the image shows; empty: the model captions it")
     parser.add_argument("--layers", type=int, default=DEFAULT_LAYERS,
                         help=f"number of layers; default {DEFAULT_LAYERS}")
@@ -75,13 +76,16 @@ def build_payload(args: argparse.Namespace) -> dict:
     """The job input for these arguments, in the worker's key names."""
     payload: dict = {
         "operation": "decompose",
-        "image_base64": client.encode_file(args.image),
         "layers": args.layers,
         "resolution": args.resolution,
         "num_inference_steps": args.steps,
         "true_cfg_scale": args.cfg,
         "output_format": "png",
     }
+    if args.image.startswith(("http://", "https://")):
+        payload["image_url"] = args.image
+    else:
+        payload["image_base64"] = client.encode_file(args.image)
     if args.prompt:
         payload["prompt"] = args.prompt
     if args.seed is not None:
