@@ -7,6 +7,10 @@ out for a missing or partly written object. Transient faults (connection errors,
 timeouts, 5xx and throttling answers, an incomplete object) are retried with bounded,
 jittered exponential backoff (`UploadPolicy`); any other error fails at once. Error
 texts name the bucket and the S3 error code, never a credential.
+
+The worker's own bucket (BUCKET_*) is trusted. A job's bucket (`r2`) is not:
+`Bucket.for_job` checks its endpoint's addresses before any connection, and its clients
+connect only to the addresses checked (src/pinned_s3.py).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from src.config import BucketConfig, Settings
+from src.pinned_s3 import NO_PROXIES, pin_connections
+from src.url_guard import AddressPolicy, resolve_checked
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,10 @@ TRANSIENT_S3_CODES = frozenset({
     "RequestTimeout", "SlowDown", "Throttling", "ThrottlingException", "TooManyRequests",
     "RequestLimitExceeded", "BadDigest", "IncompleteBody", "XAmzContentSHA256Mismatch",
 })
+
+
+# The job key a job bucket's endpoint is checked under.
+JOB_ENDPOINT_KEY = "r2.endpoint_url"
 
 
 class StorageError(RuntimeError):
@@ -99,14 +109,30 @@ class _Transient(Exception):
 
 
 class Bucket:
-    def __init__(self, config: BucketConfig, presign_expiry_s: int, policy: UploadPolicy = UploadPolicy()):
+    """A bucket's clients: `client` for reads (such as s3:// LoRA sources), and uploads.
+
+    `pinned_to`: the checked addresses of the endpoint's host, which every connection then
+    goes to; None (the worker's own bucket) lets botocore resolve the host itself."""
+
+    def __init__(self, config: BucketConfig, presign_expiry_s: int, policy: UploadPolicy = UploadPolicy(),
+                 pinned_to: tuple[str, ...] | None = None):
         self.config = config
         self.presign_expiry_s = presign_expiry_s
         self.policy = policy
-        self.client = _client_for(config)
+        self.pinned_to = pinned_to
+        self.client = _client_for(config, pinned_to)
         # Uploads retry in `put`, where the read-back check is part of each attempt, so
         # their client does not retry by itself (that would multiply the attempts).
-        self._uploads = _upload_client_for(config, policy)
+        self._uploads = _upload_client_for(config, policy, pinned_to)
+
+    @classmethod
+    def for_job(cls, config: BucketConfig, presign_expiry_s: int, policy: UploadPolicy,
+                address_policy: AddressPolicy) -> "Bucket":
+        """A job's own bucket: its endpoint's host is resolved once and checked against
+        `address_policy` (UrlRefused naming `r2.endpoint_url` otherwise), before any
+        connection; the bucket's clients then connect to those addresses only."""
+        target = resolve_checked(config.endpoint_url or "", JOB_ENDPOINT_KEY, address_policy)
+        return cls(config, presign_expiry_s, policy, pinned_to=target.addresses)
 
     def put_all(self, objects: list[tuple[str, bytes, str]]) -> list[StoredObject]:
         """Upload (key, data, content_type) triples in parallel; all succeed or StorageError."""
@@ -169,25 +195,29 @@ def _status(exc: ClientError) -> int:
     return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
 
 
+# Clients are cached by the addresses they are pinned to as well: a job whose host now
+# resolves elsewhere is checked again and gets a client of its own.
 @lru_cache(maxsize=8)
-def _client_for(config: BucketConfig):
+def _client_for(config: BucketConfig, pinned_to: tuple[str, ...] | None = None):
     """One client per bucket configuration: building one costs ~50 ms, and jobs repeat them."""
-    return _make_client(config, _CLIENT_CONFIG)
+    return _make_client(config, _CLIENT_CONFIG, pinned_to)
 
 
 @lru_cache(maxsize=8)
-def _upload_client_for(config: BucketConfig, policy: UploadPolicy):
+def _upload_client_for(config: BucketConfig, policy: UploadPolicy, pinned_to: tuple[str, ...] | None = None):
     return _make_client(config, Config(
         signature_version="s3v4",
         s3={"addressing_style": "path"},
         retries={"mode": "standard", "total_max_attempts": 1},
         connect_timeout=policy.connect_timeout_s,
         read_timeout=policy.read_timeout_s,
-    ))
+    ), pinned_to)
 
 
-def _make_client(config: BucketConfig, client_config: Config):
-    return boto3.client(
+def _make_client(config: BucketConfig, client_config: Config, pinned_to: tuple[str, ...] | None):
+    if pinned_to is not None:
+        client_config = client_config.merge(NO_PROXIES)
+    client = boto3.client(
         "s3",
         endpoint_url=config.endpoint_url,
         aws_access_key_id=config.access_key_id,
@@ -196,3 +226,6 @@ def _make_client(config: BucketConfig, client_config: Config):
         region_name=config.region or ("auto" if config.endpoint_url else "us-east-1"),
         config=client_config,
     )
+    if pinned_to is not None:
+        pin_connections(client, pinned_to)
+    return client
