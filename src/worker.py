@@ -298,7 +298,8 @@ class Worker:
             config = BucketConfig(bucket_name=r2.bucket_name, access_key_id=r2.access_key_id,
                                   secret_access_key=r2.secret_access_key.get_secret_value(),
                                   endpoint_url=r2.endpoint_url, region=r2.region)
-            return Bucket(config, self.settings.presign_expiry_s, policy)
+            # A job's endpoint is untrusted: checked by the SSRF guard, its connections pinned.
+            return Bucket.for_job(config, self.settings.presign_expiry_s, policy, self.settings.address_policy)
         if self.settings.bucket is not None:
             return Bucket(self.settings.bucket, self.settings.presign_expiry_s, policy)
         return None
