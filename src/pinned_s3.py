@@ -7,8 +7,8 @@ check (DNS rebinding) cannot send the client to loopback or the metadata service
 host name stays everywhere else: in the URL, so in the Host header and the SigV4
 signature; in TLS SNI and certificate verification; in presigned URLs.
 
-What it relies on, read in botocore 1.44.8 (boto3==1.44.5 takes any 1.44.x) and urllib3
-2.8.0 (botocore takes any below 3), each named here so that an upgrade is checked against
+What it relies on, read in botocore 1.44.8 and urllib3 2.8.0 (both pinned exactly in
+requirements.txt for this reason), each named here so that an upgrade is checked against
 this list; tests/test_storage_pinning.py fails if any of them stops holding:
 
 1. botocore sends every request of a client through `client._endpoint.http_session`
