@@ -2,8 +2,10 @@
 
 Run it once on a Pod that has the volume mounted (at /runpod-volume), then deploy the worker
 with the same HF_HOME: `from_pretrained(repo_id)` finds the files there with HF_HUB_OFFLINE=1.
+(A worker started with DOWNLOAD_MODELS=missing does the same itself, for what HF_HOME lacks.)
 
     python tools/download_models.py                      # both models into /runpod-volume/huggingface-cache
+    python tools/download_models.py --lightning          # and the Lightning LoRA files
     python tools/download_models.py --only edit --dry-run
     HF_TOKEN=hf_... python tools/download_models.py --hf-home /workspace/hf
 
@@ -13,33 +15,37 @@ only where they are the same files. This tool proves it first: it compares both 
 file hashes from the hub's metadata (nothing downloaded; with --only layered and --dry-run too),
 skips the folders that are the same and downloads Layered's own where they differ, which the
 worker then loads instead (src/shared_components.py). --full takes the whole repository.
+The work itself is src/model_download.py's, shared with the worker's start.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from src.shared_components import SHARED_COMPONENTS, compare_components, hub_file_hashes  # noqa: E402
+from huggingface_hub import HfApi  # noqa: E402
+
+from src.model_download import (DEFAULT_MAX_WORKERS, DOWNLOAD_ERRORS, Download, DownloadFailed,  # noqa: E402
+                                borrowed_patterns, check_space, compare_on_hub, comparison_lines, fetch,
+                                hub_online, measure, one_line, size_text)
+from src.model_download import plan as plan_downloads  # noqa: E402
+from src.shared_components import SHARED_COMPONENTS  # noqa: E402
+
+__all__ = ["borrowed_patterns", "comparison_lines", "main", "needs_comparison", "parse_args", "plan"]
 
 DEFAULT_EDIT_MODEL = "Qwen/Qwen-Image-Edit-2511"
 DEFAULT_LAYERED_MODEL = "Qwen/Qwen-Image-Layered"
 DEFAULT_HF_HOME = "/runpod-volume/huggingface-cache"
-DEFAULT_MAX_WORKERS = 8
-GB = 1000**3
-
-
-@dataclass(frozen=True)
-class Download:
-    name: str                       # "edit" or "layered"
-    repo_id: str
-    ignore_patterns: tuple[str, ...] = ()
+# src/config.py's defaults, repeated so the tool runs without torch (which src/config.py imports);
+# tests/test_model_download.py checks they agree.
+DEFAULT_LIGHTNING_REPO = "lightx2v/Qwen-Image-Edit-2511-Lightning"
+DEFAULT_LIGHTNING_FILES = {
+    4: "Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors",
+    8: "Qwen-Image-Edit-2511-Lightning-8steps-V1.0-bf16.safetensors",
+}
 
 
 def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None) -> argparse.Namespace:
@@ -54,10 +60,17 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
                         metavar="REPO_ID", help=f"default $LAYERED_MODEL, else {DEFAULT_LAYERED_MODEL}")
     parser.add_argument("--full", action="store_true",
                         help=f"take all of the layered model ({', '.join(SHARED_COMPONENTS)} too), comparing nothing")
+    parser.add_argument("--lightning", action="store_true",
+                        help="also the Lightning LoRA files ($LIGHTNING_REPO, $LIGHTNING_4STEP_FILE and "
+                             f"$LIGHTNING_8STEP_FILE; default {DEFAULT_LIGHTNING_REPO})")
     parser.add_argument("--max-workers", type=int, default=DEFAULT_MAX_WORKERS,
                         help=f"parallel file downloads; default {DEFAULT_MAX_WORKERS}")
     parser.add_argument("--dry-run", action="store_true", help="show what would be downloaded, download nothing")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.lightning_repo = env.get("LIGHTNING_REPO") or DEFAULT_LIGHTNING_REPO
+    args.lightning_files = (env.get("LIGHTNING_4STEP_FILE") or DEFAULT_LIGHTNING_FILES[4],
+                            env.get("LIGHTNING_8STEP_FILE") or DEFAULT_LIGHTNING_FILES[8])
+    return args
 
 
 def needs_comparison(args: argparse.Namespace) -> bool:
@@ -66,124 +79,57 @@ def needs_comparison(args: argparse.Namespace) -> bool:
     return args.only in (None, "layered") and not args.full
 
 
-def borrowed_patterns(comparison: Mapping[str, tuple[str, ...]]) -> tuple[str, ...]:
-    """ignore_patterns for Layered's folders that hold the same files as the edit repo's (the
-    worker borrows those). Differing folders are downloaded; so is everything when nothing was compared."""
-    return tuple(f"{component}/*" for component, differing in comparison.items() if not differing)
-
-
-def plan(args: argparse.Namespace, comparison: Mapping[str, tuple[str, ...]]) -> list[Download]:
+def plan(args: argparse.Namespace, comparison) -> list[Download]:
     """The downloads the arguments ask for, given `comparison` (compare_components of the two
     repositories' hub listings; empty where needs_comparison is false)."""
-    downloads = []
-    if args.only in (None, "edit"):
-        downloads.append(Download("edit", args.edit_model))
-    if args.only in (None, "layered"):
-        skip = () if args.full else borrowed_patterns(comparison)
-        downloads.append(Download("layered", args.layered_model, skip))
-    return downloads
-
-
-def comparison_lines(comparison: Mapping[str, tuple[str, ...]], edit_model: str, layered_model: str) -> list[str]:
-    """One line per shared folder: whether the worker borrows it or Layered's own is downloaded."""
-    lines = []
-    for component in SHARED_COMPONENTS:
-        differing = comparison.get(component)
-        if differing is None:
-            verdict = f"not in {layered_model}: borrowed"
-        elif not differing:
-            verdict = f"same files as {edit_model}: borrowed"
-        else:
-            count = f"{len(differing)} file differs" if len(differing) == 1 else f"{len(differing)} files differ"
-            verdict = f"differs from {edit_model} ({count}): downloading Layered's own"
-        lines.append(f"layered  {component}/: {verdict}")
-    return lines
-
-
-def compare_on_hub(api, edit_model: str, layered_model: str, token: str | None) -> dict[str, tuple[str, ...]]:
-    """compare_components of the two repositories' main revisions (what snapshot_download takes),
-    from the hub's file metadata: nothing is downloaded."""
-    def listing(repo_id: str) -> dict[str, str]:
-        return hub_file_hashes(api.model_info(repo_id, files_metadata=True, token=token).siblings or [])
-    return compare_components(listing(edit_model), listing(layered_model))
-
-
-def folder_size(path: Path) -> int:
-    """Bytes of the files under a snapshot folder (its entries are links into blobs/)."""
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return plan_downloads(args.edit_model if args.only in (None, "edit") else None,
+                          args.layered_model if args.only in (None, "layered") else None, comparison,
+                          lightning=(args.lightning_repo, args.lightning_files) if args.lightning else None,
+                          full=args.full)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     hf_home = Path(args.hf_home).expanduser()
     cache_dir = hf_home / "hub"
-
-    # The worker image sets HF_HUB_OFFLINE=1; this tool exists to go online. huggingface_hub
-    # reads the variable when imported, so it is cleared before the import below.
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        print("note: HF_HUB_OFFLINE is set; ignoring it for this download")
-        os.environ["HF_HUB_OFFLINE"] = "0"
-    from huggingface_hub import errors
-    from huggingface_hub.utils import httpx  # huggingface_hub's own HTTP client, whatever its package
-
+    token = os.environ.get("HF_TOKEN") or None
+    print(f"HF_HOME {hf_home}  (cache {cache_dir}; token: {'HF_TOKEN' if token else 'none / hf auth login'})")
     try:
-        return _download(args, hf_home, cache_dir)
-    except (errors.HfHubHTTPError, errors.LocalEntryNotFoundError, errors.IncompleteSnapshotError,
-            errors.DryRunError, httpx.TransportError) as exc:
-        # Gated or missing repo, bad token, no network: one line, not a traceback.
-        print(f"error: {exc.__class__.__name__}: {str(exc).splitlines()[0]}", file=sys.stderr)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        # The worker image sets HF_HUB_OFFLINE=1; this tool exists to go online.
+        with hub_online():
+            return _download(args, hf_home, cache_dir, token)
+    except DownloadFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except DOWNLOAD_ERRORS as exc:
+        # Gated or missing repo, bad token, no network, full disk: one line, not a traceback.
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 1
 
 
-def _download(args: argparse.Namespace, hf_home: Path, cache_dir: Path) -> int:
-    from huggingface_hub import HfApi, snapshot_download
-
-    token = os.environ.get("HF_TOKEN") or None
-    print(f"HF_HOME {hf_home}  (cache {cache_dir}; token: {'HF_TOKEN' if token else 'none / huggingface-cli login'})")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-
+def _download(args: argparse.Namespace, hf_home: Path, cache_dir: Path, token: str | None) -> int:
     # 1. Which of Layered's shared folders the worker can borrow: the same files on the hub.
     comparison = {}
     if needs_comparison(args):
         comparison = compare_on_hub(HfApi(), args.edit_model, args.layered_model, token)
         print("\n".join(comparison_lines(comparison, args.edit_model, args.layered_model)))
-    downloads = plan(args, comparison)
 
     # 2. Sizes first, so a too-small volume fails now rather than 40 GB in.
-    to_fetch = 0
-    for item in downloads:
-        files = snapshot_download(item.repo_id, cache_dir=cache_dir, token=token, dry_run=True,
-                                  ignore_patterns=list(item.ignore_patterns) or None)
-        total = sum(f.file_size or 0 for f in files)
-        pending = sum(f.file_size or 0 for f in files if f.will_download)
-        to_fetch += pending
-        skipped = f"; skipping {', '.join(item.ignore_patterns)}" if item.ignore_patterns else ""
-        print(f"{item.name:<8} {item.repo_id}: {len(files)} files, {total / GB:.1f} GB, "
-              f"{pending / GB:.1f} GB to download{skipped}")
-    free = shutil.disk_usage(cache_dir).free
-    print(f"to download: {to_fetch / GB:.1f} GB; free on {cache_dir}: {free / GB:.1f} GB")
+    sized = measure(plan(args, comparison), cache_dir, token)
+    for item in sized:
+        skipped = f"; skipping {', '.join(item.download.ignore_patterns)}" if item.download.ignore_patterns else ""
+        print(f"{item.download.name:<9} {item.download.repo_id}: {len(item.files)} files, "
+              f"{size_text(item.total_bytes)}, {size_text(item.pending_bytes)} to download{skipped}")
+    print(f"to download: {size_text(sum(item.pending_bytes for item in sized))}")
     if args.dry_run:
         return 0
-    if to_fetch > free:
-        print(f"error: not enough space on {cache_dir}: need {to_fetch / GB:.1f} GB, "
-              f"{free / GB:.1f} GB free; grow the network volume", file=sys.stderr)
-        return 1
+    check_space(sized, cache_dir)
 
-    # 3. Download (huggingface_hub shows tqdm progress), then check the snapshot is complete
-    #    the way the worker will read it: offline.
-    total_bytes = 0
-    for item in downloads:
-        print(f"\n{item.name}: {item.repo_id}")
-        ignore = list(item.ignore_patterns) or None
-        snapshot_download(item.repo_id, cache_dir=cache_dir, token=token,
-                          ignore_patterns=ignore, max_workers=args.max_workers)
-        path = Path(snapshot_download(item.repo_id, cache_dir=cache_dir, ignore_patterns=ignore,
-                                      local_files_only=True))
-        size = folder_size(path)
-        total_bytes += size
-        print(f"{item.name}: {size / GB:.1f} GB at {path}")
-
-    print(f"\ndone: {total_bytes / GB:.1f} GB under {cache_dir}")
+    # 3. Download (huggingface_hub shows its progress bars on a terminal), then read each
+    #    snapshot back the way the worker will: offline.
+    total_bytes = fetch(sized, cache_dir, token, print, max_workers=args.max_workers)
+    print(f"\ndone: {size_text(total_bytes)} under {cache_dir}")
     print(f"deploy the worker with HF_HOME={hf_home} (and HF_HUB_OFFLINE=1)")
     return 0
 
