@@ -19,6 +19,8 @@ log = logging.getLogger("worker")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 CREDENTIAL_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3")
+# huggingface_hub's HTTP client logs every request at INFO: a model download is a line per file.
+CHATTY_LOGGERS = ("httpx", "httpx2")
 # A start failure is one line, however long or multi-line the underlying error.
 MAX_START_ERROR_CHARS = 600
 
@@ -60,12 +62,29 @@ def main() -> None:
     # request bodies: they stay at INFO or above whatever LOG_LEVEL says.
     for library in CREDENTIAL_LOGGERS:
         logging.getLogger(library).setLevel(max(logging.INFO, logging.getLevelName(log_level)))
+    for library in CHATTY_LOGGERS:
+        logging.getLogger(library).setLevel(max(logging.WARNING, logging.getLevelName(log_level)))
     if not {"RUNPOD_LOG_LEVEL", "RUNPOD_DEBUG_LEVEL"} & os.environ.keys():
         # The SDK's default level, DEBUG, logs every job's whole output: presigned URLs,
         # which let anyone who reads the log fetch the images, and inline base64.
         runpod.RunPodLogger().set_level("INFO")
-    # Weights come from the volume only; never from the network at job time.
+    # Weights never come from the network at job time. huggingface_hub reads this when first
+    # imported (below, by the download or by diffusers), so it is set before either.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    # 2. DOWNLOAD_MODELS=missing: what HF_HOME lacks is downloaded now, before anything loads and
+    #    before the processes of several GPUs start, so it is fetched once (src/model_download.py
+    #    goes online for the download alone).
+    if settings.download_models == "missing":
+        from src.model_download import DownloadFailed, fetch_missing
+
+        try:
+            fetch_missing(settings, token=os.environ.get("HF_TOKEN") or None)
+        except DownloadFailed as exc:
+            start_failed(str(exc))
+        except Exception as exc:
+            start_failed(f"DOWNLOAD_MODELS=missing: {type(exc).__name__}: {exc}")
+
     import diffusers
     import transformers
 
@@ -79,7 +98,7 @@ def main() -> None:
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
 
-    # 2. Load and warm up: on several GPUs, one process per GPU (src/parallel.py).
+    # 3. Load and warm up: on several GPUs, one process per GPU (src/parallel.py).
     #    A start that cannot serve exits non-zero with one line.
     try:
         plan = ParallelPlan.from_env(os.environ, torch.cuda.device_count())
@@ -95,7 +114,7 @@ def main() -> None:
     except Exception as exc:
         start_failed(f"{type(exc).__name__}: {exc}")
 
-    # 3. Serve, each job under JOB_TIMEOUT_S (the Layered pipeline may load during a job).
+    # 4. Serve, each job under JOB_TIMEOUT_S (the Layered pipeline may load during a job).
     def handle(job: dict) -> dict:
         for pipeline in loaded_pipelines(worker):
             guard.watch(pipeline)
