@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 from diffusers import QwenImageEditPlusPipeline, QwenImageLayeredPipeline
 from huggingface_hub import snapshot_download
-from huggingface_hub.errors import LocalEntryNotFoundError
+from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
 from src import fp8, memory, upstream_fixes, weights
 from src.acceleration import accelerate, check_supported
@@ -51,6 +51,13 @@ def locate(repo_id: str, hf_home: Path) -> ModelRef:
     cache_dir = hf_home / "hub"
     try:
         path = Path(snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True))
+    except IncompleteSnapshotError as exc:
+        # The cache's listing of the repo names files this snapshot lacks: Layered's text
+        # encoder, tokenizer and processor are left out on purpose where they are the edit
+        # model's (src/shared_components.py). A file that is really missing fails the load
+        # that needs it, naming it.
+        log.info("%s: the cached snapshot lacks files its listing names; using it as it is", repo_id)
+        path = Path(exc.snapshot_path)
     except (LocalEntryNotFoundError, FileNotFoundError, OSError):
         raise ModelNotFound(
             f"model {repo_id} is not in the Hugging Face cache at {cache_dir}; "

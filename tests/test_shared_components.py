@@ -336,3 +336,31 @@ def test_the_worker_loads_layereds_own_processor_when_its_files_differ(hf_home, 
     assert pipeline.processor is not pipes.edit.processor
     assert pipeline.processor.image_processor.size["longest_edge"] == config["min_pixels"]
     assert pipeline.text_encoder is pipes.edit.text_encoder and pipeline.tokenizer is pipes.edit.tokenizer
+
+
+def test_a_layered_snapshot_without_its_borrowed_folders_loads_despite_the_caches_listing(hf_home, tmp_path):
+    """A volume filled by an earlier download tool: Layered without the folders it borrows,
+    and huggingface_hub's listing of the whole repo beside it (`trees/<commit>.json`), which
+    makes its offline lookup call the snapshot incomplete. The worker uses it all the same."""
+    import shutil
+
+    from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
+
+    from src.config import Settings
+    from src.pipelines import Pipelines, locate
+
+    copy = tmp_path / "hf"
+    shutil.copytree(hf_home / "hub", copy / "hub", symlinks=True)
+    repo = copy / "hub" / "models--Qwen--Qwen-Image-Layered"
+    snapshot = next((repo / "snapshots").iterdir())
+    listing = {path.relative_to(snapshot).as_posix(): TreeCacheEntry(size=1, blob_id="0" * 40)
+               for path in snapshot.rglob("*") if path.is_file()}
+    write_tree_cache(str(repo), snapshot.name, listing)
+    for folder in SHARED_COMPONENTS:
+        shutil.rmtree(snapshot / folder, ignore_errors=True)
+
+    assert locate("Qwen/Qwen-Image-Layered", copy).path == snapshot
+    pipes = Pipelines(Settings.from_env({"HF_HOME": str(copy), "HF_HUB_OFFLINE": "1", "DEVICE": "cpu",
+                                         "WEIGHTS_PREFETCH": "off", "PRELOAD": "edit,layered"}))
+    pipes.load()
+    assert pipes.layered().text_encoder is pipes.edit.text_encoder
