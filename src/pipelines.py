@@ -22,7 +22,7 @@ from diffusers import QwenImageEditPlusPipeline, QwenImageLayeredPipeline
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
-from src import fp8, memory, upstream_fixes, weights
+from src import fp8, image_vae, memory, upstream_fixes, weights
 from src.acceleration import accelerate, check_supported
 from src.config import ConfigError, Settings
 from src.loras import FusedLoras
@@ -165,6 +165,7 @@ class Pipelines:
         never has to fit whole."""
         if self.settings.quantize == "fp8":
             fp8.quantize_blocks(pipeline.transformer, self.device, keep=self.settings.fp8_keep_bf16)
+        image_vae.for_images(pipeline.vae)  # same pixels, without the video VAE's dead feature cache
         memory.place(pipeline, self.memory_mode, self.device, text_encoder_placed=text_encoder_placed)
         self.accelerate(pipeline.transformer)
 
