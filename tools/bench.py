@@ -140,12 +140,15 @@ class StageClock:
     """Where a job's inference time goes: seconds inside the text encoder, the transformer
     passes and the VAE, each bracketed by device syncs (so `--breakdown` runs lose a little
     CPU-GPU overlap); the rest is the pipeline's own Python, the scheduler and the image
-    conversions."""
+    conversions. Also each stage's peak GPU memory above what was allocated when it began:
+    where a job's memory peak comes from."""
 
-    STAGES = ("text_encoder", "transformer", "vae")
+    STAGES = ("text_encoder", "transformer", "vae_encode", "vae_decode")
 
     def __init__(self):
         self.seconds = dict.fromkeys(self.STAGES, 0.0)
+        self.peaks = dict.fromkeys(self.STAGES, 0)
+        self.case_peak = 0  # the stages reset torch's peak counter: the case's own peak is kept here
         self.watched: set[int] = set()
 
     @staticmethod
@@ -156,29 +159,38 @@ class StageClock:
     def timed(self, stage: str, call):
         def wrapper(*args, **kwargs):
             self.sync()
+            self.case_peak = max(self.case_peak, torch.cuda.max_memory_allocated())
+            held = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             try:
                 return call(*args, **kwargs)
             finally:
                 self.sync()
                 self.seconds[stage] += time.perf_counter() - start
+                peak = torch.cuda.max_memory_allocated()
+                self.case_peak = max(self.case_peak, peak)
+                self.peaks[stage] = max(self.peaks[stage], peak - held)
         return wrapper
 
     def attach(self, pipeline) -> None:
         """Watch a pipeline's models (a model shared by two pipelines is watched once)."""
         for stage, owner, names in (("text_encoder", pipeline.text_encoder, ("forward",)),
                                     ("transformer", pipeline.transformer, ("forward",)),
-                                    ("vae", pipeline.vae, ("encode", "decode"))):
-            if id(owner) in self.watched:
+                                    ("vae_encode", pipeline.vae, ("encode",)),
+                                    ("vae_decode", pipeline.vae, ("decode",))):
+            if (id(owner), stage) in self.watched:
                 continue
-            self.watched.add(id(owner))
+            self.watched.add((id(owner), stage))
             for name in names:  # instance attributes: the module's own forward stays as it is
                 setattr(owner, name, self.timed(stage, getattr(owner, name)))
 
     def report(self, inference_s: float) -> dict:
         report = {stage: round(seconds, 3) for stage, seconds in self.seconds.items()}
         report["rest"] = round(inference_s - sum(self.seconds.values()), 3)
+        report["peak_above_stage_start_gib"] = {stage: round(peak / 2**30, 2) for stage, peak in self.peaks.items()}
         self.seconds = dict.fromkeys(self.STAGES, 0.0)
+        self.peaks = dict.fromkeys(self.STAGES, 0)
         return report
 
 
@@ -232,6 +244,14 @@ CASES = {  # in the order they run: the edit transformer's cases first, then Lay
     "decompose": dict(operation="decompose", prompt="a room with a sofa and a lamp", layers=4, resolution=640,
                       num_inference_steps=50),
     "decompose_caption": dict(operation="decompose", prompt="", layers=4, resolution=640, num_inference_steps=50),
+    # The schema's memory corners (2 steps: the peak does not grow with steps).
+    "edit2048": dict(operation="edit", images=1, num_inference_steps=2, true_cfg_scale=4.0, width=2048, height=2048),
+    "edit2048_3": dict(operation="edit_multi", images=3, num_inference_steps=2, true_cfg_scale=4.0,
+                       width=2048, height=2048),
+    "decompose1024_10": dict(operation="decompose", prompt="a room", layers=10, resolution=1024,
+                             num_inference_steps=2),
+    "decompose640_10": dict(operation="decompose", prompt="a room", layers=10, resolution=640,
+                            num_inference_steps=2),
 }
 
 
@@ -243,10 +263,13 @@ def run_case(worker: Worker, name: str, spec: dict, counter: PassCounter, clock:
     if len(images) > 1:
         job["images_base64"] = [png_base64(image) for image in images[1:]]
     if spec["operation"] != "decompose":
-        job.update(width=1024, height=1024)
+        job.setdefault("width", 1024)
+        job.setdefault("height", 1024)
     counter.passes, counter.tokens = 0, []
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    if clock:
+        clock.case_peak = 0
     out = worker.handle({"id": f"bench-{name}", "input": job})
     torch.cuda.synchronize()
     if "error" in out:
@@ -261,7 +284,7 @@ def run_case(worker: Worker, name: str, spec: dict, counter: PassCounter, clock:
         "tokens_per_pass": counter.tokens[0] if counter.tokens else None,
         "s_per_pass": round(inference_s / counter.passes, 4) if counter.passes else None,
         "useful_tflops": round(tflops, 1), "share_of_peak": round(tflops / peak, 3),
-        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+        "peak_gpu_gib": round(max(torch.cuda.max_memory_allocated(), clock.case_peak if clock else 0) / 2**30, 1),
         "cost_usd": out["cost_usd"],
         **({"inference_breakdown_s": clock.report(inference_s)} if clock else {}),
     }
@@ -421,7 +444,8 @@ def main() -> None:
     # The models are built on the GPU before their memory mode places them, so free memory
     # at that point says nothing about the card: the mode is given, `resident` unless set.
     env.setdefault("MEMORY_MODE", "resident")
-    settings = Settings.from_env({"HF_HOME": str(hf_home), "DEVICE": "cuda", **env})
+    # Results come back inline (no bucket here): room for 2048x2048 and several-image jobs.
+    settings = Settings.from_env({"HF_HOME": str(hf_home), "DEVICE": "cuda", "MAX_INLINE_BYTES": str(2**31), **env})
     names = args.cases.split(",")
     cases = [name for name in names if name != "deviation"]
     if any(name.startswith("lightning") for name in names):
