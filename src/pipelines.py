@@ -61,7 +61,7 @@ def locate(repo_id: str, hf_home: Path) -> ModelRef:
     except (LocalEntryNotFoundError, FileNotFoundError, OSError):
         raise ModelNotFound(
             f"model {repo_id} is not in the Hugging Face cache at {cache_dir}; "
-            f"fetch it with: python tools/download_models.py --hf-home {hf_home}"
+            f"fetch it with: python tools/download_models.py --hf-home {hf_home}, or start with DOWNLOAD_MODELS=missing"
         ) from None
     return ModelRef(repo_id=repo_id, revision=path.name, path=path)
 

@@ -159,7 +159,7 @@ def test_never_fails_the_start_on_an_empty_hf_home_with_one_line_and_asks_the_hu
     assert done.returncode != 0
     assert done.stderr.strip().splitlines()[-1] == (
         f"start failed: model {EDIT_REPO} is not in the Hugging Face cache at {tmp_path}/hub; "
-        f"fetch it with: python tools/download_models.py --hf-home {tmp_path}")
+        f"fetch it with: python tools/download_models.py --hf-home {tmp_path}, or start with DOWNLOAD_MODELS=missing")
     assert len(clean_hub.requests) == asked
 
 

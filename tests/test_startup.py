@@ -22,7 +22,7 @@ def test_missing_model_names_the_repo_and_the_cache(tmp_path):
     assert done.returncode != 0
     last_line = done.stderr.strip().splitlines()[-1]
     assert last_line == (f"start failed: model Qwen/Qwen-Image-Edit-2511 is not in the Hugging Face cache at "
-                         f"{tmp_path}/hub; fetch it with: python tools/download_models.py --hf-home {tmp_path}")
+                         f"{tmp_path}/hub; fetch it with: python tools/download_models.py --hf-home {tmp_path}, or start with DOWNLOAD_MODELS=missing")
 
 
 def test_missing_layered_model_fails_the_start_when_preloaded(hf_home, tmp_path):
