@@ -97,6 +97,7 @@ class Settings:
     quantize: str = "none"
     fp8_keep_bf16: frozenset[str] = frozenset(MODULATION_LINEARS)
     memory_mode: str = "auto"
+    gpu_memory_gib: float | None = None  # None: what the GPU has
     weights_prefetch: str = "on"
     warmup: bool = True
     job_timeout_s: int = 0  # 0: off
@@ -150,6 +151,7 @@ class Settings:
             fp8_keep_bf16=reader.names("FP8_KEEP_BF16", ",".join(MODULATION_LINEARS),
                                        BLOCK_LINEARS + ("none",)) - {"none"},
             memory_mode=reader.choice("MEMORY_MODE", "auto", ("auto", "resident", "text_offload", "offload")),
+            gpu_memory_gib=reader.number("GPU_MEMORY_GIB", None, low=1.0, high=4096.0),
             weights_prefetch=reader.choice("WEIGHTS_PREFETCH", "on", ("on", "auto", "off")),
             warmup=reader.flag("WARMUP", True),
             job_timeout_s=reader.integer("JOB_TIMEOUT_S", 0, low=0, high=MAX_JOB_TIMEOUT_S),

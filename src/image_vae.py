@@ -13,9 +13,14 @@ time convolution), so without it the same convolutions run on the same inputs: t
 same latents and pixels, bit for bit (tests/test_image_vae.py). A batch of single
 frames (the layers of a decomposition) runs the same way, as one batch. Several frames of
 one video and VAE tiling keep diffusers' own path.
+
+`saving_memory` turns on, for one job, the levers that cost pixels: they run only where
+the job would not fit otherwise (src/memory_plan.py).
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 from diffusers.models.autoencoders.vae import DecoderOutput
@@ -41,3 +46,19 @@ def for_images(vae) -> None:
 
     vae._encode, vae._decode = encode, decode
     vae._for_images = True
+
+
+@contextmanager
+def saving_memory(vae, levers: tuple[str, ...]):
+    """Within the block, `vae` runs the memory levers a job needs (src/memory_plan.py):
+    `layers_one_at_a_time` (diffusers' slicing: a batch of layers decoded one by one) and
+    `vae_tiling` (diffusers' tiling). Both change pixels slightly; both are undone after."""
+    if "layers_one_at_a_time" in levers:
+        vae.enable_slicing()
+    if "vae_tiling" in levers:
+        vae.enable_tiling()
+    try:
+        yield
+    finally:
+        vae.disable_slicing()
+        vae.disable_tiling()

@@ -8,9 +8,10 @@
                   (diffusers group offloading on a CUDA side stream): a 24 GB card runs,
                   bound by the PCIe link
 
-`MEMORY_MODE=auto` (the default) takes the first mode whose resident weights plus
-activation headroom fit the GPU's free memory at start; a mode can be forced. Streaming
-moves bytes only, so every mode returns the same images (tests/test_memory.py).
+`MEMORY_MODE=auto` (the default) takes the fastest mode in which every edit the schema
+accepts fits beside the weights (src/memory_plan.py decides, with the transformer swap);
+a mode can be forced. Streaming moves bytes only, so every mode returns the same images
+(tests/test_memory.py).
 """
 
 from __future__ import annotations
@@ -22,10 +23,6 @@ import torch
 log = logging.getLogger(__name__)
 
 GIB = 1024**3
-# Activation memory kept free next to the resident weights. Measured on the H100 bench:
-# a 1024x1024 edit with one reference peaks about 4 GiB above the weights; the schema
-# allows 2048x2048 with three references, which needs more.
-ACTIVATION_HEADROOM_BYTES = 8 * GIB
 
 
 def free_gpu_bytes(device: torch.device) -> int:
@@ -38,17 +35,6 @@ def free_gpu_bytes(device: torch.device) -> int:
 
 def bytes_of(*modules: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for module in modules for p in module.parameters())
-
-
-def choose(setting: str, free_bytes: int, *, transformer: int, text_encoder: int, vae: int) -> str:
-    """The memory mode: `setting` unless it is `auto`, else the first that fits."""
-    if setting != "auto":
-        return setting
-    if transformer + text_encoder + vae + ACTIVATION_HEADROOM_BYTES <= free_bytes:
-        return "resident"
-    if transformer + vae + ACTIVATION_HEADROOM_BYTES <= free_bytes:
-        return "text_offload"
-    return "offload"
 
 
 def place(pipeline, mode: str, device: torch.device, *, text_encoder_placed: bool = False) -> None:

@@ -22,7 +22,7 @@ from diffusers import QwenImageEditPlusPipeline, QwenImageLayeredPipeline
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
-from src import fp8, image_vae, memory, upstream_fixes, weights
+from src import fp8, image_vae, memory, memory_plan, upstream_fixes, weights
 from src.acceleration import accelerate, check_supported
 from src.config import ConfigError, Settings
 from src.loras import FusedLoras
@@ -103,6 +103,9 @@ class Pipelines:
         # 80 GB card; then the idle one waits in CPU memory and they trade places per job.
         self.swap_transformers = settings.transformer_swap == "always"
         self.memory_mode = "resident"  # load() chooses (MEMORY_MODE)
+        # Which jobs fit beside the weights (src/memory_plan.py); None on the CPU unless
+        # GPU_MEMORY_GIB sets a capacity to plan for.
+        self.plan: memory_plan.MemoryPlan | None = None
         self.prefetched: list[dict] = []  # what WEIGHTS_PREFETCH read, per pipeline loaded
         self.fused_loras = FusedLoras()
         # The ranks of a multi-GPU worker (src/parallel.py sets them after the start-up
@@ -117,7 +120,7 @@ class Pipelines:
         with self.reading_ahead(self.edit_ref.path):
             self.edit = self.load_edit()
             upstream_fixes.apply(self.edit)
-            self.choose_memory_mode()
+            self.arrange_memory()
             self.prepare(self.edit)  # the copies to the GPU, while later files are still being read
         if "layered" in self.settings.preload:
             self.layered()
@@ -178,17 +181,7 @@ class Pipelines:
             assert self.edit is not None, "load() first"
             self.layered_ref = self.layered_ref or locate(self.settings.layered_model, self.settings.hf_home)
             own_text_encoder = "text_encoder" in self.layered_own_components
-            if self.memory_mode == "offload":  # both transformers stream from CPU memory: nothing to swap
-                self.swap_transformers = False
-            elif self.settings.transformer_swap == "auto" and self.device.type == "cuda":
-                # Layered's transformer has the edit transformer's shape: as many parameters.
-                free_bytes = memory.free_gpu_bytes(self.device)
-                needed = (self.prepared_bytes(self.edit.transformer) + memory.bytes_of(self.edit.vae)
-                          + memory.ACTIVATION_HEADROOM_BYTES)
-                if own_text_encoder and self.memory_mode == "resident":
-                    needed += memory.bytes_of(self.edit.text_encoder)  # as large as the edit model's
-                self.swap_transformers = needed > free_bytes
-            if self.swap_transformers:
+            if self.swap_transformers:  # decided with the memory mode (arrange_memory)
                 log.info("GPU too small for both transformers: the idle one waits in CPU memory")
                 self.edit.transformer.to("cpu")
                 torch.cuda.empty_cache()
@@ -201,24 +194,35 @@ class Pipelines:
             self._layered = layered
         return self._layered
 
-    def choose_memory_mode(self) -> None:
-        """MEMORY_MODE, or (auto) the first mode the GPU's free memory holds; on the CPU,
-        auto means resident. FP8 needs its transformer resident."""
-        if self.device.type != "cuda":
-            self.memory_mode = "resident" if self.settings.memory_mode == "auto" else self.settings.memory_mode
+    def arrange_memory(self) -> None:
+        """The memory mode, whether the transformers swap, and the plan of which jobs fit
+        (src/memory_plan.py), from the GPU's memory (GPU_MEMORY_GIB, else what it has free
+        plus what this process holds) and the weights' bytes. On the CPU, auto means
+        resident, and jobs are planned only against a GPU_MEMORY_GIB. FP8 needs its
+        transformer resident."""
+        settings = self.settings
+        on_gpu = self.device.type == "cuda"
+        if on_gpu:
+            capacity = memory.free_gpu_bytes(self.device) + torch.cuda.memory_allocated(self.device)
+        if settings.gpu_memory_gib:
+            capacity = int(settings.gpu_memory_gib * memory.GIB)
+        elif not on_gpu:
+            self.memory_mode = "resident" if settings.memory_mode == "auto" else settings.memory_mode
             return
-        free_bytes = memory.free_gpu_bytes(self.device)
-        self.memory_mode = memory.choose(self.settings.memory_mode, free_bytes,
-                                         transformer=self.prepared_bytes(self.edit.transformer),
-                                         text_encoder=memory.bytes_of(self.edit.text_encoder),
-                                         vae=memory.bytes_of(self.edit.vae))
-        if self.memory_mode == "offload" and self.settings.quantize != "none":
+        own_text_encoder = (self.layered_ref is not None and "text_encoder" in self.layered_own_components)
+        weight_bytes = memory_plan.WeightBytes(
+            text_encoder=memory.bytes_of(self.edit.text_encoder),
+            transformer=self.prepared_bytes(self.edit.transformer), vae=memory.bytes_of(self.edit.vae),
+            layered_text_encoder=memory.bytes_of(self.edit.text_encoder) if own_text_encoder else 0)
+        arrangement = memory_plan.configure(
+            capacity, weight_bytes, settings.quantize, mode_setting=settings.memory_mode,
+            swap_setting=settings.transformer_swap, gpu=device_name(self.device))
+        self.memory_mode, self.swap_transformers, self.plan = arrangement.mode, arrangement.swap, arrangement.plan
+        if self.memory_mode == "offload" and settings.quantize != "none":
             raise ConfigError(
-                f"QUANTIZE={self.settings.quantize} needs the transformer resident on the GPU: "
-                f"{free_bytes / memory.GIB:.1f} GiB free is too little (memory mode offload); "
-                f"use QUANTIZE=none on this GPU")
-        log.info("memory mode %s (%.1f GiB free on %s)", self.memory_mode, free_bytes / memory.GIB,
-                 torch.cuda.get_device_name(self.device))
+                f"QUANTIZE={settings.quantize} needs the transformer resident on the GPU: "
+                f"{capacity / memory.GIB:.1f} GiB is too little (memory mode offload); use QUANTIZE=none on this GPU")
+        log.info("memory mode %s; %s", self.memory_mode, self.plan.limits())
 
     def prepared_bytes(self, transformer: torch.nn.Module) -> int:
         """GPU bytes of a transformer of this shape once prepared (FP8 or not)."""

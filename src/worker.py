@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from src import archives, operations
+from src import archives, image_vae, memory_plan, operations
 from src.codec import decode_image, open_image
 from src.config import BucketConfig, Settings
 from src.layers import LayerStack, check_edit_count, check_same_size, describe_layers, edit_seed
@@ -131,24 +131,23 @@ class Worker:
         if not adapters:
             timer.ms.pop("lora_resolve")
 
-        # 2. The pipeline call.
-        pipeline = self._ready_pipeline(request.operation, adapters, timer)
-        scheduler = lightning_scheduler(pipeline.scheduler) if request.lightning else None
-        stack = None
-        with timer.stage("inference"):
-            if request.operation == "decompose":
-                layers = operations.decompose(pipeline, request, images[0], seed, progress)
-            else:
-                results = operations.edit(pipeline, request, images, seed, progress, scheduler)
-                named = [(_result_name(k, len(results)), result.image) for k, result in enumerate(results)]
-        if request.operation == "decompose":
-            stack = LayerStack(layers, self._edit_layers(request, layers, seed, timer, progress))
-            if request.resize_to_input:
-                stack = stack.resized(images[0].size)
-            named = stack.named_images()
+        levers = self._memory_levers(request, images)  # refuses a job this GPU cannot hold
+
+        # 2. The pipeline call. An out-of-memory error that still happens (an estimate that
+        #    was wrong, fragmentation) is retried once with every memory lever on.
+        retried = False
+        try:
+            named, results, stack = self._infer(request, images, seed, adapters, levers, timer, progress)
+        except torch.OutOfMemoryError:
+            log.warning("job %s: CUDA out of memory with levers %s; retrying once with %s", job_id,
+                        list(levers) or "none", list(memory_plan.LEVERS))
+            torch.cuda.empty_cache()
+            levers, retried = memory_plan.LEVERS, True
+            named, results, stack = self._infer(request, images, seed, adapters, levers, timer, progress)
 
         # 3. Encode, store, respond.
         entries, warnings = self._store(named, request, bucket, job_id, timer)
+        warnings += _lever_warnings(levers, retried)
         if request.operation != "decompose":
             for entry, result in zip(entries, results):
                 entry.update(prompt_index=result.prompt_index, seed=result.seed)
@@ -163,7 +162,42 @@ class Worker:
         if request.steps == 1:
             warnings.append(ONE_STEP_WARNING)
         warnings += [f"edits[{i}].{ONE_STEP_WARNING}" for i, edit in enumerate(request.edits) if edit.steps == 1]
-        return self._respond(request, seed, entries, warnings, timer, adapters, archive, _matte_used(request, images))
+        output = self._respond(request, seed, entries, warnings, timer, adapters, archive,
+                               _matte_used(request, images))
+        if levers:
+            output["memory_levers"] = list(levers)
+        return output
+
+    def _memory_levers(self, request: JobRequest, images: list[Image.Image]) -> tuple[str, ...]:
+        """The memory levers this job needs on this GPU (src/memory_plan.py), or InputError
+        with the limit in force when none makes it fit."""
+        plan = self.pipes.plan
+        if plan is None:
+            return ()
+        shape = memory_plan.shape_for(request, [image.size for image in images])
+        if request.operation == "decompose":
+            key = "layers"
+        elif request.width or request.height:
+            key = "width" if request.width else "height"
+        else:
+            key = request.image_sources[-1][0]
+        return plan.levers_for(shape, key)
+
+    def _infer(self, request: JobRequest, images: list[Image.Image], seed: int, adapters: list,
+               levers: tuple[str, ...], timer: StageTimer, progress: ProgressFn):
+        """The job's pipeline calls: (named images, edit results or None, layer stack or None)."""
+        pipeline = self._ready_pipeline(request.operation, adapters, timer)
+        scheduler = lightning_scheduler(pipeline.scheduler) if request.lightning else None
+        with timer.stage("inference"), image_vae.saving_memory(pipeline.vae, levers):
+            if request.operation != "decompose":
+                results = operations.edit(pipeline, request, images, seed, progress, scheduler)
+                named = [(_result_name(k, len(results)), result.image) for k, result in enumerate(results)]
+                return named, results, None
+            layers = operations.decompose(pipeline, request, images[0], seed, progress)
+        stack = LayerStack(layers, self._edit_layers(request, layers, seed, levers, timer, progress))
+        if request.resize_to_input:
+            stack = stack.resized(images[0].size)
+        return stack.named_images(), None, stack
 
     def _input_images(self, request: JobRequest, timer: StageTimer) -> list[Image.Image]:
         """The job's images, fetched (URLs, under the SSRF guard) and decoded, each checked
@@ -216,14 +250,14 @@ class Worker:
                              "streams them from CPU memory (MEMORY_MODE offload); use a GPU that holds the "
                              "transformer (resident or text_offload)")
 
-    def _edit_layers(self, request: JobRequest, layers: list[Image.Image], seed: int, timer: StageTimer,
-                     progress: ProgressFn) -> dict[int, Image.Image]:
+    def _edit_layers(self, request: JobRequest, layers: list[Image.Image], seed: int, levers: tuple[str, ...],
+                     timer: StageTimer, progress: ProgressFn) -> dict[int, Image.Image]:
         """The job's edits, each on its layer, by the edit pipeline on its base weights."""
         if not request.edits:
             return {}
         pipeline = self._ready_pipeline("edit", [], timer)  # layer edits run on the base model
         edited = {}
-        with timer.stage("inference"):
+        with timer.stage("inference"), image_vae.saving_memory(pipeline.vae, levers):
             for i, edit in enumerate(request.edits):
                 stage = f"edits[{i}]"
                 edited[edit.layer] = operations.edit_layer(
@@ -346,6 +380,20 @@ class Worker:
         if warnings:
             output["warnings"] = warnings
         return output
+
+
+# What each memory lever changes, said in the job's warnings when it ran.
+LEVER_NOTES = {
+    "layers_one_at_a_time": "the layers were VAE-decoded one at a time instead of in one batch (pixels may differ "
+                            "by a few levels of 255)",
+    "vae_tiling": "the VAE decoded in overlapping tiles (pixels differ slightly from an untiled decode)",
+}
+
+
+def _lever_warnings(levers: tuple[str, ...], retried: bool) -> list[str]:
+    cause = ("the first attempt ran out of GPU memory and the job was run again" if retried
+             else "the job would not fit this worker's GPU memory otherwise")
+    return [f"memory: {LEVER_NOTES[lever]}: {cause}" for lever in levers]
 
 
 def _result_name(index: int, count: int) -> str:

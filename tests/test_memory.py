@@ -1,4 +1,4 @@
-"""Memory modes (src/memory.py): the choice from free memory, and the same images from
+"""Memory modes (src/memory.py): the choice (src/memory_plan.py), and the same images from
 every mode. On the CPU the streamed modes run diffusers' group-offloading hooks with
 the CPU as both homes: the hooks move nothing, but every module runs through them."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from src import fp8, memory
+from src import fp8, memory, memory_plan
 from src.config import Settings
 from src.worker import Worker
 from tests.conftest import FAST, image_from_b64, png_b64, sample_image
@@ -36,25 +36,37 @@ def test_fp8_prepared_bytes_match_the_measured_transformer(full_size_transformer
     assert kept == pytest.approx(FP8_ALL_LINEARS_GIB + 6.3, abs=0.1)
 
 
-@pytest.mark.parametrize("card, free_gib, keep_bf16, mode", [
-    ("H100 80 GB", 78.6, None, "resident"),
-    ("L40S 48 GB", 44.0, None, "offload"),  # 38 GiB of transformer leave too little for activations
-    ("L40S 48 GB", 44.0, fp8.MODULATION_LINEARS, "text_offload"),  # FP8's default: 25.4 GiB
-    ("L40S 48 GB", 44.0, (), "resident"),  # FP8_KEEP_BF16=none: 19.1 GiB
-    ("A100 40 GB", 39.0, None, "offload"),
-    ("RTX 4090 24 GB", 23.2, None, "offload"),
-    ("RTX 4090 24 GB", 23.2, (), "offload"),
-    ("H100 with 60 GB free", 60.0, None, "text_offload"),
+# (card, GiB the worker sees, FP8_KEEP_BF16 or None for bf16) -> (mode, transformers swapped)
+@pytest.mark.parametrize("card, capacity_gib, keep_bf16, mode, swap", [
+    ("H100 80 GB", 79.1, None, "resident", True),  # both bf16 transformers do not fit: they swap
+    ("H100 80 GB", 79.1, fp8.MODULATION_LINEARS, "resident", False),  # FP8: both pipelines resident
+    ("L40S 48 GB", 44.5, None, "text_offload", True),
+    ("L40S 48 GB", 44.5, fp8.MODULATION_LINEARS, "text_offload", True),  # FP8's default: 25.4 GiB
+    ("L40S 48 GB", 44.5, (), "resident", True),  # FP8_KEEP_BF16=none: 19.1 GiB
+    ("A100 40 GB", 38.9, None, "offload", False),
+    ("RTX 4090 24 GB", 23.1, None, "offload", False),
 ])
-def test_auto_picks_the_first_mode_that_fits(full_size_transformer, card, free_gib, keep_bf16, mode):
+def test_auto_picks_the_fastest_arrangement_that_serves_every_edit(full_size_transformer, card, capacity_gib,
+                                                                   keep_bf16, mode, swap):
     transformer = TRANSFORMER if keep_bf16 is None else fp8.prepared_bytes(full_size_transformer, keep=keep_bf16)
-    chosen = memory.choose("auto", int(free_gib * GIB), transformer=transformer, text_encoder=TEXT_ENCODER, vae=VAE)
-    assert chosen == mode, card
+    arrangement = memory_plan.configure(
+        int(capacity_gib * GIB), memory_plan.WeightBytes(TEXT_ENCODER, transformer, VAE),
+        "none" if keep_bf16 is None else "fp8", gpu=card)
+    assert (arrangement.mode, arrangement.swap) == (mode, swap), card
+    assert arrangement.plan.fits(memory_plan.LARGEST_EDIT)
+
+
+def test_fp8_on_a_card_too_small_to_hold_its_transformer_fails_the_start(full_size_transformer):
+    arrangement = memory_plan.configure(int(23.1 * GIB), memory_plan.WeightBytes(
+        TEXT_ENCODER, fp8.prepared_bytes(full_size_transformer, keep=()), VAE), "fp8")
+    assert arrangement.mode == "offload"  # which Pipelines.arrange_memory refuses with one line
 
 
 def test_a_forced_mode_is_kept_whatever_the_memory():
-    assert memory.choose("resident", GIB, transformer=TRANSFORMER, text_encoder=TEXT_ENCODER, vae=VAE) == "resident"
-    assert memory.choose("offload", 1000 * GIB, transformer=TRANSFORMER, text_encoder=TEXT_ENCODER, vae=VAE) == "offload"
+    weights = memory_plan.WeightBytes(TEXT_ENCODER, TRANSFORMER, VAE)
+    assert memory_plan.configure(GIB, weights, "none", mode_setting="resident").mode == "resident"
+    assert memory_plan.configure(1000 * GIB, weights, "none", mode_setting="offload").mode == "offload"
+    assert memory_plan.configure(1000 * GIB, weights, "none", swap_setting="always").swap is True
 
 
 @pytest.fixture(scope="module", params=["text_offload", "offload"])

@@ -7,12 +7,14 @@ values; nothing can be downloaded on the GPU machine).
     python tools/bench.py --cases edit,lightning4
     python tools/bench.py --levers --label levers     # each speed lever alone, transformer passes only
     QUANTIZE=fp8 COMPILE=true python tools/bench.py --label fp8
-    MEMORY_MODE=offload python tools/bench.py --gpu-memory-gib 22 --cases nocfg4,edit --label offload-24gb
+    python tools/bench.py --gpu-memory-gib 22 --cases edit2048_3,decompose1024_10 --label corners-24gb
 
 Each case runs `Worker.handle` (decode, pipeline, encode; no bucket) with the settings
 the environment gives (COMPILE, ATTENTION_BACKEND, QUANTIZE, MEMORY_MODE, as the worker
-reads them; MEMORY_MODE defaults to resident here, `--gpu-memory-gib` caps the memory as a
-smaller card would have) and records the per-stage times,
+reads them; MEMORY_MODE defaults to resident here; `--gpu-memory-gib` caps the memory as a
+smaller card would have, tells the worker's memory plan so (GPU_MEMORY_GIB), and leaves
+MEMORY_MODE to `auto`) and records the per-stage times, the memory levers a job ran with
+(or its refusal),
 seconds per transformer pass, useful TFLOP/s and its share of the card's bf16 peak, and
 peak GPU memory. Writes `<out>/<gpu>-<date>-<label>.json`.
 
@@ -38,7 +40,6 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from src.codec import png_base64  # noqa: E402
 from tools.bench_results import write_results  # noqa: E402
-from src import memory  # noqa: E402
 from src.config import Settings  # noqa: E402
 from src.fp8 import BLOCK_LINEARS, MODULATION_LINEARS  # noqa: E402
 from src.loras import LoraLibrary  # noqa: E402
@@ -281,6 +282,7 @@ def run_case(worker: Worker, name: str, spec: dict, counter: PassCounter, clock:
     return {
         "case": name, "job": {k: v for k, v in job.items() if "base64" not in k},
         "timings_ms": out["timings_ms"], "results": len(out["images"]), "passes": counter.passes,
+        "memory_levers": out.get("memory_levers", []),
         "tokens_per_pass": counter.tokens[0] if counter.tokens else None,
         "s_per_pass": round(inference_s / counter.passes, 4) if counter.passes else None,
         "useful_tflops": round(tflops, 1), "share_of_peak": round(tflops / peak, 3),
@@ -441,9 +443,10 @@ def main() -> None:
     env = {key: value for key, value in os.environ.items() if key in LEVER_SETTINGS}
     if args.levers:  # each lever is set by hand on a stock pipeline
         env = {"COMPILE": "false", "ATTENTION_BACKEND": "sdpa", "QUANTIZE": "none"}  # the environment's would mix in
-    # The models are built on the GPU before their memory mode places them, so free memory
-    # at that point says nothing about the card: the mode is given, `resident` unless set.
-    env.setdefault("MEMORY_MODE", "resident")
+    if args.gpu_memory_gib:  # the worker plans for the capped card, as it would for a real one
+        env["GPU_MEMORY_GIB"] = str(args.gpu_memory_gib)
+    else:
+        env.setdefault("MEMORY_MODE", "resident")
     # Results come back inline (no bucket here): room for 2048x2048 and several-image jobs.
     settings = Settings.from_env({"HF_HOME": str(hf_home), "DEVICE": "cuda", "MAX_INLINE_BYTES": str(2**31), **env})
     names = args.cases.split(",")
@@ -460,10 +463,7 @@ def main() -> None:
     if args.gpu_memory_gib:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(args.gpu_memory_gib * 2**30 / total)
-        memory_cap = {"gib": args.gpu_memory_gib, "auto_would_choose": memory.choose(
-            "auto", int(args.gpu_memory_gib * 2**30), text_encoder=memory.bytes_of(pipes.edit.text_encoder),
-            transformer=pipes.prepared_bytes(pipes.edit.transformer),
-            vae=memory.bytes_of(pipes.edit.vae))}
+        memory_cap = {"gib": args.gpu_memory_gib}
     worker = Worker(settings, pipes, price_for(device_name(pipes.device), None),
                     loras=LoraLibrary(type(pipes.edit), pipes.edit.transformer, settings.edit_model))
     warmup_s = worker.warm_up()
@@ -472,7 +472,9 @@ def main() -> None:
                "settings": {"attention_backend": settings.attention_backend, "compile": settings.compile,
                             "quantize": settings.quantize, "fp8_keep_bf16": sorted(settings.fp8_keep_bf16),
                             "memory_mode": pipes.memory_mode},
-               "memory_cap": memory_cap,
+               "memory_cap": memory_cap, "memory_mode": pipes.memory_mode,
+               "swap_transformers": pipes.swap_transformers,
+               "memory_plan": pipes.plan.limits() if pipes.plan else None,
                "build_s": round(build_s, 1), "warmup_s": round(warmup_s, 1),
                "weights_gib": round(torch.cuda.memory_allocated() / 2**30, 1)}
     if args.levers:
