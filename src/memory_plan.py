@@ -30,9 +30,11 @@ from src.schema import InputError, JobRequest, MAX_LAYERS, SIZE_MAX, SIZE_MIN
 
 GIB = 1024**3
 MP = 1_000_000
-# Measured, bf16, bytes per unit (H200, bench/results/nvidia-h200-2026-12-01-corners-multi.json):
-# transformer 0.82 GiB at 8.7k tokens, 2.83 at 28.7k, 4.27 at 49.2k: 0.1 GiB per 1000 tokens.
-TRANSFORMER_BYTES_PER_TOKEN = {"none": 0.1 * GIB / 1000, "fp8": 0.1 * GIB / 1000}
+# Measured, bytes per unit (H200, bench/results/nvidia-h200-2026-12-01-corners-multi.json and
+# -corners-fp8.json): the transformer in bf16 0.82 GiB at 8.7k tokens, 2.83 at 28.7k, 4.27 at
+# 49.2k, about 0.1 GiB per 1000 tokens; under FP8 (activations quantized per token beside
+# their bf16 copies) 3.43 at 20.5k, 4.8 at 28.7k, 7.65 at 49.2k, at most 0.17 per 1000.
+TRANSFORMER_BYTES_PER_TOKEN = {"none": 0.1 * GIB / 1000, "fp8": 0.17 * GIB / 1000}
 # VAE decode without the feature cache (src/image_vae.py): 2.07 GiB at 1.05 MP, 8.26 at
 # 4.19 MP, 8.09 for 10 layers of 0.41 MP, 18.4 for 10 of 1.05 MP: at most 1.97 GiB per MP.
 DECODE_BYTES_PER_PIXEL = 1.97 * GIB / MP

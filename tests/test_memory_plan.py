@@ -33,6 +33,18 @@ def test_estimates_cover_the_measured_peaks_without_overshooting_far(shape, meas
     assert measured_gib <= estimate_gib <= 1.3 * measured_gib
 
 
+@pytest.mark.parametrize("shape, quantize, measured_gib", [
+    (JobShape("edit", 2048 * 2048, references=3), "none", 2.83),
+    (JobShape("decompose", 1024 * 1024, layers=10), "none", 4.27),
+    (JobShape("edit", 2048 * 2048, references=3), "fp8", 4.8),
+    (JobShape("decompose", 1024 * 1024, layers=10), "fp8", 7.65),
+])
+def test_the_transformer_stage_covers_its_measured_peak(shape, quantize, measured_gib):
+    """The transformer passes' own peak above their start (`--breakdown`, H200)."""
+    estimate_gib = memory_plan.SAFETY * memory_plan.stage_bytes(shape, quantize)["transformer"] / GIB
+    assert measured_gib <= estimate_gib <= 1.3 * measured_gib
+
+
 def test_transformer_tokens_are_the_pipelines():
     assert JobShape("edit", 1024 * 1024, references=1).tokens == 8192  # bench: tokens_per_pass [8192, 497]
     assert JobShape("edit", 2048 * 2048, references=3).tokens == 28672
