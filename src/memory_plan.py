@@ -16,9 +16,9 @@ that changes them least first, and the job says which ran (`memory_levers`):
 A job that still does not fit is refused with the limit in force and what would fit.
 
 `configure` picks, at start, the memory mode (MEMORY_MODE=auto) and whether the two
-transformers swap (TRANSFORMER_SWAP=auto): the fastest arrangement in which every edit
-the schema accepts fits, keeping both pipelines resident only where decompositions at
-the schema's corners fit too.
+transformers swap (TRANSFORMER_SWAP=auto): the fastest arrangement that serves every job
+the schema accepts without streaming the transformers; where none does, the fastest that
+serves every edit, and decompositions at the corners are refused with what fits.
 """
 
 from __future__ import annotations
@@ -235,12 +235,12 @@ def configure(capacity_bytes: int, weights: WeightBytes, quantize: str, *, mode_
     swaps = {"auto": (False, True), "never": (False,), "always": (True,)}[swap_setting]
     arrangements = [_arrangement(capacity_bytes, weights, quantize, mode, swap, gpu)
                     for mode in modes for swap in (swaps if mode != "offload" else (False,))]
-    serving = [a for a in arrangements if a.plan.fits(LARGEST_EDIT)]
-    for arrangement in serving:  # both pipelines resident only where decompositions fit too
-        if arrangement.swap or arrangement.plan.fits(LARGEST_DECOMPOSE):
+    serving_edits = [a for a in arrangements if a.plan.fits(LARGEST_EDIT)]
+    for arrangement in serving_edits:  # every job served, without streaming the transformers
+        if arrangement.mode != "offload" and arrangement.plan.fits(LARGEST_DECOMPOSE):
             return arrangement
-    if serving:
-        return serving[0]
+    if serving_edits:  # else decompositions at the corners are refused rather than every job slowed
+        return serving_edits[0]
     if mode_setting == "auto" and quantize == "fp8":  # FP8 cannot stream its transformer
         return _arrangement(capacity_bytes, weights, quantize, "offload", False, gpu)
     return arrangements[-1]

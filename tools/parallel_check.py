@@ -79,7 +79,8 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = {"HF_HOME": args.hf_home, "DEVICE": args.device, "PARALLEL": str(args.ranks),
-           "LORA_CACHE_DIR": str(out / "lora-cache")}
+           "LORA_CACHE_DIR": str(out / "lora-cache"),
+           "ALLOW_PRIVATE_URLS": "true"}  # its jobs' buckets are on loopback
     settings = Settings.from_env(env)
     plan = ParallelPlan.from_env(env, torch.cuda.device_count())
     report: dict = {"ranks": plan.world_size, "device_type": plan.device_type, "jobs": {}}
