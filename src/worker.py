@@ -124,14 +124,13 @@ class Worker:
         bucket = self._bucket_for(request)
         images = self._input_images(request, timer)
         _check_alpha_format(request, images)
+        levers = self._memory_levers(request, images)  # refuses a job this GPU cannot hold
         seed = request.seed if request.seed is not None else secrets.randbelow(SEED_LIMIT)
         with timer.stage("lora_resolve"):  # files read and checked on the CPU; URLs downloaded once
             adapters = adapters_for(request, self.settings, self.loras,
                                     s3_client_for=(lambda: bucket.client) if bucket else None)
         if not adapters:
             timer.ms.pop("lora_resolve")
-
-        levers = self._memory_levers(request, images)  # refuses a job this GPU cannot hold
 
         # 2. The pipeline call. An out-of-memory error that still happens (an estimate that
         #    was wrong, fragmentation) is retried once with every memory lever on.
