@@ -195,6 +195,39 @@ def test_url_source_on_a_private_address_is_refused_before_connecting(worker, fi
     assert pixels(edit(strict)) == pixels(edit(worker))  # the next job is served
 
 
+def test_url_source_redirecting_to_a_private_address_is_refused_before_connecting(worker, file_server):
+    """A first hop the policy lets through (a deployment's own network, 127.0.0.2 here)
+    that redirects to loopback: the redirect target is checked before any connection."""
+    import ipaddress
+
+    from src.worker import Worker
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(302)
+            self.send_header("Location", f"{file_server[0]}/tiny_lora_diffusers.safetensors")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    first_hop = http.server.ThreadingHTTPServer(("127.0.0.2", 0), Redirect)
+    threading.Thread(target=first_hop.serve_forever, daemon=True).start()
+    settings = dataclasses.replace(worker.settings, allow_private_urls=False,
+                                   allowed_private_networks=(ipaddress.ip_network("127.0.0.2/32"),))
+    guarded = Worker(settings=settings, pipes=worker.pipes, price=worker.price, loras=worker.loras)
+    counts = file_server[1]
+    before = dict(counts)
+    try:
+        refused = edit(guarded, loras=[{"source": f"http://127.0.0.2:{first_hop.server_port}/style.safetensors"}])
+    finally:
+        first_hop.shutdown()
+    assert refused["error"].startswith("loras[0].source: ") and "redirects to" in refused["error"]
+    assert "a loopback address; set ALLOW_PRIVATE_URLS=true to allow it" in refused["error"]
+    assert counts == before
+
+
 def test_lora_job_through_the_local_api(api, lora_dir):
     reply = requests.post(f"{api.url}/runsync", timeout=600, json={"input": {
         "operation": "edit", "image_base64": png_b64(sample_image()), "prompt": "x", "lightning": 4,
