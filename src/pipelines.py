@@ -208,6 +208,8 @@ class Pipelines:
             capacity = int(settings.gpu_memory_gib * memory.GIB)
         elif not on_gpu:
             self.memory_mode = "resident" if settings.memory_mode == "auto" else settings.memory_mode
+            if self.memory_mode == "offload":  # both transformers stream from CPU memory: nothing to swap
+                self.swap_transformers = False
             return
         own_text_encoder = (self.layered_ref is not None and "text_encoder" in self.layered_own_components)
         weight_bytes = memory_plan.WeightBytes(
