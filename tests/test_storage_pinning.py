@@ -11,7 +11,6 @@ differently on its second lookup, as a rebinding attacker's server would.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import ipaddress
 import re
 import select
@@ -34,6 +33,7 @@ from src.storage import Bucket, StorageError, UploadPolicy
 from src.url_guard import AddressPolicy, UrlRefused
 from src.worker import Worker
 from tests.conftest import FAST, fetch, job_r2, png_b64, sample_image
+from tests.tls_certificates import write_certificates
 
 NO_PRIVATE = AddressPolicy()
 LOOPBACK_ALLOWED = AddressPolicy(allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),
@@ -235,44 +235,13 @@ def test_connections_go_to_the_checked_address_not_to_a_second_lookup(locked_s3,
     assert urlsplit(stored.url).hostname == REBOUND_NAME
 
 
-def _tls_files(tmp_path, cert_name: str) -> tuple[str, ssl.SSLContext]:
-    """A test CA (its PEM path) and a server context with a certificate for `cert_name`."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def certificate(subject: str, key, issuer: str, issuer_key, ca: bool):
-        builder = (x509.CertificateBuilder()
-                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(minutes=5))
-                   .not_valid_after(now + datetime.timedelta(hours=1))
-                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if not ca:
-            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(subject)]), critical=False)
-        return builder.sign(issuer_key, hashes.SHA256())
-
-    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca = certificate("pinning test CA", ca_key, "pinning test CA", ca_key, ca=True)
-    leaf = certificate(cert_name, leaf_key, "pinning test CA", ca_key, ca=False)
-    pem = serialization.Encoding.PEM
-    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(pem))
-    (tmp_path / "leaf.pem").write_bytes(leaf.public_bytes(pem) + leaf_key.private_bytes(
-        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(tmp_path / "leaf.pem")
-    return str(tmp_path / "ca.pem"), context
-
-
 @pytest.mark.parametrize("cert_name, verified", [(REBOUND_NAME, True), ("some-other-host.test", False)])
 def test_tls_to_the_checked_address_sends_and_verifies_the_host_name(
         cert_name, verified, s3, relays, rebinding_dns, tmp_path, monkeypatch):
-    ca_path, server_context = _tls_files(tmp_path, cert_name)
-    monkeypatch.setenv("AWS_CA_BUNDLE", ca_path)  # botocore trusts the test CA
+    files = write_certificates(tmp_path, [cert_name])
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(files.ca))  # botocore trusts the test CA
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(files.servers[cert_name])
     relay = relays(CHECKED_ADDRESS, s3.endpoint_url, tls=server_context)
     trap = relays(REBOUND_ADDRESS)
     bucket = Bucket.for_job(job_bucket(relay.url(REBOUND_NAME, "https"), s3.bucket), 60, ONE_ATTEMPT,

@@ -3,7 +3,6 @@ the connections they accept, and the address guard (src/url_guard.py) as pure ch
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
 import os
 import socket
@@ -16,6 +15,7 @@ import pytest
 
 from src.url_fetch import FetchError, FetchLimits, fetch_bytes, iter_chunks
 from src.url_guard import AddressPolicy, UrlRefused, non_global_category, resolve_checked, shown
+from tests.tls_certificates import write_certificates
 
 OPEN = AddressPolicy(allow_private=True)  # the test servers are on loopback
 LIMITS = FetchLimits(max_bytes=1000, max_bytes_setting="MAX_IMAGE_BYTES", connect_timeout_s=1.0,
@@ -433,52 +433,16 @@ def test_errors_never_show_the_query_string_or_user_info(serve):
 @pytest.fixture(scope="module")
 def certificates(tmp_path_factory):
     """A CA and a server certificate for the name `localhost` only (no IP address)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    folder = tmp_path_factory.mktemp("tls")
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def certificate(subject: str, key, issuer: str, issuer_key, ca: bool):
-        builder = (x509.CertificateBuilder()
-                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(hours=1))
-                   .not_valid_after(now + datetime.timedelta(days=1))
-                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if ca:
-            builder = builder.add_extension(x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False,
-                decipher_only=False), critical=True)
-            builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                                            critical=False)
-        else:
-            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]),
-                                            critical=False)
-            builder = builder.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                issuer_key.public_key()), critical=False)
-        return builder.sign(issuer_key, hashes.SHA256())
-
-    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca = certificate("test CA", ca_key, "test CA", ca_key, ca=True)
-    server = certificate("localhost", server_key, "test CA", ca_key, ca=False)
-    (folder / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (folder / "server.pem").write_bytes(server.public_bytes(serialization.Encoding.PEM) + server_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return folder
+    return write_certificates(tmp_path_factory.mktemp("tls"), ["localhost"])
 
 
 @pytest.fixture
 def tls_server(serve, certificates, monkeypatch):
     """A CountingServer speaking TLS with the `localhost` certificate, its CA trusted."""
-    monkeypatch.setenv("SSL_CERT_FILE", str(certificates / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificates.ca))
     server = serve(serves(BODY))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(certificates / "server.pem")
+    context.load_cert_chain(certificates.servers["localhost"])
     # The handshake in each handler's thread, not in the accepting one.
     server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
     return server
