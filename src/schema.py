@@ -90,13 +90,9 @@ def _prompt_or_prompts(value: Any) -> str | list[str]:
 
 def _one_prompt(value: Any, loc: tuple) -> str:
     try:
-        text = _ONE_PROMPT.validate_python(value)
-        text.encode("utf-8")  # a lone surrogate cannot reach the tokenizer
-        return text
-    except ValidationError as exc:
+        return _ONE_PROMPT.validate_python(value)
+    except ValidationError as exc:  # named as the model's own errors are, with the item's index
         raise _rule(_loc_text(loc), _describe({**exc.errors(include_url=False)[0], "loc": loc}).split(": ", 1)[1])
-    except UnicodeEncodeError as exc:
-        raise _rule(_loc_text(loc), f"not valid Unicode text: a lone surrogate at position {exc.start}") from None
 
 
 # One instruction, or several for the same images (edit and edit_multi).
