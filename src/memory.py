@@ -1,15 +1,14 @@
 """Where the weights live on the GPU: one memory mode per worker, chosen at start.
 
-    resident      everything on the GPU (an 80 GB card; a 48 GB card with QUANTIZE=fp8 and
-                  FP8_KEEP_BF16=none)
+    resident      everything on the GPU (an 80 GB card)
     text_offload  the 7B text encoder waits in pinned CPU memory and streams in layer by
-                  layer for each prompt; the transformer and VAE stay on the GPU
+                  layer for each prompt; the transformer and VAE stay on the GPU (a 48 GB card)
     offload       the transformers stream in too, one block ahead of the one running
                   (diffusers group offloading on a CUDA side stream): a 24 GB card runs,
                   bound by the PCIe link
 
-`MEMORY_MODE=auto` (the default) takes the fastest mode in which every edit the schema
-accepts fits beside the weights (src/memory_plan.py decides, with the transformer swap);
+`MEMORY_MODE=auto` (the default) takes the fastest mode that serves every job the schema
+accepts, or at least every edit (src/memory_plan.py decides, with the transformer swap);
 a mode can be forced. Streaming moves bytes only, so every mode returns the same images
 (tests/test_memory.py).
 """
