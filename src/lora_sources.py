@@ -14,11 +14,10 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from src.schema import InputError
 from src.url_fetch import FetchLimits, iter_chunks
-from src.url_guard import AddressPolicy
+from src.url_guard import AddressPolicy, shown
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DOWNLOAD_CHUNK_BYTES = 1 << 20
@@ -63,12 +62,9 @@ class LoraCache:
 
 
 def describe_source(source: str) -> str:
-    """The source as it may appear in logs and errors: URLs without their query string
-    (presigned URLs carry credentials there)."""
-    if source.startswith(("https://", "http://", "s3://")):
-        parts = urlsplit(source)
-        return f"{parts.scheme}://{parts.netloc}{parts.path}"
-    return source
+    """The source as it may appear in logs, errors and outputs: URLs as `url_guard.shown`
+    gives them, without user info or query string (presigned URLs carry credentials there)."""
+    return shown(source) if source.startswith(("https://", "http://", "s3://")) else source
 
 
 def http_limits(max_download_bytes: int, connect_timeout_s: float, total_timeout_s: float) -> FetchLimits:

@@ -24,7 +24,7 @@ serves every edit, and decompositions at the corners are refused with what fits.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from src.schema import InputError, JobRequest, MAX_LAYERS, SIZE_MAX, SIZE_MIN
 
@@ -55,7 +55,6 @@ STREAMED_TEXT_ENCODER_SHARE = 0.14
 # (diffusers' VAE_IMAGE_SIZE), and a transformer token covers 16x16 pixels.
 REFERENCE_PIXELS = 1024 * 1024
 TOKEN_PIXELS = 16 * 16
-LEVERS = ("layers_one_at_a_time", "vae_tiling")
 
 
 @dataclass(frozen=True)
@@ -124,9 +123,10 @@ def shape_for(request: JobRequest, image_sizes: list[tuple[int, int]]) -> JobSha
     return JobShape("edit", int(pixels), references=len(image_sizes))
 
 
-def lever_choices(shape: JobShape) -> list[tuple[str, ...]]:
-    """The levers to try, least change first: none, then what applies to this job."""
-    if shape.operation == "decompose":
+def lever_choices(operation: str) -> list[tuple[str, ...]]:
+    """The levers to try for an operation, least change first: none, then what applies;
+    the last is all of them (what an out-of-memory error is retried with)."""
+    if operation == "decompose":
         return [(), ("layers_one_at_a_time",), ("layers_one_at_a_time", "vae_tiling")]
     return [(), ("vae_tiling",)]
 
@@ -148,28 +148,30 @@ class MemoryPlan:
     def levers_for(self, shape: JobShape, key: str) -> tuple[str, ...]:
         """The levers `shape` needs to fit (none when it fits as it is), or InputError naming
         `key`, the memory it needs, what this worker has, and what would fit."""
-        for levers in lever_choices(shape):
-            if self.need_bytes(shape, levers) <= self.budget_bytes:
+        choices = lever_choices(shape.operation)
+        for levers in choices:
+            if self.job_bytes(shape, levers) <= self.budget_bytes:
                 return levers
-        least = self.need_bytes(shape, lever_choices(shape)[-1])
-        raise InputError(f"{key}: {describe(shape)} need about {math.ceil(least / GIB)} GiB of GPU memory beyond "
+        least = self.job_bytes(shape, choices[-1])
+        raise InputError(f"{key}: {describe(shape)} about {math.ceil(least / GIB)} GiB of GPU memory beyond "
                          f"the weights; this worker has {self.budget_bytes / GIB:.0f} GiB ({self.situation}); "
                          f"{self.what_fits(shape)}")
 
-    def need_bytes(self, shape: JobShape, levers: tuple[str, ...] = ()) -> int:
+    def job_bytes(self, shape: JobShape, levers: tuple[str, ...] = ()) -> int:
+        """`need_bytes` on this worker: its precision and its streamed models."""
         return need_bytes(shape, self.quantize, levers, self.streamed)
 
     def fits(self, shape: JobShape) -> bool:
-        return self.need_bytes(shape, lever_choices(shape)[-1]) <= self.budget_bytes
+        return self.job_bytes(shape, lever_choices(shape.operation)[-1]) <= self.budget_bytes
 
     def what_fits(self, shape: JobShape) -> str:
         if shape.operation == "decompose":
-            layers = max((n for n in range(2, shape.layers) if self.fits(_with(shape, layers=n))), default=None)
+            layers = max((n for n in range(2, shape.layers) if self.fits(replace(shape, layers=n))), default=None)
             options = [f"use at most {layers} layers"] if layers else []
-            if shape.output_pixels > 640 * 640 and self.fits(_with(shape, output_pixels=640 * 640)):
+            if shape.output_pixels > 640 * 640 and self.fits(replace(shape, output_pixels=640 * 640)):
                 options.append("resolution 640")
             return ", or ".join(options) if options else "this worker cannot decompose at this size"
-        side = max((s for s in range(256, SIZE_MAX + 1, 16) if self.fits(_with(shape, output_pixels=s * s))),
+        side = max((s for s in range(256, SIZE_MAX + 1, 16) if self.fits(replace(shape, output_pixels=s * s))),
                    default=None)
         if side is None:
             return "send fewer images" if shape.references > 1 else "this worker cannot run this edit"
@@ -184,15 +186,12 @@ class MemoryPlan:
 
 
 def describe(shape: JobShape) -> str:
+    """The job as the subject of a refusal, with its verb."""
     side = math.isqrt(shape.output_pixels)
     if shape.operation == "decompose":
-        return f"{shape.layers} layers at resolution {side}"
+        return f"{shape.layers} layers at resolution {side} need"
     images = "1 image" if shape.references == 1 else f"{shape.references} images"
-    return f"a {shape.output_pixels / MP:.1f}-megapixel output with {images}"
-
-
-def _with(shape: JobShape, **changes) -> JobShape:
-    return JobShape(**{**shape.__dict__, **changes})
+    return f"a {shape.output_pixels / MP:.1f}-megapixel output with {images} needs"
 
 
 @dataclass(frozen=True)

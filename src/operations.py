@@ -63,8 +63,10 @@ def edit(pipeline, request: JobRequest, images: list[Image.Image], seed: int,
             result = _call_edit(pipeline, inputs, prompt, request.negative_prompt, request.cfg_scale,
                                 request.guidance_scale, request.steps, width, height, result_seed, image_progress)
             if alpha is not None:
+                if alpha.size != result.size:  # resized once: every result has the same size
+                    alpha = alpha.resize(result.size, Image.Resampling.LANCZOS)
                 result = result.convert("RGBA")
-                result.putalpha(alpha.resize(result.size, Image.Resampling.LANCZOS))
+                result.putalpha(alpha)
             results.append(EditResult(result, prompt_index, result_seed))
     return results
 

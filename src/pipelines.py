@@ -119,7 +119,6 @@ class Pipelines:
                  self.device, self.dtype)
         with self.reading_ahead(self.edit_ref.path):
             self.edit = self.load_edit()
-            upstream_fixes.apply(self.edit)
             self.arrange_memory()
             self.prepare(self.edit)  # the copies to the GPU, while later files are still being read
         if "layered" in self.settings.preload:
@@ -163,9 +162,10 @@ class Pipelines:
         return own_components(self.edit_ref.path, self.layered_ref.path)
 
     def prepare(self, pipeline, text_encoder_placed: bool = False) -> None:
-        """Quantize, place (the memory mode) and accelerate a pipeline loaded on the CPU.
-        FP8 quantizes each linear on the GPU as it moves there, so the bf16 transformer
-        never has to fit whole."""
+        """Correct (the authors' way), quantize, place (the memory mode) and accelerate a
+        pipeline loaded on the CPU. FP8 quantizes each linear on the GPU as it moves there,
+        so the bf16 transformer never has to fit whole."""
+        upstream_fixes.apply(pipeline)
         if self.settings.quantize == "fp8":
             fp8.quantize_blocks(pipeline.transformer, self.device, keep=self.settings.fp8_keep_bf16)
         image_vae.for_images(pipeline.vae)  # same pixels, without the video VAE's dead feature cache
@@ -189,7 +189,6 @@ class Pipelines:
             folders = ("transformer", "vae") + (("text_encoder",) if own_text_encoder else ())
             with self.reading_ahead(*(self.layered_ref.path / folder for folder in folders)):
                 layered = self.load_layered()
-                upstream_fixes.apply(layered)
                 self.prepare(layered, text_encoder_placed=not own_text_encoder)
             self._layered = layered
         return self._layered
@@ -201,12 +200,11 @@ class Pipelines:
         resident, and jobs are planned only against a GPU_MEMORY_GIB. FP8 needs its
         transformer resident."""
         settings = self.settings
-        on_gpu = self.device.type == "cuda"
-        if on_gpu:
-            capacity = memory.free_gpu_bytes(self.device) + torch.cuda.memory_allocated(self.device)
         if settings.gpu_memory_gib:
             capacity = int(settings.gpu_memory_gib * memory.GIB)
-        elif not on_gpu:
+        elif self.device.type == "cuda":
+            capacity = memory.free_gpu_bytes(self.device) + torch.cuda.memory_allocated(self.device)
+        else:
             self.memory_mode = "resident" if settings.memory_mode == "auto" else settings.memory_mode
             if self.memory_mode == "offload":  # both transformers stream from CPU memory: nothing to swap
                 self.swap_transformers = False

@@ -133,15 +133,16 @@ class Worker:
             timer.ms.pop("lora_resolve")
 
         # 2. The pipeline call. An out-of-memory error that still happens (an estimate that
-        #    was wrong, fragmentation) is retried once with every memory lever on.
+        #    was wrong, fragmentation) is retried once with every memory lever the job has.
         retried = False
         try:
             named, results, stack = self._infer(request, images, seed, adapters, levers, timer, progress)
         except torch.OutOfMemoryError:
+            strongest = memory_plan.lever_choices(request.operation)[-1]
             log.warning("job %s: CUDA out of memory with levers %s; retrying once with %s", job_id,
-                        list(levers) or "none", list(memory_plan.LEVERS))
+                        list(levers) or "none", list(strongest))
             torch.cuda.empty_cache()
-            levers, retried = memory_plan.LEVERS, True
+            levers, retried = strongest, True
             named, results, stack = self._infer(request, images, seed, adapters, levers, timer, progress)
 
         # 3. Encode, store, respond.
