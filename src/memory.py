@@ -15,6 +15,7 @@ a mode can be forced. Streaming moves bytes only, so every mode returns the same
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import torch
@@ -45,7 +46,10 @@ def place(pipeline, mode: str, device: torch.device, *, text_encoder_placed: boo
             continue
         if name not in streamed:
             module.to(device)
-        elif name == "transformer":
+            continue
+        if device.type == "cuda":
+            pin_exactly(module)
+        if name == "transformer":
             # One block of 60 in flight while the next is copied in on a side stream.
             module.enable_group_offload(device, offload_type="block_level", num_blocks_per_group=1,
                                         use_stream=device.type == "cuda", record_stream=device.type == "cuda")
@@ -55,3 +59,33 @@ def place(pipeline, mode: str, device: torch.device, *, text_encoder_placed: boo
 
             apply_group_offloading(module, device, offload_type="leaf_level", use_stream=device.type == "cuda",
                                    record_stream=device.type == "cuda")
+
+
+def gather_into_one_block(module: torch.nn.Module) -> torch.Tensor:
+    """Move a CPU module's parameters and buffers into views of one flat byte tensor, each
+    original freed as soon as it is copied (so this needs no second copy of the module)."""
+    tensors = list(dict.fromkeys(itertools.chain(module.parameters(), module.buffers())))
+    align = 64  # every view starts aligned for any dtype
+    sizes = [-(-tensor.nbytes // align) * align for tensor in tensors]
+    block = torch.empty(sum(sizes), dtype=torch.uint8)
+    for tensor, start in zip(tensors, itertools.accumulate([0, *sizes])):
+        view = block[start:start + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
+        view.copy_(tensor.data)
+        tensor.data = view
+    return block
+
+
+def pin_exactly(module: torch.nn.Module) -> None:
+    """Page-lock a module's weights where they are, at their exact size.
+
+    Why: diffusers' group offloading pins each tensor through torch's caching host
+    allocator, which rounds every block up to a power of two (a 72 MiB linear takes 128 MiB)
+    and holds all pinned copies beside the unpinned originals until every group is built:
+    about twice the weights at start (register row 23). Tensors already pinned are used as
+    they are (`Tensor.pin_memory` returns them), so one registered block replaces all that."""
+    block = gather_into_one_block(module)
+    error = torch.cuda.cudart().cudaHostRegister(block.data_ptr(), block.nbytes, 0)
+    if int(error) != 0 or not block.is_pinned():
+        raise RuntimeError(f"could not page-lock {block.nbytes / GIB:.1f} GiB of CPU memory for the streamed "
+                           f"{type(module).__name__} (CUDA error {int(error)})")
+    # The block stays registered for the life of the weights that are views of it: the worker's.

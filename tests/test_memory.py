@@ -114,3 +114,23 @@ def test_loras_run_only_where_the_transformer_is_resident(worker, streamed_worke
                                 "holds the transformer (resident or text_offload)")
     else:
         assert images_of(out) == images_of(worker.handle({"id": "r3", "input": lightning}))
+
+
+def test_weights_gathered_into_one_block_keep_their_values(worker):
+    """The streamed modes page-lock each streamed module as one block of its exact size
+    (`memory.pin_exactly`, measured on the GPU by tools/bench.py); the gathering is plain torch."""
+    import copy
+
+    encoder = copy.deepcopy(worker.pipes.edit.text_encoder)
+    tensors = list(dict.fromkeys([*encoder.parameters(), *encoder.buffers()]))
+    before = [tensor.detach().clone() for tensor in tensors]
+    ids = torch.tensor([[1, 2, 3, 4]])
+    expected = encoder(input_ids=ids).logits
+
+    block = memory.gather_into_one_block(encoder)
+
+    assert block.nbytes >= sum(tensor.nbytes for tensor in tensors) > 0
+    for tensor, value in zip(tensors, before):
+        assert tensor.untyped_storage().data_ptr() == block.untyped_storage().data_ptr()
+        assert torch.equal(tensor, value)
+    assert torch.equal(encoder(input_ids=ids).logits, expected)

@@ -29,6 +29,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -420,6 +421,13 @@ def compile_deviation(worker: Worker) -> dict:
             **deviation(compiled, eager)}
 
 
+def host_memory() -> dict:
+    """The CPU memory the process holds: streamed modes keep their weights there."""
+    pinned = torch.cuda.host_memory_stats()
+    return {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1),
+            "torch_pinned_peak_gib": round(pinned.get("allocated_bytes.peak", 0) / 2**30, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join([*CASES, "deviation"]),
@@ -476,7 +484,8 @@ def main() -> None:
                "swap_transformers": pipes.swap_transformers,
                "memory_plan": pipes.plan.limits() if pipes.plan else None,
                "build_s": round(build_s, 1), "warmup_s": round(warmup_s, 1),
-               "weights_gib": round(torch.cuda.memory_allocated() / 2**30, 1)}
+               "weights_gib": round(torch.cuda.memory_allocated() / 2**30, 1),
+               "host_memory_after_warmup": host_memory()}
     if args.levers:
         measure_levers(worker, args.levers.split(","), results, Path(args.out))
         return
@@ -497,6 +506,7 @@ def main() -> None:
         result = run_case(worker, name, CASES[name], counter, clock)
         results["cases"].append(result)
         print(json.dumps(result), flush=True)
+        results["host_memory"] = host_memory()
         write_results(results, Path(args.out))  # after each case: a run cut short keeps what it measured
 
     print(f"\n{'case':<18} {'inference s':>11} {'passes':>6} {'s/pass':>7} {'TFLOP/s':>8} {'peak':>6} {'GiB':>5}")
