@@ -23,8 +23,8 @@ from PIL import Image
 from psd_tools import PSDImage
 from psd_tools.constants import Tag
 
-from src.codec import encode_image, to_base64
-from src.results import OutputTooLarge
+from src.codec import PNG_COMPRESS_LEVEL, to_base64
+from src.results import OutputTooLarge, encode_all
 from src.storage import Bucket
 
 ARCHIVE_NAME = "layers"
@@ -38,17 +38,19 @@ ORA_THUMBNAIL_MAX_SIDE = 256  # the spec's limit for Thumbnails/thumbnail.png
 NamedLayers = list[tuple[str, Image.Image]]
 
 
-def build(fmt: str, layers: NamedLayers, composite: Image.Image) -> bytes:
+def build(fmt: str, layers: NamedLayers, composite: Image.Image, png_level: int = PNG_COMPRESS_LEVEL) -> bytes:
     """The archive's bytes. `layers` are (name, RGBA image) back to front, all the size of `composite`."""
     writers = {"zip": _zip, "psd": _psd, "ora": _ora}
-    return writers[fmt]([(name, layer.convert("RGBA")) for name, layer in layers], composite.convert("RGBA"))
+    return writers[fmt]([(name, layer.convert("RGBA")) for name, layer in layers], composite.convert("RGBA"),
+                        png_level)
 
 
-def _png(image: Image.Image) -> bytes:
-    return encode_image(image, "png", quality=100)  # quality applies to jpeg and webp only
+def _pngs(images: list[Image.Image], png_level: int) -> list[bytes]:
+    """PNG files of `images`, encoded in parallel (quality applies to jpeg and webp only)."""
+    return [data for _, _, data in encode_all([("", image) for image in images], "png", 100, png_level)]
 
 
-def _zip(layers: NamedLayers, composite: Image.Image) -> bytes:
+def _zip(layers: NamedLayers, composite: Image.Image, png_level: int) -> bytes:
     manifest = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
@@ -62,13 +64,14 @@ def _zip(layers: NamedLayers, composite: Image.Image) -> bytes:
     # PNGs are compressed already: stored as they are, they cost no second compression.
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
         archive.writestr("manifest.json", json.dumps(manifest, indent=2), compress_type=zipfile.ZIP_DEFLATED)
-        for (name, layer), entry in zip(layers, manifest["layers"]):
-            archive.writestr(entry["file"], _png(layer))
-        archive.writestr("composite.png", _png(composite))
+        *layer_pngs, composite_png = _pngs([layer for _, layer in layers] + [composite], png_level)
+        for entry, data in zip(manifest["layers"], layer_pngs):
+            archive.writestr(entry["file"], data)
+        archive.writestr("composite.png", composite_png)
     return buffer.getvalue()
 
 
-def _psd(layers: NamedLayers, composite: Image.Image) -> bytes:
+def _psd(layers: NamedLayers, composite: Image.Image, png_level: int) -> bytes:  # PSD holds no PNG
     psd = PSDImage.new("RGBA", composite.size)
     for name, layer in layers:
         psd.create_pixel_layer(layer, name=name)  # each new layer goes on top: back to front
@@ -81,7 +84,7 @@ def _psd(layers: NamedLayers, composite: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _ora(layers: NamedLayers, composite: Image.Image) -> bytes:
+def _ora(layers: NamedLayers, composite: Image.Image, png_level: int) -> bytes:
     image = ElementTree.Element("image", version=ORA_VERSION, w=str(composite.width), h=str(composite.height))
     stack = ElementTree.SubElement(image, "stack")
     for name, _ in reversed(layers):  # stack.xml lists the topmost layer first
@@ -95,10 +98,12 @@ def _ora(layers: NamedLayers, composite: Image.Image) -> bytes:
         archive.writestr("mimetype", ORA_MIMETYPE)
         archive.writestr("stack.xml", ElementTree.tostring(image, encoding="UTF-8", xml_declaration=True),
                          compress_type=zipfile.ZIP_DEFLATED)
-        for name, layer in layers:
-            archive.writestr(f"data/{name}.png", _png(layer))
-        archive.writestr("mergedimage.png", _png(composite))
-        archive.writestr("Thumbnails/thumbnail.png", _png(thumbnail))
+        *layer_pngs, composite_png, thumbnail_png = _pngs([layer for _, layer in layers] + [composite, thumbnail],
+                                                          png_level)
+        for (name, _), data in zip(layers, layer_pngs):
+            archive.writestr(f"data/{name}.png", data)
+        archive.writestr("mergedimage.png", composite_png)
+        archive.writestr("Thumbnails/thumbnail.png", thumbnail_png)
     return buffer.getvalue()
 
 

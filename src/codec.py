@@ -26,9 +26,11 @@ _OUTSIDE_ALPHABETS = re.compile(r"[^A-Za-z0-9+/_=-]")
 _STANDARD_ONLY = re.compile(r"[+/]")
 _URL_SAFE_ONLY = re.compile(r"[-_]")
 _URL_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
-# PNG compression level: the worker pays for encoding in GPU seconds, and level 3
-# is several times faster than the default 6 for a few percent more bytes.
-PNG_COMPRESS_LEVEL = 3
+# PNG compression level (PNG_COMPRESS_LEVEL): the worker pays for encoding in GPU
+# seconds. PNG is lossless at every level. On three 1024x1024 photos (scikit-image's
+# retina crop, astronaut and motorcycle upscaled) level 1 took 60-116 ms, level 3 94-163 ms
+# and PIL's default 6 302-525 ms; level 1's files were 4-9% larger than 3's, 11-23% than 6's.
+PNG_COMPRESS_LEVEL = 1
 
 
 def decode_image(data: str, key: str, max_bytes: int, max_pixels: int) -> Image.Image:
@@ -57,6 +59,13 @@ def _decode_base64(payload: str, key: str) -> bytes:
     encoders are common clients), whitespace ignored, '=' padding optional since
     base64url usually leaves it out. A mix of the two alphabets, padding anywhere but
     at the end, or a length no byte string encodes to is refused."""
+    try:  # most clients send canonical standard base64: one C pass, about 8x faster than the checks below
+        raw = binascii.a2b_base64(payload, strict_mode=True)
+        # strict_mode still takes '=' padding after a whole group ("aGVs===="): the length tells.
+        if len(raw) == len(payload) // 4 * 3 - (len(payload) - len(payload.rstrip("="))):
+            return raw
+    except (binascii.Error, ValueError):
+        pass  # anything else is checked step by step, for an error that says what is wrong
     text = _WHITESPACE.sub("", payload)
     if _OUTSIDE_ALPHABETS.search(text):
         raise InputError(f"{key}: not valid base64: characters outside the base64 alphabet")
@@ -124,10 +133,10 @@ def _normalise_mode(image: Image.Image) -> Image.Image:
     return image.convert("RGBA" if has_alpha else "RGB")
 
 
-def encode_image(image: Image.Image, fmt: str, quality: int) -> bytes:
+def encode_image(image: Image.Image, fmt: str, quality: int, png_level: int = PNG_COMPRESS_LEVEL) -> bytes:
     buffer = io.BytesIO()
     if fmt == "png":
-        image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+        image.save(buffer, format="PNG", compress_level=png_level)
     elif fmt == "jpeg":
         image.convert("RGB").save(buffer, format="JPEG", quality=quality)
     elif fmt == "webp":

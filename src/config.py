@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from src.codec import PNG_COMPRESS_LEVEL
 from src.fp8 import BLOCK_LINEARS, MODULATION_LINEARS
 from src.schema import MAX_LAYERS, MAX_PROMPTS_LIMIT
 from src.url_guard import AddressPolicy
@@ -70,6 +71,7 @@ class Settings:
     # RunPod refuses /run results over 10 MB (/runsync: 20 MB); inline output is
     # checked against the stricter limit since the worker cannot tell which was used.
     max_inline_bytes: int = 10_000_000
+    png_compress_level: int = PNG_COMPRESS_LEVEL
     lightning_repo: str = DEFAULT_LIGHTNING_REPO
     lightning_files: dict[int, str] = field(default_factory=lambda: dict(DEFAULT_LIGHTNING_FILES))
     max_loras: int = 3
@@ -124,6 +126,7 @@ class Settings:
             max_image_bytes=reader.integer("MAX_IMAGE_BYTES", 20 * MIB, low=1024),
             max_image_pixels=reader.integer("MAX_IMAGE_PIXELS", 4096 * 4096, low=64 * 64),
             max_inline_bytes=reader.integer("MAX_INLINE_BYTES", 10_000_000, low=1),
+            png_compress_level=reader.integer("PNG_COMPRESS_LEVEL", PNG_COMPRESS_LEVEL, low=0, high=9),
             lightning_repo=reader.text("LIGHTNING_REPO", DEFAULT_LIGHTNING_REPO),
             lightning_files={4: reader.text("LIGHTNING_4STEP_FILE", DEFAULT_LIGHTNING_FILES[4]),
                              8: reader.text("LIGHTNING_8STEP_FILE", DEFAULT_LIGHTNING_FILES[8])},

@@ -304,7 +304,8 @@ class Worker:
     def _store(self, named: list[tuple[str, Image.Image]], request: JobRequest, bucket: Bucket | None,
                job_id: str, timer: StageTimer) -> tuple[list[dict], list[str]]:
         with timer.stage("encode"):
-            encoded = encode_all(named, request.output_format, request.output_quality)
+            encoded = encode_all(named, request.output_format, request.output_quality,
+                                 self.settings.png_compress_level)
         with timer.stage("upload"):
             return describe(
                 encoded, request.output_format, bucket=bucket, prefix=self.settings.bucket_prefix,
@@ -318,7 +319,8 @@ class Worker:
         Returns the output's `archive` entry and warnings."""
         final = stack.final
         with timer.stage("archive"):
-            data = archives.build(request.archive, list(zip(stack.final_names(), final)), stack.final_composite)
+            data = archives.build(request.archive, list(zip(stack.final_names(), final)), stack.final_composite,
+                                  self.settings.png_compress_level)
         with timer.stage("upload"):
             return archives.describe(
                 data, request.archive, layer_count=len(final), size=final[0].size, bucket=bucket,

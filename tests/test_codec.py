@@ -113,3 +113,23 @@ def test_encode_round_trips(fmt):
     assert decoded.format == fmt.upper() and decoded.size == (64, 48)
     if fmt == "png":
         assert decoded.convert("RGB").tobytes() == image.tobytes()
+
+
+def test_png_levels_keep_the_pixels_and_trade_bytes():
+    """PNG_COMPRESS_LEVEL changes only the time and the file's size."""
+    image = Image.linear_gradient("L").resize((256, 256)).convert("RGB")
+    files = {level: encode_image(image, "png", 100, level) for level in (0, 1, 9)}
+    for data in files.values():
+        assert Image.open(io.BytesIO(data)).convert("RGB").tobytes() == image.tobytes()
+    assert len(files[0]) > len(files[1]) > len(files[9])
+
+
+def test_every_base64_spelling_decodes_to_the_same_image():
+    """Canonical base64 takes a fast path; whitespace, URL-safe letters and missing
+    padding take the checked one: the same pixels either way."""
+    canonical = png_b64(sample_image(size=(40, 30)))
+    unpadded = canonical.rstrip("=")
+    spellings = [canonical, canonical[:20] + "\n" + canonical[20:],
+                 unpadded.replace("+", "-").replace("/", "_"), unpadded]
+    images = [decode_image(text, "image_base64", 10 * 2**20, 2**24).tobytes() for text in spellings]
+    assert images == [images[0]] * len(spellings)
