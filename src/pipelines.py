@@ -111,7 +111,9 @@ class Pipelines:
         # GPU_MEMORY_GIB sets a capacity to plan for.
         self.plan: memory_plan.MemoryPlan | None = None
         self.prefetched: list[dict] = []  # what WEIGHTS_PREFETCH read, per pipeline loaded
-        # Per transformer loaded with QUANTIZE=fp8: whether the FP8 cache served it, and what it read.
+        # QUANTIZE=fp8: the FP8 caches found, by repo id (fp8_cache_for), and per transformer
+        # loaded whether the cache served it and what it read.
+        self.fp8_caches: dict[str, fp8_cache.Cache] = {}
         self.fp8_loads: list[dict] = []
         self.fused_loras = FusedLoras()
         # The ranks of a multi-GPU worker (src/parallel.py sets them after the start-up
@@ -125,7 +127,7 @@ class Pipelines:
                  self.device, self.dtype)
         cache = self.fp8_cache_for(self.edit_ref)
         with self.reading_ahead(*self.weight_folders(self.edit_ref.path, ("transformer",) if cache else ())):
-            self.edit = self.load_edit(cache)
+            self.edit = self.load_edit()
             self.arrange_memory()
             self.prepare(self.edit)  # the copies to the GPU, while later files are still being read
         if "layered" in self.settings.preload:
@@ -168,11 +170,14 @@ class Pipelines:
             return None
         log.info("FP8 cache: %s@%s's FP8 block linears from %s (%.1f GB)", ref.repo_id, ref.revision[:12],
                  cache.folder, cache.nbytes / 1e9)
+        self.fp8_caches[ref.repo_id] = cache
         return cache
 
-    def cached_transformer(self, ref: ModelRef, cache: fp8_cache.Cache | None) -> dict:
-        """`{"transformer": …}` loaded through `cache` for from_pretrained, or {} to let it load
-        the bf16 one (no cache, or one that fails to read: logged, and quantized at start)."""
+    def cached_transformer(self, ref: ModelRef) -> dict:
+        """`{"transformer": …}` loaded through the FP8 cache fp8_cache_for found, for
+        from_pretrained, or {} to let it load the bf16 one (no cache, or one that fails to
+        read: logged, and quantized at start)."""
+        cache = self.fp8_caches.pop(ref.repo_id, None)
         if cache is None:
             return {}
         try:
@@ -188,15 +193,15 @@ class Pipelines:
                                "bytes_read": report.bytes_read})
         return {"transformer": transformer}
 
-    def load_edit(self, cache: fp8_cache.Cache | None = None) -> QwenImageEditPlusPipeline:
+    def load_edit(self) -> QwenImageEditPlusPipeline:
         """The edit pipeline from the cache, in CPU memory (but FP8 block linears from an FP8 cache: on the device)."""
         processor = load_processor(str(self.edit_ref.path))
         pipeline = QwenImageEditPlusPipeline.from_pretrained(self.edit_ref.path, processor=processor, dtype=self.dtype,
-                                                             **self.cached_transformer(self.edit_ref, cache))
+                                                             **self.cached_transformer(self.edit_ref))
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
-    def load_layered(self, cache: fp8_cache.Cache | None = None) -> QwenImageLayeredPipeline:
+    def load_layered(self) -> QwenImageLayeredPipeline:
         """The Layered pipeline from the cache, in CPU memory, with the edit pipeline's text
         encoder, tokenizer and processor where Layered's own are the same files."""
         own = self.layered_own_components
@@ -206,7 +211,7 @@ class Pipelines:
         components = {name: getattr(self.edit, name) for name in SHARED_COMPONENTS if name not in own}
         if "processor" in own:
             components["processor"] = load_processor(str(self.layered_ref.path))
-        components.update(self.cached_transformer(self.layered_ref, cache))
+        components.update(self.cached_transformer(self.layered_ref))
         pipeline = QwenImageLayeredPipeline.from_pretrained(self.layered_ref.path, dtype=self.dtype, **components)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
@@ -246,7 +251,7 @@ class Pipelines:
             folders = ("transformer", "vae") + (("text_encoder",) if own_text_encoder else ())
             folders = folders[1:] if cache else folders
             with self.reading_ahead(*(self.layered_ref.path / folder for folder in folders)):
-                layered = self.load_layered(cache)
+                layered = self.load_layered()
                 self.prepare(layered, text_encoder_placed=not own_text_encoder)
             self._layered = layered
         return self._layered
