@@ -27,6 +27,7 @@ DEFAULT_LIGHTNING_FILES = {
     8: "Qwen-Image-Edit-2511-Lightning-8steps-V1.0-bf16.safetensors",
 }
 PRELOADABLE = ("edit", "layered", "lightning")
+FP8_CACHE_FOLDER = "qwen-fp8"  # under HF_HOME: FP8_CACHE_DIR's default
 GIB = 1024**3
 RUNPOD_VOLUME = Path("/runpod-volume")
 MIB = 1024 * 1024
@@ -98,6 +99,10 @@ class Settings:
     compile: bool = False
     quantize: str = "none"
     fp8_keep_bf16: frozenset[str] = frozenset(MODULATION_LINEARS)
+    # With QUANTIZE=fp8: load the block linears pre-quantized from FP8_CACHE_DIR when a cache
+    # of this snapshot and recipe is there (src/fp8_cache.py), instead of reading bf16 and quantizing.
+    fp8_cache: bool = True
+    fp8_cache_dir: Path | None = None  # None: HF_HOME/qwen-fp8
     memory_mode: str = "auto"
     gpu_memory_gib: float | None = None  # None: what the GPU has
     weights_prefetch: str = "on"
@@ -153,6 +158,8 @@ class Settings:
             # "none": every block linear in FP8 (about 6.3 GiB less than the default).
             fp8_keep_bf16=reader.names("FP8_KEEP_BF16", ",".join(MODULATION_LINEARS),
                                        BLOCK_LINEARS + ("none",)) - {"none"},
+            fp8_cache=reader.choice("FP8_CACHE", "on", ("on", "off")) == "on",
+            fp8_cache_dir=Path(reader.text("FP8_CACHE_DIR", str(hf_home / FP8_CACHE_FOLDER))),
             memory_mode=reader.choice("MEMORY_MODE", "auto", ("auto", "resident", "text_offload", "offload")),
             gpu_memory_gib=reader.number("GPU_MEMORY_GIB", None, low=1.0, high=4096.0),
             weights_prefetch=reader.choice("WEIGHTS_PREFETCH", "on", ("on", "auto", "off")),

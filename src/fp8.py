@@ -34,6 +34,13 @@ BLOCK_LINEARS = ("img_mod.1", "txt_mod.1", "attn.to_q", "attn.to_k", "attn.to_v"
 # (bench/results/nvidia-h200-2026-12-01-levers-fp8-keep-modulation.json).
 # They hold a third of the blocks' weights, so the FP8 transformer grows by about 6.3 GiB.
 MODULATION_LINEARS = ("img_mod.1", "txt_mod.1")
+# Names how `rowwise_fp8` and `Fp8Linear` store a weight (e4m3 values, one float32 scale per
+# output row from the row's absolute max, MIN_SCALE floor, scales as a (1, out) row). The FP8
+# cache (src/fp8_cache.py) keys its files by it: change it whenever either changes, and caches
+# written the old way are ignored instead of loaded wrong (tests/test_fp8_cache.py pins it to
+# the quantization's output). FAST_ACCUMULATION is not part of it: it changes the matmul, not
+# what is stored.
+RECIPE_VERSION = "e4m3-rowwise-amax-v1"
 
 
 def rowwise_fp8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

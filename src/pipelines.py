@@ -5,6 +5,10 @@ with an error naming the repo id and the cache path. The Layered pipeline borrow
 the edit pipeline's text encoder, tokenizer and processor where its repository holds
 the same files (src/shared_components.py), so the 7B text encoder is resident once;
 a component whose files differ is loaded from Layered's own snapshot.
+
+With QUANTIZE=fp8 and a matching FP8 cache (src/fp8_cache.py), a transformer's FP8 block
+linears come from the cache and the rest of it from the snapshot by key: its bf16 block
+linears are not read at all, by the loader or by the read-ahead.
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ from diffusers import QwenImageEditPlusPipeline, QwenImageLayeredPipeline
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
-from src import fp8, image_vae, memory, memory_plan, upstream_fixes, weights
+from src import fp8, fp8_cache, image_vae, memory, memory_plan, upstream_fixes, weights
 from src.acceleration import accelerate, check_supported
-from src.config import ConfigError, Settings
+from src.config import FP8_CACHE_FOLDER, ConfigError, Settings
 from src.loras import FusedLoras
 from src.shared_components import SHARED_COMPONENTS, own_components
 from src.vl_processor import load_processor
@@ -107,6 +111,10 @@ class Pipelines:
         # GPU_MEMORY_GIB sets a capacity to plan for.
         self.plan: memory_plan.MemoryPlan | None = None
         self.prefetched: list[dict] = []  # what WEIGHTS_PREFETCH read, per pipeline loaded
+        # QUANTIZE=fp8: the FP8 caches found, by repo id (fp8_cache_for), and per transformer
+        # loaded whether the cache served it and what it read.
+        self.fp8_caches: dict[str, fp8_cache.Cache] = {}
+        self.fp8_loads: list[dict] = []
         self.fused_loras = FusedLoras()
         # The ranks of a multi-GPU worker (src/parallel.py sets them after the start-up
         # load): a transformer loaded later runs under context parallelism too.
@@ -117,7 +125,8 @@ class Pipelines:
         start = time.perf_counter()
         log.info("loading %s@%s onto %s (%s)", self.edit_ref.repo_id, self.edit_ref.revision[:12],
                  self.device, self.dtype)
-        with self.reading_ahead(self.edit_ref.path):
+        cache = self.fp8_cache_for(self.edit_ref)
+        with self.reading_ahead(*self.weight_folders(self.edit_ref.path, ("transformer",) if cache else ())):
             self.edit = self.load_edit()
             self.arrange_memory()
             self.prepare(self.edit)  # the copies to the GPU, while later files are still being read
@@ -135,10 +144,60 @@ class Pipelines:
         if reading is not None:
             self.prefetched.append(reading.result())
 
+    @staticmethod
+    def weight_folders(snapshot: Path, leave_out: tuple[str, ...]) -> tuple[Path, ...]:
+        """What the read-ahead reads of `snapshot`: all of it, or its folders but `leave_out`."""
+        if not leave_out:
+            return (snapshot,)
+        return tuple(path for path in sorted(snapshot.iterdir()) if path.is_dir() and path.name not in leave_out)
+
+    def fp8_cache_for(self, ref: ModelRef) -> fp8_cache.Cache | None:
+        """The FP8 cache of `ref`'s transformer when QUANTIZE=fp8, FP8_CACHE=on and one matches
+        (else None, with a log line saying why: the transformer is then quantized at start)."""
+        if self.settings.quantize != "fp8" or not self.settings.fp8_cache:
+            return None
+        root = self.settings.fp8_cache_dir or self.settings.hf_home / FP8_CACHE_FOLDER
+        keep = self.settings.fp8_keep_bf16
+        try:
+            skeleton = fp8_cache.empty_transformer(ref.path / fp8_cache.TRANSFORMER, self.dtype, keep)
+            cache = fp8_cache.find(root, ref.repo_id, ref.revision, fp8_cache.recipe(keep, self.dtype),
+                                   fp8_cache.cached_tensor_specs(skeleton))
+        except (fp8_cache.CacheUnusable, OSError) as exc:
+            log.info("FP8 cache not used for %s@%s: %s; quantizing at start instead (write one with: "
+                     "python tools/download_models.py --fp8 --hf-home %s)", ref.repo_id, ref.revision[:12], exc,
+                     self.settings.hf_home)
+            self.fp8_loads.append({"model": ref.repo_id, "cache": False, "why": str(exc)})
+            return None
+        log.info("FP8 cache: %s@%s's FP8 block linears from %s (%.1f GB)", ref.repo_id, ref.revision[:12],
+                 cache.folder, cache.nbytes / 1e9)
+        self.fp8_caches[ref.repo_id] = cache
+        return cache
+
+    def cached_transformer(self, ref: ModelRef) -> dict:
+        """`{"transformer": …}` loaded through the FP8 cache fp8_cache_for found, for
+        from_pretrained, or {} to let it load the bf16 one (no cache, or one that fails to
+        read: logged, and quantized at start)."""
+        cache = self.fp8_caches.pop(ref.repo_id, None)
+        if cache is None:
+            return {}
+        try:
+            transformer, report = fp8_cache.load_transformer(cache, ref.path / fp8_cache.TRANSFORMER, self.dtype,
+                                                             self.device, self.settings.fp8_keep_bf16)
+        except (fp8_cache.CacheUnusable, weights.BadWeightFile, OSError, RuntimeError) as exc:
+            log.warning("FP8 cache at %s failed to load (%s); quantizing at start instead", cache.folder, exc)
+            self.fp8_loads.append({"model": ref.repo_id, "cache": False, "why": str(exc)})
+            return {}
+        log.info("FP8 cache: transformer loaded in %.1f s, %.1f GB read (%.1f GB of it from the snapshot)",
+                 report.seconds, report.bytes_read / 1e9, report.snapshot_bytes / 1e9)
+        self.fp8_loads.append({"model": ref.repo_id, "cache": True, "seconds": round(report.seconds, 2),
+                               "bytes_read": report.bytes_read})
+        return {"transformer": transformer}
+
     def load_edit(self) -> QwenImageEditPlusPipeline:
-        """The edit pipeline from the cache, in CPU memory."""
+        """The edit pipeline from the cache, in CPU memory (but FP8 block linears from an FP8 cache: on the device)."""
         processor = load_processor(str(self.edit_ref.path))
-        pipeline = QwenImageEditPlusPipeline.from_pretrained(self.edit_ref.path, processor=processor, dtype=self.dtype)
+        pipeline = QwenImageEditPlusPipeline.from_pretrained(self.edit_ref.path, processor=processor, dtype=self.dtype,
+                                                             **self.cached_transformer(self.edit_ref))
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
@@ -152,6 +211,7 @@ class Pipelines:
         components = {name: getattr(self.edit, name) for name in SHARED_COMPONENTS if name not in own}
         if "processor" in own:
             components["processor"] = load_processor(str(self.layered_ref.path))
+        components.update(self.cached_transformer(self.layered_ref))
         pipeline = QwenImageLayeredPipeline.from_pretrained(self.layered_ref.path, dtype=self.dtype, **components)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
@@ -164,7 +224,8 @@ class Pipelines:
     def prepare(self, pipeline, text_encoder_placed: bool = False) -> None:
         """Correct (the authors' way), quantize, place (the memory mode) and accelerate a
         pipeline loaded on the CPU. FP8 quantizes each linear on the GPU as it moves there,
-        so the bf16 transformer never has to fit whole."""
+        so the bf16 transformer never has to fit whole (a transformer from the FP8 cache has
+        no block linears left to quantize: quantize_blocks replaces none)."""
         upstream_fixes.apply(pipeline)
         if self.settings.quantize == "fp8":
             fp8.quantize_blocks(pipeline.transformer, self.device, keep=self.settings.fp8_keep_bf16)
@@ -186,7 +247,9 @@ class Pipelines:
                 self.edit.transformer.to("cpu")
                 torch.cuda.empty_cache()
             # Its own text encoder, unless it differs from the edit model's, is not read either.
+            cache = self.fp8_cache_for(self.layered_ref)
             folders = ("transformer", "vae") + (("text_encoder",) if own_text_encoder else ())
+            folders = folders[1:] if cache else folders
             with self.reading_ahead(*(self.layered_ref.path / folder for folder in folders)):
                 layered = self.load_layered()
                 self.prepare(layered, text_encoder_placed=not own_text_encoder)

@@ -27,6 +27,13 @@ def test_fp8_keeps_the_modulation_in_bf16_unless_told_otherwise():
     assert chosen == {"img_mod.1", "txt_mod.1", "img_mlp.net.2"}
 
 
+def test_the_fp8_cache_is_read_from_hf_home_unless_told_otherwise():
+    settings = Settings.from_env({"HF_HOME": "/models"})
+    assert (settings.fp8_cache, settings.fp8_cache_dir) == (True, Path("/models/qwen-fp8"))
+    settings = Settings.from_env({"HF_HOME": "/models", "FP8_CACHE": "off", "FP8_CACHE_DIR": "/workspace/fp8"})
+    assert (settings.fp8_cache, settings.fp8_cache_dir) == (False, Path("/workspace/fp8"))
+
+
 def test_bucket_from_runpod_names_keeps_the_secret_out_of_repr():
     settings = Settings.from_env({
         "BUCKET_ENDPOINT_URL": "https://acc.r2.cloudflarestorage.com", "BUCKET_ACCESS_KEY_ID": "key-id",
@@ -52,6 +59,7 @@ def test_bucket_from_runpod_names_keeps_the_secret_out_of_repr():
     ({"UPLOAD_ATTEMPTS": "0"}, "UPLOAD_ATTEMPTS: 0 is out of range; allowed: 1 to 10"),
     ({"UPLOAD_TIMEOUT_S": "inf"}, "UPLOAD_TIMEOUT_S: 'inf' is out of range; allowed: 0.1 to 300"),
     ({"FP8_KEEP_BF16": "img_mod.1,img_mod"}, "FP8_KEEP_BF16: img_mod not allowed; allowed: a comma list of img_mod.1"),
+    ({"FP8_CACHE": "write"}, "FP8_CACHE: 'write' is not allowed; allowed: on, off"),
     ({"MAX_LAYER_EDITS": "11"}, "MAX_LAYER_EDITS: 11 is out of range; allowed: 0 to 10"),
     ({"BUCKET_NAME": "results"}, "BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY must be set too"),
     ({"BUCKET_ENDPOINT_URL": "http://x"}, "BUCKET_ENDPOINT_URL is set but"),

@@ -8,6 +8,14 @@ with the same HF_HOME: `from_pretrained(repo_id)` finds the files there with HF_
     python tools/download_models.py --lightning          # and the Lightning LoRA files
     python tools/download_models.py --only edit --dry-run
     HF_TOKEN=hf_... python tools/download_models.py --hf-home /workspace/hf
+    python tools/download_models.py --fp8                # and the FP8 cache for QUANTIZE=fp8 workers
+
+--fp8 writes, once the snapshots are in, the FP8 cache of each transformer downloaded
+(src/fp8_cache.py): its FP8 block linears as a QUANTIZE=fp8 worker quantizes them at start,
+into $FP8_CACHE_DIR (default HF_HOME/qwen-fp8), for the block linears $FP8_KEEP_BF16 does not
+keep (default: all but the modulation). A worker with the same settings then loads them
+instead of reading the bf16 blocks and quantizing (about 14 GB written per transformer; the
+quantization runs on the CPU, so no GPU is needed). It needs torch, as the worker does.
 
 The worker lends the edit model's text encoder, tokenizer and processor to Qwen-Image-Layered,
 so Layered's text_encoder/, tokenizer/ and processor/ (about 16 GB) need not be downloaded, but
@@ -66,10 +74,16 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
     parser.add_argument("--max-workers", type=int, default=DEFAULT_MAX_WORKERS,
                         help=f"parallel file downloads; default {DEFAULT_MAX_WORKERS}")
     parser.add_argument("--dry-run", action="store_true", help="show what would be downloaded, download nothing")
+    parser.add_argument("--fp8", action="store_true",
+                        help="then write the FP8 cache of each transformer for QUANTIZE=fp8 workers (src/fp8_cache.py)")
+    parser.add_argument("--fp8-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="the dtype the worker loads in: bfloat16 on a GPU (default), float32 on the CPU")
     args = parser.parse_args(argv)
     args.lightning_repo = env.get("LIGHTNING_REPO") or DEFAULT_LIGHTNING_REPO
     args.lightning_files = (env.get("LIGHTNING_4STEP_FILE") or DEFAULT_LIGHTNING_FILES[4],
                             env.get("LIGHTNING_8STEP_FILE") or DEFAULT_LIGHTNING_FILES[8])
+    # The worker's FP8 settings, read as it reads them (src/config.py) when --fp8 needs them.
+    args.fp8_env = {name: env[name] for name in ("FP8_KEEP_BF16", "FP8_CACHE_DIR") if env.get(name)}
     return args
 
 
@@ -130,8 +144,30 @@ def _download(args: argparse.Namespace, hf_home: Path, cache_dir: Path, token: s
     #    snapshot back the way the worker will: offline.
     total_bytes = fetch(sized, cache_dir, token, print, max_workers=args.max_workers)
     print(f"\ndone: {size_text(total_bytes)} under {cache_dir}")
+    if args.fp8:
+        write_fp8_caches(args, hf_home)
     print(f"deploy the worker with HF_HOME={hf_home} (and HF_HUB_OFFLINE=1)")
     return 0
+
+
+def write_fp8_caches(args: argparse.Namespace, hf_home: Path) -> None:
+    """4. The FP8 cache of each transformer just downloaded (torch and diffusers imported only here)."""
+    import torch
+
+    from src.config import ConfigError, Settings
+    from src.fp8_cache import CacheUnusable, build_for_models
+    from src.pipelines import ModelNotFound
+
+    try:
+        settings = Settings.from_env({**args.fp8_env, "HF_HOME": str(hf_home)})
+        repo_ids = [repo for name, repo in (("edit", args.edit_model), ("layered", args.layered_model))
+                    if args.only in (None, name)]
+        build_for_models(hf_home, settings.fp8_cache_dir, repo_ids, settings.fp8_keep_bf16,
+                         getattr(torch, args.fp8_dtype), print)
+    except (ConfigError, CacheUnusable, ModelNotFound) as exc:
+        raise DownloadFailed(f"--fp8: {exc}") from None
+    print(f"FP8 caches under {settings.fp8_cache_dir}: deploy with QUANTIZE=fp8"
+          f"{' and FP8_CACHE_DIR=' + str(settings.fp8_cache_dir) if 'FP8_CACHE_DIR' in args.fp8_env else ''}")
 
 
 if __name__ == "__main__":
