@@ -22,7 +22,7 @@ from diffusers import QwenImageEditPlusPipeline, QwenImageLayeredPipeline
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
-from src import fp8, image_vae, memory, memory_plan, upstream_fixes, weights
+from src import fp8, fp8_loras, image_vae, memory, memory_plan, upstream_fixes, weights
 from src.acceleration import accelerate, check_supported
 from src.config import ConfigError, Settings
 from src.loras import FusedLoras
@@ -107,7 +107,8 @@ class Pipelines:
         # GPU_MEMORY_GIB sets a capacity to plan for.
         self.plan: memory_plan.MemoryPlan | None = None
         self.prefetched: list[dict] = []  # what WEIGHTS_PREFETCH read, per pipeline loaded
-        self.fused_loras = FusedLoras()
+        # Under FP8, LoRAs fuse into the published bf16 weights, read from the snapshot.
+        self.fused_loras = FusedLoras(self.edit_published_weights if settings.quantize == "fp8" else None, self.dtype)
         # The ranks of a multi-GPU worker (src/parallel.py sets them after the start-up
         # load): a transformer loaded later runs under context parallelism too.
         self.ranks = None
@@ -141,6 +142,11 @@ class Pipelines:
         pipeline = QwenImageEditPlusPipeline.from_pretrained(self.edit_ref.path, processor=processor, dtype=self.dtype)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
+
+    def edit_published_weights(self) -> fp8_loras.PublishedWeights:
+        """The edit transformer's weights as published, read by name from its snapshot:
+        what LoRAs under QUANTIZE=fp8 fuse into, whatever loaded the FP8 blocks."""
+        return fp8_loras.PublishedWeights(self.edit_ref.path / "transformer", self.dtype)
 
     def load_layered(self) -> QwenImageLayeredPipeline:
         """The Layered pipeline from the cache, in CPU memory, with the edit pipeline's text
