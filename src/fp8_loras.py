@@ -149,6 +149,7 @@ def fuse(transformer: torch.nn.Module, adapters: list, published: Mapping, dtype
     modules = dict(transformer.named_modules())
     names = touched_linears(transformer, adapters)
     fp8_names = [name for name in names if isinstance(modules[name], Fp8Linear)]
+    pin = any(modules[name].weight.device.type == "cuda" for name in fp8_names)
     with torch.no_grad(), ThreadPoolExecutor(READ_AHEAD) as reader:
         reads = deque()
         upcoming = iter(fp8_names)
@@ -156,7 +157,7 @@ def fuse(transformer: torch.nn.Module, adapters: list, published: Mapping, dtype
         def read_next() -> None:
             name = next(upcoming, None)
             if name is not None:
-                reads.append((name, reader.submit(_published_weight, published, name)))
+                reads.append((name, reader.submit(_published_weight, published, name, pin)))
 
         for _ in range(READ_AHEAD):
             read_next()
@@ -169,7 +170,7 @@ def fuse(transformer: torch.nn.Module, adapters: list, published: Mapping, dtype
             read_name, reading = reads.popleft()
             assert read_name == name
             read_next()
-            original = reading.result().to(module.weight.device, dtype)
+            original = reading.result().to(module.weight.device, dtype, non_blocking=True)
             _check_same_base(module, original, name)
             values, scale = rowwise_fp8(fused_weight(original, adapters, name))
             saved[name] = (module.weight.detach().to("cpu", copy=True),
@@ -190,12 +191,20 @@ def restore(transformer: torch.nn.Module, saved: dict[str, tuple[torch.Tensor, .
                 module.weight_scale.copy_(tensors[1])
 
 
-def _published_weight(published: Mapping, name: str) -> torch.Tensor:
+def _published_weight(published: Mapping, name: str, pin: bool) -> torch.Tensor:
+    """`published[name]`, on a reader thread; for a GPU, copied into page-locked memory
+    there, so the file's pages are read on this thread and the copy to the GPU can be
+    asynchronous."""
     try:
-        return published[name]
+        weight = published[name]
     except KeyError:
         raise PublishedWeightsError(f"the edit transformer's published weights lack {name}; LoRAs under "
                                     "QUANTIZE=fp8 are fused into them") from None
+    if pin and weight.device.type == "cpu":
+        # torch's host allocator keeps these blocks (rounded up to powers of two, register
+        # row 23) for reuse: READ_AHEAD of them at a time, under 1 GB for the largest linears.
+        weight = torch.empty_like(weight, pin_memory=True).copy_(weight)
+    return weight
 
 
 def _check_same_base(module: Fp8Linear, original: torch.Tensor, name: str) -> None:
