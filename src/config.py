@@ -172,9 +172,6 @@ class Settings:
         if settings.quantize != "none" and settings.memory_mode == "offload":
             raise ConfigError(f"MEMORY_MODE: offload cannot be used with QUANTIZE={settings.quantize} "
                               "(FP8 needs the transformer resident on the GPU); drop one of them")
-        if settings.quantize != "none" and "lightning" in settings.preload:
-            raise ConfigError(f"PRELOAD: lightning cannot be used with QUANTIZE={settings.quantize} "
-                              "(LoRAs fuse into bf16 weights); drop one of them")
         return settings
 
     @property

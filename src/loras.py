@@ -4,7 +4,9 @@ off again exactly.
 Fusing (merging the LoRA deltas into the weights) makes LoRA jobs run at base speed.
 The weights each fusion changes are copied to CPU memory first, and restored by copy,
 so a job without LoRAs after any LoRA job gets bit-identical base weights. A set of
-adapters (same files, same scales) stays fused while jobs keep asking for it.
+adapters (same files, same scales) stays fused while jobs keep asking for it. In bf16
+diffusers fuses (`fuse_lora`); under QUANTIZE=fp8, `src/fp8_loras.py` fuses each touched
+linear in bf16 from the published weights and quantizes the result.
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ import logging
 import math
 import re
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from src import fp8_loras
 from src.config import Settings
+from src.fp8 import Fp8Linear
 from src.lora_sources import LoraCache, LoraError, LoraFile, describe_source, http_limits, resolve
 from src.schema import JobRequest
 
@@ -114,7 +119,7 @@ class LoraLibrary:
                 problems.append(f"unexpected key {name}")
                 continue
             module = modules.get(match["module"])
-            if not isinstance(module, torch.nn.Linear):
+            if not isinstance(module, (torch.nn.Linear, Fp8Linear)):
                 problems.append(f"no layer {match['module']}")
             elif match["part"] == "A" and tensor.shape[1] != module.in_features:
                 problems.append(f"{match['module']} takes {module.in_features} features, the LoRA {tensor.shape[1]}")
@@ -129,9 +134,16 @@ class FusedLoras:
     """Which adapters are fused into the edit transformer, and the original weights of
     the layers they changed."""
 
-    def __init__(self) -> None:
+    def __init__(self, fp8_published: Callable[[], Mapping] | None = None, dtype: torch.dtype = torch.bfloat16):
+        """`fp8_published`: under QUANTIZE=fp8, gives the edit transformer's published
+        weights by linear name (`fp8_loras.PublishedWeights`, or the bench's), asked for
+        on the first fuse; `dtype`: the pipeline's. None: the transformer is bf16 and
+        diffusers fuses."""
         self.active: tuple[tuple[str, float], ...] = ()
-        self._originals: dict[str, torch.Tensor] = {}
+        self._originals: dict[str, torch.Tensor | tuple[torch.Tensor, ...]] = {}
+        self._fp8_published = fp8_published
+        self._published: Mapping | None = None
+        self._dtype = dtype
 
     def needs_change(self, adapters: list[Adapter]) -> bool:
         return _identity(adapters) != self.active
@@ -143,6 +155,13 @@ class FusedLoras:
         self.restore(pipeline)
         if not adapters:
             return
+        if self._fp8_published is not None:
+            self._apply_fp8(pipeline, adapters)
+        else:
+            self._apply_diffusers(pipeline, adapters)
+        self.active = _identity(adapters)
+
+    def _apply_diffusers(self, pipeline, adapters: list[Adapter]) -> None:
         names = [adapter.name for adapter in adapters]
         try:
             for adapter in adapters:
@@ -156,18 +175,31 @@ class FusedLoras:
             pipeline.unload_lora_weights()
             self.restore(pipeline)
             raise
-        self.active = _identity(adapters)
-        return True
+
+    def _apply_fp8(self, pipeline, adapters: list[Adapter]) -> None:
+        if self._published is None:
+            self._published = self._fp8_published()
+        saved: dict[str, tuple[torch.Tensor, ...]] = {}
+        try:
+            changed = fp8_loras.fuse(pipeline.transformer, adapters, self._published, self._dtype, saved)
+        except BaseException:
+            fp8_loras.restore(pipeline.transformer, saved)
+            raise
+        self._originals = saved
+        log.info("LoRAs fused under FP8: %d linears, from the published bf16 weights", changed)
 
     def restore(self, pipeline) -> None:
         """Put the saved original weights back: bit-identical base model."""
         if self._originals:
-            modules = dict(pipeline.transformer.named_modules())
-            with torch.no_grad():
-                for name, weight in self._originals.items():
-                    modules[name].weight.copy_(weight)
+            if self._fp8_published is not None:
+                fp8_loras.restore(pipeline.transformer, self._originals)
+            else:
+                modules = dict(pipeline.transformer.named_modules())
+                with torch.no_grad():
+                    for name, weight in self._originals.items():
+                        modules[name].weight.copy_(weight)
             log.info("LoRAs taken off: %d layers restored", len(self._originals))
-        self._originals.clear()
+        self._originals = {}
         self.active = ()
 
     def _save_originals(self, transformer: torch.nn.Module) -> None:

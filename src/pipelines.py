@@ -26,7 +26,7 @@ from diffusers import QwenImageEditPlusPipeline, QwenImageLayeredPipeline
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
-from src import fp8, fp8_cache, image_vae, memory, memory_plan, upstream_fixes, weights
+from src import fp8, fp8_cache, fp8_loras, image_vae, memory, memory_plan, upstream_fixes, weights
 from src.acceleration import accelerate, check_supported
 from src.config import FP8_CACHE_FOLDER, ConfigError, Settings
 from src.loras import FusedLoras
@@ -115,7 +115,8 @@ class Pipelines:
         # loaded whether the cache served it and what it read.
         self.fp8_caches: dict[str, fp8_cache.Cache] = {}
         self.fp8_loads: list[dict] = []
-        self.fused_loras = FusedLoras()
+        # Under FP8, LoRAs fuse into the published bf16 weights, read from the snapshot.
+        self.fused_loras = FusedLoras(self.edit_published_weights if settings.quantize == "fp8" else None, self.dtype)
         # The ranks of a multi-GPU worker (src/parallel.py sets them after the start-up
         # load): a transformer loaded later runs under context parallelism too.
         self.ranks = None
@@ -200,6 +201,11 @@ class Pipelines:
                                                              **self.cached_transformer(self.edit_ref))
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
+
+    def edit_published_weights(self) -> fp8_loras.PublishedWeights:
+        """The edit transformer's weights as published, read by name from its snapshot:
+        what LoRAs under QUANTIZE=fp8 fuse into, whatever loaded the FP8 blocks."""
+        return fp8_loras.PublishedWeights(self.edit_ref.path / "transformer", self.dtype)
 
     def load_layered(self) -> QwenImageLayeredPipeline:
         """The Layered pipeline from the cache, in CPU memory, with the edit pipeline's text

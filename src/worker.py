@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from src import archives, image_vae, memory_plan, operations
+from src import archives, fp8_loras, image_vae, memory_plan, operations
 from src.codec import decode_image, open_image
-from src.config import BucketConfig, Settings
+from src.config import BucketConfig, ConfigError, Settings
 from src.layers import LayerStack, check_edit_count, check_same_size, describe_layers, edit_seed
 from src.loras import LoraLibrary, adapters_for, lightning_scheduler
 from src.metering import Price, StageTimer, price_for
@@ -72,7 +72,14 @@ class Worker:
         if "lightning" in settings.preload:
             start = time.perf_counter()
             for steps in (4, 8):
-                adapters_for(JobRequest(image_base64="", prompt="-", lightning=steps), settings, worker.loras)
+                adapters = adapters_for(JobRequest(image_base64="", prompt="-", lightning=steps), settings,
+                                        worker.loras)
+                if settings.quantize == "fp8":  # the weights its fuse reads: there, or the start fails
+                    try:
+                        pipes.edit_published_weights().check(
+                            fp8_loras.touched_linears(pipes.edit.transformer, adapters))
+                    except fp8_loras.PublishedWeightsError as exc:
+                        raise ConfigError(f"PRELOAD: lightning: {exc}") from None
             load_s += time.perf_counter() - start
         worker.startup_s["load"] = worker.unreported_load_s = load_s
         if settings.warmup:
@@ -238,13 +245,10 @@ class Worker:
                                  "positions); shorten it")
 
     def _check_loras_allowed(self, request: JobRequest) -> None:
-        """LoRAs are fused into bf16 weights held on the GPU: FP8 or streamed weights cannot take them."""
+        """LoRAs are fused into the weights held on the GPU: streamed weights cannot take them."""
         if not (request.lightning or request.loras):
             return
         key = "lightning" if request.lightning else "loras"
-        if self.settings.quantize != "none":
-            raise InputError(f"{key}: LoRAs fuse into bf16 weights, and this worker runs QUANTIZE="
-                             f"{self.settings.quantize}; use a worker with QUANTIZE=none")
         if self.pipes.memory_mode == "offload":
             raise InputError(f"{key}: LoRAs fuse into the transformer's weights on the GPU, and this worker "
                              "streams them from CPU memory (MEMORY_MODE offload); use a GPU that holds the "

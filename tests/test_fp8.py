@@ -142,12 +142,3 @@ def test_fp8_edit_equals_the_pipeline_with_quantized_blocks_called_directly(fp8_
     out = fp8_worker.handle({"id": "fp8-fidelity", "input": {**job(), "seed": 1234}})
     expected = direct_edit(pipeline, [source], "a red hat", 1234, num_inference_steps=2, width=256, height=256)
     assert same_pixels(image_from_b64(out["edited_image_base64"]).convert("RGB"), expected)
-
-
-@pytest.mark.parametrize("extra, key", [({"lightning": 4}, "lightning"),
-                                        ({"loras": [{"source": "tiny_lora_diffusers.safetensors"}]}, "loras")])
-def test_fp8_refuses_loras_and_serves_the_next_job(fp8_worker, extra, key):
-    out = fp8_worker.handle({"id": "lora", "input": job("num_inference_steps", **extra)})
-    assert out == {"error": f"{key}: LoRAs fuse into bf16 weights, and this worker runs QUANTIZE=fp8; "
-                            "use a worker with QUANTIZE=none"}
-    assert fp8_worker.handle({"id": "next", "input": job()})["success"] is True

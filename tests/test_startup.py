@@ -38,16 +38,12 @@ def test_missing_layered_model_fails_the_start_when_preloaded(hf_home, tmp_path)
     ({"JOB_TIMEOUT_S": "-5"}, "start failed: JOB_TIMEOUT_S: -5 is out of range; allowed: 0 to 86400"),
     ({"UPLOAD_ATTEMPTS": "many"}, "start failed: UPLOAD_ATTEMPTS: 'many' is not an integer"),
     ({"QUANTIZE": "int4"}, "start failed: QUANTIZE: 'int4' is not allowed; allowed: none, fp8"),
-    ({"QUANTIZE": "fp8", "PRELOAD": "edit,lightning"},
-     "start failed: PRELOAD: lightning cannot be used with QUANTIZE=fp8 (LoRAs fuse into bf16 weights); "
-     "drop one of them"),
     ({"QUANTIZE": "fp8", "MEMORY_MODE": "offload"},
      "start failed: MEMORY_MODE: offload cannot be used with QUANTIZE=fp8 (FP8 needs the transformer resident on "
      "the GPU); drop one of them"),
     ({"MEMORY_MODE": "tiny"},
      "start failed: MEMORY_MODE: 'tiny' is not allowed; allowed: auto, resident, text_offload, offload"),
-], ids=["PRESIGN_EXPIRY_S", "JOB_TIMEOUT_S", "UPLOAD_ATTEMPTS", "QUANTIZE", "QUANTIZE_lightning",
-        "QUANTIZE_offload", "MEMORY_MODE"])
+], ids=["PRESIGN_EXPIRY_S", "JOB_TIMEOUT_S", "UPLOAD_ATTEMPTS", "QUANTIZE", "QUANTIZE_offload", "MEMORY_MODE"])
 def test_bad_environment_value(hf_home, env, line):
     done = start({"HF_HOME": str(hf_home), **env})
     assert done.returncode != 0

@@ -8,6 +8,8 @@ values; nothing can be downloaded on the GPU machine).
     python tools/bench.py --levers --label levers     # each speed lever alone, transformer passes only
     QUANTIZE=fp8 COMPILE=true python tools/bench.py --label fp8
     python tools/bench.py --gpu-memory-gib 22 --cases edit2048_3,decompose1024_10 --label corners-24gb
+    QUANTIZE=fp8 COMPILE=true python tools/bench.py --cases nocfg4,lightning4,lightning4_again,nocfg4 --breakdown
+    python tools/bench.py --cases lightning_fp8_deviation --label lightning-fp8-deviation
 
 Each case runs `Worker.handle` (decode, pipeline, encode; no bucket) with the settings
 the environment gives (COMPILE, ATTENTION_BACKEND, QUANTIZE, MEMORY_MODE, as the worker
@@ -17,6 +19,13 @@ MEMORY_MODE to `auto`) and records the per-stage times, the memory levers a job 
 (or its refusal),
 seconds per transformer pass, useful TFLOP/s and its share of the card's bf16 peak, and
 peak GPU memory. Writes `<out>/<gpu>-<date>-<label>.json`.
+
+Under QUANTIZE=fp8, Lightning cases fuse into the "published" bf16 weights (src/fp8_loras.py):
+here the block linears are a function of their names (`NamedRandomWeights`), regenerated on
+the GPU when the fuse asks, so no reading is timed; `--published-on-disk` writes them as a
+sharded snapshot instead, read back cold, as the worker reads its snapshot.
+`lightning_fp8_deviation` (a bf16 run) compares one edit pass with the Lightning LoRA fused
+in bf16 against the same under FP8.
 
 `--levers` replays the edit transformer's pass at 1024x1024 with one reference image
 under each lever and their combination: seconds per pass, first-call time (compile),
@@ -28,11 +37,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import resource
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -43,9 +54,11 @@ from src.codec import png_base64  # noqa: E402
 from tools.bench_results import write_results  # noqa: E402
 from src.config import Settings  # noqa: E402
 from src.fp8 import BLOCK_LINEARS, MODULATION_LINEARS  # noqa: E402
-from src.loras import LoraLibrary  # noqa: E402
+from src.fp8_loras import PublishedWeights, touched_linears  # noqa: E402
+from src.loras import FusedLoras, LoraLibrary, adapters_for  # noqa: E402
 from src.metering import price_for  # noqa: E402
 from src.pipelines import ModelRef, Pipelines, device_name  # noqa: E402
+from src.schema import JobRequest  # noqa: E402
 from src.worker import Worker  # noqa: E402
 
 # Qwen2.5-VL-7B-Instruct, the text encoder of every Qwen-Image model (its config.json).
@@ -78,15 +91,68 @@ def random_module(factory):
         torch.set_default_dtype(previous)
 
 
+class NamedRandomWeights:
+    """The edit transformer's block linears as a function of their names: random as
+    `torch.nn.Linear` initialises them (uniform within 1/sqrt(in_features)), from a seed
+    per name, made on the GPU in bf16. Written into the model before it is quantized, and
+    given again to the FP8 LoRA fuse as its published originals: the same values, with no
+    snapshot and nothing kept in memory."""
+
+    def __init__(self, transformer: torch.nn.Module, device: str = "cuda"):
+        self.device = device
+        self.shapes = {name: tuple(module.weight.shape) for name, module in transformer.named_modules()
+                       if type(module) is torch.nn.Linear and name.startswith("transformer_blocks.")}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        out_features, in_features = self.shapes[name]
+        generator = torch.Generator(self.device).manual_seed(zlib.crc32(name.encode()))
+        uniform = torch.rand(out_features, in_features, generator=generator, device=self.device)
+        return ((uniform * 2 - 1) / math.sqrt(in_features)).to(torch.bfloat16)
+
+    def write_into(self, transformer: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for name in self.shapes:
+                transformer.get_submodule(name).weight.copy_(self[name])
+
+    def save_snapshot(self, folder: Path, names: list[str]) -> Path:
+        """`names` as a sharded diffusers `transformer` folder (one shard per block, with
+        the index), each file then dropped from the page cache: the fuse reads them cold,
+        as the worker reads its snapshot on a fresh machine."""
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        weight_map = {}
+        for block in sorted({int(name.split(".")[1]) for name in names}):
+            shard = f"block-{block:02d}.safetensors"
+            tensors = {f"{name}.weight": self[name].cpu() for name in names if name.split(".")[1] == str(block)}
+            save_file(tensors, str(folder / shard))
+            weight_map.update(dict.fromkeys(tensors, shard))
+        (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        os.sync()
+        for shard in set(weight_map.values()):
+            with open(folder / shard, "rb") as file:
+                os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        return folder
+
+
 class RandomFullSizePipelines(Pipelines):
     """`Pipelines` whose models are full-size and random, built in memory; the job path
     (for_operation, swapping, LoRA fusing) is the worker's own."""
 
-    def __init__(self, settings: Settings, tiny_snapshot: Path):
+    def __init__(self, settings: Settings, tiny_snapshot: Path, published_folder: Path | None = None):
         super().__init__(settings)  # the tiny models sit in the HF cache: the references resolve
         self.tiny_snapshot = tiny_snapshot
         self.edit_ref = ModelRef("Qwen/Qwen-Image-Edit-2511", "random-init", tiny_snapshot)
         self.layered_ref = ModelRef("Qwen/Qwen-Image-Layered", "random-init", tiny_snapshot)
+        self.published_folder = published_folder  # --published-on-disk
+        self.named_weights: NamedRandomWeights | None = None
+
+    def edit_published_weights(self):
+        """The FP8 LoRA fuse's bf16 originals: regenerated, or read from the snapshot written
+        with --published-on-disk."""
+        if self.published_folder is not None:
+            return PublishedWeights(self.published_folder, self.dtype)
+        return self.named_weights
 
     def load_edit(self):
         from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline,
@@ -110,6 +176,14 @@ class RandomFullSizePipelines(Pipelines):
             transformer=random_module(lambda: QwenImageTransformer2DModel(zero_cond_t=True)),
         )
         pipeline.set_progress_bar_config(disable=True)
+        self.named_weights = NamedRandomWeights(pipeline.transformer)
+        self.named_weights.write_into(pipeline.transformer)
+        if self.published_folder is not None:
+            lightning = [name for name in self.named_weights.shapes if name.split(".", 2)[2] in LIGHTNING_LAYERS]
+            start = time.perf_counter()
+            self.named_weights.save_snapshot(self.published_folder, lightning)
+            print(f"published weights written to {self.published_folder} in {time.perf_counter() - start:.1f} s",
+                  flush=True)
         return pipeline  # built on the GPU (fast); `prepare` then places it as the memory mode says
 
     def load_layered(self):
@@ -421,6 +495,65 @@ def compile_deviation(worker: Worker) -> dict:
             **deviation(compiled, eager)}
 
 
+def lightning_fp8_deviation(worker: Worker) -> dict:
+    """The edit transformer's pass (1024x1024, 1 reference) with the Lightning LoRA fused in
+    bf16 by diffusers (the bf16 worker's way) against the same pass under FP8 with the LoRA
+    fused by src/fp8_loras.py, beside FP8's own deviation without the LoRA and the LoRA's
+    own effect. Needs a bf16 run (QUANTIZE unset); it quantizes the edit transformer, so
+    it runs last."""
+    from src.fp8 import quantize_blocks
+
+    pipes, settings = worker.pipes, worker.settings
+    if settings.quantize != "none":
+        return {"error": "lightning_fp8_deviation needs a bf16 run (QUANTIZE unset)"}
+    pipeline = pipes.for_operation("edit")
+    transformer = pipeline.transformer
+    kwargs = {**transformer_inputs(worker, transformer, 1), "return_dict": False}
+    adapters = adapters_for(JobRequest(image_base64="", prompt="-", lightning=4), settings, worker.loras)
+
+    def one_pass() -> torch.Tensor:
+        with torch.inference_mode():
+            return transformer(**kwargs)[0].float()
+
+    def timed_fuse(fused: FusedLoras) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fused.apply(pipeline, adapters)
+        torch.cuda.synchronize()
+        return round(time.perf_counter() - start, 2)
+
+    base_bf16 = one_pass()
+    bf16_fuse_s = timed_fuse(pipes.fused_loras)
+    lora_bf16 = one_pass()
+    pipes.fused_loras.apply(pipeline, [])  # the exact base again, then quantized as at load
+    uncompile(transformer)
+    quantize_blocks(transformer, pipes.device, keep=settings.fp8_keep_bf16)
+    if settings.compile:
+        transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
+    base_fp8 = one_pass()
+    touched = {name: transformer.get_submodule(name) for name in touched_linears(transformer, adapters)}
+    before = {name: [p.detach().cpu() for p in module.parameters()] for name, module in touched.items()}
+    fp8_fused = FusedLoras(pipes.edit_published_weights, pipes.dtype)
+    fp8_fuse_s = timed_fuse(fp8_fused)
+    lora_fp8 = one_pass()
+    fp8_fused.apply(pipeline, [])
+    restored = one_pass()
+    exact = all(torch.equal(p.detach().cpu().view(torch.uint8), q.view(torch.uint8))
+                for name, module in touched.items() for p, q in zip(module.parameters(), before[name]))
+    return {
+        "what": "edit transformer pass, 1024x1024, 1 reference, Lightning 4-step LoRA (random, rank 64)",
+        "fp8_lora_against_bf16_lora": deviation(lora_fp8, lora_bf16),
+        "fp8_base_against_bf16_base": deviation(base_fp8, base_bf16),
+        # What the LoRA changes (its output minus the base's), and how much of that change
+        # FP8 keeps: the LoRA's deltas are mostly smaller than an e4m3 step of the weights.
+        "lora_effect_bf16": deviation(lora_bf16, base_bf16),
+        "lora_effect_fp8_against_bf16": deviation(lora_fp8 - base_fp8, lora_bf16 - base_bf16),
+        "restored_weights_bit_identical": exact, "pass_after_restore_equal": bool(torch.equal(restored, base_fp8)),
+        "linears_fused": len(touched),
+        "fuse_s": {"bf16_diffusers": bf16_fuse_s, "fp8_from_published": fp8_fuse_s},
+    }
+
+
 def host_memory() -> dict:
     """The CPU memory the process holds: streamed modes keep their weights there."""
     pinned = torch.cuda.host_memory_stats()
@@ -428,10 +561,16 @@ def host_memory() -> dict:
             "torch_pinned_peak_gib": round(pinned.get("allocated_bytes.peak", 0) / 2**30, 1)}
 
 
+# Cases that measure something other than one job: name -> (results key, measure).
+SPECIAL_CASES = {"deviation": ("compile_deviation", compile_deviation),
+                 "lightning_fp8_deviation": ("lightning_fp8_deviation", lightning_fp8_deviation)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join([*CASES, "deviation"]),
-                        help="comma list of cases; `deviation`: compiled against eager output")
+                        help="comma list of cases; `deviation`: compiled against eager output; "
+                             "`lightning_fp8_deviation` (bf16 runs, last): Lightning fused under FP8 against bf16")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--label", default="ours", help="names the results file: stock, ours...")
     parser.add_argument("--levers", nargs="?", const=",".join(LEVERS), default="",
@@ -440,6 +579,9 @@ def main() -> None:
     parser.add_argument("--gpu-memory-gib", type=float, default=None,
                         help="cap the GPU memory the worker may use after loading, as on a smaller card "
                              "(44 for a 48 GB card, 22 for a 24 GB one); set MEMORY_MODE to the mode to measure")
+    parser.add_argument("--published-on-disk", default=None, type=Path, metavar="FOLDER",
+                        help="QUANTIZE=fp8 Lightning cases: write the published bf16 weights the LoRA fuse reads "
+                             "into FOLDER (27 GB) and read them from there cold, as the worker reads its snapshot")
     parser.add_argument("--breakdown", action="store_true",
                         help="split each case's inference time: text encoder, transformer passes, VAE, the rest")
     args = parser.parse_args()
@@ -458,11 +600,11 @@ def main() -> None:
     # Results come back inline (no bucket here): room for 2048x2048 and several-image jobs.
     settings = Settings.from_env({"HF_HOME": str(hf_home), "DEVICE": "cuda", "MAX_INLINE_BYTES": str(2**31), **env})
     names = args.cases.split(",")
-    cases = [name for name in names if name != "deviation"]
+    cases = [name for name in names if name not in SPECIAL_CASES]
     if any(name.startswith("lightning") for name in names):
         write_lightning_lora(hf_home, settings)
 
-    pipes = RandomFullSizePipelines(settings, tiny_snapshot)
+    pipes = RandomFullSizePipelines(settings, tiny_snapshot, args.published_on_disk)
     build_s = pipes.load()
     if any(CASES[name]["operation"] == "decompose" for name in cases):
         pipes.layered()  # as PRELOAD=edit,layered: built before the warm-up, which then covers it
@@ -494,9 +636,10 @@ def main() -> None:
     handles = [pipes.edit.transformer.register_forward_pre_hook(counter.hook, with_kwargs=True)]
     results["cases"] = []
     for name in names:
-        if name == "deviation":
-            results["compile_deviation"] = compile_deviation(worker)
-            print(json.dumps(results["compile_deviation"]), flush=True)
+        if name in SPECIAL_CASES:
+            key, measure = SPECIAL_CASES[name]
+            results[key] = measure(worker)
+            print(json.dumps(results[key]), flush=True)
             write_results(results, Path(args.out))
             continue
         if CASES[name]["operation"] == "decompose" and len(handles) == 1:
