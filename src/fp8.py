@@ -40,13 +40,17 @@ MODULATION_LINEARS = ("img_mod.1", "txt_mod.1")
 # written the old way are ignored instead of loaded wrong (tests/test_fp8_cache.py pins it to
 # the quantization's output). FAST_ACCUMULATION is not part of it: it changes the matmul, not
 # what is stored.
-RECIPE_VERSION = "e4m3-rowwise-amax-v1"
+RECIPE_VERSION = "e4m3-rowwise-amax-v2"
 
 
 def rowwise_fp8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`rows` (n, k) as e4m3 values and one float32 scale per row: rows ≈ values * scale."""
     amax = rows.abs().amax(dim=-1, keepdim=True).float()
-    scale = amax.clamp(min=MIN_SCALE) / E4M3_MAX
+    # Times the reciprocal, not divided: torch's CUDA kernels divide by a scalar as a multiply
+    # by its reciprocal and the CPU's divide exactly, so scales differed by an ulp between a
+    # cache written on the CPU and a start on the GPU (tools/load_bench.py, 2026-12-01); a
+    # multiply rounds the same on both.
+    scale = amax.clamp(min=MIN_SCALE) * (1.0 / E4M3_MAX)
     values = (rows.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return values, scale
 

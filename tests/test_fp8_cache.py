@@ -30,7 +30,7 @@ EDIT_REPO, LAYERED_REPO = "Qwen/Qwen-Image-Edit-2511", "Qwen/Qwen-Image-Layered"
 CPU_DTYPE = torch.float32  # src/pipelines.py dtype_for: what a CPU worker loads in
 # What fp8.RECIPE_VERSION names: the bytes Fp8Linear stores for a fixed weight. A change to
 # the quantization that leaves RECIPE_VERSION alone fails here: old caches would load wrong.
-PINNED_RECIPE = ("e4m3-rowwise-amax-v1", "8aec9d650929615740a4220736c0c5a6")
+PINNED_RECIPE = ("e4m3-rowwise-amax-v2", "606905d7eb172cdea8082685507107d9")
 
 
 def fingerprint() -> str:
@@ -56,7 +56,7 @@ def test_the_recipe_id_changes_with_the_keep_set_and_the_dtype():
     assert fp8_cache.recipe_id(base) == fp8_cache.recipe_id(fp8_cache.recipe(reversed(MODULATION_LINEARS),
                                                                               torch.bfloat16))
     others = [fp8_cache.recipe((), torch.bfloat16), fp8_cache.recipe(MODULATION_LINEARS, torch.float32),
-              {**base, "quantization": "e4m3-rowwise-amax-v2"}]
+              {**base, "quantization": "e4m3-rowwise-amax-v3"}]
     assert len({fp8_cache.recipe_id(spec) for spec in [base, *others]}) == 4
 
 
