@@ -38,6 +38,8 @@ MAX_JOB_TIMEOUT_S = 24 * 3600
 DEFAULT_MAX_LAYER_EDITS = 4
 # A prompt list runs one edit per prompt (times num_images), one after another.
 DEFAULT_MAX_PROMPTS = 8
+# How an empty decompose prompt's caption is decoded (src/captioning.py).
+CAPTION_DECODERS = ("auto", "eager", "graphed", "compiled")
 
 
 class ConfigError(ValueError):
@@ -94,6 +96,7 @@ class Settings:
     transformer_swap: str = "auto"
     attention_backend: str = "sdpa"
     compile: bool = False
+    caption_decoder: str = "auto"
     quantize: str = "none"
     fp8_keep_bf16: frozenset[str] = frozenset(MODULATION_LINEARS)
     memory_mode: str = "auto"
@@ -146,6 +149,7 @@ class Settings:
             transformer_swap=reader.choice("TRANSFORMER_SWAP", "auto", ("auto", "always", "never")),
             attention_backend=reader.choice("ATTENTION_BACKEND", "sdpa", ("sdpa", "cudnn", "flash")),
             compile=reader.flag("COMPILE", False),
+            caption_decoder=reader.choice("CAPTION_DECODER", "auto", CAPTION_DECODERS),
             quantize=reader.choice("QUANTIZE", "none", ("none", "fp8")),
             # "none": every block linear in FP8 (about 6.3 GiB less than the default).
             fp8_keep_bf16=reader.names("FP8_KEEP_BF16", ",".join(MODULATION_LINEARS),
