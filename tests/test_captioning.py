@@ -2,8 +2,10 @@
 `get_image_caption` gets from `generate`, alone and through a whole decompose job.
 
 The tiny text encoder is rigged to end every caption at once (tools/make_tiny_models.py);
-`talkative` below undoes that on a copy, so captions run to the 512-token cap, in byte
-tokens the tiny tokenizer decodes (a caption with text in it)."""
+`talkative` below undoes that, so captions run to the 512-token cap, in byte tokens the
+tiny tokenizer decodes (a caption with text in it), and sharpens its attention so that
+every token's rope position changes what comes next (with the random init attention is
+nearly uniform: wrong positions went unnoticed)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ from tests.conftest import image_from_b64, png_b64, same_pixels, sample_image
 IM_END = 151645  # <|im_end|>, the caption's end
 BYTE_TOKENS = 256  # the tiny tokenizer's byte-level tokens, ids 0..255
 NEWLINE = 198  # b"\n": its embedding carries the rig's large value, which would swamp a prompt
+# q and k scaled by this: attention sharp enough that the image's 3D positions and each new
+# token's position decide the caption (checked: shifted or sequential positions change it).
+ATTENTION_SHARPENING = 50.0
 CPU = torch.device("cpu")
 # Sampling configs that are greedy in effect, as Qwen's VL Instruct models publish them:
 # from the top token only (Qwen2-VL), or at a temperature of 1e-6 (Qwen2.5-VL derivatives);
@@ -32,12 +37,18 @@ SAMPLED_COLD = dict(do_sample=True, temperature=1e-6, repetition_penalty=1.05)
 
 def talkative(text_encoder, seed: int = 0) -> None:
     """Logits for the byte tokens but the newline only (random rows of lm_head; every other
-    token, the end included, gets 0 and never wins): captions run to the cap."""
+    token, the end included, gets 0 and never wins): captions run to the cap. Attention
+    sharpened (ATTENTION_SHARPENING)."""
     with torch.no_grad():
         head = text_encoder.lm_head.weight
         head.zero_()
         head[:BYTE_TOKENS] = torch.randn(BYTE_TOKENS, head.shape[1], generator=torch.Generator().manual_seed(seed))
         head[NEWLINE] = 0
+        for layer in text_encoder.model.language_model.layers:
+            for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                projection.weight.mul_(ATTENTION_SHARPENING)
+                if projection.bias is not None:
+                    projection.bias.mul_(ATTENTION_SHARPENING)
 
 
 def ending_at(text_encoder, token: int) -> None:
@@ -125,6 +136,18 @@ def test_the_same_tokens_as_generate(layered, decoder, settings):
     assert len(expected) == SHORT and IM_END not in expected
 
 
+def test_positions_off_by_one_would_change_the_tokens(layered):
+    """The comparisons here can fail: decoding from the right prefill at positions one off
+    gives other tokens."""
+    inputs = captioning.caption_inputs(layered, image(), True, CPU)
+    model = layered.text_encoder
+    with torch.no_grad():
+        logits, cache, positions = captioning.prefill(model, inputs)
+        shifted = captioning.decode_eagerly(model, captioning.greedy_plan(model.generation_config), logits, cache,
+                                            positions + 1, inputs["input_ids"], SHORT)
+    assert shifted != diffusers_tokens(layered, inputs, SHORT)
+
+
 @pytest.mark.parametrize("decoder", ["eager", "graphed"])
 def test_the_same_caption_as_get_image_caption_up_to_the_cap(layered, decoder):
     picture = image()
@@ -156,8 +179,8 @@ def test_the_compiled_step_traces_as_one_graph_and_gives_the_same_tokens(layered
     no break, so nothing in it reads the device) and runs it eagerly."""
     torch._dynamo.reset()
     inputs = captioning.caption_inputs(layered, image(), True, CPU)
-    compiled = captioner(layered, "compiled", compiler=lambda step: torch.compile(step, backend="eager", fullgraph=True))
-    assert compiled.generate(inputs, 16) == diffusers_tokens(layered, inputs, 16)
+    traced = captioner(layered, "compiled", compiler=lambda step: torch.compile(step, backend="eager", fullgraph=True))
+    assert traced.generate(inputs, 16) == diffusers_tokens(layered, inputs, 16)
 
 
 def test_the_static_step_reads_nothing_back_from_the_device(layered):
@@ -188,7 +211,8 @@ def test_the_decoder_setting(worker_env):
     assert captioning.decoder_for("auto", True, CPU) == "eager"  # compile is CUDA only
     assert captioning.decoder_for("graphed", False, CPU) == "graphed"
     assert Settings.from_env({**worker_env, "CAPTION_DECODER": "Graphed"}).caption_decoder == "graphed"
-    with pytest.raises(ConfigError, match="CAPTION_DECODER: 'fast' is not allowed; allowed: auto, eager, graphed, compiled"):
+    with pytest.raises(ConfigError,
+                       match="CAPTION_DECODER: 'fast' is not allowed; allowed: auto, eager, graphed, compiled"):
         Settings.from_env({**worker_env, "CAPTION_DECODER": "fast"})
 
 
