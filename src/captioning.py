@@ -11,13 +11,14 @@ prompt encoding keeps 512 tokens, so a longer caption could not reach the transf
 Where the time goes. In transformers 5.23 a decoding step of the multimodal prompt does
 no vision or position work: the vision tower and `get_rope_index` run once, in the
 prefill, and each later step feeds one token at positions advanced by one, as for text.
-Profiled on the CPU with the tiny models (a 1,043-token prompt, 50 steps), a multimodal
+Profiled on the CPU with the tiny models (a 1,043-token prompt, 40 steps), a multimodal
 step ran 614 torch operations and a text-only one 597 (the difference: growing
-`mm_token_type_ids` and slicing positions). So a step's cost is the eager step itself,
+`mm_token_type_ids` and slicing positions). So a step's cost is the eager step itself:
 on the GPU a long row of small kernels launched one by one from Python (28 layers, then
-`generate`'s own bookkeeping and a host sync to test for the end), which at batch 1 takes
-several times the 3 ms it needs to read the 15 GiB of weights. `tools/caption_bench.py`
-measures the stock path (multimodal and text-only) and each decoder below on the GPU.
+`generate`'s own bookkeeping and a host sync to test for the end). Issue 15 measured 23.4
+ms a token for a text prompt, where reading the 15 GiB of weights at the H200's bandwidth
+takes about 3 ms. `tools/caption_bench.py` measures the stock path (multimodal and
+text-only) and each decoder below on the GPU.
 
 Decoders (`CAPTION_DECODER`):
 - `eager`: the forward calls `generate` makes, with the same inputs, the same dynamic KV
@@ -44,8 +45,8 @@ are greedy in effect and decoded here: `top_k=1` (one token survives), the form 
 Instruct config has, and a temperature of at most `GREEDY_TEMPERATURE` (the form of
 Qwen2.5-VL-Instruct derivatives' configs, `temperature=1e-06`): a token then beats the top
 one with a chance above e^-40 only when its score lies within 40 times the temperature of
-the top score, while bf16 logits of the usual size lie 0.06 to 0.125 apart, so only an
-exact tie, where the stock path picks at random among the tied and this picks the first.
+the top score (4e-5 at 1e-6), while bf16 logits between 8 and 32 lie 0.06 to 0.125 apart:
+only at such a near-tie does the stock path pick at random, where this picks the top one.
 `repetition_penalty` is applied as transformers applies it.
 """
 

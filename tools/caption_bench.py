@@ -43,7 +43,6 @@ from tools.bench_results import write_results  # noqa: E402
 DECODERS = ("stock", "stock_text_only", "eager", "graphed", "compiled")
 IMAGE_TOKEN = 151655
 TEXT_STAND_IN = 1000  # an ordinary text token in place of each image token
-REPEATS = 2
 
 
 def layered_with_random_text_encoder(tiny_hf_home: Path):
@@ -98,7 +97,8 @@ def first_difference(tokens: list[int], reference: list[int]) -> int | None:
     return None if len(tokens) == len(reference) else min(len(tokens), len(reference))
 
 
-def measure(name: str, pipeline, inputs, prefill_s: float, reference: list[int] | None) -> tuple[dict, list | None]:
+def measure(name: str, pipeline, inputs, prefill_s: float, reference: list[int] | None,
+            repeats: int) -> tuple[dict, list | None]:
     model = pipeline.text_encoder
     first_use_s = 0.0
     if name == "stock":
@@ -113,7 +113,7 @@ def measure(name: str, pipeline, inputs, prefill_s: float, reference: list[int] 
             return {"decoder": name, "error": "the static decoder was not prepared (see the log)"}, None
         run = lambda: captioner.generate(inputs)  # noqa: E731
     seconds = []
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         elapsed, tokens = timed(run)
         seconds.append(elapsed)
     best = min(seconds)
@@ -151,6 +151,7 @@ def main() -> None:
     parser.add_argument("--label", default="caption")
     parser.add_argument("--tiny-hf-home", default="/tmp/bench-hf", help="tiny models: tokenizer and configs only")
     parser.add_argument("--profile", action="store_true", help="also profile 16 stock decoding steps")
+    parser.add_argument("--repeats", type=int, default=2, help="timed captions per decoder (the best is kept)")
     args = parser.parse_args()
 
     hf_home = Path(args.tiny_hf_home)
@@ -173,7 +174,7 @@ def main() -> None:
     reference = None
     for name in args.decoders.split(","):
         try:
-            result, tokens = measure(name, pipeline, inputs, prefill_s, reference)
+            result, tokens = measure(name, pipeline, inputs, prefill_s, reference, args.repeats)
         except Exception as exc:  # one decoder failing (a capture this build refuses) must not hide the others
             result = {"decoder": name, "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
         else:
