@@ -40,6 +40,8 @@ MAX_JOB_TIMEOUT_S = 24 * 3600
 DEFAULT_MAX_LAYER_EDITS = 4
 # A prompt list runs one edit per prompt (times num_images), one after another.
 DEFAULT_MAX_PROMPTS = 8
+# How an empty decompose prompt's caption is decoded (src/captioning.py).
+CAPTION_DECODERS = ("auto", "eager", "graphed", "compiled")
 
 
 class ConfigError(ValueError):
@@ -97,6 +99,7 @@ class Settings:
     transformer_swap: str = "auto"
     attention_backend: str = "sdpa"
     compile: bool = False
+    caption_decoder: str = "auto"
     quantize: str = "none"
     fp8_keep_bf16: frozenset[str] = frozenset(MODULATION_LINEARS)
     # With QUANTIZE=fp8: load the block linears pre-quantized from FP8_CACHE_DIR when a cache
@@ -154,6 +157,7 @@ class Settings:
             transformer_swap=reader.choice("TRANSFORMER_SWAP", "auto", ("auto", "always", "never")),
             attention_backend=reader.choice("ATTENTION_BACKEND", "sdpa", ("sdpa", "cudnn", "flash")),
             compile=reader.flag("COMPILE", False),
+            caption_decoder=reader.choice("CAPTION_DECODER", "auto", CAPTION_DECODERS),
             quantize=reader.choice("QUANTIZE", "none", ("none", "fp8")),
             # "none": every block linear in FP8 (about 6.3 GiB less than the default).
             fp8_keep_bf16=reader.names("FP8_KEEP_BF16", ",".join(MODULATION_LINEARS),

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from src import archives, fp8_loras, image_vae, memory_plan, operations
+from src import archives, captioning, fp8_loras, image_vae, memory_plan, operations
 from src.codec import decode_image, open_image
 from src.config import BucketConfig, ConfigError, Settings
 from src.layers import LayerStack, check_edit_count, check_same_size, describe_layers, edit_seed
@@ -95,10 +95,13 @@ class Worker:
                              width=WARMUP_OUTPUT_SIDE, height=WARMUP_OUTPUT_SIDE)
         operations.edit(self.pipes.for_operation("edit"), request, [grey], seed=0, progress=_no_progress)
         if self.pipes.layered_loaded:
+            layered = self.pipes.for_operation("decompose")
+            # Captioning (empty prompts) with CAPTION_DECODER; a graphed decoder records, and compiles, now.
+            decoder = captioning.decoder_for(self.settings.caption_decoder, self.settings.compile, self.pipes.device)
+            captioning.install(layered, decoder).warm_up(self.pipes.device)
             request = JobRequest(operation="decompose", image_base64="", prompt="test",
                                  num_inference_steps=1, layers=2)
-            operations.decompose(self.pipes.for_operation("decompose"), request, grey, seed=0,
-                                 progress=_no_progress)
+            operations.decompose(layered, request, grey, seed=0, progress=_no_progress)
         return time.perf_counter() - start
 
     # ------------------------------------------------------------------

@@ -10,9 +10,10 @@ values; nothing can be downloaded on the GPU machine).
     python tools/bench.py --gpu-memory-gib 22 --cases edit2048_3,decompose1024_10 --label corners-24gb
     QUANTIZE=fp8 COMPILE=true python tools/bench.py --cases nocfg4,lightning4,lightning4_again,nocfg4 --breakdown
     python tools/bench.py --cases lightning_fp8_deviation --label lightning-fp8-deviation
+    CAPTION_DECODER=graphed python tools/bench.py --cases decompose,decompose_caption --label caption-graphed
 
 Each case runs `Worker.handle` (decode, pipeline, encode; no bucket) with the settings
-the environment gives (COMPILE, ATTENTION_BACKEND, QUANTIZE, MEMORY_MODE, as the worker
+the environment gives (COMPILE, ATTENTION_BACKEND, QUANTIZE, MEMORY_MODE, CAPTION_DECODER, as the worker
 reads them; MEMORY_MODE defaults to resident here; `--gpu-memory-gib` caps the memory as a
 smaller card would have, tells the worker's memory plan so (GPU_MEMORY_GIB), and leaves
 MEMORY_MODE to `auto`) and records the per-stage times, the memory levers a job ran with
@@ -424,7 +425,7 @@ def deviation(out: torch.Tensor, reference: torch.Tensor) -> dict:
             "max_abs": float((out - reference).abs().max())}
 
 
-LEVER_SETTINGS = ("COMPILE", "ATTENTION_BACKEND", "QUANTIZE", "MEMORY_MODE")
+LEVER_SETTINGS = ("COMPILE", "ATTENTION_BACKEND", "QUANTIZE", "MEMORY_MODE", "CAPTION_DECODER")
 LEVERS = {  # name: (attention backend, compile, fp8); FP8 cannot be undone, so its levers come last
     "stock": ("sdpa", False, False),
     "attention_cudnn": ("cudnn", False, False),
@@ -620,6 +621,7 @@ def main() -> None:
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                "date": datetime.date.today().isoformat(), "label": args.label,
                "settings": {"attention_backend": settings.attention_backend, "compile": settings.compile,
+                            "caption_decoder": settings.caption_decoder,
                             "quantize": settings.quantize, "fp8_keep_bf16": sorted(settings.fp8_keep_bf16),
                             "memory_mode": pipes.memory_mode},
                "memory_cap": memory_cap, "memory_mode": pipes.memory_mode,
