@@ -1,5 +1,5 @@
-"""The caption of an empty decompose prompt: diffusers' own caption, token for token, for
-less time per token.
+"""The caption of an empty decompose prompt, decoded faster than diffusers' `generate`
+(a switch: CAPTION_DECODER; the default is diffusers' own).
 
 With an empty prompt, `QwenImageLayeredPipeline` (diffusers 0.42.1) first captions the
 image: `get_image_caption` gives the processor's whole output (the caption instruction
@@ -20,10 +20,15 @@ ms a token for a text prompt, where reading the 15 GiB of weights at the H200's 
 takes about 3 ms. `tools/caption_bench.py` measures the stock path (multimodal and
 text-only) and each decoder below on the GPU.
 
-Decoders (`CAPTION_DECODER`):
+Decoders (`CAPTION_DECODER`). On the H200 (full-size random weights, 512 tokens;
+bench/results/nvidia-h200-2026-12-01-caption.json) stock took 38.3 s, `eager` 13.3,
+`graphed` 4.4 and `compiled` 3.2. On the tiny models every decoder gives stock's tokens;
+on the GPU all three left stock's tokens early (at tokens 63, 18 and 9), where random
+weights put the top two tokens close, so each is a switch and `stock` the default:
+- `stock`: diffusers' own `get_image_caption`, nothing installed.
 - `eager`: the forward calls `generate` makes, with the same inputs, the same dynamic KV
-  cache and the same greedy choice, without `generate`'s per-step bookkeeping. Same
-  logits, same caption; it runs in every memory mode (streamed text encoder included).
+  cache and the same greedy choice, without `generate`'s per-step bookkeeping. The same
+  logits on the CPU; it runs in every memory mode (streamed text encoder included).
 - `graphed`: a static KV cache (prompt and caption in one preallocated buffer) and the
   whole decoding step (forward, greedy choice, next position) recorded once as a CUDA
   graph: one replay per token, no Python, and a host sync only every `STOP_CHECK_EVERY`
@@ -33,7 +38,8 @@ Decoders (`CAPTION_DECODER`):
   nearly tie: a switch, measured by tools/caption_bench.py.
 - `compiled`: `graphed` with the step compiled by inductor first (fused kernels; the
   compile runs at the warm-up).
-- `auto`: `compiled` with `COMPILE=true` on CUDA, else `eager`.
+- `auto`: `compiled` with `COMPILE=true` on CUDA (already a switch that trades exactness
+  for speed), else `stock`.
 The graph is recorded at the warm-up (start, Layered preloaded, text encoder on the GPU);
 elsewhere (Layered loaded by a job, `WARMUP=false`, a streamed text encoder, a prompt
 longer than the static buffer) captions decode eagerly. On the CPU the static decoders
@@ -109,19 +115,24 @@ def greedy_plan(config) -> GreedyPlan | None:
 
 
 def decoder_for(setting: str, compile_enabled: bool, device: torch.device) -> str:
-    """CAPTION_DECODER resolved: `auto` follows COMPILE on CUDA."""
+    """CAPTION_DECODER resolved: `auto` is `compiled` where COMPILE=true already trades
+    exactness for speed (CUDA), else `stock`."""
     if setting != "auto":
         return setting
-    return "compiled" if compile_enabled and device.type == "cuda" else "eager"
+    return "compiled" if compile_enabled and device.type == "cuda" else "stock"
 
 
-def install(pipeline, decoder: str = "eager") -> "Captioner":
-    """Caption with a `Captioner` on this pipeline instance: `QwenImageLayeredPipeline.
-    __call__` calls `self.get_image_caption(prompt_image, use_en_prompt=..., device=...)`,
-    so an instance attribute of that name takes its place with the same arguments and
-    result, and the rest of the pipeline is untouched. A captioner already installed with
-    the same decoder is kept (its graph with it)."""
+def install(pipeline, decoder: str) -> "Captioner | None":
+    """Caption with a `Captioner` on this pipeline instance (None for `stock`: diffusers'
+    own method). `QwenImageLayeredPipeline.__call__` calls `self.get_image_caption(
+    prompt_image, use_en_prompt=..., device=...)`, so an instance attribute of that name
+    takes its place with the same arguments and result, and the rest of the pipeline is
+    untouched. A captioner already installed with the same decoder is kept (its graph
+    with it)."""
     current = getattr(pipeline.__dict__.get("get_image_caption"), "__self__", None)
+    if decoder == "stock":
+        pipeline.__dict__.pop("get_image_caption", None)
+        return None
     if isinstance(current, Captioner) and current.decoder == decoder:
         return current
     captioner = Captioner(pipeline, decoder)
@@ -129,19 +140,12 @@ def install(pipeline, decoder: str = "eager") -> "Captioner":
     return captioner
 
 
-def ensure_installed(pipeline) -> "Captioner":
-    """The pipeline's captioner; the eager one if none was installed (a Layered pipeline
-    loaded by a job, after the warm-up)."""
-    current = getattr(pipeline.__dict__.get("get_image_caption"), "__self__", None)
-    return current if isinstance(current, Captioner) else install(pipeline, "eager")
-
-
 class Captioner:
     """`get_image_caption` of one Layered pipeline, decoded by `decoder` (module doc)."""
 
     def __init__(self, pipeline, decoder: str = "eager", *, compiler: Callable | None = None):
-        if decoder not in CAPTION_DECODERS[1:]:
-            raise ValueError(f"decoder: {decoder!r} is not one of {', '.join(CAPTION_DECODERS[1:])}")
+        if decoder not in CAPTION_DECODERS[2:]:
+            raise ValueError(f"decoder: {decoder!r} is not one of {', '.join(CAPTION_DECODERS[2:])}")
         self.pipeline = pipeline
         self.decoder = decoder
         # How the static step is compiled: inductor for `compiled` (CUDA only); tests pass another.

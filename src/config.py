@@ -41,7 +41,7 @@ DEFAULT_MAX_LAYER_EDITS = 4
 # A prompt list runs one edit per prompt (times num_images), one after another.
 DEFAULT_MAX_PROMPTS = 8
 # How an empty decompose prompt's caption is decoded (src/captioning.py).
-CAPTION_DECODERS = ("auto", "eager", "graphed", "compiled")
+CAPTION_DECODERS = ("auto", "stock", "eager", "graphed", "compiled")
 
 
 class ConfigError(ValueError):

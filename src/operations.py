@@ -19,7 +19,6 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from src import captioning
 from src.schema import JobRequest, LayerEdit
 from src.shared_encodings import encodings_shared
 
@@ -113,9 +112,8 @@ def _call_edit(pipeline, images: list[Image.Image], prompt: str, negative_prompt
 def decompose(pipeline, request: JobRequest, image: Image.Image, seed: int,
               progress: ProgressFn) -> list[Image.Image]:
     """One image to `request.layers` RGBA layers, back to front (`composite` stacks them).
-    An empty prompt is captioned by the pipeline through `src/captioning.py` (the same
-    caption as diffusers' own, cheaper): installed here if the warm-up has not."""
-    captioning.ensure_installed(pipeline)
+    An empty prompt is captioned by the pipeline: diffusers' own `get_image_caption`, or
+    the decoder the warm-up installed (CAPTION_DECODER, `src/captioning.py`)."""
     return pipeline(
         image=image.convert("RGBA"),
         prompt=request.prompt,

@@ -98,7 +98,9 @@ class Worker:
             layered = self.pipes.for_operation("decompose")
             # Captioning (empty prompts) with CAPTION_DECODER; a graphed decoder records, and compiles, now.
             decoder = captioning.decoder_for(self.settings.caption_decoder, self.settings.compile, self.pipes.device)
-            captioning.install(layered, decoder).warm_up(self.pipes.device)
+            captioner = captioning.install(layered, decoder)
+            if captioner is not None:
+                captioner.warm_up(self.pipes.device)
             request = JobRequest(operation="decompose", image_base64="", prompt="test",
                                  num_inference_steps=1, layers=2)
             operations.decompose(layered, request, grey, seed=0, progress=_no_progress)

@@ -207,13 +207,19 @@ def test_a_sampling_config_is_captioned_by_diffusers(layered):
 def test_the_decoder_setting(worker_env):
     cuda = torch.device("cuda")
     assert captioning.decoder_for("auto", True, cuda) == "compiled"
-    assert captioning.decoder_for("auto", False, cuda) == "eager"
-    assert captioning.decoder_for("auto", True, CPU) == "eager"  # compile is CUDA only
+    assert captioning.decoder_for("auto", False, cuda) == "stock"
+    assert captioning.decoder_for("auto", True, CPU) == "stock"  # compile is CUDA only
     assert captioning.decoder_for("graphed", False, CPU) == "graphed"
     assert Settings.from_env({**worker_env, "CAPTION_DECODER": "Graphed"}).caption_decoder == "graphed"
     with pytest.raises(ConfigError,
-                       match="CAPTION_DECODER: 'fast' is not allowed; allowed: auto, eager, graphed, compiled"):
+                       match="CAPTION_DECODER: 'fast' is not allowed; allowed: auto, stock, eager, graphed, compiled"):
         Settings.from_env({**worker_env, "CAPTION_DECODER": "fast"})
+
+
+def test_stock_captioning_is_diffusers_own(layered):
+    assert captioning.install(layered, "graphed") is not None and "get_image_caption" in layered.__dict__
+    assert captioning.install(layered, "stock") is None
+    assert "get_image_caption" not in layered.__dict__  # the class's method: diffusers' own
 
 
 # ---------------------------------------------------------------------------------------
