@@ -50,6 +50,11 @@ def _branched(cls: type) -> type:
     return _BRANCHED_CLASSES[cls]
 
 
+def _unbranched(cls: type) -> type:
+    """The class a branched linear had before (a transformer given branches again)."""
+    return next((base for base, branched in _BRANCHED_CLASSES.items() if branched is cls), cls)
+
+
 def _parts(adapters: list, module: str) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
     """(A, B, scale) of each adapter that touches `module`, in order."""
     found = []
@@ -69,9 +74,9 @@ class LoraBranches:
         self.dtype, self.padded_rank = dtype, padded_rank
         self.linears: dict[str, torch.nn.Module] = {
             name: module for name, module in transformer.named_modules()
-            if name.startswith("transformer_blocks.") and type(module) in (torch.nn.Linear, Fp8Linear)}
+            if name.startswith("transformer_blocks.") and _unbranched(type(module)) in (torch.nn.Linear, Fp8Linear)}
         for module in self.linears.values():
-            module.__class__ = _branched(type(module))
+            module.__class__ = _branched(_unbranched(type(module)))
             module.lora_branch_on = False
             module.lora_parts = None
             if padded_rank is not None:
@@ -126,8 +131,12 @@ class LoraBranches:
         """Every branch on with nothing in it (padded: zeros, the output unchanged): the
         warm-up compiles the branched blocks with it."""
         self.deactivate()
-        for module in self.linears.values():
-            module.lora_branch_on = self.padded_rank is not None
+        with torch.no_grad():
+            for module in self.linears.values():
+                if self.padded_rank is not None:
+                    module.lora_down.zero_()
+                    module.lora_up.zero_()
+                    module.lora_branch_on = True
         self.on = True
 
     def deactivate(self) -> None:
