@@ -212,7 +212,7 @@ def test_the_padded_layout_switches_sets_without_recompiling(worker, lora_dir, h
 
 def test_lora_settings_are_checked():
     settings = Settings.from_env({})
-    assert (settings.lora_fuse_after, settings.lora_branch_rank, settings.lightning_resident_steps) == (8, 64, 4)
+    assert (settings.lora_fuse_after, settings.lora_branch_rank, settings.lightning_resident_steps) == (16, 64, 4)
     chosen = Settings.from_env({"LORA_FUSE_AFTER": "0", "LORA_BRANCH_RANK": "128", "LIGHTNING_RESIDENT_STEPS": "8"})
     assert (chosen.lora_fuse_after, chosen.lora_branch_rank, chosen.lightning_resident_steps) == (0, 128, 8)
     with pytest.raises(ConfigError, match="LORA_FUSE_AFTER: -1 is out of range"):
