@@ -78,6 +78,16 @@ class Settings:
     lightning_repo: str = DEFAULT_LIGHTNING_REPO
     lightning_files: dict[int, str] = field(default_factory=lambda: dict(DEFAULT_LIGHTNING_FILES))
     max_loras: int = 3
+    # LoRA sets not held ready run unfused (src/lora_branches.py) until this many consecutive
+    # jobs have asked for the same set; that job fuses it (1: fuse at once; 0: never fuse a
+    # set that can run unfused). README, LoRAs, says why 16.
+    lora_fuse_after: int = 16
+    # With COMPILE=true, the rank every unfused branch is padded to (one compiled shape for
+    # all sets); a set of higher rank on some linear is fused instead.
+    lora_branch_rank: int = 64
+    # With PRELOAD naming lightning: which preset's fused weights are made at start and held
+    # in CPU memory beside the base weights (switching is then a copy); 0: none.
+    lightning_resident_steps: int = 4
     max_layer_edits: int = DEFAULT_MAX_LAYER_EDITS
     max_prompts: int = DEFAULT_MAX_PROMPTS
     # Job URLs (images, LoRAs, a job's bucket): whether they may reach loopback, private
@@ -139,6 +149,9 @@ class Settings:
             lightning_files={4: reader.text("LIGHTNING_4STEP_FILE", DEFAULT_LIGHTNING_FILES[4]),
                              8: reader.text("LIGHTNING_8STEP_FILE", DEFAULT_LIGHTNING_FILES[8])},
             max_loras=reader.integer("MAX_LORAS", 3, low=0, high=16),
+            lora_fuse_after=reader.integer("LORA_FUSE_AFTER", 16, low=0, high=1_000_000),
+            lora_branch_rank=reader.integer("LORA_BRANCH_RANK", 64, low=1, high=1024),
+            lightning_resident_steps=int(reader.choice("LIGHTNING_RESIDENT_STEPS", "4", ("0", "4", "8"))),
             max_layer_edits=reader.integer("MAX_LAYER_EDITS", DEFAULT_MAX_LAYER_EDITS, low=0,
                                            high=MAX_LAYERS),
             max_prompts=reader.integer("MAX_PROMPTS", DEFAULT_MAX_PROMPTS, low=1, high=MAX_PROMPTS_LIMIT),

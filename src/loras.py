@@ -146,7 +146,7 @@ class FusedLoras:
         self._dtype = dtype
 
     def needs_change(self, adapters: list[Adapter]) -> bool:
-        return _identity(adapters) != self.active
+        return identity_of(adapters) != self.active
 
     def apply(self, pipeline, adapters: list[Adapter]) -> None:
         """Fuse exactly `adapters` (none: the base model)."""
@@ -159,7 +159,7 @@ class FusedLoras:
             self._apply_fp8(pipeline, adapters)
         else:
             self._apply_diffusers(pipeline, adapters)
-        self.active = _identity(adapters)
+        self.active = identity_of(adapters)
 
     def _apply_diffusers(self, pipeline, adapters: list[Adapter]) -> None:
         names = [adapter.name for adapter in adapters]
@@ -202,6 +202,15 @@ class FusedLoras:
         self._originals = {}
         self.active = ()
 
+    def take_originals(self) -> dict[str, tuple[torch.Tensor, ...]]:
+        """The saved originals of the set fused now ({linear: its tensors, as
+        `lora_resident._parameters` orders them}), handed over: the weights stay fused and
+        this no longer restores them (`lora_resident.ResidentSet` holds them from then on)."""
+        originals = {name: saved if isinstance(saved, tuple) else (saved,) for name, saved in self._originals.items()}
+        self._originals = {}
+        self.active = ()
+        return originals
+
     def _save_originals(self, transformer: torch.nn.Module) -> None:
         for name, module in transformer.named_modules():
             base_layer = getattr(module, "base_layer", None)
@@ -211,7 +220,8 @@ class FusedLoras:
                 self._originals[name] = base_layer.weight.detach().to("cpu", copy=True)
 
 
-def _identity(adapters: list[Adapter]) -> tuple[tuple[str, float], ...]:
+def identity_of(adapters: list[Adapter]) -> tuple[tuple[str, float], ...]:
+    """A set of adapters as jobs name it: the files (by content) and scales, in order."""
     return tuple((adapter.file.sha256, adapter.scale) for adapter in adapters)
 
 

@@ -29,6 +29,7 @@ from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundEr
 from src import fp8, fp8_cache, fp8_loras, image_vae, memory, memory_plan, upstream_fixes, weights
 from src.acceleration import accelerate, check_supported
 from src.config import FP8_CACHE_FOLDER, ConfigError, Settings
+from src.lora_switch import LoraSwitch
 from src.loras import FusedLoras
 from src.shared_components import SHARED_COMPONENTS, own_components
 from src.vl_processor import load_processor
@@ -117,6 +118,9 @@ class Pipelines:
         self.fp8_loads: list[dict] = []
         # Under FP8, LoRAs fuse into the published bf16 weights, read from the snapshot.
         self.fused_loras = FusedLoras(self.edit_published_weights if settings.quantize == "fp8" else None, self.dtype)
+        # How each job's LoRA set runs: held ready, unfused beside the weights, or fused
+        # (src/lora_switch.py); the worker installs the branches and the resident set at start.
+        self.loras = LoraSwitch(self.fused_loras, settings.lora_fuse_after)
         # The ranks of a multi-GPU worker (src/parallel.py sets them after the start-up
         # load): a transformer loaded later runs under context parallelism too.
         self.ranks = None

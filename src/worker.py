@@ -22,6 +22,7 @@ from src import archives, captioning, fp8_loras, image_vae, memory_plan, operati
 from src.codec import decode_image, open_image
 from src.config import BucketConfig, ConfigError, Settings
 from src.layers import LayerStack, check_edit_count, check_same_size, describe_layers, edit_seed
+from src.lora_resident import HostMemoryError
 from src.loras import LoraLibrary, adapters_for, lightning_scheduler
 from src.metering import Price, StageTimer, price_for
 from src.operations import ProgressFn
@@ -81,12 +82,57 @@ class Worker:
                     except fp8_loras.PublishedWeightsError as exc:
                         raise ConfigError(f"PRELOAD: lightning: {exc}") from None
             load_s += time.perf_counter() - start
+        worker.install_lora_branches()  # before the warm-up compiles the blocks with them
         worker.startup_s["load"] = worker.unreported_load_s = load_s
         if settings.warmup:
             worker.startup_s["warmup"] = worker.warm_up()
+        worker.startup_s["loras"] = worker.prepare_loras()
         log.info("ready on %s: %s", worker.price.gpu,
                  ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in worker.startup_s.items()))
         return worker
+
+    def install_lora_branches(self) -> None:
+        """The unfused LoRA branches on the edit transformer's block linears (src/lora_branches.py):
+        padded to LORA_BRANCH_RANK under compile, so every set runs one compiled structure.
+        Not where LoRA jobs are refused (MEMORY_MODE offload)."""
+        if self.pipes.memory_mode != "offload":
+            padded = self.settings.lora_branch_rank if self.settings.compile else None
+            self.pipes.loras.install_branches(self.pipes.edit.transformer, self.pipes.dtype, padded)
+
+    def prepare_loras(self) -> float:
+        """Before serving: with PRELOAD naming lightning, the LIGHTNING_RESIDENT_STEPS preset
+        fused once and held ready (src/lora_resident.py); with the warm-up, one edit pass
+        with each weight layout the jobs can meet (the set held ready, the branches), so
+        no LoRA job compiles. Returns seconds taken."""
+        start = time.perf_counter()
+        settings, switch = self.settings, self.pipes.loras
+        steps = settings.lightning_resident_steps
+        if "lightning" in settings.preload and steps and self.pipes.memory_mode != "offload":
+            adapters = adapters_for(JobRequest(image_base64="", prompt="-", lightning=steps), settings, self.loras)
+            pipeline = self.pipes.for_operation("edit")
+            try:
+                switch.hold_ready(pipeline, adapters, pin=self.pipes.device.type == "cuda")
+            except (fp8_loras.PublishedWeightsError, HostMemoryError) as exc:
+                raise ConfigError(f"PRELOAD: lightning (LIGHTNING_RESIDENT_STEPS={steps}): {exc}; "
+                                  "set LIGHTNING_RESIDENT_STEPS=0 to run it unfused instead") from None
+            if settings.warmup:
+                switch.apply(pipeline, adapters)
+                self._warm_edit()
+        if settings.warmup and switch.branches is not None and switch.branches.padded_rank is not None:
+            switch.apply(self.pipes.for_operation("edit"), [])
+            switch.branches.activate_empty()  # zeros: the same output, the branched blocks compiled
+            try:
+                self._warm_edit()
+            finally:
+                switch.branches.deactivate()
+        switch.apply(self.pipes.for_operation("edit"), [])
+        return time.perf_counter() - start
+
+    def _warm_edit(self) -> None:
+        grey = Image.new("RGB", (WARMUP_IMAGE_SIZE, WARMUP_IMAGE_SIZE), (128, 128, 128))
+        request = JobRequest(image_base64="", prompt="test", num_inference_steps=1,
+                             width=WARMUP_OUTPUT_SIDE, height=WARMUP_OUTPUT_SIDE)
+        operations.edit(self.pipes.for_operation("edit"), request, [grey], seed=0, progress=_no_progress)
 
     def warm_up(self) -> float:
         start = time.perf_counter()
@@ -277,12 +323,13 @@ class Worker:
     def _ready_pipeline(self, operation: str, adapters: list, timer: StageTimer):
         """The pipeline that runs `operation`, ready for it: Layered loaded on its first job
         and, on a GPU too small for both transformers, this one back from CPU memory (timed
-        as `load`); for edits, exactly `adapters` fused (switching sets timed as `lora`)."""
+        as `load`); for edits, exactly `adapters` applied (switching sets timed as `lora`)."""
         with timer.stage("load") if self.pipes.needs_loading(operation) else contextlib.nullcontext():
             pipeline = self.pipes.for_operation(operation)
-        if operation != "decompose" and self.pipes.fused_loras.needs_change(adapters):
-            with timer.stage("lora"):
-                self.pipes.fused_loras.apply(pipeline, adapters)
+        if operation != "decompose":  # the set held ready, unfused or fused (src/lora_switch.py)
+            loras = self.pipes.loras
+            with timer.stage("lora") if loras.needs_change(adapters) else contextlib.nullcontext():
+                loras.apply(pipeline, adapters)
         return pipeline
 
     def _run_composite(self, job_id: str, request: JobRequest, timer: StageTimer) -> dict:

@@ -11,6 +11,8 @@ values; nothing can be downloaded on the GPU machine).
     QUANTIZE=fp8 COMPILE=true python tools/bench.py --cases nocfg4,lightning4,lightning4_again,nocfg4 --breakdown
     python tools/bench.py --cases lightning_fp8_deviation --label lightning-fp8-deviation
     CAPTION_DECODER=graphed python tools/bench.py --cases decompose,decompose_caption --label caption-graphed
+    QUANTIZE=fp8 COMPILE=true python tools/bench.py --cases lora_switching --published-on-disk /tmp/published \
+        --label lora-switching
 
 Each case runs `Worker.handle` (decode, pipeline, encode; no bucket) with the settings
 the environment gives (COMPILE, ATTENTION_BACKEND, QUANTIZE, MEMORY_MODE, CAPTION_DECODER, as the worker
@@ -27,6 +29,14 @@ the GPU when the fuse asks, so no reading is timed; `--published-on-disk` writes
 sharded snapshot instead, read back cold, as the worker reads its snapshot.
 `lightning_fp8_deviation` (a bf16 run) compares one edit pass with the Lightning LoRA fused
 in bf16 against the same under FP8.
+
+`lora_switching` (src/lora_switch.py) starts as `PRELOAD=edit,lightning` does (the 4-step
+Lightning set fused once and held ready in CPU memory) and measures: seconds per edit
+pass for the base model, Lightning held ready (fused), Lightning unfused and a small custom
+LoRA unfused (rank 16 on the attention's q, k, v and out projections); each switch both
+ways (held ready in and out, unfused on and off, and the on-the-spot fuse and restore that
+every switch cost before); and GPU seconds per job of alternating sequences (Lightning,
+base, …; custom LoRA, base, …) against the same jobs run in dedicated runs.
 
 `--levers` replays the edit transformer's pass at 1024x1024 with one reference image
 under each lever and their combination: seconds per pass, first-call time (compile),
@@ -308,6 +318,28 @@ def write_lightning_lora(hf_home: Path, settings: Settings) -> None:
         save_file(tensors, str(snapshot / settings.lightning_files[steps]))
 
 
+CUSTOM_RANK = 16
+CUSTOM_LAYERS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
+
+
+def write_custom_lora(folder: Path) -> Path:
+    """A small random LoRA (rank 16 on the image stream's attention projections of every
+    block, diffusers keys): the kind of customer LoRA a mixed endpoint serves."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(1)
+    tensors = {}
+    for block in range(60):
+        for layer in CUSTOM_LAYERS:
+            prefix = f"transformer.transformer_blocks.{block}.{layer}"
+            tensors[f"{prefix}.lora_A.weight"] = (torch.randn(CUSTOM_RANK, 3072, generator=generator) * 0.01).bfloat16()
+            tensors[f"{prefix}.lora_B.weight"] = (torch.randn(3072, CUSTOM_RANK, generator=generator) * 0.01).bfloat16()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "custom_rank16_attention.safetensors"
+    save_file(tensors, str(path))
+    return path
+
+
 CASES = {  # in the order they run: the edit transformer's cases first, then Layered's
     "edit": dict(operation="edit", images=1, num_inference_steps=40, true_cfg_scale=4.0),
     "nocfg4": dict(operation="edit", images=1, num_inference_steps=4, true_cfg_scale=1.0),
@@ -425,7 +457,8 @@ def deviation(out: torch.Tensor, reference: torch.Tensor) -> dict:
             "max_abs": float((out - reference).abs().max())}
 
 
-LEVER_SETTINGS = ("COMPILE", "ATTENTION_BACKEND", "QUANTIZE", "MEMORY_MODE", "CAPTION_DECODER")
+LEVER_SETTINGS = ("COMPILE", "ATTENTION_BACKEND", "QUANTIZE", "MEMORY_MODE", "CAPTION_DECODER", "PRELOAD",
+                  "LORA_FUSE_AFTER", "LORA_BRANCH_RANK", "LIGHTNING_RESIDENT_STEPS")
 LEVERS = {  # name: (attention backend, compile, fp8); FP8 cannot be undone, so its levers come last
     "stock": ("sdpa", False, False),
     "attention_cudnn": ("cudnn", False, False),
@@ -555,6 +588,89 @@ def lightning_fp8_deviation(worker: Worker) -> dict:
     }
 
 
+def lora_switching(worker: Worker, repeats: int = 3) -> dict:
+    """Per-pass costs, switch costs and alternating sequences (see the module docstring).
+    Needs the start `main` gives it (PRELOAD=edit,lightning: the 4-step set held ready)."""
+
+    pipes, settings, switch = worker.pipes, worker.settings, worker.pipes.loras
+    pipeline = pipes.for_operation("edit")
+    transformer = pipeline.transformer
+    lightning = adapters_for(JobRequest(image_base64="", prompt="-", lightning=4), settings, worker.loras)
+    custom_source = str(Path(settings.lora_roots[0]) / "custom_rank16_attention.safetensors")
+    custom = adapters_for(JobRequest(image_base64="", prompt="-", loras=[{"source": custom_source}]), settings,
+                          worker.loras)
+    if switch.resident is None or switch.branches is None:
+        return {"error": "lora_switching needs the held-ready set and the branches (a start as PRELOAD=edit,lightning)"}
+    kwargs = transformer_inputs(worker, transformer, 1)
+
+    def timed(call) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        call()
+        torch.cuda.synchronize()
+        return round(time.perf_counter() - start, 3)
+
+    def per_pass() -> float:
+        first, mean, _ = timed_passes(transformer, kwargs, 5)
+        return round(mean, 4) if first < 5 * mean + 1 else -round(mean, 4)  # negative: the first call compiled
+
+    switch.apply(pipeline, [])
+    record: dict = {"what": "edit transformer pass 1024x1024 with 1 reference; jobs as the lightning4/nocfg4 cases",
+                    "resident_set": {"linears": switch.resident.linears,
+                                     "host_gb": round(switch.resident.host_bytes / 1e9, 1)},
+                    "branch_buffers_gib": round(switch.branches.buffer_bytes() / 2**30, 2),
+                    "branch_padded_rank": switch.branches.padded_rank}
+    passes, switches = {"base": per_pass()}, {}
+    switches["resident_in_s"] = timed(lambda: switch.apply(pipeline, lightning))
+    passes["lightning_resident_fused"] = per_pass()
+    switches["resident_out_s"] = timed(lambda: switch.apply(pipeline, []))
+    for name, adapters in (("lightning_unfused", lightning), ("custom_rank16_attention_unfused", custom)):
+        switches[f"{name}_on_s"] = timed(lambda: switch.branches.activate(adapters))
+        passes[name] = per_pass()
+        switches[f"{name}_off_s"] = timed(switch.branches.deactivate)
+    passes["base_again"] = per_pass()
+    # Before: the on-the-spot fuse (published weights read from the snapshot under FP8) and restore.
+    switches["lightning_fuse_on_the_spot_s"] = timed(lambda: pipes.fused_loras.apply(pipeline, lightning))
+    passes["lightning_fused_on_the_spot"] = per_pass()
+    switches["lightning_restore_s"] = timed(lambda: pipes.fused_loras.apply(pipeline, []))
+    record["s_per_pass"], record["switch_s"] = passes, switches
+    record["unfused_pass_overhead"] = {name: round(passes[name] / passes["base"] - 1, 4)
+                                       for name in ("lightning_unfused", "custom_rank16_attention_unfused",
+                                                    "lightning_resident_fused")}
+    print(json.dumps(record), flush=True)
+
+    jobs = {"L": dict(CASES["lightning4"]), "B": dict(CASES["nocfg4"]),
+            "C": dict(CASES["nocfg4"], loras=[{"source": custom_source}])}
+
+    def run_jobs(sequence: str) -> list[float]:
+        seconds = []
+        for letter in sequence:
+            spec = dict(jobs[letter])
+            seconds.append(timed(lambda: run_case(worker, f"seq-{letter}", spec, PassCounter())))
+        return seconds
+
+    def mean(values: list[float]) -> float:
+        return round(sum(values) / len(values), 3)
+
+    sequences = {}
+    for name, pair in (("lightning_base", "LB"), ("custom_base", "CB")):
+        first, second = pair
+        run_jobs(first)  # the first of a dedicated run pays its switch: not counted
+        dedicated_first = run_jobs(first * repeats)
+        run_jobs(second)
+        dedicated_second = run_jobs(second * repeats)
+        alternating = run_jobs(pair * repeats)
+        dedicated = mean(dedicated_first + dedicated_second)
+        sequences[name] = {"dedicated_s_per_job": dedicated, f"dedicated_{first}_s": mean(dedicated_first),
+                           f"dedicated_{second}_s": mean(dedicated_second), "alternating_s_per_job": mean(alternating),
+                           "alternating_jobs_s": alternating,
+                           "overhead": round(mean(alternating) / dedicated - 1, 4)}
+        print(json.dumps({name: sequences[name]}), flush=True)
+    record["sequences"] = sequences
+    record["lora_modes_seen"] = switch.mode
+    return record
+
+
 def host_memory() -> dict:
     """The CPU memory the process holds: streamed modes keep their weights there."""
     pinned = torch.cuda.host_memory_stats()
@@ -564,7 +680,8 @@ def host_memory() -> dict:
 
 # Cases that measure something other than one job: name -> (results key, measure).
 SPECIAL_CASES = {"deviation": ("compile_deviation", compile_deviation),
-                 "lightning_fp8_deviation": ("lightning_fp8_deviation", lightning_fp8_deviation)}
+                 "lightning_fp8_deviation": ("lightning_fp8_deviation", lightning_fp8_deviation),
+                 "lora_switching": ("lora_switching", lora_switching)}
 
 
 def main() -> None:
@@ -602,7 +719,13 @@ def main() -> None:
     settings = Settings.from_env({"HF_HOME": str(hf_home), "DEVICE": "cuda", "MAX_INLINE_BYTES": str(2**31), **env})
     names = args.cases.split(",")
     cases = [name for name in names if name not in SPECIAL_CASES]
-    if any(name.startswith("lightning") for name in names):
+    if "lora_switching" in names:  # started as PRELOAD=edit,lightning starts; the custom LoRA on a LoRA root
+        env["PRELOAD"] = "edit,lightning"
+        env["LORA_ROOTS"] = str(hf_home / "bench-loras")
+        write_custom_lora(hf_home / "bench-loras")
+        settings = Settings.from_env({"HF_HOME": str(hf_home), "DEVICE": "cuda", "MAX_INLINE_BYTES": str(2**31),
+                                      **env})
+    if any(name.startswith(("lightning", "lora")) for name in names):
         write_lightning_lora(hf_home, settings)
 
     pipes = RandomFullSizePipelines(settings, tiny_snapshot, args.published_on_disk)
@@ -617,7 +740,9 @@ def main() -> None:
         memory_cap = {"gib": args.gpu_memory_gib}
     worker = Worker(settings, pipes, price_for(device_name(pipes.device), None),
                     loras=LoraLibrary(type(pipes.edit), pipes.edit.transformer, settings.edit_model))
+    worker.install_lora_branches()  # as Worker.start: before the warm-up compiles the blocks
     warmup_s = worker.warm_up()
+    loras_s = worker.prepare_loras()  # PRELOAD=lightning: its set held ready; the branched blocks compiled
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                "date": datetime.date.today().isoformat(), "label": args.label,
                "settings": {"attention_backend": settings.attention_backend, "compile": settings.compile,
@@ -627,7 +752,7 @@ def main() -> None:
                "memory_cap": memory_cap, "memory_mode": pipes.memory_mode,
                "swap_transformers": pipes.swap_transformers,
                "memory_plan": pipes.plan.limits() if pipes.plan else None,
-               "build_s": round(build_s, 1), "warmup_s": round(warmup_s, 1),
+               "build_s": round(build_s, 1), "warmup_s": round(warmup_s, 1), "loras_prepare_s": round(loras_s, 1),
                "weights_gib": round(torch.cuda.memory_allocated() / 2**30, 1),
                "host_memory_after_warmup": host_memory()}
     if args.levers:
