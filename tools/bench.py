@@ -634,7 +634,7 @@ def lora_switching(worker: Worker, repeats: int = 3) -> dict:
     passes["lightning_fused_on_the_spot"] = per_pass()
     switches["lightning_restore_s"] = timed(lambda: pipes.fused_loras.apply(pipeline, []))
     record["s_per_pass"], record["switch_s"] = passes, switches
-    record["unfused_pass_overhead"] = {name: round(passes[name] / passes["base"] - 1, 4)
+    record["unfused_pass_overhead"] = {name: round(abs(passes[name]) / abs(passes["base"]) - 1, 4)
                                        for name in ("lightning_unfused", "custom_rank16_attention_unfused",
                                                     "lightning_resident_fused")}
     print(json.dumps(record), flush=True)
