@@ -25,6 +25,9 @@ from src.loras import Adapter, FusedLoras, identity_of
 log = logging.getLogger(__name__)
 
 BASE = ("base", ())
+# While weights change, and after a change that failed part way: the next job restores
+# the base model by every way it could have left it before running anything.
+UNKNOWN = ("unknown", ())
 
 
 class LoraSwitch:
@@ -77,6 +80,7 @@ class LoraSwitch:
         if target == self.current:
             return target[0]
         self._leave(pipeline)
+        self.current = UNKNOWN
         how = target[0]
         if how == "resident":
             self.resident.load()
@@ -91,10 +95,11 @@ class LoraSwitch:
     def _leave(self, pipeline) -> None:
         """Back to the base weights from whatever runs now."""
         how = self.current[0]
-        self.current = BASE  # first: a failure below leaves a state that is at worst re-restored
-        if how == "resident":
+        self.current = UNKNOWN
+        if how in ("resident", "unknown") and self.resident is not None:
             self.resident.unload()
-        elif how == "unfused":
+        if how in ("unfused", "unknown") and self.branches is not None:
             self.branches.deactivate()
-        elif how == "fused":
+        if how in ("fused", "unknown"):
             self.fused.restore(pipeline)
+        self.current = BASE
