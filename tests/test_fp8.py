@@ -62,8 +62,10 @@ def tiny_transformer(hf_home):
 
 
 def block_linears(transformer, kind) -> set[str]:
-    """Names, inside a block, of the linears of type `kind`, over all blocks."""
-    return {name for block in transformer.transformer_blocks for name, m in block.named_modules() if type(m) is kind}
+    """Names, inside a block, of the linears of type `kind` (or a subclass: the worker gives
+    the edit transformer's linears LoRA branches, src/lora_branches.py), over all blocks."""
+    return {name for block in transformer.transformer_blocks for name, m in block.named_modules()
+            if isinstance(m, kind)}
 
 
 def test_the_blocks_linears_but_the_modulation_are_replaced(hf_home):
