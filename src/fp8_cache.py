@@ -23,7 +23,8 @@ build cut short leaves no cache, and a truncated file fails the size check.
 
 Bit for bit the same as quantizing at start: the build casts each stored weight to the dtype
 the worker loads it in and quantizes it with the same `Fp8Linear` (on the CPU; the GPU gives
-the same bits, which tools/load_bench.py checks on the full-size model).
+the same bits since recipe v2: tools/fp8_device_check.py found them equal on the H200, and
+tools/load_bench.py compares the whole full-size model).
 """
 
 from __future__ import annotations
