@@ -232,15 +232,16 @@ def resident_on(model: torch.nn.Module, device: torch.device) -> bool:
 def prefill(model, inputs) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
     """`generate`'s first forward, with its inputs: positions from the attention mask (text)
     and `get_rope_index` (the image's 3D rope positions), stacked as (4, batch, length);
-    the mask dropped when it masks nothing; a dynamic cache; logits of the last position
-    only. Returns those logits (float32), the cache and the positions."""
+    the attention mask as `generate` passes it (transformers then picks the same attention
+    kernel); a dynamic cache; logits of the last position only. Returns those logits
+    (float32), the cache and the positions."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     others = {key: value for key, value in inputs.items() if key not in ("input_ids", "attention_mask")}
     text_positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
     rope_positions, _ = model.model.get_rope_index(ids, attention_mask=mask, **others)
     positions = torch.cat([text_positions[None], rope_positions], dim=0)
     cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-    out = model(input_ids=ids, attention_mask=None if bool(mask.all()) else mask, position_ids=positions,
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                 past_key_values=cache, use_cache=True, logits_to_keep=1, **others)
     return out.logits[:, -1].float(), cache, positions
 
@@ -264,9 +265,11 @@ def seen_tokens(prompt_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
 def decode_eagerly(model, plan: GreedyPlan, logits: torch.Tensor, cache: DynamicCache, positions: torch.Tensor,
                    prompt_ids: torch.Tensor, max_new_tokens: int) -> list[int]:
     """generate's greedy loop: per token, the penalty, argmax, end test, and the forward of
-    that token at the next position (all four position rows, as generate advances them)."""
+    that token at the next position (all four position rows, as generate advances them)
+    with the attention mask grown by one, as generate grows it."""
     seen = seen_tokens(prompt_ids, logits.shape[-1]) if plan.repetition_penalty else None
     position = positions[..., -1:]
+    mask = torch.ones_like(prompt_ids)  # one unpadded prompt: the processor's mask
     tokens: list[int] = []
     while True:
         token = penalized(logits, seen, plan.repetition_penalty).argmax(-1)
@@ -276,8 +279,9 @@ def decode_eagerly(model, plan: GreedyPlan, logits: torch.Tensor, cache: Dynamic
         if seen is not None:
             seen.index_fill_(1, token, True)
         position = position + 1
-        logits = model(input_ids=token[:, None], position_ids=position, past_key_values=cache, use_cache=True,
-                       logits_to_keep=1).logits[:, -1].float()
+        mask = torch.cat([mask, mask.new_ones((1, 1))], dim=1)
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1].float()
 
 
 class StaticDecoding:
