@@ -18,7 +18,6 @@ bit-identical after any LoRA job.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import deque
 from collections.abc import Mapping
@@ -26,15 +25,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
+from src import weights
 from src.fp8 import Fp8Linear, rowwise_fp8
 
 log = logging.getLogger(__name__)
 
-SHARD_INDEX = "diffusion_pytorch_model.safetensors.index.json"
-SINGLE_FILE = "diffusion_pytorch_model.safetensors"
-# Published weights read ahead of the GPU work, on threads: reading (page faults on the
+# Published weights read ahead of the GPU work, on threads: reading (the
 # snapshot's files) overlaps the copies and matmuls of the linears before.
 READ_AHEAD = 3
 
@@ -46,45 +43,35 @@ class PublishedWeightsError(RuntimeError):
 
 class PublishedWeights(Mapping):
     """The edit transformer's weights as published (a diffusers `transformer` folder,
-    sharded with an index or one file), read by linear name ("transformer_blocks.0.attn.to_q")
-    on demand and cast to `dtype`, as `from_pretrained(dtype=...)` casts them. Nothing is
-    held in memory but the open files' headers."""
+    sharded or one file), read by linear name ("transformer_blocks.0.attn.to_q") on demand
+    and cast to `dtype`, as `from_pretrained(dtype=...)` casts them. Only the files'
+    headers are held (`weights.stored_tensors`, which the FP8 cache reads with too)."""
 
     def __init__(self, folder: Path, dtype: torch.dtype):
         self.folder, self.dtype = folder, dtype
-        self._files: dict[str, object] = {}
-        self._where: dict[str, str] | None = None
+        self._stored: dict[str, weights.StoredTensor] | None = None
 
-    def _index(self) -> dict[str, str]:
-        """{tensor key: file name}."""
-        if self._where is None:
-            index = self.folder / SHARD_INDEX
+    def _index(self) -> dict[str, weights.StoredTensor]:
+        """{tensor key: where its bytes lie}."""
+        if self._stored is None:
             try:
-                if index.is_file():
-                    self._where = dict(json.loads(index.read_text())["weight_map"])
-                else:
-                    self._where = dict.fromkeys(self._open(SINGLE_FILE).keys(), SINGLE_FILE)
-            except (OSError, ValueError, KeyError) as exc:
+                stored, _ = weights.stored_tensors(self.folder)
+            except (OSError, weights.BadWeightFile) as exc:
+                stored, why = {}, f"{type(exc).__name__}: {exc}"
+            else:
+                why = "no safetensors files"
+            if not stored:
                 raise PublishedWeightsError(
                     f"the edit transformer's published weights in {self.folder} cannot be read "
-                    f"({type(exc).__name__}: {exc}); LoRAs under QUANTIZE=fp8 are fused into them") from None
-        return self._where
-
-    def _open(self, name: str):
-        if name not in self._files:
-            try:
-                self._files[name] = safe_open(str(self.folder / name), framework="pt", device="cpu")
-            except Exception as exc:  # safetensors raises its own error type, or OSError
-                raise PublishedWeightsError(f"{self.folder / name} cannot be read ({type(exc).__name__}: {exc}); "
-                                            "LoRAs under QUANTIZE=fp8 are fused into the published weights") from None
-        return self._files[name]
+                    f"({why}); LoRAs under QUANTIZE=fp8 are fused into them")
+            self._stored = stored
+        return self._stored
 
     def __getitem__(self, linear: str) -> torch.Tensor:
-        key = f"{linear}.weight"
-        file = self._index().get(key)
-        if file is None:
+        stored = self._index().get(f"{linear}.weight")
+        if stored is None:
             raise KeyError(linear)
-        return self._open(file).get_tensor(key).to(self.dtype)
+        return weights.read_tensor(stored).to(self.dtype)
 
     def __iter__(self):
         return (key.removesuffix(".weight") for key in self._index() if key.endswith(".weight"))

@@ -12,24 +12,19 @@ values and row scales) or 27.2 GB in bf16, held twice.
 
 from __future__ import annotations
 
-import itertools
 import logging
 
 import torch
 
 from src.fp8 import Fp8Linear
+from src.memory import HostBlock, HostMemoryError
 
 log = logging.getLogger(__name__)
 
 GB = 1e9
-ALIGN = 64  # every view starts aligned for any dtype
 # Left to the rest of the process (Python, the job's images, the CUDA context, a
 # transformer waiting in CPU memory is counted apart) when checking the budget at start.
 HOST_MARGIN_BYTES = 8 * 10**9
-
-
-class HostMemoryError(RuntimeError):
-    """The CPU memory a resident set needs is not there."""
 
 
 def _parameters(module: torch.nn.Module) -> tuple[torch.Tensor, ...]:
@@ -49,35 +44,6 @@ def available_host_bytes() -> int | None:
     except OSError:
         pass
     return None
-
-
-class HostBlock:
-    """CPU tensors shaped like `like`, as views of one byte block (page-locked on a GPU
-    machine, at its exact size: torch's pinned allocator would round each up to a power
-    of two, register row 23)."""
-
-    def __init__(self, like: list[torch.Tensor]):
-        sizes = [-(-tensor.nbytes // ALIGN) * ALIGN for tensor in like]
-        self.block = torch.empty(sum(sizes), dtype=torch.uint8)
-        self.views = [self.block[start:start + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
-                      for tensor, start in zip(like, itertools.accumulate([0, *sizes]))]
-        self.pinned = False
-
-    @property
-    def nbytes(self) -> int:
-        return self.block.nbytes
-
-    def pin(self) -> None:
-        """Page-lock the block where it is (its pages are already written: no second copy)."""
-        error = torch.cuda.cudart().cudaHostRegister(self.block.data_ptr(), self.block.nbytes, 0)
-        if int(error) != 0:
-            raise HostMemoryError(f"could not page-lock {self.block.nbytes / GB:.1f} GB of CPU memory "
-                                  f"(CUDA error {int(error)})")
-        self.pinned = True
-
-    def __del__(self):
-        if self.pinned:
-            torch.cuda.cudart().cudaHostUnregister(self.block.data_ptr())
 
 
 class ResidentSet:
@@ -102,7 +68,7 @@ class ResidentSet:
         modules = dict(pipeline.transformer.named_modules())
         names = list(originals)
         parameters = [p for name in names for p in _parameters(modules[name])]
-        need = 2 * sum(-(-p.nbytes // ALIGN) * ALIGN for p in parameters)
+        need = 2 * sum(HostBlock.sizes(parameters))
         available = available_host_bytes()
         held = sum(t.nbytes for tensors in originals.values() for t in tensors)  # freed as the blocks fill
         if available is not None and need - held > available - HOST_MARGIN_BYTES:

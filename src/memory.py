@@ -61,18 +61,59 @@ def place(pipeline, mode: str, device: torch.device, *, text_encoder_placed: boo
                                    record_stream=device.type == "cuda")
 
 
-def gather_into_one_block(module: torch.nn.Module) -> torch.Tensor:
-    """Move a CPU module's parameters and buffers into views of one flat byte tensor, each
-    original freed as soon as it is copied (so this needs no second copy of the module)."""
+class HostMemoryError(RuntimeError):
+    """CPU memory the worker needs is not there, or cannot be page-locked."""
+
+
+class HostBlock:
+    """CPU tensors shaped like `like`, as aligned views of one byte block of their exact
+    size. Page-locked (`pin`) it serves copies to and from the GPU at the host link's speed
+    without torch's pinned allocator, which rounds every block up to a power of two
+    (register row 23)."""
+
+    ALIGN = 64  # every view starts aligned for any dtype
+
+    @classmethod
+    def sizes(cls, like: list[torch.Tensor]) -> list[int]:
+        """Each view's bytes in the block, aligned (their sum: the block's size)."""
+        return [-(-tensor.nbytes // cls.ALIGN) * cls.ALIGN for tensor in like]
+
+    def __init__(self, like: list[torch.Tensor]):
+        sizes = self.sizes(like)
+        self.block = torch.empty(sum(sizes), dtype=torch.uint8)
+        self.views = [self.block[start:start + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
+                      for tensor, start in zip(like, itertools.accumulate([0, *sizes]))]
+        self.pinned = False
+
+    @property
+    def nbytes(self) -> int:
+        return self.block.nbytes
+
+    def pin(self) -> None:
+        """Page-lock the block where it is (its pages already written: no second copy). It
+        stays locked while this object lives."""
+        error = torch.cuda.cudart().cudaHostRegister(self.block.data_ptr(), self.block.nbytes, 0)
+        if int(error) != 0 or not self.block.is_pinned():
+            raise HostMemoryError(f"could not page-lock {self.block.nbytes / GIB:.1f} GiB of CPU memory "
+                                  f"(CUDA error {int(error)})")
+        self.pinned = True
+
+    def __del__(self):
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.block.data_ptr())
+
+
+def gather_into_one_block(module: torch.nn.Module) -> HostBlock:
+    """Move a CPU module's parameters and buffers into the views of one `HostBlock`, each
+    original freed as soon as it is copied (so this needs no second copy of the module).
+    The tensors keep the block alive; the module keeps the block object for its page lock."""
     tensors = list(dict.fromkeys(itertools.chain(module.parameters(), module.buffers())))
-    align = 64  # every view starts aligned for any dtype
-    sizes = [-(-tensor.nbytes // align) * align for tensor in tensors]
-    block = torch.empty(sum(sizes), dtype=torch.uint8)
-    for tensor, start in zip(tensors, itertools.accumulate([0, *sizes])):
-        view = block[start:start + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
+    host = HostBlock(tensors)
+    for tensor, view in zip(tensors, host.views):
         view.copy_(tensor.data)
         tensor.data = view
-    return block
+    module._host_block = host
+    return host
 
 
 def pin_exactly(module: torch.nn.Module) -> None:
@@ -83,9 +124,4 @@ def pin_exactly(module: torch.nn.Module) -> None:
     and holds all pinned copies beside the unpinned originals until every group is built:
     about twice the weights at start (register row 23). Tensors already pinned are used as
     they are (`Tensor.pin_memory` returns them), so one registered block replaces all that."""
-    block = gather_into_one_block(module)
-    error = torch.cuda.cudart().cudaHostRegister(block.data_ptr(), block.nbytes, 0)
-    if int(error) != 0 or not block.is_pinned():
-        raise RuntimeError(f"could not page-lock {block.nbytes / GIB:.1f} GiB of CPU memory for the streamed "
-                           f"{type(module).__name__} (CUDA error {int(error)})")
-    # The block stays registered for the life of the weights that are views of it: the worker's.
+    gather_into_one_block(module).pin()

@@ -22,7 +22,7 @@ from src import archives, captioning, fp8_loras, image_vae, memory_plan, operati
 from src.codec import decode_image, open_image
 from src.config import BucketConfig, ConfigError, Settings
 from src.layers import LayerStack, check_edit_count, check_same_size, describe_layers, edit_seed
-from src.lora_resident import HostMemoryError
+from src.memory import HostMemoryError
 from src.loras import LoraLibrary, adapters_for, lightning_scheduler
 from src.metering import Price, StageTimer, price_for
 from src.operations import ProgressFn

@@ -127,7 +127,7 @@ def test_weights_gathered_into_one_block_keep_their_values(worker):
     ids = torch.tensor([[1, 2, 3, 4]])
     expected = encoder(input_ids=ids).logits
 
-    block = memory.gather_into_one_block(encoder)
+    block = memory.gather_into_one_block(encoder).block
 
     assert block.nbytes >= sum(tensor.nbytes for tensor in tensors) > 0
     for tensor, value in zip(tensors, before):
