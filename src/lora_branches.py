@@ -65,6 +65,19 @@ def _parts(adapters: list, module: str) -> list[tuple[torch.Tensor, torch.Tensor
     return found
 
 
+def block_linears(transformer: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The linears that get branches: every `torch.nn.Linear` and `Fp8Linear` of the blocks."""
+    return {name: module for name, module in transformer.named_modules()
+            if name.startswith("transformer_blocks.") and _unbranched(type(module)) in (torch.nn.Linear, Fp8Linear)}
+
+
+def padded_bytes(transformer: torch.nn.Module, padded_rank: int, dtype: torch.dtype) -> int:
+    """GPU bytes the padded layout allocates on `transformer` (counted by the memory plan
+    before they exist)."""
+    return sum(padded_rank * (m.in_features + m.out_features) for m in block_linears(transformer).values()) \
+        * dtype.itemsize
+
+
 class LoraBranches:
     """The side branches of one transformer's block linears, and the set they run."""
 
@@ -72,9 +85,7 @@ class LoraBranches:
         """`dtype`: the pipeline's (the activations'), which the branches compute in;
         `padded_rank`: the padded layout with this rank (COMPILE=true); None: exact."""
         self.dtype, self.padded_rank = dtype, padded_rank
-        self.linears: dict[str, torch.nn.Module] = {
-            name: module for name, module in transformer.named_modules()
-            if name.startswith("transformer_blocks.") and _unbranched(type(module)) in (torch.nn.Linear, Fp8Linear)}
+        self.linears = block_linears(transformer)
         for module in self.linears.values():
             module.__class__ = _branched(_unbranched(type(module)))
             module.lora_branch_on = False

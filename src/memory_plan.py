@@ -202,11 +202,15 @@ class WeightBytes:
     transformer: int  # one; Layered's has the same shape
     vae: int  # one; Layered's is about the same
     layered_text_encoder: int = 0  # when Layered's differs from the edit model's
+    # The edit transformer's padded LoRA branches (COMPILE=true), allocated after the plan;
+    # not in offload, where LoRA jobs are refused.
+    lora_branches: int = 0
 
     def resident(self, mode: str, both_transformers: bool) -> int:
         """What `mode` keeps on the GPU between jobs."""
         text = 0 if mode in ("text_offload", "offload") else self.text_encoder + self.layered_text_encoder
-        transformers = 0 if mode == "offload" else self.transformer * (2 if both_transformers else 1)
+        transformers = 0 if mode == "offload" else (self.transformer * (2 if both_transformers else 1)
+                                                    + self.lora_branches)
         return text + transformers + 2 * self.vae
 
     def streamed(self, mode: str) -> dict[str, int]:

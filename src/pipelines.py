@@ -26,7 +26,7 @@ from diffusers import QwenImageEditPlusPipeline, QwenImageLayeredPipeline
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
-from src import fp8, fp8_cache, fp8_loras, image_vae, memory, memory_plan, upstream_fixes, weights
+from src import fp8, fp8_cache, fp8_loras, image_vae, lora_branches, memory, memory_plan, upstream_fixes, weights
 from src.acceleration import accelerate, check_supported
 from src.config import FP8_CACHE_FOLDER, ConfigError, Settings
 from src.lora_switch import LoraSwitch
@@ -286,7 +286,9 @@ class Pipelines:
         weight_bytes = memory_plan.WeightBytes(
             text_encoder=memory.bytes_of(self.edit.text_encoder),
             transformer=self.prepared_bytes(self.edit.transformer), vae=memory.bytes_of(self.edit.vae),
-            layered_text_encoder=memory.bytes_of(self.edit.text_encoder) if own_text_encoder else 0)
+            layered_text_encoder=memory.bytes_of(self.edit.text_encoder) if own_text_encoder else 0,
+            lora_branches=(lora_branches.padded_bytes(self.edit.transformer, settings.lora_branch_rank, self.dtype)
+                           if settings.compile else 0))
         arrangement = memory_plan.configure(
             capacity, weight_bytes, settings.quantize, mode_setting=settings.memory_mode,
             swap_setting=settings.transformer_swap, gpu=device_name(self.device))

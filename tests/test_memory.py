@@ -134,3 +134,16 @@ def test_weights_gathered_into_one_block_keep_their_values(worker):
         assert tensor.untyped_storage().data_ptr() == block.untyped_storage().data_ptr()
         assert torch.equal(tensor, value)
     assert torch.equal(encoder(input_ids=ids).logits, expected)
+
+
+def test_the_plan_counts_the_padded_lora_branches(full_size_transformer):
+    """COMPILE=true allocates the LoRA branches after the plan is made: it must leave them room."""
+    from src import lora_branches
+
+    branches = lora_branches.padded_bytes(full_size_transformer, 64, torch.bfloat16)
+    assert 1.0 * GIB < branches < 1.2 * GIB  # the H200 bench's 1.1 GiB
+    plain = memory_plan.WeightBytes(TEXT_ENCODER, TRANSFORMER, VAE)
+    compiled = memory_plan.WeightBytes(TEXT_ENCODER, TRANSFORMER, VAE, lora_branches=branches)
+    for mode in ("resident", "text_offload"):
+        assert compiled.resident(mode, False) - plain.resident(mode, False) == branches
+    assert compiled.resident("offload", False) == plain.resident("offload", False)  # no LoRAs there
