@@ -35,6 +35,22 @@ def image_from_b64(data: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(data)))
 
 
+def edit_hat(worker, job_id: str, **extra) -> dict:
+    """A small edit ("a hat", seed 5) through `worker.handle`, its output checked for errors."""
+    job = {"image_base64": png_b64(sample_image()), "prompt": "a hat", "seed": 5, "return_base64": True,
+           **FAST, **extra}
+    out = worker.handle({"id": job_id, "input": job})
+    assert "error" not in out, out
+    return out
+
+
+def edited_pixels(out: dict):
+    """The edited image of a job's output, as an int array (differences do not wrap)."""
+    import numpy as np
+
+    return np.asarray(image_from_b64(out["edited_image_base64"]).convert("RGB")).astype(int)
+
+
 def fetch_bytes(url: str) -> requests.Response:
     """A presigned URL fetched over HTTP, as a client would."""
     response = requests.get(url, timeout=30)

@@ -20,7 +20,7 @@ from src.fp8_loras import PublishedWeights, PublishedWeightsError, touched_linea
 from src.lora_sources import LoraFile
 from src.loras import LIGHTNING_SCHEDULER_CONFIG, FusedLoras, LoraLibrary
 from src.worker import Worker
-from tests.conftest import FAST, image_from_b64, png_b64, reference_edit_pipeline, sample_image
+from tests.conftest import edit_hat, edited_pixels, reference_edit_pipeline, sample_image
 
 EDIT_REPO = "models--Qwen--Qwen-Image-Edit-2511"
 LIGHTNING_4 = "Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors"
@@ -162,15 +162,10 @@ def fp8_worker(worker_env):
 
 
 def edit(worker, **extra) -> dict:
-    job = {"image_base64": png_b64(sample_image()), "prompt": "a hat", "seed": 5, "return_base64": True,
-           **FAST, **extra}
-    out = worker.handle({"id": "fp8-lora", "input": job})
-    assert "error" not in out, out
-    return out
+    return edit_hat(worker, "fp8-lora", **extra)
 
 
-def pixels(out: dict) -> np.ndarray:
-    return np.asarray(image_from_b64(out["edited_image_base64"]).convert("RGB")).astype(int)
+pixels = edited_pixels
 
 
 def test_fp8_lightning_equals_diffusers_fuse_then_quantize_called_directly(fp8_worker, lightning_file):

@@ -13,7 +13,7 @@ import torch
 from src.config import ConfigError, Settings
 from src.lora_branches import LoraBranches
 from src.worker import Worker
-from tests.conftest import FAST, image_from_b64, png_b64, reference_edit_pipeline, sample_image
+from tests.conftest import edit_hat, edited_pixels, reference_edit_pipeline, sample_image
 
 CUSTOM = "tiny_lora_diffusers.safetensors"
 
@@ -25,15 +25,10 @@ def switching_worker(worker_env):
 
 
 def edit(worker, **extra) -> dict:
-    job = {"image_base64": png_b64(sample_image()), "prompt": "a hat", "seed": 5, "return_base64": True,
-           **FAST, **extra}
-    out = worker.handle({"id": "switch", "input": job})
-    assert "error" not in out, out
-    return out
+    return edit_hat(worker, "switch", **extra)
 
 
-def pixels(out: dict) -> np.ndarray:
-    return np.asarray(image_from_b64(out["edited_image_base64"]).convert("RGB")).astype(int)
+pixels = edited_pixels
 
 
 def direct(pipeline, steps=2, cfg=4.0) -> np.ndarray:
