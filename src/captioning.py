@@ -339,12 +339,10 @@ class StaticDecoding:
             self.step()
         self.graph = graph
 
-    def decode(self, logits: torch.Tensor, prefilled: DynamicCache, positions: torch.Tensor,
-               prompt_ids: torch.Tensor, max_new_tokens: int) -> list[int]:
-        """The greedy tokens after the prefill (its logits, cache and positions), as
-        `decode_eagerly` chooses them."""
-        if max_new_tokens > self.tokens.numel():
-            raise ValueError(f"max_new_tokens: {max_new_tokens} is more than the {self.tokens.numel()} allocated")
+    def begin(self, logits: torch.Tensor, prefilled: DynamicCache, positions: torch.Tensor,
+              prompt_ids: torch.Tensor) -> None:
+        """Load the prefill (its cache and positions) into the buffers and choose the first
+        token from its logits."""
         self.cache.reset()
         for index, layer in enumerate(prefilled.layers):
             self.cache.update(layer.keys, layer.values, index)
@@ -352,7 +350,22 @@ class StaticDecoding:
         self.count.zero_()
         if self.seen is not None:
             self.seen.copy_(seen_tokens(prompt_ids, self.seen.shape[-1]))
-        self._choose(logits)  # the first token, from the prefill's logits
+        self._choose(logits)
+
+    def advance(self) -> None:
+        """One step: the current token's forward and the next token's choice."""
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.step()
+
+    def decode(self, logits: torch.Tensor, prefilled: DynamicCache, positions: torch.Tensor,
+               prompt_ids: torch.Tensor, max_new_tokens: int) -> list[int]:
+        """The greedy tokens after the prefill (its logits, cache and positions), as
+        `decode_eagerly` chooses them."""
+        if max_new_tokens > self.tokens.numel():
+            raise ValueError(f"max_new_tokens: {max_new_tokens} is more than the {self.tokens.numel()} allocated")
+        self.begin(logits, prefilled, positions, prompt_ids)
         tokens: list[int] = []
         done = 1
         while True:
@@ -364,8 +377,5 @@ class StaticDecoding:
                 return tokens
             stretch = min(STOP_CHECK_EVERY, max_new_tokens - done)
             for _ in range(stretch):
-                if self.graph is not None:
-                    self.graph.replay()
-                else:
-                    self.step()
+                self.advance()
             done += stretch

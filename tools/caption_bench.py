@@ -7,6 +7,7 @@ the issue's bound.
     python tools/caption_bench.py --label caption                    # every decoder
     python tools/caption_bench.py --decoders stock,graphed --label caption-graphed
     python tools/caption_bench.py --profile                          # also: where a stock step's time goes
+    python tools/caption_bench.py --decoders none --agreement 160    # why `eager` leaves stock's tokens
 
 The image is what Layered gives the caption call at `resolution=640`: a 1024x1024
 picture resized to 640x640 (529 image tokens with the real processor's pixel bounds),
@@ -130,6 +131,123 @@ def measure(name: str, pipeline, inputs, prefill_s: float, reference: list[int] 
     return result, tokens
 
 
+def stock_with_logits(model, inputs, new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
+    """`generate`'s tokens and the raw float32 logits it chose each one from."""
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=new_tokens, return_dict_in_generate=True, output_logits=True)
+    return out.sequences[0, inputs["input_ids"].shape[1]:].tolist(), [step[0] for step in out.logits]
+
+
+def eager_teacher_forced(model, inputs, forced: list[int]) -> list[torch.Tensor]:
+    """The eager decoder's logits at each step when it is fed `forced` (stock's tokens)
+    instead of its own choices: captioning.prefill, then decode_eagerly's forward."""
+    with torch.no_grad():
+        logits, cache, positions = captioning.prefill(model, inputs)
+        steps, position = [logits[0]], positions[..., -1:]
+        mask = torch.ones_like(inputs["input_ids"])
+        for token in forced[:-1]:
+            position = position + 1
+            mask = torch.cat([mask, mask.new_ones((1, 1))], dim=1)
+            steps.append(model(input_ids=torch.tensor([[token]], device=model.device), attention_mask=mask,
+                               position_ids=position, past_key_values=cache, use_cache=True,
+                               logits_to_keep=1).logits[0, -1].float())
+    return steps
+
+
+def compare_steps(steps: list[torch.Tensor], reference: list[torch.Tensor]) -> dict:
+    """Per step: bitwise equal or the largest difference; where the argmax differs, the
+    reference's gap between its top two scores (a near-tie, or a real departure)."""
+    differences = [float((a - b).abs().max()) for a, b in zip(steps, reference)]
+    unequal = [index for index, difference in enumerate(differences) if difference > 0]
+    flips = []
+    for index, (a, b) in enumerate(zip(steps, reference)):
+        if int(a.argmax()) != int(b.argmax()):
+            top2 = b.topk(2).values
+            flips.append({"step": index, "reference_top2_gap": round(float(top2[0] - top2[1]), 5),
+                          "difference_there": round(differences[index], 5)})
+    return {"steps": len(differences), "first_unequal_step": unequal[0] if unequal else None,
+            "unequal_steps": len(unequal), "max_abs_difference": round(max(differences), 5),
+            "median_abs_difference": round(sorted(differences)[len(differences) // 2], 5),
+            "argmax_flip_count": len(flips), "argmax_flips": flips[:10]}
+
+
+def static_teacher_forced(captioner, model, inputs, forced: list[int]) -> list[int]:
+    """A static decoder's choice at each step when fed `forced` (stock's tokens): its graph
+    (or compiled step) replayed over the same history as stock's."""
+    static = captioner.static
+    with torch.no_grad():
+        logits, cache, positions = captioning.prefill(model, inputs)
+        static.begin(logits, cache, positions, inputs["input_ids"])
+        for token in forced[:-1]:
+            static.token.fill_(token)
+            static.advance()
+    return static.tokens[:len(forced)].tolist()
+
+
+def decoder_agreement(name: str, pipeline, inputs, tokens: list[int]) -> dict:
+    """Against stock's tokens: the decoder's choices under stock's history (how many steps
+    pick another token), and its own tokens, twice (where they leave stock's, and whether
+    the decoder reproduces itself)."""
+    model = pipeline.text_encoder
+    captioner = captioning.Captioner(pipeline, name)
+    captioner.warm_up(model.device)
+    first = captioner.generate(inputs, len(tokens))
+    second = captioner.generate(inputs, len(tokens))
+    result = {"free_running_first_token_difference": first_difference(first, tokens),
+              "reproduces_itself": first == second, "first_difference_from_itself": first_difference(second, first)}
+    if captioner.static is not None:
+        choices = static_teacher_forced(captioner, model, inputs, tokens)
+        result["teacher_forced_argmax_flip_count"] = sum(a != b for a, b in zip(choices, tokens))
+    return result
+
+
+def prefill_activations(model, run) -> dict[str, torch.Tensor]:
+    """The vision tower's output and each language layer's hidden states during `run`'s
+    first forward over the whole prompt."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            tensor = output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", output)
+            if name not in captured and torch.is_tensor(tensor) and tensor.dim() >= 2 and tensor.shape[-2] > 1:
+                captured[name] = tensor.detach().float().clone()
+        return hook
+
+    handles = [model.model.visual.register_forward_hook(keep("visual"))]
+    handles += [layer.register_forward_hook(keep(f"layer{index}"))
+                for index, layer in enumerate(model.model.language_model.layers)]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def agreement(pipeline, inputs, new_tokens: int, decoders: list[str]) -> dict:
+    """Why a decoder leaves stock's tokens on the GPU: does stock reproduce itself, where
+    the eager decoder's logits first differ from stock's (teacher-forced on stock's
+    tokens, so each step sees the same history), by how much, and whether the argmax
+    flips only where stock's top two nearly tie; and where in the prefill (vision tower,
+    which language layer) the first difference arises."""
+    model = pipeline.text_encoder
+    tokens, logits = stock_with_logits(model, inputs, new_tokens)
+    again_tokens, again_logits = stock_with_logits(model, inputs, new_tokens)
+    forced = eager_teacher_forced(model, inputs, tokens)
+    stock_acts = prefill_activations(model, lambda: model.generate(**inputs, max_new_tokens=1))
+    eager_acts = prefill_activations(model, lambda: captioning.prefill(model, inputs))
+    layers = {name: round(float((stock_acts[name] - eager_acts[name]).abs().max()), 6)
+              for name in stock_acts if name in eager_acts and stock_acts[name].shape == eager_acts[name].shape}
+    return {"new_tokens": new_tokens,
+            "stock_against_stock": {"first_token_difference": first_difference(again_tokens, tokens),
+                                    **compare_steps(again_logits, logits)},
+            "eager_teacher_forced_against_stock": compare_steps(forced, logits),
+            "decoders": {name: decoder_agreement(name, pipeline, inputs, tokens) for name in decoders},
+            "prefill_max_abs_difference_by_module": layers,
+            "first_differing_prefill_module": next((name for name, value in layers.items() if value > 0), None)}
+
+
 def profile_stock_steps(model, inputs, steps: int = 16) -> list[dict]:
     """The top operations (by CUDA and CPU time) of `steps` stock decoding steps."""
     from torch.profiler import ProfilerActivity, profile
@@ -152,6 +270,10 @@ def main() -> None:
     parser.add_argument("--tiny-hf-home", default="/tmp/bench-hf", help="tiny models: tokenizer and configs only")
     parser.add_argument("--profile", action="store_true", help="also profile 16 stock decoding steps")
     parser.add_argument("--repeats", type=int, default=2, help="timed captions per decoder (the best is kept)")
+    parser.add_argument("--agreement", type=int, default=0, metavar="TOKENS",
+                        help="also compare eager's logits with stock's over this many tokens (see agreement)")
+    parser.add_argument("--agreement-decoders", default="eager,graphed,compiled",
+                        help="decoders whose tokens --agreement compares with stock's")
     args = parser.parse_args()
 
     hf_home = Path(args.tiny_hf_home)
@@ -172,7 +294,7 @@ def main() -> None:
                "max_new_tokens": captioning.MAX_NEW_TOKENS, "prefill_s": round(prefill_s, 3), "decoders": []}
     print(json.dumps({k: v for k, v in results.items() if k != "decoders"}), flush=True)
     reference = None
-    for name in args.decoders.split(","):
+    for name in filter(None, args.decoders.split(",")) if args.decoders != "none" else ():
         try:
             result, tokens = measure(name, pipeline, inputs, prefill_s, reference, args.repeats)
         except Exception as exc:  # one decoder failing (a capture this build refuses) must not hide the others
@@ -182,6 +304,10 @@ def main() -> None:
                 reference = tokens
         results["decoders"].append(result)
         print(json.dumps(result), flush=True)
+        write_results(results, Path(args.out))
+    if args.agreement:
+        results["agreement"] = agreement(pipeline, inputs, args.agreement, args.agreement_decoders.split(","))
+        print(json.dumps(results["agreement"]), flush=True)
         write_results(results, Path(args.out))
     if args.profile:
         results["stock_step_profile"] = {"multimodal": profile_stock_steps(model, inputs),
