@@ -1,18 +1,25 @@
-"""One adapter set held ready: its fused weights made once (at start) and kept in CPU
-memory beside the base values of the same layers, so switching between the set and the
-base model is a copy in place either way: no re-read of published weights, no re-fuse,
-and (values changing in place, shapes and dtypes not) no recompile.
+"""One adapter set held ready: its fused weights made once (at start) and kept beside
+the base values of the same layers, so switching between the set and the base model needs
+no re-read of published weights, no re-fuse and (shapes and dtypes unchanged) no
+recompile. Two places to hold it, chosen at start:
+
+    on the device  where the memory plan has room for one more copy of the touched
+                   layers without refusing or slowing any job it served: the layers are
+                   pointed at the fused copy and back (`tensor.data`), a switch of
+                   microseconds that moves no bytes
+    in CPU memory  else: both copies (fused and base) in page-locked blocks of their
+                   exact size, copied in place either way at the host link's speed
 
 The fused values are exactly those of an on-the-spot fuse (`FusedLoras.apply` makes
-them); the base values are the layers' own, copied back bit for bit. On a GPU both copies
-live in page-locked memory of their exact size, so a switch runs at the host link's
-speed: the full-coverage Lightning file touches 720 linears, 13.6 GB under FP8 (e4m3
-values and row scales) or 27.2 GB in bf16, held twice.
+them); the base values are the layers' own, kept (device) or copied back bit for bit
+(CPU). The full-coverage Lightning file touches 720 linears: 13.6 GB under FP8 (e4m3
+values and row scales) or 27.2 GB in bf16, per copy.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 
@@ -47,35 +54,57 @@ def available_host_bytes() -> int | None:
 
 
 class ResidentSet:
-    """A set of adapters whose fused weights wait in CPU memory, with the base values."""
+    """A set of adapters whose fused weights wait beside the base values (module doc)."""
 
-    def __init__(self, identity: tuple, linears: int, parameters: list[torch.Tensor], base: HostBlock,
-                 fused: HostBlock):
-        self.identity, self.linears = identity, linears
+    def __init__(self, identity: tuple, linears: int, parameters: list[torch.Tensor], base: list[torch.Tensor],
+                 fused: list[torch.Tensor], *, pointed: bool, blocks: tuple[HostBlock, ...]):
+        self.identity, self.linears, self.pointed = identity, linears, pointed
         self._parameters, self._base, self._fused = parameters, base, fused
+        self._blocks = blocks  # the memory behind `base` and `fused` (and its page lock)
 
     @property
-    def host_bytes(self) -> int:
-        return self._base.nbytes + self._fused.nbytes
+    def held_bytes(self) -> int:
+        return sum(block.nbytes for block in self._blocks)
+
+    @property
+    def where(self) -> str:
+        return "device" if self.pointed else "host"
 
     @classmethod
-    def prepare(cls, pipeline, fused_loras, adapters: list, identity: tuple, pin: bool) -> "ResidentSet":
+    def prepare(cls, pipeline, fused_loras, adapters: list, identity: tuple, pin: bool,
+                reserve_device: Callable[[int], bool] | None = None) -> "ResidentSet":
         """Fuse `adapters` once with `fused_loras` (the worker's on-the-spot fuse), keep the
-        fused values and the originals in CPU memory, and put the base model back. Host
-        memory peaks at the two copies (the originals move into their block one by one)."""
+        fused values beside the originals, and put the base model back. `reserve_device(n)`
+        says whether n more bytes may stay on the device (and reserves them); else both
+        copies go to CPU memory, which then peaks at the two copies (the originals move
+        into their block one by one)."""
         fused_loras.apply(pipeline, adapters)
         originals = fused_loras.take_originals()  # {linear: tensors}; the weights stay fused
         modules = dict(pipeline.transformer.named_modules())
         names = list(originals)
         parameters = [p for name in names for p in _parameters(modules[name])]
+        saved = [t for name in names for t in originals[name]]
+        if reserve_device is not None and reserve_device(sum(HostBlock.sizes(parameters))):
+            try:
+                fused = HostBlock(parameters, device=parameters[0].device)
+                with torch.no_grad():
+                    for view, parameter in zip(fused.views, parameters):
+                        view.copy_(parameter)
+            finally:
+                _restore(parameters, saved)
+            log.info("LoRA set held ready on %s: %d linears, %.1f GB beside the base weights",
+                     parameters[0].device, len(names), fused.nbytes / GB)
+            return cls(identity, len(names), parameters, [p.data for p in parameters], fused.views,
+                       pointed=True, blocks=(fused,))
         need = 2 * sum(HostBlock.sizes(parameters))
         available = available_host_bytes()
-        held = sum(t.nbytes for tensors in originals.values() for t in tensors)  # freed as the blocks fill
+        held = sum(t.nbytes for t in saved)  # freed as the blocks fill
         if available is not None and need - held > available - HOST_MARGIN_BYTES:
-            _restore(parameters, [t for name in names for t in originals[name]])
+            _restore(parameters, saved)
             raise HostMemoryError(f"holding the fused set ready needs {need / GB:.1f} GB of CPU memory "
                                   f"(its {len(names)} linears twice: fused and base); "
                                   f"{(available + held) / GB:.1f} GB is available")
+        del saved
         base = HostBlock(parameters)
         views = iter(base.views)
         moved = 0
@@ -96,17 +125,24 @@ class ResidentSet:
         if pin:
             base.pin()
             fused.pin()
-        log.info("LoRA set held ready: %d linears, %.1f GB of CPU memory%s", len(names), need / GB,
+        log.info("LoRA set held ready in CPU memory: %d linears, %.1f GB%s", len(names), need / GB,
                  " (page-locked)" if pin else "")
-        return cls(identity, len(names), parameters, base, fused)
+        return cls(identity, len(names), parameters, base.views, fused.views, pointed=False, blocks=(base, fused))
 
     def load(self) -> None:
         """The fused values into the layers."""
-        _restore(self._parameters, self._fused.views)
+        self._switch(self._fused)
 
     def unload(self) -> None:
         """The base values back into the layers: bit-identical base model."""
-        _restore(self._parameters, self._base.views)
+        self._switch(self._base)
+
+    def _switch(self, values: list[torch.Tensor]) -> None:
+        if self.pointed:
+            for parameter, value in zip(self._parameters, values):
+                parameter.data = value
+        else:
+            _restore(self._parameters, values)
 
 
 def _restore(parameters: list[torch.Tensor], values: list[torch.Tensor]) -> None:

@@ -1,7 +1,8 @@
 """How each job's adapter set runs on the edit transformer, chosen per job:
 
     base      no adapters: the base weights, exact
-    resident  the set held ready (PRELOAD=lightning): its fused weights copied in from CPU memory
+    resident  the set held ready (PRELOAD=lightning): the layers pointed at its fused copy on
+              the device, or that copy copied in from CPU memory (src/lora_resident.py)
     unfused   side branches beside the base weights (src/lora_branches.py): a cheap switch,
               a small cost per pass
     fused     fused into the weights on the spot (src/loras.py FusedLoras): the switch costs
@@ -17,6 +18,7 @@ any switch back to the base model.
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 from src.lora_branches import LoraBranches
 from src.lora_resident import ResidentSet
@@ -46,10 +48,13 @@ class LoraSwitch:
     def install_branches(self, transformer, dtype, padded_rank: int | None) -> None:
         self.branches = LoraBranches(transformer, dtype, padded_rank=padded_rank)
 
-    def hold_ready(self, pipeline, adapters: list[Adapter], pin: bool) -> ResidentSet:
-        """Make `adapters` the resident set (the base model is served meanwhile)."""
+    def hold_ready(self, pipeline, adapters: list[Adapter], pin: bool,
+                   reserve_device: Callable[[int], bool] | None = None) -> ResidentSet:
+        """Make `adapters` the resident set (the base model is served meanwhile); held on the
+        device where `reserve_device` grants the bytes (src/lora_resident.py)."""
         self.apply(pipeline, [])
-        self.resident = ResidentSet.prepare(pipeline, self.fused, adapters, identity_of(adapters), pin)
+        self.resident = ResidentSet.prepare(pipeline, self.fused, adapters, identity_of(adapters), pin,
+                                            reserve_device)
         return self.resident
 
     def target(self, adapters: list[Adapter]) -> tuple[str, tuple]:

@@ -66,10 +66,10 @@ class HostMemoryError(RuntimeError):
 
 
 class HostBlock:
-    """CPU tensors shaped like `like`, as aligned views of one byte block of their exact
-    size. Page-locked (`pin`) it serves copies to and from the GPU at the host link's speed
-    without torch's pinned allocator, which rounds every block up to a power of two
-    (register row 23)."""
+    """Tensors shaped like `like`, as aligned views of one byte block of their exact size,
+    in CPU memory (or on a GPU: `device`). Page-locked (`pin`) a CPU block serves copies to
+    and from the GPU at the host link's speed without torch's pinned allocator, which
+    rounds every block up to a power of two (register row 23)."""
 
     ALIGN = 64  # every view starts aligned for any dtype
 
@@ -78,9 +78,9 @@ class HostBlock:
         """Each view's bytes in the block, aligned (their sum: the block's size)."""
         return [-(-tensor.nbytes // cls.ALIGN) * cls.ALIGN for tensor in like]
 
-    def __init__(self, like: list[torch.Tensor]):
+    def __init__(self, like: list[torch.Tensor], device: torch.device | str = "cpu"):
         sizes = self.sizes(like)
-        self.block = torch.empty(sum(sizes), dtype=torch.uint8)
+        self.block = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
         self.views = [self.block[start:start + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
                       for tensor, start in zip(like, itertools.accumulate([0, *sizes]))]
         self.pinned = False

@@ -161,6 +161,10 @@ class MemoryPlan:
         """`need_bytes` on this worker: its precision and its streamed models."""
         return need_bytes(shape, self.quantize, levers, self.streamed)
 
+    def runs_every_job_without_levers(self) -> bool:
+        """Whether the largest edit and decomposition (so every job) fit as they are."""
+        return all(self.job_bytes(corner) <= self.budget_bytes for corner in (LARGEST_EDIT, LARGEST_DECOMPOSE))
+
     def fits(self, shape: JobShape) -> bool:
         return self.job_bytes(shape, lever_choices(shape.operation)[-1]) <= self.budget_bytes
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Iterator
@@ -298,6 +298,23 @@ class Pipelines:
                 f"QUANTIZE={settings.quantize} needs the transformer resident on the GPU: "
                 f"{capacity / memory.GIB:.1f} GiB is too little (memory mode offload); use QUANTIZE=none on this GPU")
         log.info("memory mode %s; %s", self.memory_mode, self.plan.limits())
+
+    def reserve_for_weights(self, nbytes: int) -> bool:
+        """Whether `nbytes` more may stay on the device between jobs: only where a plan was
+        made (a GPU, or GPU_MEMORY_GIB), both transformers stay put, and every job still
+        runs without memory levers out of the smaller budget (none refused or slowed). If
+        so, the plan is that smaller one from now on."""
+        if self.plan is None or self.swap_transformers or self.memory_mode == "offload":
+            return False
+        smaller = replace(self.plan, budget_bytes=self.plan.budget_bytes - nbytes)
+        if not smaller.runs_every_job_without_levers():
+            log.info("memory plan: no room to keep %.1f GiB more on the device (%s)", nbytes / memory.GIB,
+                     self.plan.limits())
+            return False
+        self.plan = smaller
+        log.info("memory plan: %.1f GiB kept on the device for held weights; %s", nbytes / memory.GIB,
+                 smaller.limits())
+        return True
 
     def prepared_bytes(self, transformer: torch.nn.Module) -> int:
         """GPU bytes of a transformer of this shape once prepared (FP8 or not)."""

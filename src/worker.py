@@ -101,7 +101,8 @@ class Worker:
 
     def prepare_loras(self) -> float:
         """Before serving: with PRELOAD naming lightning, the LIGHTNING_RESIDENT_STEPS preset
-        fused once and held ready (src/lora_resident.py); with the warm-up, one edit pass
+        fused once and held ready (src/lora_resident.py: on the GPU where the memory plan has
+        room, else in CPU memory); with the warm-up, one edit pass
         with each weight layout the jobs can meet (the set held ready, the branches), so
         no LoRA job compiles. Returns seconds taken."""
         start = time.perf_counter()
@@ -111,7 +112,8 @@ class Worker:
             adapters = adapters_for(JobRequest(image_base64="", prompt="-", lightning=steps), settings, self.loras)
             pipeline = self.pipes.for_operation("edit")
             try:
-                switch.hold_ready(pipeline, adapters, pin=self.pipes.device.type == "cuda")
+                switch.hold_ready(pipeline, adapters, pin=self.pipes.device.type == "cuda",
+                                  reserve_device=self.pipes.reserve_for_weights)
             except (fp8_loras.PublishedWeightsError, HostMemoryError) as exc:
                 raise ConfigError(f"PRELOAD: lightning (LIGHTNING_RESIDENT_STEPS={steps}): {exc}; "
                                   "set LIGHTNING_RESIDENT_STEPS=0 to run it unfused instead") from None

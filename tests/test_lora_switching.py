@@ -1,7 +1,8 @@
 """How LoRA sets switch (src/lora_switch.py): unfused branches equal diffusers' own unfused
 LoRA loading, fused equals diffusers' fuse, the two differ by rounding only (the figure
 README quotes); a set fuses after LORA_FUSE_AFTER jobs in a row; the PRELOAD Lightning
-set is held ready and copied in; the base model stays bit-identical through all of it;
+set is held ready (beside the weights where the memory plan has room, else in CPU memory)
+and switched in; the base model stays bit-identical through all of it;
 the padded layout (COMPILE=true) swaps sets without recompiling."""
 
 from __future__ import annotations
@@ -90,7 +91,33 @@ def test_another_set_or_a_base_job_between_restarts_the_count(switching_worker, 
 
 
 def test_the_preloaded_lightning_set_is_held_ready_and_equals_the_fused_one(switching_worker, hf_home):
-    worker, switch = switching_worker, switching_worker.pipes.loras
+    """No memory plan (the CPU without GPU_MEMORY_GIB): held in CPU memory, copied in."""
+    assert switching_worker.pipes.loras.resident.where == "host"
+    check_the_held_ready_set(switching_worker, hf_home)
+
+
+def test_with_room_in_the_plan_the_set_is_held_beside_the_weights_and_switched_by_pointing(worker_env, hf_home):
+    """A plan with room (GPU_MEMORY_GIB, tiny weights): the fused copy stays on the device
+    and a switch points the layers at it and back; the base weights never move."""
+    worker = Worker.start(Settings.from_env({**worker_env, "PRELOAD": "edit,lightning", "GPU_MEMORY_GIB": "400",
+                                             "WARMUP": "false"}))
+    switch = worker.pipes.loras
+    assert switch.resident.where == "device"
+    assert switch.resident.held_bytes > 0 and worker.pipes.plan.runs_every_job_without_levers()
+    addresses = {name: p.data_ptr() for name, p in worker.pipes.edit.transformer.named_parameters()}
+    check_the_held_ready_set(worker, hf_home)
+    assert {name: p.data_ptr() for name, p in worker.pipes.edit.transformer.named_parameters()} == addresses
+
+
+def test_without_room_for_every_job_the_set_stays_in_cpu_memory(worker_env):
+    """A plan the extra copy would squeeze (a corner would need a memory lever): CPU memory."""
+    worker = Worker.start(Settings.from_env({**worker_env, "PRELOAD": "edit,lightning", "GPU_MEMORY_GIB": "6.5",
+                                             "WARMUP": "false"}))
+    assert worker.pipes.loras.resident.where == "host"
+
+
+def check_the_held_ready_set(worker, hf_home) -> None:
+    switch = worker.pipes.loras
     assert switch.resident is not None and switch.resident.linears > 0
     assert worker.startup_s["loras"] > 0
     base_state = state(worker.pipes.edit.transformer)

@@ -31,7 +31,8 @@ sharded snapshot instead, read back cold, as the worker reads its snapshot.
 in bf16 against the same under FP8.
 
 `lora_switching` (src/lora_switch.py) starts as `PRELOAD=edit,lightning` does (the 4-step
-Lightning set fused once and held ready in CPU memory) and measures: seconds per edit
+Lightning set fused once and held ready: on the GPU where the memory plan has room, else in
+CPU memory) and measures: seconds per edit
 pass for the base model, Lightning held ready (fused), Lightning unfused and a small custom
 LoRA unfused (rank 16 on the attention's q, k, v and out projections); each switch both
 ways (held ready in and out, unfused on and off, and the on-the-spot fuse and restore that
@@ -617,7 +618,8 @@ def lora_switching(worker: Worker, repeats: int = 3) -> dict:
     switch.apply(pipeline, [])
     record: dict = {"what": "edit transformer pass 1024x1024 with 1 reference; jobs as the lightning4/nocfg4 cases",
                     "resident_set": {"linears": switch.resident.linears,
-                                     "host_gb": round(switch.resident.host_bytes / 1e9, 1)},
+                                     "held_gb": round(switch.resident.held_bytes / 1e9, 1),
+                                     "held_on": switch.resident.where},
                     "branch_buffers_gib": round(switch.branches.buffer_bytes() / 2**30, 2),
                     "branch_padded_rank": switch.branches.padded_rank}
     passes, switches = {"base": per_pass()}, {}
