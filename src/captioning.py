@@ -1,5 +1,5 @@
 """The caption of an empty decompose prompt, decoded faster than diffusers' `generate`
-(a switch: CAPTION_DECODER; the default is diffusers' own).
+(CAPTION_DECODER; the default makes diffusers' own forward calls, without `generate`).
 
 With an empty prompt, `QwenImageLayeredPipeline` (diffusers 0.42.1) first captions the
 image: `get_image_caption` gives the processor's whole output (the caption instruction
@@ -22,24 +22,29 @@ text-only) and each decoder below on the GPU.
 
 Decoders (`CAPTION_DECODER`). On the H200 (full-size random weights, 512 tokens;
 bench/results/nvidia-h200-2026-12-01-caption.json) stock took 38.3 s, `eager` 13.3,
-`graphed` 4.4 and `compiled` 3.2. On the tiny models every decoder gives stock's tokens;
-on the GPU all three left stock's tokens early (at tokens 63, 18 and 9), where random
-weights put the top two tokens close, so each is a switch and `stock` the default:
+`graphed` 4.4 and `compiled` 3.2. On the tiny models every decoder gives stock's tokens.
+On the GPU stock does not reproduce itself: two runs of the same caption have different
+logits from the 4th or 5th step and different tokens from the 18th or 68th, while the
+prefill is bitwise equal (tools/caption_bench.py --agreement, …-caption-agreement*.json).
+Fed stock's tokens, `eager` picks another token at 5 of 160 steps, each where stock's top
+two tie within 0.0625; `graphed` at 18 and `compiled` at 13:
 - `stock`: diffusers' own `get_image_caption`, nothing installed.
-- `eager`: the forward calls `generate` makes, with the same inputs, the same dynamic KV
-  cache and the same greedy choice, without `generate`'s per-step bookkeeping. The same
-  logits on the CPU; it runs in every memory mode (streamed text encoder included).
+- `eager` (the default): the forward calls `generate` makes, with the same inputs, the
+  same dynamic KV cache and the same greedy choice, without `generate`'s per-step
+  bookkeeping: the same computation (bitwise on the CPU, the same prefill on the GPU), so
+  its captions vary as stock's own do. It runs in every memory mode (streamed text
+  encoder included).
 - `graphed`: a static KV cache (prompt and caption in one preallocated buffer) and the
   whole decoding step (forward, greedy choice, next position) recorded once as a CUDA
   graph: one replay per token, no Python, and a host sync only every `STOP_CHECK_EVERY`
   tokens to look for the end. The prefill stays the eager one above. Attention then reads
-  the fixed-length buffer under a mask, another kernel than over the grown cache, so on
-  the GPU logits can differ in their last bits and a caption can change where two tokens
-  nearly tie: a switch, measured by tools/caption_bench.py.
+  the fixed-length buffer under a mask, another kernel than over the grown cache, so
+  near-ties flip about three times as often as stock's own; it reproduces itself exactly.
+  A switch.
 - `compiled`: `graphed` with the step compiled by inductor first (fused kernels; the
   compile runs at the warm-up).
 - `auto`: `compiled` with `COMPILE=true` on CUDA (already a switch that trades exactness
-  for speed), else `stock`.
+  for speed), else `eager`.
 The graph is recorded at the warm-up (start, Layered preloaded, text encoder on the GPU);
 elsewhere (Layered loaded by a job, `WARMUP=false`, a streamed text encoder, a prompt
 longer than the static buffer) captions decode eagerly. On the CPU the static decoders
@@ -116,10 +121,10 @@ def greedy_plan(config) -> GreedyPlan | None:
 
 def decoder_for(setting: str, compile_enabled: bool, device: torch.device) -> str:
     """CAPTION_DECODER resolved: `auto` is `compiled` where COMPILE=true already trades
-    exactness for speed (CUDA), else `stock`."""
+    exactness for speed (CUDA), else `eager`."""
     if setting != "auto":
         return setting
-    return "compiled" if compile_enabled and device.type == "cuda" else "stock"
+    return "compiled" if compile_enabled and device.type == "cuda" else "eager"
 
 
 def install(pipeline, decoder: str) -> "Captioner | None":

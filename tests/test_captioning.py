@@ -207,8 +207,8 @@ def test_a_sampling_config_is_captioned_by_diffusers(layered):
 def test_the_decoder_setting(worker_env):
     cuda = torch.device("cuda")
     assert captioning.decoder_for("auto", True, cuda) == "compiled"
-    assert captioning.decoder_for("auto", False, cuda) == "stock"
-    assert captioning.decoder_for("auto", True, CPU) == "stock"  # compile is CUDA only
+    assert captioning.decoder_for("auto", False, cuda) == "eager"
+    assert captioning.decoder_for("auto", True, CPU) == "eager"  # compile is CUDA only
     assert captioning.decoder_for("graphed", False, CPU) == "graphed"
     assert Settings.from_env({**worker_env, "CAPTION_DECODER": "Graphed"}).caption_decoder == "graphed"
     with pytest.raises(ConfigError,
