@@ -12,8 +12,8 @@ from typing import Mapping, NoReturn
 
 import runpod
 
-from src.config import ConfigError, Settings
-from src.deadline import JobGuard
+from src.plumbing.config import ConfigError, Settings
+from src.serving.deadline import JobGuard
 
 log = logging.getLogger("worker")
 
@@ -76,7 +76,7 @@ def main() -> None:
     #    before the processes of several GPUs start, so it is fetched once (src/model_download.py
     #    goes online for the download alone).
     if settings.download_models == "missing":
-        from src.model_download import DownloadFailed, fetch_missing
+        from src.models.model_download import DownloadFailed, fetch_missing
 
         try:
             fetch_missing(settings, token=os.environ.get("HF_TOKEN") or None)
@@ -90,9 +90,9 @@ def main() -> None:
 
     import torch
 
-    from src.parallel import Leader, ParallelPlan, StartFailed
-    from src.pipelines import ModelNotFound
-    from src.worker import Worker  # imports torch and diffusers: after logging is set up
+    from src.models.pipelines import ModelNotFound
+    from src.serving.parallel import Leader, ParallelPlan, StartFailed
+    from src.serving.worker import Worker  # imports torch and diffusers: after logging is set up
 
     # Their per-call notices (e.g. "guidance_scale is ignored") would repeat on every job.
     diffusers.utils.logging.set_verbosity_error()

@@ -70,8 +70,8 @@ def reference_edit_pipeline(path):
     tests/test_reference_parity.py): the reference the worker's images must equal."""
     from diffusers import QwenImageEditPlusPipeline
 
-    from src import upstream_fixes
-    from src.vl_processor import load_processor
+    from src.models import upstream_fixes
+    from src.models.vl_processor import load_processor
 
     pipeline = QwenImageEditPlusPipeline.from_pretrained(path, processor=load_processor(str(path)), dtype=torch.float32)
     pipeline.set_progress_bar_config(disable=True)
@@ -157,8 +157,8 @@ def worker_env(hf_home, lora_dir, s3, tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def worker(worker_env):
     """The worker in this process, started the way handler.py starts it."""
-    from src.config import Settings
-    from src.worker import Worker
+    from src.plumbing.config import Settings
+    from src.serving.worker import Worker
 
     return Worker.start(Settings.from_env(worker_env))
 

@@ -61,16 +61,16 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from src.codec import png_base64  # noqa: E402
+from src.job.codec import png_base64  # noqa: E402
 from tools.bench_results import write_results  # noqa: E402
-from src.config import Settings  # noqa: E402
-from src.fp8 import BLOCK_LINEARS, MODULATION_LINEARS  # noqa: E402
-from src.fp8_loras import PublishedWeights, touched_linears  # noqa: E402
-from src.loras import FusedLoras, LoraLibrary, adapters_for  # noqa: E402
-from src.metering import price_for  # noqa: E402
-from src.pipelines import ModelRef, Pipelines, device_name  # noqa: E402
-from src.schema import JobRequest  # noqa: E402
-from src.worker import Worker  # noqa: E402
+from src.job.schema import JobRequest  # noqa: E402
+from src.models.fp8 import BLOCK_LINEARS, MODULATION_LINEARS  # noqa: E402
+from src.models.fp8_loras import PublishedWeights, touched_linears  # noqa: E402
+from src.models.loras import FusedLoras, LoraLibrary, adapters_for  # noqa: E402
+from src.models.pipelines import ModelRef, Pipelines, device_name  # noqa: E402
+from src.plumbing.config import Settings  # noqa: E402
+from src.plumbing.metering import price_for  # noqa: E402
+from src.serving.worker import Worker  # noqa: E402
 
 # Qwen2.5-VL-7B-Instruct, the text encoder of every Qwen-Image model (its config.json).
 TEXT_ENCODER_7B = {
@@ -170,7 +170,7 @@ class RandomFullSizePipelines(Pipelines):
                                QwenImageTransformer2DModel)
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-        from src.vl_processor import load_processor
+        from src.models.vl_processor import load_processor
 
         processor = load_processor(str(self.tiny_snapshot))
         processor.image_processor.min_pixels = PROCESSOR_MIN_PIXELS
@@ -472,8 +472,8 @@ LEVERS = {  # name: (attention backend, compile, fp8); FP8 cannot be undone, so 
 
 def measure_levers(worker: Worker, names: list[str], record: dict, out_dir: Path, repeats: int = 5) -> None:
     """Each lever's figures into `record["levers"]`, written after each (a run cut short keeps them)."""
-    from src.acceleration import ATTENTION_BACKENDS
-    from src.fp8 import quantize_blocks
+    from src.models.acceleration import ATTENTION_BACKENDS
+    from src.models.fp8 import quantize_blocks
 
     transformer = worker.pipes.edit.transformer
     one, two = transformer_inputs(worker, transformer, 1), transformer_inputs(worker, transformer, 2)
@@ -535,7 +535,7 @@ def lightning_fp8_deviation(worker: Worker) -> dict:
     fused by src/fp8_loras.py, beside FP8's own deviation without the LoRA and the LoRA's
     own effect. Needs a bf16 run (QUANTIZE unset); it quantizes the edit transformer, so
     it runs last."""
-    from src.fp8 import quantize_blocks
+    from src.models.fp8 import quantize_blocks
 
     pipes, settings = worker.pipes, worker.settings
     if settings.quantize != "none":

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from src import captioning  # noqa: E402
+from src.models import captioning  # noqa: E402
 from tools.bench import (PROCESSOR_MAX_PIXELS, PROCESSOR_MIN_PIXELS, TEXT_ENCODER_7B, VISION_7B,  # noqa: E402
                          photo_like, random_module)
 from tools.bench_results import write_results  # noqa: E402
@@ -52,7 +52,7 @@ def layered_with_random_text_encoder(tiny_hf_home: Path):
                            QwenImageTransformer2DModel)
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from src.vl_processor import load_processor
+    from src.models.vl_processor import load_processor
 
     snapshot = next((tiny_hf_home / "hub" / "models--Qwen--Qwen-Image-Layered" / "snapshots").iterdir())
     processor = load_processor(str(snapshot))

@@ -36,11 +36,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from huggingface_hub import HfApi  # noqa: E402
 
-from src.model_download import (DEFAULT_MAX_WORKERS, DOWNLOAD_ERRORS, Download, DownloadFailed,  # noqa: E402
-                                borrowed_patterns, check_space, compare_on_hub, comparison_lines, fetch,
-                                hub_online, measure, one_line, size_text)
-from src.model_download import plan as plan_downloads  # noqa: E402
-from src.shared_components import SHARED_COMPONENTS  # noqa: E402
+from src.models.model_download import (DEFAULT_MAX_WORKERS, DOWNLOAD_ERRORS, Download, DownloadFailed,  # noqa: E402
+                                       borrowed_patterns, check_space, compare_on_hub, comparison_lines, fetch,
+                                       hub_online, measure, one_line, size_text)
+from src.models.model_download import plan as plan_downloads  # noqa: E402
+from src.models.shared_components import SHARED_COMPONENTS  # noqa: E402
 
 __all__ = ["borrowed_patterns", "comparison_lines", "main", "needs_comparison", "parse_args", "plan"]
 
@@ -154,9 +154,9 @@ def write_fp8_caches(args: argparse.Namespace, hf_home: Path) -> None:
     """4. The FP8 cache of each transformer just downloaded (torch and diffusers imported only here)."""
     import torch
 
-    from src.config import ConfigError, Settings
-    from src.fp8_cache import CacheUnusable, build_for_models
-    from src.pipelines import ModelNotFound
+    from src.models.fp8_cache import CacheUnusable, build_for_models
+    from src.models.pipelines import ModelNotFound
+    from src.plumbing.config import ConfigError, Settings
 
     try:
         settings = Settings.from_env({**args.fp8_env, "HF_HOME": str(hf_home)})

@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from src import fp8, fp8_cache  # noqa: E402
-from src.weights import prefetch, read_ahead, read_through, weight_files  # noqa: E402
+from src.models import fp8, fp8_cache  # noqa: E402
+from src.models.weights import prefetch, read_ahead, read_through, weight_files  # noqa: E402
 from tools.bench_results import write_results  # noqa: E402
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from src import image_vae  # noqa: E402
+from src.models import image_vae  # noqa: E402
 from tools.bench_results import write_results  # noqa: E402
 
 GIB = 2**30
