@@ -90,7 +90,7 @@ def main() -> None:
 
     import torch
 
-    from src.models.pipelines import ModelNotFound
+    from src.models.weights import ModelNotFound
     from src.serving.parallel import Leader, ParallelPlan, StartFailed
     from src.serving.worker import Worker  # imports torch and diffusers: after logging is set up
 

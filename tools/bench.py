@@ -67,7 +67,8 @@ from src.job.schema import JobRequest  # noqa: E402
 from src.models.fp8 import BLOCK_LINEARS, MODULATION_LINEARS  # noqa: E402
 from src.models.fp8_loras import PublishedWeights, touched_linears  # noqa: E402
 from src.models.loras import FusedLoras, LoraLibrary, adapters_for  # noqa: E402
-from src.models.pipelines import ModelRef, Pipelines, device_name  # noqa: E402
+from src.models.pipelines import Pipelines, device_name  # noqa: E402
+from src.models.weights import ModelRef  # noqa: E402
 from src.plumbing.config import Settings  # noqa: E402
 from src.plumbing.metering import price_for  # noqa: E402
 from src.serving.worker import Worker  # noqa: E402

@@ -155,7 +155,7 @@ def write_fp8_caches(args: argparse.Namespace, hf_home: Path) -> None:
     import torch
 
     from src.models.fp8_cache import CacheUnusable, build_for_models
-    from src.models.pipelines import ModelNotFound
+    from src.models.weights import ModelNotFound
     from src.plumbing.config import ConfigError, Settings
 
     try:

@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from src.models import fp8, weights
+from src.models.weights import locate  # which snapshot the worker loads: refs/main, offline
 
 log = logging.getLogger(__name__)
 
@@ -361,8 +362,6 @@ def _replace(final: Path, partial: Path) -> None:
 def build_for_models(hf_home: Path, root: Path, repo_ids: Iterable[str], keep: Iterable[str], dtype: torch.dtype,
                      report: Callable[[str], None] = log.info) -> list[Path]:
     """`build` for the transformer of each cached snapshot in `repo_ids` (tools/download_models.py --fp8)."""
-    from src.models.pipelines import locate  # which snapshot the worker loads: refs/main, offline
-
     folders = []
     for repo_id in repo_ids:
         ref = locate(repo_id, hf_home)

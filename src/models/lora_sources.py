@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from src.job.schema import InputError
+from src.models.weights import ModelNotFound, locate
 from src.plumbing.url_fetch import FetchLimits, iter_chunks
 from src.plumbing.url_guard import AddressPolicy, shown
 
@@ -109,8 +110,6 @@ def _from_volume(source: str, weight_name: str | None, key: str, roots: tuple[Pa
 
 
 def _from_hf_cache(repo_id: str, weight_name: str | None, key: str, hf_home: Path) -> LoraFile:
-    from src.models.pipelines import ModelNotFound, locate  # pipelines imports torch: only when needed
-
     try:
         snapshot = locate(repo_id, hf_home).path
     except ModelNotFound:

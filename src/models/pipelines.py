@@ -16,15 +16,12 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from diffusers import QwenImageEditPlusPipeline, QwenImageLayeredPipeline
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
 from src.models import fp8, fp8_cache, fp8_loras, image_vae, lora_branches, memory, memory_plan, upstream_fixes, weights
 from src.models.acceleration import accelerate, check_supported
@@ -32,43 +29,10 @@ from src.models.lora_switch import LoraSwitch
 from src.models.loras import FusedLoras
 from src.models.shared_components import SHARED_COMPONENTS, own_components
 from src.models.vl_processor import load_processor
+from src.models.weights import ModelRef, locate
 from src.plumbing.config import FP8_CACHE_FOLDER, ConfigError, Settings
 
 log = logging.getLogger(__name__)
-
-
-class ModelNotFound(RuntimeError):
-    pass
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    repo_id: str
-    revision: str
-    path: Path
-
-    def describe(self) -> dict:
-        return {"id": self.repo_id, "revision": self.revision}
-
-
-def locate(repo_id: str, hf_home: Path) -> ModelRef:
-    """The cached snapshot of `repo_id` (its refs/main), without touching the network."""
-    cache_dir = hf_home / "hub"
-    try:
-        path = Path(snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True))
-    except IncompleteSnapshotError as exc:
-        # The cache's listing of the repo names files this snapshot lacks: Layered's text
-        # encoder, tokenizer and processor are left out on purpose where they are the edit
-        # model's (src/shared_components.py). A file that is really missing fails the load
-        # that needs it, naming it.
-        log.info("%s: the cached snapshot lacks files its listing names; using it as it is", repo_id)
-        path = Path(exc.snapshot_path)
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
-        raise ModelNotFound(
-            f"model {repo_id} is not in the Hugging Face cache at {cache_dir}; "
-            f"fetch it with: python tools/download_models.py --hf-home {hf_home}, or start with DOWNLOAD_MODELS=missing"
-        ) from None
-    return ModelRef(repo_id=repo_id, revision=path.name, path=path)
 
 
 def resolve_device(setting: str) -> torch.device:

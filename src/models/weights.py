@@ -17,6 +17,9 @@ without memory-mapping, in large reads on a few threads. The FP8 cache (src/fp8_
 takes the transformer's unquantized tensors from the snapshot this way, never touching the
 bytes of the block linears it has in FP8; the same reads give a touched linear's bf16
 original back from the snapshot.
+
+And first of all, where those files are: `locate` finds a model's snapshot in the HF cache
+(its refs/main), offline, for the loader, the FP8 cache and LoRAs named by repo id.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,40 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # Filesystem types (as /proc/mounts names them) whose reads go over a network.
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "lustre", "9p", "fuse", "beegfs",
                        "gpfs", "wekafs")
+
+
+class ModelNotFound(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    repo_id: str
+    revision: str
+    path: Path
+
+    def describe(self) -> dict:
+        return {"id": self.repo_id, "revision": self.revision}
+
+
+def locate(repo_id: str, hf_home: Path) -> ModelRef:
+    """The cached snapshot of `repo_id` (its refs/main), without touching the network."""
+    cache_dir = hf_home / "hub"
+    try:
+        path = Path(snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True))
+    except IncompleteSnapshotError as exc:
+        # The cache's listing of the repo names files this snapshot lacks: Layered's text
+        # encoder, tokenizer and processor are left out on purpose where they are the edit
+        # model's (src/shared_components.py). A file that is really missing fails the load
+        # that needs it, naming it.
+        log.info("%s: the cached snapshot lacks files its listing names; using it as it is", repo_id)
+        path = Path(exc.snapshot_path)
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        raise ModelNotFound(
+            f"model {repo_id} is not in the Hugging Face cache at {cache_dir}; "
+            f"fetch it with: python tools/download_models.py --hf-home {hf_home}, or start with DOWNLOAD_MODELS=missing"
+        ) from None
+    return ModelRef(repo_id=repo_id, revision=path.name, path=path)
 
 
 def filesystem_of(path: Path, mounts: str) -> str:

@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from src.models import fp8_cache, weights
 from src.models.fp8 import MODULATION_LINEARS, RECIPE_VERSION, Fp8Linear, quantize_blocks
-from src.models.pipelines import locate
+from src.models.weights import locate
 from src.plumbing.config import Settings
 from src.serving.worker import Worker
 from tests.conftest import FAST, REPO_ROOT, image_from_b64, png_b64, sample_image

@@ -346,7 +346,8 @@ def test_a_layered_snapshot_without_its_borrowed_folders_loads_despite_the_cache
 
     from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
 
-    from src.models.pipelines import Pipelines, locate
+    from src.models.pipelines import Pipelines
+    from src.models.weights import locate
     from src.plumbing.config import Settings
 
     copy = tmp_path / "hf"
