@@ -1,5 +1,7 @@
 """Speed levers for the transformers on CUDA: the attention kernel, regional compile, and
-the check that the device can run FP8 (`src/fp8.py` does the quantizing).
+the check that the device can run FP8 (`src/fp8.py` does the quantizing). And, on a
+multi-GPU worker (PARALLEL), the transformer's side of context parallelism
+(`enable_context_parallel`); src/serving/parallel.py runs the ranks.
 
 All are switches (`QUANTIZE`, `ATTENTION_BACKEND`, `COMPILE`), off by default: another
 kernel sums in another order, and FP8 rounds every weight and activation, so outputs
@@ -18,6 +20,8 @@ code, and the warm-up at start compiles it once, so no job pays for it.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
+from typing import Protocol
 
 import torch
 
@@ -66,3 +70,47 @@ def accelerate(transformer: torch.nn.Module, device: torch.device, *, attention:
         transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
     log.info("transformer %s: attention %s, compile %s", type(transformer).__name__, attention,
              "on" if compile_blocks else "off")
+
+
+class ParallelRanks(Protocol):
+    """The ranks of a multi-GPU worker, as a transformer joins them (src/serving/parallel.py's Ranks)."""
+
+    rank: int
+    world_size: int
+    device_type: str
+
+    def check_peers(self, module: torch.nn.Module, args: tuple) -> None: ...
+
+
+def enable_context_parallel(transformer: torch.nn.Module, ranks: ParallelRanks) -> bool:
+    """diffusers' Ulysses attention across all ranks, and the lockstep vote, on one
+    transformer. Collective: every rank calls it, in the same order. Returns False when
+    the transformer was already parallel."""
+    from diffusers import ContextParallelConfig
+
+    if getattr(transformer, "_parallel_config", None) is not None:
+        return False
+    # Any sequence length and head count: the text tokens' count depends on the prompt.
+    config = ContextParallelConfig(ulysses_degree=ranks.world_size, ulysses_anything=True)
+    with _one_device_on_cpu(ranks.device_type):
+        transformer.enable_parallelism(config=config)
+    transformer.register_forward_pre_hook(ranks.check_peers)
+    log.info("rank %d: %s under context parallelism (Ulysses, %d ranks)", ranks.rank,
+             type(transformer).__name__, ranks.world_size)
+    return True
+
+
+@contextmanager
+def _one_device_on_cpu(device_type: str):
+    """diffusers picks each rank's device as `rank % torch.accelerator.device_count()`
+    (ModelMixin._resolve_parallel_config), which divides by zero where there is no
+    accelerator. For the CPU check only, that count reads 1 during the call."""
+    if device_type != "cpu":
+        yield
+        return
+    count = torch.accelerator.device_count
+    torch.accelerator.device_count = lambda: 1
+    try:
+        yield
+    finally:
+        torch.accelerator.device_count = count

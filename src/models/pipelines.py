@@ -24,7 +24,7 @@ import torch
 from diffusers import QwenImageEditPlusPipeline, QwenImageLayeredPipeline
 
 from src.models import fp8, fp8_cache, fp8_loras, image_vae, lora_branches, memory, memory_plan, upstream_fixes, weights
-from src.models.acceleration import accelerate, check_supported
+from src.models.acceleration import accelerate, check_supported, enable_context_parallel
 from src.models.lora_switch import LoraSwitch
 from src.models.loras import FusedLoras
 from src.models.shared_components import SHARED_COMPONENTS, own_components
@@ -273,8 +273,6 @@ class Pipelines:
         accelerate(transformer, self.device, attention=self.settings.attention_backend,
                    compile_blocks=self.settings.compile)
         if self.ranks is not None:
-            from src.serving.parallel import enable_context_parallel
-
             enable_context_parallel(transformer, self.ranks)
 
     def needs_loading(self, operation: str) -> bool:

@@ -49,7 +49,6 @@ import secrets
 import socket
 import sys
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Callable, Mapping
@@ -58,7 +57,9 @@ import torch
 import torch.distributed as dist
 
 from src.job.schema import InputError, SEED_LIMIT, parse_request
+from src.models.acceleration import enable_context_parallel
 from src.plumbing.config import ConfigError, Settings
+from src.serving.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -189,24 +190,6 @@ class Ranks:
             dist.destroy_process_group()
 
 
-def enable_context_parallel(transformer: torch.nn.Module, ranks: Ranks) -> bool:
-    """diffusers' Ulysses attention across all ranks, and the lockstep vote, on one
-    transformer. Collective: every rank calls it, in the same order. Returns False when
-    the transformer was already parallel."""
-    from diffusers import ContextParallelConfig
-
-    if getattr(transformer, "_parallel_config", None) is not None:
-        return False
-    # Any sequence length and head count: the text tokens' count depends on the prompt.
-    config = ContextParallelConfig(ulysses_degree=ranks.world_size, ulysses_anything=True)
-    with _one_device_on_cpu(ranks.device_type):
-        transformer.enable_parallelism(config=config)
-    transformer.register_forward_pre_hook(ranks.check_peers)
-    log.info("rank %d: %s under context parallelism (Ulysses, %d ranks)", ranks.rank,
-             type(transformer).__name__, ranks.world_size)
-    return True
-
-
 def parallelize(pipes, ranks: Ranks) -> None:
     """Every loaded transformer (edit, and Layered when loaded)."""
     enable_context_parallel(pipes.edit.transformer, ranks)
@@ -214,29 +197,11 @@ def parallelize(pipes, ranks: Ranks) -> None:
         enable_context_parallel(pipes.layered().transformer, ranks)
 
 
-@contextmanager
-def _one_device_on_cpu(device_type: str):
-    """diffusers picks each rank's device as `rank % torch.accelerator.device_count()`
-    (ModelMixin._resolve_parallel_config), which divides by zero where there is no
-    accelerator. For the CPU check only, that count reads 1 during the call."""
-    if device_type != "cpu":
-        yield
-        return
-    count = torch.accelerator.device_count
-    torch.accelerator.device_count = lambda: 1
-    try:
-        yield
-    finally:
-        torch.accelerator.device_count = count
-
-
 # ----------------------------------------------------------------------------
 # Start-up on every rank, the job loop of ranks 1..N-1, and rank 0's side.
 
 def start_worker(settings: Settings, ranks: Ranks):
     """Load, parallelize and warm up, in lockstep. Raises StartFailed naming the rank."""
-    from src.serving.worker import Worker
-
     worker, errors = ranks.lockstep(lambda: Worker.start(dataclasses.replace(settings, warmup=False)))
     _raise_first(errors, "load")
     parallelize(worker.pipes, ranks)
