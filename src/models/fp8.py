@@ -17,23 +17,14 @@ from __future__ import annotations
 
 import torch
 
+from src.plumbing.config import BLOCK_LINEARS, MODULATION_LINEARS
+
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448.0
 # A row of zeros keeps a finite scale (and quantizes to zeros).
 MIN_SCALE = 1e-12
 # Hopper's faster FP8 accumulation (as torchao's and most FP8 inference stacks use); its
 # effect is inside the deviation README reports.
 FAST_ACCUMULATION = True
-# The 14 linears of a Qwen-Image transformer block, by their names inside the block.
-BLOCK_LINEARS = ("img_mod.1", "txt_mod.1", "attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj",
-                 "attn.add_k_proj", "attn.add_v_proj", "attn.to_out.0", "attn.to_add_out",
-                 "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2")
-# Kept in bf16 by default (FP8_KEEP_BF16): the modulation linears turn the timestep
-# embedding, one token per pass, into every shift, scale and gate of the block. FP8 makes
-# them no faster and rounds every one of them: on an H200, keeping them took the edit
-# transformer's relative L2 from stock bf16 from 1.46% to 1.25% at the same 0.26 s per pass
-# (bench/results/nvidia-h200-2026-12-01-levers-fp8-keep-modulation.json).
-# They hold a third of the blocks' weights, so the FP8 transformer grows by about 6.3 GiB.
-MODULATION_LINEARS = ("img_mod.1", "txt_mod.1")
 # Names how `rowwise_fp8` and `Fp8Linear` store a weight (e4m3 values, one float32 scale per
 # output row from the row's absolute max, MIN_SCALE floor, scales as a (1, out) row). The FP8
 # cache (src/fp8_cache.py) keys its files by it: change it whenever either changes, and caches

@@ -16,7 +16,6 @@ from typing import Mapping
 
 from src.job.codec import PNG_COMPRESS_LEVEL
 from src.job.schema import MAX_LAYERS, MAX_PROMPTS_LIMIT
-from src.models.fp8 import BLOCK_LINEARS, MODULATION_LINEARS
 from src.plumbing.url_guard import AddressPolicy
 
 DEFAULT_EDIT_MODEL = "Qwen/Qwen-Image-Edit-2511"
@@ -42,6 +41,19 @@ DEFAULT_MAX_LAYER_EDITS = 4
 DEFAULT_MAX_PROMPTS = 8
 # How an empty decompose prompt's caption is decoded (src/captioning.py).
 CAPTION_DECODERS = ("auto", "stock", "eager", "graphed", "compiled")
+# The 14 linears of a Qwen-Image transformer block, by their names inside the block: the
+# names FP8_KEEP_BF16 takes (src/models/fp8.py quantizes the others). Kept here, not in fp8,
+# so that the settings import nothing from the models (docs/architecture.md).
+BLOCK_LINEARS = ("img_mod.1", "txt_mod.1", "attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj",
+                 "attn.add_k_proj", "attn.add_v_proj", "attn.to_out.0", "attn.to_add_out",
+                 "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2")
+# Kept in bf16 by default (FP8_KEEP_BF16): the modulation linears turn the timestep
+# embedding, one token per pass, into every shift, scale and gate of the block. FP8 makes
+# them no faster and rounds every one of them: on an H200, keeping them took the edit
+# transformer's relative L2 from stock bf16 from 1.46% to 1.25% at the same 0.26 s per pass
+# (bench/results/nvidia-h200-2026-12-01-levers-fp8-keep-modulation.json).
+# They hold a third of the blocks' weights, so the FP8 transformer grows by about 6.3 GiB.
+MODULATION_LINEARS = ("img_mod.1", "txt_mod.1")
 
 
 class ConfigError(ValueError):
