@@ -73,7 +73,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     # 2. DOWNLOAD_MODELS=missing: what HF_HOME lacks is downloaded now, before anything loads and
-    #    before the processes of several GPUs start, so it is fetched once (src/model_download.py
+    #    before the processes of several GPUs start, so it is fetched once (src/models/model_download.py
     #    goes online for the download alone).
     if settings.download_models == "missing":
         from src.models.model_download import DownloadFailed, fetch_missing
@@ -98,7 +98,7 @@ def main() -> None:
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
 
-    # 3. Load and warm up: on several GPUs, one process per GPU (src/parallel.py).
+    # 3. Load and warm up: on several GPUs, one process per GPU (src/serving/parallel.py).
     #    A start that cannot serve exits non-zero with one line.
     try:
         plan = ParallelPlan.from_env(os.environ, torch.cuda.device_count())

@@ -66,8 +66,8 @@ def fetch(url: str) -> Image.Image:
 
 def reference_edit_pipeline(path):
     """diffusers' edit pipeline loaded apart from the worker, with the models' authors'
-    corrections of it (src/upstream_fixes.py, tested against the authors' way in
-    tests/test_reference_parity.py): the reference the worker's images must equal."""
+    corrections of it (src/models/upstream_fixes.py, tested against the authors' way in
+    tests/serving/test_reference_parity.py): the reference the worker's images must equal."""
     from diffusers import QwenImageEditPlusPipeline
 
     from src.models import upstream_fixes

@@ -47,7 +47,7 @@ def main() -> None:
                         generator=torch.Generator().manual_seed(0), output_type="np").images[0]
 
     eager = run()
-    pipeline.transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)  # as src/acceleration.py
+    pipeline.transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)  # as src/models/acceleration.py
     started = time.perf_counter()
     compiled = run()
     print(f"{args.dtype} on {args.device}, {args.size}x{args.size}, {args.steps} steps, true CFG 4 "

@@ -1,4 +1,4 @@
-"""One worker across several ranks (src/parallel.py): start-up, jobs, a refused job, shutdown.
+"""One worker across several ranks (src/serving/parallel.py): start-up, jobs, a refused job, shutdown.
 
     python tools/parallel_check.py --hf-home .cache/hf --ranks 2 --device cpu --out /tmp/cp2
     python tools/parallel_check.py --hf-home /tmp/tiny-hf --ranks 2 --out /tmp/cp2    # 2 GPUs

@@ -2,7 +2,7 @@
 
 `parse_request(job_input)` turns `job["input"]` into a typed `JobRequest` or raises
 `InputError("<key>: <reason>")`. Nothing here touches images or the GPU; image bytes
-are checked by `src.codec` right after.
+are checked by `src.job.codec` right after.
 
 List items are named with their index, as in `edits[1].layer` or `layers_base64[0]`.
 """
@@ -53,7 +53,7 @@ COMPOSITE_KEYS = frozenset({"operation", "layers_base64", "output_format", "outp
                             "r2", "archive"})
 
 Operation = Literal["edit", "edit_multi", "decompose", "composite"]
-# An image URL as a job sends it; what it may reach is checked when it is fetched (src/url_guard.py).
+# An image URL as a job sends it; what it may reach is checked when it is fetched (src/plumbing/url_guard.py).
 ImageUrl = Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^https?://")]
 # The keys that carry a job's input images: one style per job.
 IMAGE_KEYS = ("image_base64", "image_url", "image_urls")

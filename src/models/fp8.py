@@ -27,8 +27,8 @@ MIN_SCALE = 1e-12
 FAST_ACCUMULATION = True
 # Names how `rowwise_fp8` and `Fp8Linear` store a weight (e4m3 values, one float32 scale per
 # output row from the row's absolute max, MIN_SCALE floor, scales as a (1, out) row). The FP8
-# cache (src/fp8_cache.py) keys its files by it: change it whenever either changes, and caches
-# written the old way are ignored instead of loaded wrong (tests/test_fp8_cache.py pins it to
+# cache (src/models/fp8_cache.py) keys its files by it: change it whenever either changes, and caches
+# written the old way are ignored instead of loaded wrong (tests/models/test_fp8_cache.py pins it to
 # the quantization's output). FAST_ACCUMULATION is not part of it: it changes the matmul, not
 # what is stored.
 RECIPE_VERSION = "e4m3-rowwise-amax-v2"

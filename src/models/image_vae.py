@@ -10,12 +10,12 @@ For a single frame the encoder and decoder run here without the cache. The first
 of a cached run reads nothing from the cache (each entry is still empty when its
 convolution runs, so it zero-pads, and the temporal up- and downsamplers skip their
 time convolution), so without it the same convolutions run on the same inputs: the
-same latents and pixels, bit for bit (tests/test_image_vae.py). A batch of single
+same latents and pixels, bit for bit (tests/models/test_image_vae.py). A batch of single
 frames (the layers of a decomposition) runs the same way, as one batch. Several frames of
 one video and VAE tiling keep diffusers' own path.
 
 `saving_memory` turns on, for one job, the levers that cost pixels: they run only where
-the job would not fit otherwise (src/memory_plan.py).
+the job would not fit otherwise (src/models/memory_plan.py).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def for_images(vae) -> None:
 
 @contextmanager
 def saving_memory(vae, levers: tuple[str, ...]):
-    """Within the block, `vae` runs the memory levers a job needs (src/memory_plan.py):
+    """Within the block, `vae` runs the memory levers a job needs (src/models/memory_plan.py):
     `layers_one_at_a_time` (diffusers' slicing: a batch of layers decoded one by one) and
     `vae_tiling` (diffusers' tiling). Both change pixels slightly; both are undone after."""
     if "layers_one_at_a_time" in levers:

@@ -5,7 +5,7 @@ Fusing (merging the LoRA deltas into the weights) makes LoRA jobs run at base sp
 The weights each fusion changes are copied to CPU memory first, and restored by copy,
 so a job without LoRAs after any LoRA job gets bit-identical base weights. A set of
 adapters (same files, same scales) stays fused while jobs keep asking for it. In bf16
-diffusers fuses (`fuse_lora`); under QUANTIZE=fp8, `src/fp8_loras.py` fuses each touched
+diffusers fuses (`fuse_lora`); under QUANTIZE=fp8, `src/models/fp8_loras.py` fuses each touched
 linear in bf16 from the published weights and quantizes the result.
 """
 

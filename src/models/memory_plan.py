@@ -35,7 +35,7 @@ MP = 1_000_000
 # 49.2k, about 0.1 GiB per 1000 tokens; under FP8 (activations quantized per token beside
 # their bf16 copies) 3.43 at 20.5k, 4.8 at 28.7k, 7.65 at 49.2k, at most 0.17 per 1000.
 TRANSFORMER_BYTES_PER_TOKEN = {"none": 0.1 * GIB / 1000, "fp8": 0.17 * GIB / 1000}
-# VAE decode without the feature cache (src/image_vae.py): 2.07 GiB at 1.05 MP, 8.26 at
+# VAE decode without the feature cache (src/models/image_vae.py): 2.07 GiB at 1.05 MP, 8.26 at
 # 4.19 MP, 8.09 for 10 layers of 0.41 MP, 18.4 for 10 of 1.05 MP: at most 1.97 GiB per MP.
 DECODE_BYTES_PER_PIXEL = 1.97 * GIB / MP
 TILED_DECODE_BYTES = 1 * GIB  # 0.3 GiB measured for 2048x2048 (tools/vae_memory.py), with margin

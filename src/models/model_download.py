@@ -7,7 +7,7 @@ cache lacks. Jobs never download: the worker loads with HF_HUB_OFFLINE=1.
 Steps, the same for both callers:
   1. what to fetch (`plan`): the edit model; the Layered model without the text encoder,
      tokenizer and processor where the hub shows them the same files as the edit model's (the
-     worker borrows those, src/shared_components.py); the Lightning LoRA files;
+     worker borrows those, src/models/shared_components.py); the Lightning LoRA files;
   2. how much (`measure`: the hub's listing of main's commit, nothing downloaded) and whether
      it fits (`check_space`);
   3. `fetch`: each file not yet cached, with huggingface_hub's hf_hub_download at that commit,
@@ -16,7 +16,7 @@ Steps, the same for both callers:
 Why not snapshot_download: it caches the commit's whole listing (`trees/<commit>.json`), and
 huggingface_hub 2.4 then refuses offline any snapshot of that commit that lacks a listed file,
 which Layered without its borrowed folders, or two of Lightning's four files, always does: the
-worker's own lookup (`snapshot_download(local_files_only=True)` in src/pipelines.py) would call
+worker's own lookup (`snapshot_download(local_files_only=True)` in src/models/weights.py) would call
 them missing. Files fetched one by one leave no listing; refs/main, written last, marks the
 snapshot whole.
 
@@ -30,7 +30,7 @@ Offline switch. huggingface_hub reads HF_HUB_OFFLINE once, when imported, into
 `huggingface_hub.constants.HF_HUB_OFFLINE`, and its HTTP client refuses every request while that
 constant is true (utils/_http.py checks `constants.is_offline_mode()` before each one). The
 worker runs offline; `hub_online()` lifts the switch for the download alone and puts it back,
-so the loading that follows is offline again (tests/test_model_download.py pins this).
+so the loading that follows is offline again (tests/models/test_model_download.py pins this).
 """
 
 from __future__ import annotations

@@ -3,10 +3,10 @@
 Weights are never downloaded here: a model missing from HF_HOME stops the start
 with an error naming the repo id and the cache path. The Layered pipeline borrows
 the edit pipeline's text encoder, tokenizer and processor where its repository holds
-the same files (src/shared_components.py), so the 7B text encoder is resident once;
+the same files (src/models/shared_components.py), so the 7B text encoder is resident once;
 a component whose files differ is loaded from Layered's own snapshot.
 
-With QUANTIZE=fp8 and a matching FP8 cache (src/fp8_cache.py), a transformer's FP8 block
+With QUANTIZE=fp8 and a matching FP8 cache (src/models/fp8_cache.py), a transformer's FP8 block
 linears come from the cache and the rest of it from the snapshot by key: its bf16 block
 linears are not read at all, by the loader or by the read-ahead.
 """
@@ -72,7 +72,7 @@ class Pipelines:
         # 80 GB card; then the idle one waits in CPU memory and they trade places per job.
         self.swap_transformers = settings.transformer_swap == "always"
         self.memory_mode = "resident"  # load() chooses (MEMORY_MODE)
-        # Which jobs fit beside the weights (src/memory_plan.py); None on the CPU unless
+        # Which jobs fit beside the weights (src/models/memory_plan.py); None on the CPU unless
         # GPU_MEMORY_GIB sets a capacity to plan for.
         self.plan: memory_plan.MemoryPlan | None = None
         self.prefetched: list[dict] = []  # what WEIGHTS_PREFETCH read, per pipeline loaded
@@ -83,9 +83,9 @@ class Pipelines:
         # Under FP8, LoRAs fuse into the published bf16 weights, read from the snapshot.
         self.fused_loras = FusedLoras(self.edit_published_weights if settings.quantize == "fp8" else None, self.dtype)
         # How each job's LoRA set runs: held ready, unfused beside the weights, or fused
-        # (src/lora_switch.py); the worker installs the branches and the resident set at start.
+        # (src/models/lora_switch.py); the worker installs the branches and the resident set at start.
         self.loras = LoraSwitch(self.fused_loras, settings.lora_fuse_after)
-        # The ranks of a multi-GPU worker (src/parallel.py sets them after the start-up
+        # The ranks of a multi-GPU worker (src/serving/parallel.py sets them after the start-up
         # load): a transformer loaded later runs under context parallelism too.
         self.ranks = None
 
@@ -232,7 +232,7 @@ class Pipelines:
 
     def arrange_memory(self) -> None:
         """The memory mode, whether the transformers swap, and the plan of which jobs fit
-        (src/memory_plan.py), from the GPU's memory (GPU_MEMORY_GIB, else what it has free
+        (src/models/memory_plan.py), from the GPU's memory (GPU_MEMORY_GIB, else what it has free
         plus what this process holds) and the weights' bytes. On the CPU, auto means
         resident, and jobs are planned only against a GPU_MEMORY_GIB. FP8 needs its
         transformer resident."""

@@ -13,7 +13,7 @@ it to network filesystems. Skipped when the files would not fit in available mem
 (the page cache would drop them again).
 
 Also here: tensors read by key from safetensors files (`stored_tensors`, `read_tensors`),
-without memory-mapping, in large reads on a few threads. The FP8 cache (src/fp8_cache.py)
+without memory-mapping, in large reads on a few threads. The FP8 cache (src/models/fp8_cache.py)
 takes the transformer's unquantized tensors from the snapshot this way, never touching the
 bytes of the block linears it has in FP8; the same reads give a touched linear's bf16
 original back from the snapshot.
@@ -72,7 +72,7 @@ def locate(repo_id: str, hf_home: Path) -> ModelRef:
     except IncompleteSnapshotError as exc:
         # The cache's listing of the repo names files this snapshot lacks: Layered's text
         # encoder, tokenizer and processor are left out on purpose where they are the edit
-        # model's (src/shared_components.py). A file that is really missing fails the load
+        # model's (src/models/shared_components.py). A file that is really missing fails the load
         # that needs it, naming it.
         log.info("%s: the cached snapshot lacks files its listing names; using it as it is", repo_id)
         path = Path(exc.snapshot_path)

@@ -39,7 +39,7 @@ MAX_JOB_TIMEOUT_S = 24 * 3600
 DEFAULT_MAX_LAYER_EDITS = 4
 # A prompt list runs one edit per prompt (times num_images), one after another.
 DEFAULT_MAX_PROMPTS = 8
-# How an empty decompose prompt's caption is decoded (src/captioning.py).
+# How an empty decompose prompt's caption is decoded (src/models/captioning.py).
 CAPTION_DECODERS = ("auto", "stock", "eager", "graphed", "compiled")
 # The 14 linears of a Qwen-Image transformer block, by their names inside the block: the
 # names FP8_KEEP_BF16 takes (src/models/fp8.py quantizes the others). Kept here, not in fp8,
@@ -90,7 +90,7 @@ class Settings:
     lightning_repo: str = DEFAULT_LIGHTNING_REPO
     lightning_files: dict[int, str] = field(default_factory=lambda: dict(DEFAULT_LIGHTNING_FILES))
     max_loras: int = 3
-    # LoRA sets not held ready run unfused (src/lora_branches.py) until this many consecutive
+    # LoRA sets not held ready run unfused (src/models/lora_branches.py) until this many consecutive
     # jobs have asked for the same set; that job fuses it (1: fuse at once; 0: never fuse a
     # set that can run unfused). README, LoRAs, says why 16.
     lora_fuse_after: int = 16
@@ -103,7 +103,7 @@ class Settings:
     max_layer_edits: int = DEFAULT_MAX_LAYER_EDITS
     max_prompts: int = DEFAULT_MAX_PROMPTS
     # Job URLs (images, LoRAs, a job's bucket): whether they may reach loopback, private
-    # and link-local addresses (src/url_guard.py), and how long one download may take.
+    # and link-local addresses (src/plumbing/url_guard.py), and how long one download may take.
     allow_private_urls: bool = False
     allowed_private_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     fetch_connect_timeout_s: float = 5.0
@@ -125,7 +125,7 @@ class Settings:
     quantize: str = "none"
     fp8_keep_bf16: frozenset[str] = frozenset(MODULATION_LINEARS)
     # With QUANTIZE=fp8: load the block linears pre-quantized from FP8_CACHE_DIR when a cache
-    # of this snapshot and recipe is there (src/fp8_cache.py), instead of reading bf16 and quantizing.
+    # of this snapshot and recipe is there (src/models/fp8_cache.py), instead of reading bf16 and quantizing.
     fp8_cache: bool = True
     fp8_cache_dir: Path | None = None  # None: HF_HOME/qwen-fp8
     memory_mode: str = "auto"
@@ -205,7 +205,7 @@ class Settings:
 
     @property
     def address_policy(self) -> AddressPolicy:
-        """What job URLs may reach (src/url_guard.py)."""
+        """What job URLs may reach (src/plumbing/url_guard.py)."""
         return AddressPolicy(self.allow_private_urls, self.allowed_private_networks)
 
 

@@ -1,6 +1,6 @@
 """A botocore client whose connections go only to addresses already checked.
 
-A job's own bucket endpoint is untrusted: src/url_guard.py resolves its host once and
+A job's own bucket endpoint is untrusted: src/plumbing/url_guard.py resolves its host once and
 checks every address. `pin_connections` then makes the client connect to those addresses
 and nowhere else. There is no second DNS lookup, so an answer that changes after the
 check (DNS rebinding) cannot send the client to loopback or the metadata service. The
@@ -9,7 +9,7 @@ signature; in TLS SNI and certificate verification; in presigned URLs.
 
 What it relies on, read in botocore 1.44.8 and urllib3 2.8.0 (both pinned exactly in
 requirements.txt for this reason), each named here so that an upgrade is checked against
-this list; tests/test_storage_pinning.py fails if any of them stops holding:
+this list; tests/plumbing/test_storage_pinning.py fails if any of them stops holding:
 
 1. botocore sends every request of a client through `client._endpoint.http_session`
    (private `BaseClient._endpoint`), a `URLLib3Session` built when the client is. Its
@@ -87,7 +87,7 @@ class _Pinned:
         if peer not in {ipaddress.ip_address(address) for address in self.pinned_addresses}:
             self.close()
             log.error("connection to %s went to %s, not to a checked address %s; urllib3 no longer opens "
-                      "sockets in _new_conn (src/pinned_s3.py)", self.host, peer, self.pinned_addresses)
+                      "sockets in _new_conn (src/plumbing/pinned_s3.py)", self.host, peer, self.pinned_addresses)
             raise NewConnectionError(self, f"connected to {peer}, which is not a checked address of {self.host}")
 
 
@@ -120,9 +120,9 @@ def pin_connections(client, addresses: tuple[str, ...]) -> None:
     manager = getattr(session, "_manager", None)
     if not isinstance(session, URLLib3Session) or not isinstance(manager, PoolManager):
         raise PinBroken(f"botocore {type(session).__name__} is not the URLLib3Session with a PoolManager that "
-                        "src/pinned_s3.py pins; check it against this botocore version")
+                        "src/plumbing/pinned_s3.py pins; check it against this botocore version")
     if client.meta.config.proxies != {}:
-        raise PinBroken("a pinned client must be built with src.pinned_s3.NO_PROXIES in its Config")
+        raise PinBroken("a pinned client must be built with src.plumbing.pinned_s3.NO_PROXIES in its Config")
     if len(manager.pools):
         raise PinBroken("a pinned client must not have connected before it is pinned")
     manager.pool_classes_by_scheme = pinned_pool_classes(addresses)

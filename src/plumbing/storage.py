@@ -10,7 +10,7 @@ texts name the bucket and the S3 error code, never a credential.
 
 The worker's own bucket (BUCKET_*) is trusted. A job's bucket (`r2`) is not:
 `Bucket.for_job` checks its endpoint's addresses before any connection, and its clients
-connect only to the addresses checked (src/pinned_s3.py).
+connect only to the addresses checked (src/plumbing/pinned_s3.py).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from src.job.schema import InputError
 from src.plumbing.url_guard import AddressPolicy, CheckedTarget, resolve_checked, shown
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-# The setting the connect timeout comes from, named in timeout errors (src/config.py).
+# The setting the connect timeout comes from, named in timeout errors (src/plumbing/config.py).
 CONNECT_TIMEOUT_SETTING = "FETCH_CONNECT_TIMEOUT_S"
 FETCH_BYTES_CHUNK = 1 << 16
 USER_AGENT = "qwen-image-edit-worker"

@@ -44,7 +44,7 @@ def edit(pipeline, request: JobRequest, images: list[Image.Image], seed: int,
     """edit and edit_multi: `num_images` results for each prompt, prompts in order. Result
     k is the pipeline's call with its prompt and seed `request.output_seed(seed, k)`, so
     it equals the single-image job with that prompt and seed; the encodings those calls
-    share are computed once (src/shared_encodings.py). `scheduler` replaces the
+    share are computed once (src/serving/shared_encodings.py). `scheduler` replaces the
     pipeline's for these calls (Lightning LoRAs come with their own)."""
     alpha = images[0].getchannel("A") if len(images) == 1 and images[0].mode == "RGBA" else None
     matte = request.matte_for(len(images))
@@ -113,7 +113,7 @@ def decompose(pipeline, request: JobRequest, image: Image.Image, seed: int,
               progress: ProgressFn) -> list[Image.Image]:
     """One image to `request.layers` RGBA layers, back to front (`composite` stacks them).
     An empty prompt is captioned by the pipeline: diffusers' own `get_image_caption`, or
-    the decoder the warm-up installed (CAPTION_DECODER, `src/captioning.py`)."""
+    the decoder the warm-up installed (CAPTION_DECODER, `src/models/captioning.py`)."""
     return pipeline(
         image=image.convert("RGBA"),
         prompt=request.prompt,

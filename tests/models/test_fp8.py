@@ -1,4 +1,4 @@
-"""QUANTIZE=fp8 (src/fp8.py): the scaled FP8 linear against the linear it replaces, which
+"""QUANTIZE=fp8 (src/models/fp8.py): the scaled FP8 linear against the linear it replaces, which
 layers are replaced, and the worker's job path with FP8 on the CPU (torch's CPU build
 runs the same scaled matmul as the GPU)."""
 
@@ -63,7 +63,7 @@ def tiny_transformer(hf_home):
 
 def block_linears(transformer, kind) -> set[str]:
     """Names, inside a block, of the linears of type `kind` (or a subclass: the worker gives
-    the edit transformer's linears LoRA branches, src/lora_branches.py), over all blocks."""
+    the edit transformer's linears LoRA branches, src/models/lora_branches.py), over all blocks."""
     return {name for block in transformer.transformer_blocks for name, m in block.named_modules()
             if isinstance(m, kind)}
 

@@ -1,4 +1,4 @@
-"""FP8_CACHE (src/fp8_cache.py): the FP8 block linears written once and loaded at start give
+"""FP8_CACHE (src/models/fp8_cache.py): the FP8 block linears written once and loaded at start give
 the same transformer, bit for bit, as quantizing at start, and the same images; a cache of
 another revision or recipe, or a damaged one, is refused with a reason and the worker
 quantizes at start instead. On the tiny models, CPU, float32 (the CPU worker's dtype)."""
@@ -27,7 +27,7 @@ from tests.conftest import FAST, REPO_ROOT, image_from_b64, png_b64, sample_imag
 from tests.fake_hf_hub import start_fake_hub
 
 EDIT_REPO, LAYERED_REPO = "Qwen/Qwen-Image-Edit-2511", "Qwen/Qwen-Image-Layered"
-CPU_DTYPE = torch.float32  # src/pipelines.py dtype_for: what a CPU worker loads in
+CPU_DTYPE = torch.float32  # src/models/pipelines.py dtype_for: what a CPU worker loads in
 # What fp8.RECIPE_VERSION names: the bytes Fp8Linear stores for a fixed weight. A change to
 # the quantization that leaves RECIPE_VERSION alone fails here: old caches would load wrong.
 PINNED_RECIPE = ("e4m3-rowwise-amax-v2", "606905d7eb172cdea8082685507107d9")

@@ -1,4 +1,4 @@
-"""LoRAs under QUANTIZE=fp8 (src/fp8_loras.py): each touched linear fused in bf16 from the
+"""LoRAs under QUANTIZE=fp8 (src/models/fp8_loras.py): each touched linear fused in bf16 from the
 published weights and then quantized equals diffusers' own fuse quantized afterwards; the
 base model comes back bit for bit; Lightning runs through the worker on the CPU."""
 
@@ -212,7 +212,7 @@ def test_fp8_lightning_stays_near_the_unquantized_lightning_job(fp8_worker, work
     job = {"lightning": 4, "num_inference_steps": None} if lightning else {"num_inference_steps": 4,
                                                                            "true_cfg_scale": 1.0}
     difference = np.abs(pixels(edit(fp8_worker, **job)) - pixels(edit(worker, **job)))
-    assert 0 < difference.mean() < 8, difference.mean()  # the same bound as FP8 without LoRAs (tests/test_fp8.py)
+    assert 0 < difference.mean() < 8, difference.mean()  # the same bound as FP8 without LoRAs (tests/models/test_fp8.py)
     name = "lightning4" if lightning else "4_steps_no_cfg"
     guarantee_figures[f"fp8_{name}_mean_abs_8bit"] = round(float(difference.mean()), 2)
     guarantee_figures[f"fp8_{name}_max_abs_8bit"] = int(difference.max())

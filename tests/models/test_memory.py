@@ -1,4 +1,4 @@
-"""Memory modes (src/memory.py): the choice (src/memory_plan.py), and the same images from
+"""Memory modes (src/models/memory.py): the choice (src/models/memory_plan.py), and the same images from
 every mode. On the CPU the streamed modes run diffusers' group-offloading hooks with
 the CPU as both homes: the hooks move nothing, but every module runs through them."""
 

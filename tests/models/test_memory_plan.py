@@ -1,4 +1,4 @@
-"""The memory plan (src/memory_plan.py): its arithmetic against the H200 measurements, the
+"""The memory plan (src/models/memory_plan.py): its arithmetic against the H200 measurements, the
 levers it picks, the refusal texts, and the worker running them: a planned lever, a
 refusal before any GPU work, and an out-of-memory error retried once with every lever
 that applies to the job."""

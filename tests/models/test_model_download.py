@@ -39,8 +39,8 @@ import logging, os, sys
 sys.path.insert(0, os.getcwd())
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 logging.getLogger("httpx2").setLevel(logging.WARNING)
-from src.config import Settings
-from src.model_download import DownloadFailed, fetch_missing
+from src.plumbing.config import Settings
+from src.models.model_download import DownloadFailed, fetch_missing
 try:
     print(fetch_missing(Settings.from_env(os.environ), progress_every_s=float(sys.argv[1])))
 except DownloadFailed as exc:

@@ -1,4 +1,4 @@
-"""src/shared_components.py and tools/download_models.py's plan: Layered borrows the edit model's
+"""src/models/shared_components.py and tools/download_models.py's plan: Layered borrows the edit model's
 text encoder, tokenizer and processor only where they are the same files, by the hashes the hub
 reports, read from hub metadata or from a snapshot's links into blobs/."""
 

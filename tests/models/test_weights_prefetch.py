@@ -1,4 +1,4 @@
-"""WEIGHTS_PREFETCH (src/weights.py): which filesystems count as network storage (`auto`),
+"""WEIGHTS_PREFETCH (src/models/weights.py): which filesystems count as network storage (`auto`),
 and a start that reads ahead reads every weight file the worker loads, and only those."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """A job's own bucket (`r2`): its endpoint is checked before any connection, and every
-connection then goes to the address checked (src/pinned_s3.py), with the host name kept
+connection then goes to the address checked (src/plumbing/pinned_s3.py), with the host name kept
 for the Host header, the signature, TLS and presigned URLs. The worker's own bucket is
 not checked.
 

@@ -1,5 +1,5 @@
-"""Job URL downloads (src/url_fetch.py) against real loopback HTTP(S) servers that count
-the connections they accept, and the address guard (src/url_guard.py) as pure checks."""
+"""Job URL downloads (src/plumbing/url_fetch.py) against real loopback HTTP(S) servers that count
+the connections they accept, and the address guard (src/plumbing/url_guard.py) as pure checks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PARALLEL: one job across several ranks with diffusers' context parallelism (src/parallel.py).
+"""PARALLEL: one job across several ranks with diffusers' context parallelism (src/serving/parallel.py).
 
 On the CPU, ranks are processes joined over gloo: the start-up path, diffusers' Ulysses
 attention on the tiny models, job broadcast, the lockstep that keeps a failed rank from
