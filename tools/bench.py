@@ -23,14 +23,14 @@ MEMORY_MODE to `auto`) and records the per-stage times, the memory levers a job 
 seconds per transformer pass, useful TFLOP/s and its share of the card's bf16 peak, and
 peak GPU memory. Writes `<out>/<gpu>-<date>-<label>.json`.
 
-Under QUANTIZE=fp8, Lightning cases fuse into the "published" bf16 weights (src/fp8_loras.py):
+Under QUANTIZE=fp8, Lightning cases fuse into the "published" bf16 weights (src/models/fp8_loras.py):
 here the block linears are a function of their names (`NamedRandomWeights`), regenerated on
 the GPU when the fuse asks, so no reading is timed; `--published-on-disk` writes them as a
 sharded snapshot instead, read back cold, as the worker reads its snapshot.
 `lightning_fp8_deviation` (a bf16 run) compares one edit pass with the Lightning LoRA fused
 in bf16 against the same under FP8.
 
-`lora_switching` (src/lora_switch.py) starts as `PRELOAD=edit,lightning` does (the 4-step
+`lora_switching` (src/models/lora_switch.py) starts as `PRELOAD=edit,lightning` does (the 4-step
 Lightning set fused once and held ready in CPU memory) and measures: seconds per edit
 pass for the base model, Lightning held ready (fused), Lightning unfused and a small custom
 LoRA unfused (rank 16 on the attention's q, k, v and out projections); each switch both
@@ -416,7 +416,7 @@ class KwargsCatcher:
 def transformer_inputs(worker: Worker, transformer, images: int) -> dict:
     """The kwargs of the edit transformer's pass in a 1024x1024 job with `images` references."""
     catcher = KwargsCatcher(transformer)
-    # 2 steps: with 1, the models' scheduler gives a NaN timestep (see src/worker.py).
+    # 2 steps: with 1, the models' scheduler gives a NaN timestep (see src/serving/worker.py).
     run_case(worker, f"capture{images}", dict(operation="edit", images=images, num_inference_steps=2,
                                               true_cfg_scale=1.0), PassCounter())
     catcher.handle.remove()
@@ -533,7 +533,7 @@ def compile_deviation(worker: Worker) -> dict:
 def lightning_fp8_deviation(worker: Worker) -> dict:
     """The edit transformer's pass (1024x1024, 1 reference) with the Lightning LoRA fused in
     bf16 by diffusers (the bf16 worker's way) against the same pass under FP8 with the LoRA
-    fused by src/fp8_loras.py, beside FP8's own deviation without the LoRA and the LoRA's
+    fused by src/models/fp8_loras.py, beside FP8's own deviation without the LoRA and the LoRA's
     own effect. Needs a bf16 run (QUANTIZE unset); it quantizes the edit transformer, so
     it runs last."""
     from src.models.fp8 import quantize_blocks

@@ -1,5 +1,5 @@
 """Captioning alone on a GPU: the caption of an empty decompose prompt, by diffusers' own
-`generate` and by each decoder of src/captioning.py, with the full-size Qwen2.5-VL 7B
+`generate` and by each decoder of src/models/captioning.py, with the full-size Qwen2.5-VL 7B
 text encoder built from the published config with random bf16 weights (tools/bench.py's
 build). Random weights never end a caption, so every run makes the 512 tokens of the cap:
 the issue's bound.

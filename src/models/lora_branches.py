@@ -127,7 +127,7 @@ class LoraBranches:
                         module.lora_branch_on = True  # all of them: one compiled structure
                     elif parts:
                         # PEFT casts lora_A/lora_B to the base layer's dtype when it loads them,
-                        # and scales by `scale * lora_alpha / r` with lora_alpha = r (src/fp8_loras.py).
+                        # and scales by `scale * lora_alpha / r` with lora_alpha = r (src/models/fp8_loras.py).
                         device = module.weight.device
                         module.lora_parts = [(down.to(device, self.dtype), up.to(device, self.dtype),
                                               scale * down.shape[0] / down.shape[0])

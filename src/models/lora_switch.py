@@ -2,9 +2,9 @@
 
     base      no adapters: the base weights, exact
     resident  the set held ready (PRELOAD=lightning): its fused weights copied in from CPU memory
-    unfused   side branches beside the base weights (src/lora_branches.py): a cheap switch,
+    unfused   side branches beside the base weights (src/models/lora_branches.py): a cheap switch,
               a small cost per pass
-    fused     fused into the weights on the spot (src/loras.py FusedLoras): the switch costs
+    fused     fused into the weights on the spot (src/models/loras.py FusedLoras): the switch costs
               a fuse and later a restore, the passes run at base speed
 
 A set that is not resident runs unfused until LORA_FUSE_AFTER consecutive jobs have asked

@@ -93,7 +93,7 @@ class Worker:
         return worker
 
     def install_lora_branches(self) -> None:
-        """The unfused LoRA branches on the edit transformer's block linears (src/lora_branches.py):
+        """The unfused LoRA branches on the edit transformer's block linears (src/models/lora_branches.py):
         padded to LORA_BRANCH_RANK under compile, so every set runs one compiled structure.
         Not where LoRA jobs are refused (MEMORY_MODE offload)."""
         if self.pipes.memory_mode != "offload":
@@ -102,7 +102,7 @@ class Worker:
 
     def prepare_loras(self) -> float:
         """Before serving: with PRELOAD naming lightning, the LIGHTNING_RESIDENT_STEPS preset
-        fused once and held ready (src/lora_resident.py); with the warm-up, one edit pass
+        fused once and held ready (src/models/lora_resident.py); with the warm-up, one edit pass
         with each weight layout the jobs can meet (the set held ready, the branches), so
         no LoRA job compiles. Returns seconds taken."""
         start = time.perf_counter()
@@ -228,7 +228,7 @@ class Worker:
         return output
 
     def _memory_levers(self, request: JobRequest, images: list[Image.Image]) -> tuple[str, ...]:
-        """The memory levers this job needs on this GPU (src/memory_plan.py), or InputError
+        """The memory levers this job needs on this GPU (src/models/memory_plan.py), or InputError
         with the limit in force when none makes it fit."""
         plan = self.pipes.plan
         if plan is None:
@@ -327,7 +327,7 @@ class Worker:
         as `load`); for edits, exactly `adapters` applied (switching sets timed as `lora`)."""
         with timer.stage("load") if self.pipes.needs_loading(operation) else contextlib.nullcontext():
             pipeline = self.pipes.for_operation(operation)
-        if operation != "decompose":  # the set held ready, unfused or fused (src/lora_switch.py)
+        if operation != "decompose":  # the set held ready, unfused or fused (src/models/lora_switch.py)
             loras = self.pipes.loras
             with timer.stage("lora") if loras.needs_change(adapters) else contextlib.nullcontext():
                 loras.apply(pipeline, adapters)

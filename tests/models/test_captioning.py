@@ -1,4 +1,4 @@
-"""Captioning (src/captioning.py): every decoder gives the tokens diffusers' own
+"""Captioning (src/models/captioning.py): every decoder gives the tokens diffusers' own
 `get_image_caption` gets from `generate`, alone and through a whole decompose job.
 
 The tiny text encoder is rigged to end every caption at once (tools/make_tiny_models.py);

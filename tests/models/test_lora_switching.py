@@ -1,4 +1,4 @@
-"""How LoRA sets switch (src/lora_switch.py): unfused branches equal diffusers' own unfused
+"""How LoRA sets switch (src/models/lora_switch.py): unfused branches equal diffusers' own unfused
 LoRA loading, fused equals diffusers' fuse, the two differ by rounding only (the figure
 README quotes); a set fuses after LORA_FUSE_AFTER jobs in a row; the PRELOAD Lightning
 set is held ready and copied in; the base model stays bit-identical through all of it;
