@@ -75,7 +75,8 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
                         help=f"parallel file downloads; default {DEFAULT_MAX_WORKERS}")
     parser.add_argument("--dry-run", action="store_true", help="show what would be downloaded, download nothing")
     parser.add_argument("--fp8", action="store_true",
-                        help="then write the FP8 cache of each transformer for QUANTIZE=fp8 workers (src/models/fp8_cache.py)")
+                        help="then write the FP8 cache of each transformer for QUANTIZE=fp8 workers "
+                             "(src/models/fp8_cache.py)")
     parser.add_argument("--fp8-dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="the dtype the worker loads in: bfloat16 on a GPU (default), float32 on the CPU")
     args = parser.parse_args(argv)

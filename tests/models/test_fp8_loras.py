@@ -212,7 +212,8 @@ def test_fp8_lightning_stays_near_the_unquantized_lightning_job(fp8_worker, work
     job = {"lightning": 4, "num_inference_steps": None} if lightning else {"num_inference_steps": 4,
                                                                            "true_cfg_scale": 1.0}
     difference = np.abs(pixels(edit(fp8_worker, **job)) - pixels(edit(worker, **job)))
-    assert 0 < difference.mean() < 8, difference.mean()  # the same bound as FP8 without LoRAs (tests/models/test_fp8.py)
+    # The same bound as FP8 without LoRAs (tests/models/test_fp8.py).
+    assert 0 < difference.mean() < 8, difference.mean()
     name = "lightning4" if lightning else "4_steps_no_cfg"
     guarantee_figures[f"fp8_{name}_mean_abs_8bit"] = round(float(difference.mean()), 2)
     guarantee_figures[f"fp8_{name}_max_abs_8bit"] = int(difference.max())
