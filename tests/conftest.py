@@ -175,7 +175,7 @@ def api(worker_env, tmp_path_factory):
 def guarantee_figures(request):
     """Figures measured by the guarantee tests (worst times and memory, retry timings, RSS
     growth), written to outputs/guarantees.json and listed at the end of the run: the
-    numbers README's "What the worker guarantees" quotes."""
+    numbers docs/guarantees.md quotes."""
     figures: dict[str, object] = {}
     yield figures
     if not figures:

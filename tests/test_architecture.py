@@ -104,9 +104,11 @@ def find_cycle(graph: Graph) -> list[str] | None:
 
 
 def documented_modules(text: str) -> dict[str, set[str]]:
-    """docs/architecture.md's table: package -> the module names in its row."""
-    rows = re.findall(r"^\|[^|\n]*\| `src/(\w+)/` \|[^|\n]*\|([^|\n]*)\|$", text, flags=re.M)
-    return {package: set(re.findall(r"`(\w+)`", modules)) for package, modules in rows}
+    """docs/architecture.md's table of modules: package -> its modules with a row."""
+    documented: dict[str, set[str]] = {}
+    for package, module in re.findall(r"^\| `src/(\w+)/(\w+)\.py` \|", text, flags=re.M):
+        documented.setdefault(package, set()).add(module)
+    return documented
 
 
 # ----------------------------------------------------------------------------

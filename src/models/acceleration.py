@@ -6,8 +6,8 @@ multi-GPU worker (PARALLEL), the transformer's side of context parallelism
 All are switches (`QUANTIZE`, `ATTENTION_BACKEND`, `COMPILE`), off by default: another
 kernel sums in another order, and FP8 rounds every weight and activation, so outputs
 change, and a change is only turned on once its deviation on the real weights is known.
-`tools/bench.py --levers` measures each alone on the full-size transformer; README quotes
-the figures. On the CPU (tests, demo) the attention kernel and compile do not apply, so
+`tools/bench.py --levers` measures each alone on the full-size transformer; docs/performance.md
+quotes the figures. On the CPU (tests, demo) the attention kernel and compile do not apply, so
 the fidelity tests compare against stock diffusers bit for bit; FP8 runs there too (slowly),
 so its job path is tested.
 

@@ -23,7 +23,7 @@ E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448.0
 # A row of zeros keeps a finite scale (and quantizes to zeros).
 MIN_SCALE = 1e-12
 # Hopper's faster FP8 accumulation (as torchao's and most FP8 inference stacks use); its
-# effect is inside the deviation README reports.
+# effect is inside the deviation docs/performance.md reports.
 FAST_ACCUMULATION = True
 # Names how `rowwise_fp8` and `Fp8Linear` store a weight (e4m3 values, one float32 scale per
 # output row from the row's absolute max, MIN_SCALE floor, scales as a (1, out) row). The FP8

@@ -178,7 +178,7 @@ class MemoryPlan:
         return f"use at most {side}x{side} output pixels (width, height)"
 
     def limits(self) -> str:
-        """The corners this worker serves, for the start-up log and README."""
+        """The corners this worker serves, for the start-up log and docs/memory.md."""
         edit = self.what_fits(LARGEST_EDIT) if not self.fits(LARGEST_EDIT) else "every edit"
         decompose = ("every decomposition" if self.fits(LARGEST_DECOMPOSE)
                      else f"decompositions at 1024: {self.what_fits(LARGEST_DECOMPOSE)}")

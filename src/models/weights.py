@@ -2,12 +2,12 @@
 
 diffusers and transformers load safetensors through mmap: every tensor copied to the
 GPU faults its pages in, a few at a time, in the order the model asks for them. On a
-local disk that costs 1.3x a plain read (README, Speed); on network storage (a RunPod
+local disk that costs 1.3x a plain read (docs/performance.md); on network storage (a RunPod
 network volume) each fault is a round trip. Prefetching reads every weight file front
 to back in large chunks, several files at once, into the page cache, on a background
 thread while the loader runs: the loader's mmap reads then find their pages in memory,
 and its copies to the GPU overlap the reading of later files. On by default: on the
-H100's local disk it took a cold start from 1.28x to 1.15x a plain read (README, Speed),
+H100's local disk it took a cold start from 1.28x to 1.15x a plain read (docs/performance.md),
 and on network storage it replaces page faults with large parallel reads. `auto` keeps
 it to network filesystems. Skipped when the files would not fit in available memory
 (the page cache would drop them again).

@@ -17,7 +17,7 @@ from tests.process_probe import peak_memory
 from tools.local_stack import start_api
 
 # Bounds every case must meet. Measured worst on 2 CPU cores: see guarantee_figures and
-# README's "What the worker guarantees".
+# docs/guarantees.md.
 MAX_CASE_S = 2.0
 MAX_CASE_EXTRA_MIB = 200  # resident memory above what the job's input itself occupies
 API_SAMPLE = ("png declaring 100000x100000", "truncated jpeg", "animated webp", "standard and url-safe alphabets mixed",

@@ -128,7 +128,7 @@ def test_fp8_jobs_stay_near_the_unquantized_images(fp8_worker, worker, request_i
     assert len(quantized["images"]) == len(reference["images"])
     for got, want in zip(quantized["images"], reference["images"]):
         difference = np.abs(pixels(got) - pixels(want))
-        # Tiny random weights amplify rounding (README: a few 8-bit levels on average);
+        # Tiny random weights amplify rounding (docs/performance.md: a few 8-bit levels on average);
         # the images differ, so FP8 ran, and stay close.
         assert 0 < difference.mean() < 8, (got["name"], difference.mean())
         guarantee_figures[f"fp8_mean_abs_8bit_{request_input.get('operation', 'edit')}_{got['name']}"] = \

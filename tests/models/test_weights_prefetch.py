@@ -65,7 +65,7 @@ def test_auto_reads_nothing_ahead_off_network_storage(hf_home):
 
 def test_the_default_reads_ahead_on_any_storage(hf_home):
     """On the H100's local disk the read-ahead took the cold start from 1.28x to 1.15x a
-    plain read (README, Speed), so it is on unless turned off."""
+    plain read (docs/performance.md), so it is on unless turned off."""
     pipes = Pipelines(Settings.from_env({"HF_HOME": str(hf_home), "DEVICE": "cpu"}))
     pipes.load()
     edit_files = weights.weight_files(pipes.edit_ref.path)
