@@ -2,7 +2,8 @@
 imported): each package imports only from itself and the packages below it, and no module
 imports itself back through others. Imports inside functions and under TYPE_CHECKING count
 too: moving an import into a function hides a cycle from Python at import time, not from this
-test. The table in docs/architecture.md names every module of every package."""
+test. The table in docs/architecture.md names every module of every package, and no doc or
+comment names a module by its old flat path (src/worker.py, src.worker)."""
 
 from __future__ import annotations
 
@@ -135,6 +136,32 @@ def test_the_architecture_note_names_every_module():
     assert documented_modules(ARCHITECTURE.read_text()) == on_disk
 
 
+# Text that names files and modules: docs, comments, docstrings, deploy files.
+TEXT_FILES = ["README.md", "handler.py", "runpod.toml", "Dockerfile", "Makefile", ".runpod/hub.json",
+              "docs/*.md", "src/**/*.py", "tests/**/*.py", "tools/*.py"]
+
+
+def flat_names(text: str, modules: set[str], tests: set[str]) -> set[str]:
+    """Where `text` names one of our modules or tests by its place in the flat layout
+    (src/worker.py, src.worker, tests/test_worker.py), which no longer exists."""
+    paths = {f"src/{name}.py" for name in re.findall(r"\bsrc/(\w+)\.py\b", text) if name in modules}
+    dotted = {f"src.{name}" for name in re.findall(r"\bsrc\.(\w+)\b", text) if name in modules}
+    test_paths = {f"tests/{name}.py" for name in re.findall(r"\btests/(\w+)\.py\b", text) if name in tests}
+    return paths | dotted | test_paths
+
+
+def test_no_text_names_a_module_by_its_flat_path():
+    modules = {path.stem for path in SRC.glob("*/*.py") if path.stem != "__init__"}
+    tests = {path.stem for path in (REPO_ROOT / "tests").glob("*/test_*.py")}
+    stale = {}
+    for pattern in TEXT_FILES:
+        for path in sorted(REPO_ROOT.glob(pattern)):
+            if path.is_file() and path != Path(__file__).resolve() and "__pycache__" not in path.parts:
+                if names := flat_names(path.read_text(), modules, tests):
+                    stale[str(path.relative_to(REPO_ROOT))] = sorted(names)
+    assert stale == {}, "name them by their package (src/<package>/<module>.py, tests/<package>/...)"
+
+
 # ----------------------------------------------------------------------------
 # The checks themselves fail where they should: on the flat layout's cycles (issue 17) and
 # on a graph written out as files.
@@ -187,6 +214,12 @@ def test_checks_on_written_packages(tmp_path, files, cycle, upward):
     graph = import_graph(write_package(tmp_path, files))
     assert (find_cycle(graph) is not None) == cycle
     assert upward_imports(graph, LAYERS) == upward
+
+
+def test_flat_names_are_found():
+    text = "see src/worker.py, `src.pipelines.locate` and tests/test_worker.py; not src/app.py or src.models"
+    assert flat_names(text, {"worker", "pipelines"}, {"test_worker"}) == {
+        "src/worker.py", "src.pipelines", "tests/test_worker.py"}
 
 
 def test_relative_imports_are_resolved(tmp_path):
