@@ -12,8 +12,8 @@ from typing import Mapping, NoReturn
 
 import runpod
 
-from src.config import ConfigError, Settings
-from src.deadline import JobGuard
+from src.plumbing.config import ConfigError, Settings
+from src.serving.deadline import JobGuard
 
 log = logging.getLogger("worker")
 
@@ -73,10 +73,10 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     # 2. DOWNLOAD_MODELS=missing: what HF_HOME lacks is downloaded now, before anything loads and
-    #    before the processes of several GPUs start, so it is fetched once (src/model_download.py
+    #    before the processes of several GPUs start, so it is fetched once (src/models/model_download.py
     #    goes online for the download alone).
     if settings.download_models == "missing":
-        from src.model_download import DownloadFailed, fetch_missing
+        from src.models.model_download import DownloadFailed, fetch_missing
 
         try:
             fetch_missing(settings, token=os.environ.get("HF_TOKEN") or None)
@@ -90,15 +90,15 @@ def main() -> None:
 
     import torch
 
-    from src.parallel import Leader, ParallelPlan, StartFailed
-    from src.pipelines import ModelNotFound
-    from src.worker import Worker  # imports torch and diffusers: after logging is set up
+    from src.models.weights import ModelNotFound
+    from src.serving.parallel import Leader, ParallelPlan, StartFailed
+    from src.serving.worker import Worker  # imports torch and diffusers: after logging is set up
 
     # Their per-call notices (e.g. "guidance_scale is ignored") would repeat on every job.
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
 
-    # 3. Load and warm up: on several GPUs, one process per GPU (src/parallel.py).
+    # 3. Load and warm up: on several GPUs, one process per GPU (src/serving/parallel.py).
     #    A start that cannot serve exits non-zero with one line.
     try:
         plan = ParallelPlan.from_env(os.environ, torch.cuda.device_count())

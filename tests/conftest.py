@@ -66,12 +66,12 @@ def fetch(url: str) -> Image.Image:
 
 def reference_edit_pipeline(path):
     """diffusers' edit pipeline loaded apart from the worker, with the models' authors'
-    corrections of it (src/upstream_fixes.py, tested against the authors' way in
-    tests/test_reference_parity.py): the reference the worker's images must equal."""
+    corrections of it (src/models/upstream_fixes.py, tested against the authors' way in
+    tests/serving/test_reference_parity.py): the reference the worker's images must equal."""
     from diffusers import QwenImageEditPlusPipeline
 
-    from src import upstream_fixes
-    from src.vl_processor import load_processor
+    from src.models import upstream_fixes
+    from src.models.vl_processor import load_processor
 
     pipeline = QwenImageEditPlusPipeline.from_pretrained(path, processor=load_processor(str(path)), dtype=torch.float32)
     pipeline.set_progress_bar_config(disable=True)
@@ -157,8 +157,8 @@ def worker_env(hf_home, lora_dir, s3, tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def worker(worker_env):
     """The worker in this process, started the way handler.py starts it."""
-    from src.config import Settings
-    from src.worker import Worker
+    from src.plumbing.config import Settings
+    from src.serving.worker import Worker
 
     return Worker.start(Settings.from_env(worker_env))
 
@@ -175,7 +175,7 @@ def api(worker_env, tmp_path_factory):
 def guarantee_figures(request):
     """Figures measured by the guarantee tests (worst times and memory, retry timings, RSS
     growth), written to outputs/guarantees.json and listed at the end of the run: the
-    numbers README's "What the worker guarantees" quotes."""
+    numbers docs/guarantees.md quotes."""
     figures: dict[str, object] = {}
     yield figures
     if not figures:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from PIL import Image
 
 from tests.conftest import FAST, png_b64, sample_image
-from tests.test_codec import _png_header_only
+from tests.job.test_codec import _png_header_only
 
 FIFTY_MB = 50 * 1024 * 1024
 DEEP = 100_000  # nesting levels: far past Python's recursion limit

@@ -1,7 +1,7 @@
 """For the layer tests: the jobs they send, expected pixels computed with Pillow, and
 archives fetched and read back with readers other than the code that wrote them
-(zipfile, psd-tools and Pillow, pyora). Shared by tests/test_archives.py,
-tests/test_layer_workflow.py and tests/test_local_api.py."""
+(zipfile, psd-tools and Pillow, pyora). Shared by tests/serving/test_archives.py,
+tests/serving/test_layer_workflow.py and tests/test_local_api.py."""
 
 from __future__ import annotations
 

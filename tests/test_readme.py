@@ -2,7 +2,7 @@
 
 import re
 
-from src.schema import JobRequest
+from src.job.schema import JobRequest
 from tests.conftest import REPO_ROOT
 
 README = (REPO_ROOT / "README.md").read_text()
@@ -15,7 +15,7 @@ def test_every_input_key_is_documented():
 
 
 def test_every_environment_variable_is_documented():
-    source = (REPO_ROOT / "src" / "config.py").read_text()
+    source = (REPO_ROOT / "src" / "plumbing" / "config.py").read_text()
     variables = set(re.findall(r'"([A-Z][A-Z0-9_]{2,})"', source)) - {"RUNPOD_VOLUME"}
     missing = {name for name in variables if f"`{name}`" not in README}
     assert not missing

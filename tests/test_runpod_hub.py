@@ -14,7 +14,7 @@ import pytest
 import requests
 from PIL import Image
 
-from src.config import ConfigError, Settings
+from src.plumbing.config import ConfigError, Settings
 from tests.conftest import REPO_ROOT, fetch_bytes, image_from_b64
 
 HUB = json.loads((REPO_ROOT / ".runpod" / "hub.json").read_text())
@@ -41,9 +41,9 @@ MIN_POOL_MEMORY_GB = 80
 
 
 def worker_variables() -> set[str]:
-    """Environment variables the worker reads: every name src/config.py reads, and handler.py's."""
+    """Environment variables the worker reads: every name src/plumbing/config.py reads, and handler.py's."""
     names = set()
-    for source in ("src/config.py", "handler.py"):
+    for source in ("src/plumbing/config.py", "handler.py"):
         names |= set(re.findall(r'"([A-Z][A-Z0-9_]{2,})"', (REPO_ROOT / source).read_text()))
     return names - {"RUNPOD_VOLUME"}
 

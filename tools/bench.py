@@ -23,14 +23,14 @@ MEMORY_MODE to `auto`) and records the per-stage times, the memory levers a job 
 seconds per transformer pass, useful TFLOP/s and its share of the card's bf16 peak, and
 peak GPU memory. Writes `<out>/<gpu>-<date>-<label>.json`.
 
-Under QUANTIZE=fp8, Lightning cases fuse into the "published" bf16 weights (src/fp8_loras.py):
+Under QUANTIZE=fp8, Lightning cases fuse into the "published" bf16 weights (src/models/fp8_loras.py):
 here the block linears are a function of their names (`NamedRandomWeights`), regenerated on
 the GPU when the fuse asks, so no reading is timed; `--published-on-disk` writes them as a
 sharded snapshot instead, read back cold, as the worker reads its snapshot.
 `lightning_fp8_deviation` (a bf16 run) compares one edit pass with the Lightning LoRA fused
 in bf16 against the same under FP8.
 
-`lora_switching` (src/lora_switch.py) starts as `PRELOAD=edit,lightning` does (the 4-step
+`lora_switching` (src/models/lora_switch.py) starts as `PRELOAD=edit,lightning` does (the 4-step
 Lightning set fused once and held ready: on the GPU where the memory plan has room, else in
 CPU memory) and measures: seconds per edit
 pass for the base model, Lightning held ready (fused), Lightning unfused and a small custom
@@ -62,16 +62,17 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from src.codec import png_base64  # noqa: E402
+from src.job.codec import png_base64  # noqa: E402
 from tools.bench_results import write_results  # noqa: E402
-from src.config import Settings  # noqa: E402
-from src.fp8 import BLOCK_LINEARS, MODULATION_LINEARS  # noqa: E402
-from src.fp8_loras import PublishedWeights, touched_linears  # noqa: E402
-from src.loras import FusedLoras, LoraLibrary, adapters_for  # noqa: E402
-from src.metering import price_for  # noqa: E402
-from src.pipelines import ModelRef, Pipelines, device_name  # noqa: E402
-from src.schema import JobRequest  # noqa: E402
-from src.worker import Worker  # noqa: E402
+from src.job.schema import JobRequest  # noqa: E402
+from src.models.fp8 import BLOCK_LINEARS, MODULATION_LINEARS  # noqa: E402
+from src.models.fp8_loras import PublishedWeights, touched_linears  # noqa: E402
+from src.models.loras import FusedLoras, LoraLibrary, adapters_for  # noqa: E402
+from src.models.pipelines import Pipelines, device_name  # noqa: E402
+from src.models.weights import ModelRef  # noqa: E402
+from src.plumbing.config import Settings  # noqa: E402
+from src.plumbing.metering import price_for  # noqa: E402
+from src.serving.worker import Worker  # noqa: E402
 
 # Qwen2.5-VL-7B-Instruct, the text encoder of every Qwen-Image model (its config.json).
 TEXT_ENCODER_7B = {
@@ -171,7 +172,7 @@ class RandomFullSizePipelines(Pipelines):
                                QwenImageTransformer2DModel)
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-        from src.vl_processor import load_processor
+        from src.models.vl_processor import load_processor
 
         processor = load_processor(str(self.tiny_snapshot))
         processor.image_processor.min_pixels = PROCESSOR_MIN_PIXELS
@@ -416,7 +417,7 @@ class KwargsCatcher:
 def transformer_inputs(worker: Worker, transformer, images: int) -> dict:
     """The kwargs of the edit transformer's pass in a 1024x1024 job with `images` references."""
     catcher = KwargsCatcher(transformer)
-    # 2 steps: with 1, the models' scheduler gives a NaN timestep (see src/worker.py).
+    # 2 steps: with 1, the models' scheduler gives a NaN timestep (see src/serving/worker.py).
     run_case(worker, f"capture{images}", dict(operation="edit", images=images, num_inference_steps=2,
                                               true_cfg_scale=1.0), PassCounter())
     catcher.handle.remove()
@@ -473,8 +474,8 @@ LEVERS = {  # name: (attention backend, compile, fp8); FP8 cannot be undone, so 
 
 def measure_levers(worker: Worker, names: list[str], record: dict, out_dir: Path, repeats: int = 5) -> None:
     """Each lever's figures into `record["levers"]`, written after each (a run cut short keeps them)."""
-    from src.acceleration import ATTENTION_BACKENDS
-    from src.fp8 import quantize_blocks
+    from src.models.acceleration import ATTENTION_BACKENDS
+    from src.models.fp8 import quantize_blocks
 
     transformer = worker.pipes.edit.transformer
     one, two = transformer_inputs(worker, transformer, 1), transformer_inputs(worker, transformer, 2)
@@ -533,10 +534,10 @@ def compile_deviation(worker: Worker) -> dict:
 def lightning_fp8_deviation(worker: Worker) -> dict:
     """The edit transformer's pass (1024x1024, 1 reference) with the Lightning LoRA fused in
     bf16 by diffusers (the bf16 worker's way) against the same pass under FP8 with the LoRA
-    fused by src/fp8_loras.py, beside FP8's own deviation without the LoRA and the LoRA's
+    fused by src/models/fp8_loras.py, beside FP8's own deviation without the LoRA and the LoRA's
     own effect. Needs a bf16 run (QUANTIZE unset); it quantizes the edit transformer, so
     it runs last."""
-    from src.fp8 import quantize_blocks
+    from src.models.fp8 import quantize_blocks
 
     pipes, settings = worker.pipes, worker.settings
     if settings.quantize != "none":

@@ -1,5 +1,5 @@
 """Captioning alone on a GPU: the caption of an empty decompose prompt, by diffusers' own
-`generate` and by each decoder of src/captioning.py, with the full-size Qwen2.5-VL 7B
+`generate` and by each decoder of src/models/captioning.py, with the full-size Qwen2.5-VL 7B
 text encoder built from the published config with random bf16 weights (tools/bench.py's
 build). Random weights never end a caption, so every run makes the 512 tokens of the cap:
 the issue's bound.
@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from src import captioning  # noqa: E402
+from src.models import captioning  # noqa: E402
 from tools.bench import (PROCESSOR_MAX_PIXELS, PROCESSOR_MIN_PIXELS, TEXT_ENCODER_7B, VISION_7B,  # noqa: E402
                          photo_like, random_module)
 from tools.bench_results import write_results  # noqa: E402
@@ -53,7 +53,7 @@ def layered_with_random_text_encoder(tiny_hf_home: Path):
                            QwenImageTransformer2DModel)
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from src.vl_processor import load_processor
+    from src.models.vl_processor import load_processor
 
     snapshot = next((tiny_hf_home / "hub" / "models--Qwen--Qwen-Image-Layered" / "snapshots").iterdir())
     processor = load_processor(str(snapshot))

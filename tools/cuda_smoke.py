@@ -24,9 +24,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from src.codec import png_base64  # noqa: E402
-from src.config import Settings  # noqa: E402
-from src.worker import Worker  # noqa: E402
+from src.job.codec import png_base64  # noqa: E402
+from src.plumbing.config import Settings  # noqa: E402
+from src.serving.worker import Worker  # noqa: E402
 
 
 def main() -> None:

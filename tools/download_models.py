@@ -11,7 +11,7 @@ with the same HF_HOME: `from_pretrained(repo_id)` finds the files there with HF_
     python tools/download_models.py --fp8                # and the FP8 cache for QUANTIZE=fp8 workers
 
 --fp8 writes, once the snapshots are in, the FP8 cache of each transformer downloaded
-(src/fp8_cache.py): its FP8 block linears as a QUANTIZE=fp8 worker quantizes them at start,
+(src/models/fp8_cache.py): its FP8 block linears as a QUANTIZE=fp8 worker quantizes them at start,
 into $FP8_CACHE_DIR (default HF_HOME/qwen-fp8), for the block linears $FP8_KEEP_BF16 does not
 keep (default: all but the modulation). A worker with the same settings then loads them
 instead of reading the bf16 blocks and quantizing (about 14 GB written per transformer; the
@@ -22,8 +22,8 @@ so Layered's text_encoder/, tokenizer/ and processor/ (about 16 GB) need not be 
 only where they are the same files. This tool proves it first: it compares both repositories'
 file hashes from the hub's metadata (nothing downloaded; with --only layered and --dry-run too),
 skips the folders that are the same and downloads Layered's own where they differ, which the
-worker then loads instead (src/shared_components.py). --full takes the whole repository.
-The work itself is src/model_download.py's, shared with the worker's start.
+worker then loads instead (src/models/shared_components.py). --full takes the whole repository.
+The work itself is src/models/model_download.py's, shared with the worker's start.
 """
 
 from __future__ import annotations
@@ -36,19 +36,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from huggingface_hub import HfApi  # noqa: E402
 
-from src.model_download import (DEFAULT_MAX_WORKERS, DOWNLOAD_ERRORS, Download, DownloadFailed,  # noqa: E402
-                                borrowed_patterns, check_space, compare_on_hub, comparison_lines, fetch,
-                                hub_online, measure, one_line, size_text)
-from src.model_download import plan as plan_downloads  # noqa: E402
-from src.shared_components import SHARED_COMPONENTS  # noqa: E402
+from src.models.model_download import (DEFAULT_MAX_WORKERS, DOWNLOAD_ERRORS, Download, DownloadFailed,  # noqa: E402
+                                       borrowed_patterns, check_space, compare_on_hub, comparison_lines, fetch,
+                                       hub_online, measure, one_line, size_text)
+from src.models.model_download import plan as plan_downloads  # noqa: E402
+from src.models.shared_components import SHARED_COMPONENTS  # noqa: E402
 
 __all__ = ["borrowed_patterns", "comparison_lines", "main", "needs_comparison", "parse_args", "plan"]
 
 DEFAULT_EDIT_MODEL = "Qwen/Qwen-Image-Edit-2511"
 DEFAULT_LAYERED_MODEL = "Qwen/Qwen-Image-Layered"
 DEFAULT_HF_HOME = "/runpod-volume/huggingface-cache"
-# src/config.py's defaults, repeated so the tool runs without torch (which src/config.py imports);
-# tests/test_model_download.py checks they agree.
+# src/plumbing/config.py's defaults, repeated so the tool runs without torch (which src/plumbing/config.py imports);
+# tests/models/test_model_download.py checks they agree.
 DEFAULT_LIGHTNING_REPO = "lightx2v/Qwen-Image-Edit-2511-Lightning"
 DEFAULT_LIGHTNING_FILES = {
     4: "Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors",
@@ -75,14 +75,15 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
                         help=f"parallel file downloads; default {DEFAULT_MAX_WORKERS}")
     parser.add_argument("--dry-run", action="store_true", help="show what would be downloaded, download nothing")
     parser.add_argument("--fp8", action="store_true",
-                        help="then write the FP8 cache of each transformer for QUANTIZE=fp8 workers (src/fp8_cache.py)")
+                        help="then write the FP8 cache of each transformer for QUANTIZE=fp8 workers "
+                             "(src/models/fp8_cache.py)")
     parser.add_argument("--fp8-dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="the dtype the worker loads in: bfloat16 on a GPU (default), float32 on the CPU")
     args = parser.parse_args(argv)
     args.lightning_repo = env.get("LIGHTNING_REPO") or DEFAULT_LIGHTNING_REPO
     args.lightning_files = (env.get("LIGHTNING_4STEP_FILE") or DEFAULT_LIGHTNING_FILES[4],
                             env.get("LIGHTNING_8STEP_FILE") or DEFAULT_LIGHTNING_FILES[8])
-    # The worker's FP8 settings, read as it reads them (src/config.py) when --fp8 needs them.
+    # The worker's FP8 settings, read as it reads them (src/plumbing/config.py) when --fp8 needs them.
     args.fp8_env = {name: env[name] for name in ("FP8_KEEP_BF16", "FP8_CACHE_DIR") if env.get(name)}
     return args
 
@@ -154,9 +155,9 @@ def write_fp8_caches(args: argparse.Namespace, hf_home: Path) -> None:
     """4. The FP8 cache of each transformer just downloaded (torch and diffusers imported only here)."""
     import torch
 
-    from src.config import ConfigError, Settings
-    from src.fp8_cache import CacheUnusable, build_for_models
-    from src.pipelines import ModelNotFound
+    from src.models.fp8_cache import CacheUnusable, build_for_models
+    from src.models.weights import ModelNotFound
+    from src.plumbing.config import ConfigError, Settings
 
     try:
         settings = Settings.from_env({**args.fp8_env, "HF_HOME": str(hf_home)})

@@ -275,7 +275,7 @@ def write_processor_files(folder: Path) -> None:
     Same file format as the real repo's processor/ folder. No video processor
     config is written: transformers derives the video processor from
     preprocessor_config.json when torchvision is installed, and without
-    torchvision ``src.vl_processor.load_processor`` builds an image-only processor.
+    torchvision ``src.models.vl_processor.load_processor`` builds an image-only processor.
     """
     write_tokenizer_files(folder)
     _write_json(

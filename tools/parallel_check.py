@@ -1,4 +1,4 @@
-"""One worker across several ranks (src/parallel.py): start-up, jobs, a refused job, shutdown.
+"""One worker across several ranks (src/serving/parallel.py): start-up, jobs, a refused job, shutdown.
 
     python tools/parallel_check.py --hf-home .cache/hf --ranks 2 --device cpu --out /tmp/cp2
     python tools/parallel_check.py --hf-home /tmp/tiny-hf --ranks 2 --out /tmp/cp2    # 2 GPUs
@@ -28,8 +28,8 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from src.codec import png_base64  # noqa: E402
-from src.config import Settings  # noqa: E402
+from src.job.codec import png_base64  # noqa: E402
+from src.plumbing.config import Settings  # noqa: E402
 
 PROMPT = "a red hat"
 SEED = 1234
@@ -71,8 +71,8 @@ def main() -> int:
     import torch
     import transformers
 
-    from src.parallel import Leader, ParallelPlan, StartFailed
-    from src.worker import Worker
+    from src.serving.parallel import Leader, ParallelPlan, StartFailed
+    from src.serving.worker import Worker
 
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()

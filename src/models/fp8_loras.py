@@ -1,0 +1,204 @@
+"""LoRAs under QUANTIZE=fp8: each touched linear fused in bf16 from the published
+weights, then quantized, and put back exactly afterwards.
+
+diffusers' LoRA loading (PEFT) only wraps `torch.nn.Linear`, and an `Fp8Linear` holds
+e4m3 values that cannot take a LoRA's small delta: lightx2v ship their 2511 Lightning
+LoRA pre-fused into an FP8 checkpoint because the LoRA applied on top of FP8 weights
+draws line artifacts (docs/upstream-register.md, row 24). So, per linear the adapters
+touch: the published bf16 weight (read by name from the snapshot, `PublishedWeights`),
+plus each adapter's delta computed as PEFT's merge computes it (`lora_delta`), then
+quantized row-wise as at load (`fp8.rowwise_fp8`) and copied into the existing
+parameters. In-place copies keep the compiled blocks valid (no recompile). The linears
+kept in bf16 (FP8_KEEP_BF16) take the same deltas on their live weights.
+
+Before a linear changes, what it holds is copied to CPU memory (e4m3 values and row
+scales, or the bf16 weight), and `restore` copies it back: the base model is
+bit-identical after any LoRA job.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from src.models import weights
+from src.models.fp8 import Fp8Linear, rowwise_fp8
+
+log = logging.getLogger(__name__)
+
+# Published weights read ahead of the GPU work, on threads: reading (the
+# snapshot's files) overlaps the copies and matmuls of the linears before.
+READ_AHEAD = 3
+
+
+class PublishedWeightsError(RuntimeError):
+    """The published weights a LoRA fuse needs are missing, unreadable, or not the
+    weights the worker serves."""
+
+
+class PublishedWeights(Mapping):
+    """The edit transformer's weights as published (a diffusers `transformer` folder,
+    sharded or one file), read by linear name ("transformer_blocks.0.attn.to_q") on demand
+    and cast to `dtype`, as `from_pretrained(dtype=...)` casts them. Only the files'
+    headers are held (`weights.stored_tensors`, which the FP8 cache reads with too)."""
+
+    def __init__(self, folder: Path, dtype: torch.dtype):
+        self.folder, self.dtype = folder, dtype
+        self._stored: dict[str, weights.StoredTensor] | None = None
+
+    def _index(self) -> dict[str, weights.StoredTensor]:
+        """{tensor key: where its bytes lie}."""
+        if self._stored is None:
+            try:
+                stored, _ = weights.stored_tensors(self.folder)
+            except (OSError, weights.BadWeightFile) as exc:
+                stored, why = {}, f"{type(exc).__name__}: {exc}"
+            else:
+                why = "no safetensors files"
+            if not stored:
+                raise PublishedWeightsError(
+                    f"the edit transformer's published weights in {self.folder} cannot be read "
+                    f"({why}); LoRAs under QUANTIZE=fp8 are fused into them")
+            self._stored = stored
+        return self._stored
+
+    def __getitem__(self, linear: str) -> torch.Tensor:
+        stored = self._index().get(f"{linear}.weight")
+        if stored is None:
+            raise KeyError(linear)
+        return weights.read_tensor(stored).to(self.dtype)
+
+    def __iter__(self):
+        return (key.removesuffix(".weight") for key in self._index() if key.endswith(".weight"))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def check(self, linears: list[str]) -> None:
+        """PublishedWeightsError unless every one of `linears` is there (reads headers only)."""
+        missing = [name for name in linears if f"{name}.weight" not in self._index()]
+        if missing:
+            raise PublishedWeightsError(f"the edit transformer's published weights in {self.folder} lack "
+                                        f"{len(missing)} of the {len(linears)} linears LoRAs may touch "
+                                        f"(first: {missing[0]}); LoRAs under QUANTIZE=fp8 are fused into them")
+
+
+def lora_delta(state_dict: dict, module: str, scale: float, like: torch.Tensor) -> torch.Tensor | None:
+    """What diffusers' `fuse_lora` (PEFT's `Linear.merge`) adds to the weight of `module`
+    for an adapter at `scale`, in `like`'s dtype and device; None when the adapter does
+    not touch it. PEFT casts lora_A/lora_B to the base weight's dtype and device, and on
+    the CPU multiplies half types in float32; its scaling is the adapter weight times
+    lora_alpha / r, and diffusers sets lora_alpha = r for state dicts without alphas
+    (converters fold a file's alpha into the weights, as `lora_state_dict` did here)."""
+    down = state_dict.get(f"transformer.{module}.lora_A.weight")
+    if down is None:
+        return None
+    up = state_dict[f"transformer.{module}.lora_B.weight"]
+    down, up = down.to(like.device, like.dtype), up.to(like.device, like.dtype)
+    rank = up.shape[1]
+    scaling = scale * rank / rank  # PEFT's `scale * lora_alpha / r`, kept as it computes it
+    in_float = like.device.type == "cpu" and like.dtype in (torch.float16, torch.bfloat16)
+    if in_float:
+        down, up = down.float(), up.float()
+    delta = (up @ down) * scaling
+    return delta.to(like.dtype) if in_float else delta
+
+
+def fused_weight(base: torch.Tensor, adapters: list, module: str) -> torch.Tensor:
+    """`base` plus each adapter's delta, added one adapter at a time in order, as PEFT's
+    merge adds them (each sum rounded to `base`'s dtype)."""
+    fused = base.clone()
+    for adapter in adapters:
+        delta = lora_delta(adapter.state_dict, module, adapter.scale, fused)
+        if delta is not None:
+            fused += delta
+    return fused
+
+
+def touched_linears(transformer: torch.nn.Module, adapters: list) -> list[str]:
+    """The transformer's linears any adapter changes, in the transformer's module order."""
+    wanted = {key.removeprefix("transformer.").removesuffix(".lora_A.weight")
+              for adapter in adapters for key in adapter.state_dict if key.endswith(".lora_A.weight")}
+    return [name for name, _ in transformer.named_modules() if name in wanted]
+
+
+def fuse(transformer: torch.nn.Module, adapters: list, published: Mapping, dtype: torch.dtype,
+         saved: dict[str, tuple[torch.Tensor, ...]]) -> int:
+    """Fuse `adapters` into `transformer` in place. Each changed linear's current tensors
+    go into `saved` (CPU) first, so `restore` can put them back even if this fails part
+    way. `published` gives the bf16 original of each FP8 linear (`dtype`, the pipeline's).
+    Returns how many linears changed."""
+    modules = dict(transformer.named_modules())
+    names = touched_linears(transformer, adapters)
+    fp8_names = [name for name in names if isinstance(modules[name], Fp8Linear)]
+    pin = any(modules[name].weight.device.type == "cuda" for name in fp8_names)
+    with torch.no_grad(), ThreadPoolExecutor(READ_AHEAD) as reader:
+        reads = deque()
+        upcoming = iter(fp8_names)
+
+        def read_next() -> None:
+            name = next(upcoming, None)
+            if name is not None:
+                reads.append((name, reader.submit(_published_weight, published, name, pin)))
+
+        for _ in range(READ_AHEAD):
+            read_next()
+        for name in names:
+            module = modules[name]
+            if not isinstance(module, Fp8Linear):  # kept in bf16: the live weight is the original
+                saved[name] = (module.weight.detach().to("cpu", copy=True),)
+                module.weight.copy_(fused_weight(module.weight, adapters, name))
+                continue
+            read_name, reading = reads.popleft()
+            assert read_name == name
+            read_next()
+            original = reading.result().to(module.weight.device, dtype, non_blocking=True)
+            _check_same_base(module, original, name)
+            values, scale = rowwise_fp8(fused_weight(original, adapters, name))
+            saved[name] = (module.weight.detach().to("cpu", copy=True),
+                           module.weight_scale.detach().to("cpu", copy=True))
+            module.weight.copy_(values)
+            module.weight_scale.copy_(scale.reshape(module.weight_scale.shape))
+    return len(names)
+
+
+def restore(transformer: torch.nn.Module, saved: dict[str, tuple[torch.Tensor, ...]]) -> None:
+    """Copy what `fuse` saved back into the same parameters: the base model, bit for bit."""
+    modules = dict(transformer.named_modules())
+    with torch.no_grad():
+        for name, tensors in saved.items():
+            module = modules[name]
+            module.weight.copy_(tensors[0])
+            if isinstance(module, Fp8Linear):
+                module.weight_scale.copy_(tensors[1])
+
+
+def _published_weight(published: Mapping, name: str, pin: bool) -> torch.Tensor:
+    """`published[name]`, on a reader thread; for a GPU, copied into page-locked memory
+    there, so the file's pages are read on this thread and the copy to the GPU can be
+    asynchronous."""
+    try:
+        weight = published[name]
+    except KeyError:
+        raise PublishedWeightsError(f"the edit transformer's published weights lack {name}; LoRAs under "
+                                    "QUANTIZE=fp8 are fused into them") from None
+    if pin and weight.device.type == "cpu":
+        # torch's host allocator keeps these blocks (rounded up to powers of two, register
+        # row 23) for reuse: READ_AHEAD of them at a time, under 1 GB for the largest linears.
+        weight = torch.empty_like(weight, pin_memory=True).copy_(weight)
+    return weight
+
+
+def _check_same_base(module: Fp8Linear, original: torch.Tensor, name: str) -> None:
+    """The published weight, quantized as at load, must give the values the worker serves:
+    otherwise the snapshot is not the model in memory (another revision, a corrupt file)."""
+    values, scale = rowwise_fp8(original)
+    if not (torch.equal(values.view(torch.uint8), module.weight.view(torch.uint8))
+            and torch.equal(scale.reshape(module.weight_scale.shape), module.weight_scale)):
+        raise PublishedWeightsError(f"{name}: the published weight, quantized, differs from the FP8 weight this "
+                                    "worker serves; the snapshot does not match the loaded model")

@@ -1,0 +1,64 @@
+"""The Qwen VAE on still images, without its video feature cache.
+
+The Qwen-Image VAE is a causal video VAE. diffusers' `_encode` and `_decode` run every
+causal convolution with a feature cache that keeps a copy of the convolution's input for
+the frames that follow. An image is one frame: no frame follows, the copies are never
+read, yet all of them stay allocated until the call ends, at full resolution. That is
+most of a decode's memory (bench/results, `tools/vae_memory.py`).
+
+For a single frame the encoder and decoder run here without the cache. The first frame
+of a cached run reads nothing from the cache (each entry is still empty when its
+convolution runs, so it zero-pads, and the temporal up- and downsamplers skip their
+time convolution), so without it the same convolutions run on the same inputs: the
+same latents and pixels, bit for bit (tests/models/test_image_vae.py). A batch of single
+frames (the layers of a decomposition) runs the same way, as one batch. Several frames of
+one video and VAE tiling keep diffusers' own path.
+
+`saving_memory` turns on, for one job, the levers that cost pixels: they run only where
+the job would not fit otherwise (src/models/memory_plan.py).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from diffusers.models.autoencoders.vae import DecoderOutput
+
+
+def for_images(vae) -> None:
+    """Make `vae` (an AutoencoderKLQwenImage) encode and decode single frames without
+    the feature cache."""
+    if getattr(vae, "_for_images", False):
+        return
+    cached_encode, cached_decode = vae._encode, vae._decode
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[2] != 1 or vae.use_tiling:
+            return cached_encode(x)
+        return vae.quant_conv(vae.encoder(x))
+
+    def decode(z: torch.Tensor, return_dict: bool = True):
+        if z.shape[2] != 1 or vae.use_tiling:
+            return cached_decode(z, return_dict=return_dict)
+        out = torch.clamp(vae.decoder(vae.post_quant_conv(z)), min=-1.0, max=1.0)
+        return DecoderOutput(sample=out) if return_dict else (out,)
+
+    vae._encode, vae._decode = encode, decode
+    vae._for_images = True
+
+
+@contextmanager
+def saving_memory(vae, levers: tuple[str, ...]):
+    """Within the block, `vae` runs the memory levers a job needs (src/models/memory_plan.py):
+    `layers_one_at_a_time` (diffusers' slicing: a batch of layers decoded one by one) and
+    `vae_tiling` (diffusers' tiling). Both change pixels slightly; both are undone after."""
+    if "layers_one_at_a_time" in levers:
+        vae.enable_slicing()
+    if "vae_tiling" in levers:
+        vae.enable_tiling()
+    try:
+        yield
+    finally:
+        vae.disable_slicing()
+        vae.disable_tiling()

@@ -1,0 +1,311 @@
+"""Loading the diffusers pipelines from the Hugging Face cache, offline.
+
+Weights are never downloaded here: a model missing from HF_HOME stops the start
+with an error naming the repo id and the cache path. The Layered pipeline borrows
+the edit pipeline's text encoder, tokenizer and processor where its repository holds
+the same files (src/models/shared_components.py), so the 7B text encoder is resident once;
+a component whose files differ is loaded from Layered's own snapshot.
+
+With QUANTIZE=fp8 and a matching FP8 cache (src/models/fp8_cache.py), a transformer's FP8 block
+linears come from the cache and the rest of it from the snapshot by key: its bf16 block
+linears are not read at all, by the loader or by the read-ahead.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from functools import cached_property
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from diffusers import QwenImageEditPlusPipeline, QwenImageLayeredPipeline
+
+from src.models import fp8, fp8_cache, fp8_loras, image_vae, lora_branches, memory, memory_plan, upstream_fixes, weights
+from src.models.acceleration import accelerate, check_supported, enable_context_parallel
+from src.models.lora_switch import LoraSwitch
+from src.models.loras import FusedLoras
+from src.models.shared_components import SHARED_COMPONENTS, own_components
+from src.models.vl_processor import load_processor
+from src.models.weights import ModelRef, locate
+from src.plumbing.config import FP8_CACHE_FOLDER, ConfigError, Settings
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("DEVICE=cuda but no CUDA device is visible")
+    return torch.device(setting)
+
+
+def dtype_for(device: torch.device) -> torch.dtype:
+    # bf16 is what the weights are published in; CPU runs (tests, demo) use float32
+    # so outputs are exact and comparable.
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+class Pipelines:
+    """The edit pipeline, loaded at start, and the Layered pipeline, at start or on first use."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        check_supported(settings.quantize, self.device)  # before minutes of loading
+        self.dtype = dtype_for(self.device)
+        self.edit_ref = locate(settings.edit_model, settings.hf_home)
+        # Locate Layered now too when it will be loaded at start, so a missing model fails the start.
+        self.layered_ref: ModelRef | None = (
+            locate(settings.layered_model, settings.hf_home) if "layered" in settings.preload else None
+        )
+        self.edit: QwenImageEditPlusPipeline | None = None
+        self._layered: QwenImageLayeredPipeline | None = None
+        # Both transformers (2 x 41 GB in bf16) do not fit next to the text encoder on an
+        # 80 GB card; then the idle one waits in CPU memory and they trade places per job.
+        self.swap_transformers = settings.transformer_swap == "always"
+        self.memory_mode = "resident"  # load() chooses (MEMORY_MODE)
+        # Which jobs fit beside the weights (src/models/memory_plan.py); None on the CPU unless
+        # GPU_MEMORY_GIB sets a capacity to plan for.
+        self.plan: memory_plan.MemoryPlan | None = None
+        self.prefetched: list[dict] = []  # what WEIGHTS_PREFETCH read, per pipeline loaded
+        # QUANTIZE=fp8: the FP8 caches found, by repo id (fp8_cache_for), and per transformer
+        # loaded whether the cache served it and what it read.
+        self.fp8_caches: dict[str, fp8_cache.Cache] = {}
+        self.fp8_loads: list[dict] = []
+        # Under FP8, LoRAs fuse into the published bf16 weights, read from the snapshot.
+        self.fused_loras = FusedLoras(self.edit_published_weights if settings.quantize == "fp8" else None, self.dtype)
+        # How each job's LoRA set runs: held ready, unfused beside the weights, or fused
+        # (src/models/lora_switch.py); the worker installs the branches and the resident set at start.
+        self.loras = LoraSwitch(self.fused_loras, settings.lora_fuse_after)
+        # The ranks of a multi-GPU worker (src/serving/parallel.py sets them after the start-up
+        # load): a transformer loaded later runs under context parallelism too.
+        self.ranks = None
+
+    def load(self) -> float:
+        """Load what PRELOAD names (the edit pipeline always). Returns seconds taken."""
+        start = time.perf_counter()
+        log.info("loading %s@%s onto %s (%s)", self.edit_ref.repo_id, self.edit_ref.revision[:12],
+                 self.device, self.dtype)
+        cache = self.fp8_cache_for(self.edit_ref)
+        with self.reading_ahead(*self.weight_folders(self.edit_ref.path, ("transformer",) if cache else ())):
+            self.edit = self.load_edit()
+            self.arrange_memory()
+            self.prepare(self.edit)  # the copies to the GPU, while later files are still being read
+        if "layered" in self.settings.preload:
+            self.layered()
+        return time.perf_counter() - start
+
+    @contextmanager
+    def reading_ahead(self, *folders: Path) -> Iterator[None]:
+        """WEIGHTS_PREFETCH: the weight files in `folders` read on a background thread while
+        the body loads them, and waited for at its end (not after a failure)."""
+        reading = (weights.read_ahead(weights.weight_files(*folders))
+                   if weights.should_prefetch(self.settings.weights_prefetch, self.settings.hf_home) else None)
+        yield
+        if reading is not None:
+            self.prefetched.append(reading.result())
+
+    @staticmethod
+    def weight_folders(snapshot: Path, leave_out: tuple[str, ...]) -> tuple[Path, ...]:
+        """What the read-ahead reads of `snapshot`: all of it, or its folders but `leave_out`."""
+        if not leave_out:
+            return (snapshot,)
+        return tuple(path for path in sorted(snapshot.iterdir()) if path.is_dir() and path.name not in leave_out)
+
+    def fp8_cache_for(self, ref: ModelRef) -> fp8_cache.Cache | None:
+        """The FP8 cache of `ref`'s transformer when QUANTIZE=fp8, FP8_CACHE=on and one matches
+        (else None, with a log line saying why: the transformer is then quantized at start)."""
+        if self.settings.quantize != "fp8" or not self.settings.fp8_cache:
+            return None
+        root = self.settings.fp8_cache_dir or self.settings.hf_home / FP8_CACHE_FOLDER
+        keep = self.settings.fp8_keep_bf16
+        try:
+            skeleton = fp8_cache.empty_transformer(ref.path / fp8_cache.TRANSFORMER, self.dtype, keep)
+            cache = fp8_cache.find(root, ref.repo_id, ref.revision, fp8_cache.recipe(keep, self.dtype),
+                                   fp8_cache.cached_tensor_specs(skeleton))
+        except (fp8_cache.CacheUnusable, OSError) as exc:
+            log.info("FP8 cache not used for %s@%s: %s; quantizing at start instead (write one with: "
+                     "python tools/download_models.py --fp8 --hf-home %s)", ref.repo_id, ref.revision[:12], exc,
+                     self.settings.hf_home)
+            self.fp8_loads.append({"model": ref.repo_id, "cache": False, "why": str(exc)})
+            return None
+        log.info("FP8 cache: %s@%s's FP8 block linears from %s (%.1f GB)", ref.repo_id, ref.revision[:12],
+                 cache.folder, cache.nbytes / 1e9)
+        self.fp8_caches[ref.repo_id] = cache
+        return cache
+
+    def cached_transformer(self, ref: ModelRef) -> dict:
+        """`{"transformer": …}` loaded through the FP8 cache fp8_cache_for found, for
+        from_pretrained, or {} to let it load the bf16 one (no cache, or one that fails to
+        read: logged, and quantized at start)."""
+        cache = self.fp8_caches.pop(ref.repo_id, None)
+        if cache is None:
+            return {}
+        try:
+            transformer, report = fp8_cache.load_transformer(cache, ref.path / fp8_cache.TRANSFORMER, self.dtype,
+                                                             self.device, self.settings.fp8_keep_bf16)
+        except (fp8_cache.CacheUnusable, weights.BadWeightFile, OSError, RuntimeError) as exc:
+            log.warning("FP8 cache at %s failed to load (%s); quantizing at start instead", cache.folder, exc)
+            self.fp8_loads.append({"model": ref.repo_id, "cache": False, "why": str(exc)})
+            return {}
+        log.info("FP8 cache: transformer loaded in %.1f s, %.1f GB read (%.1f GB of it from the snapshot)",
+                 report.seconds, report.bytes_read / 1e9, report.snapshot_bytes / 1e9)
+        self.fp8_loads.append({"model": ref.repo_id, "cache": True, "seconds": round(report.seconds, 2),
+                               "bytes_read": report.bytes_read})
+        return {"transformer": transformer}
+
+    def load_edit(self) -> QwenImageEditPlusPipeline:
+        """The edit pipeline from the cache, in CPU memory (but FP8 block linears from an FP8 cache: on the device)."""
+        processor = load_processor(str(self.edit_ref.path))
+        pipeline = QwenImageEditPlusPipeline.from_pretrained(self.edit_ref.path, processor=processor, dtype=self.dtype,
+                                                             **self.cached_transformer(self.edit_ref))
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    def edit_published_weights(self) -> fp8_loras.PublishedWeights:
+        """The edit transformer's weights as published, read by name from its snapshot:
+        what LoRAs under QUANTIZE=fp8 fuse into, whatever loaded the FP8 blocks."""
+        return fp8_loras.PublishedWeights(self.edit_ref.path / "transformer", self.dtype)
+
+    def load_layered(self) -> QwenImageLayeredPipeline:
+        """The Layered pipeline from the cache, in CPU memory, with the edit pipeline's text
+        encoder, tokenizer and processor where Layered's own are the same files."""
+        own = self.layered_own_components
+        log.info("loading %s@%s (%s)", self.layered_ref.repo_id, self.layered_ref.revision[:12],
+                 f"its own {', '.join(own)}: they differ from the edit model's" if own
+                 else "text encoder, tokenizer and processor shared with the edit model")
+        components = {name: getattr(self.edit, name) for name in SHARED_COMPONENTS if name not in own}
+        if "processor" in own:
+            components["processor"] = load_processor(str(self.layered_ref.path))
+        components.update(self.cached_transformer(self.layered_ref))
+        pipeline = QwenImageLayeredPipeline.from_pretrained(self.layered_ref.path, dtype=self.dtype, **components)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    @cached_property
+    def layered_own_components(self) -> tuple[str, ...]:
+        """Which of text_encoder, tokenizer and processor Layered loads from its own snapshot."""
+        return own_components(self.edit_ref.path, self.layered_ref.path)
+
+    def prepare(self, pipeline, text_encoder_placed: bool = False) -> None:
+        """Correct (the authors' way), quantize, place (the memory mode) and accelerate a
+        pipeline loaded on the CPU. FP8 quantizes each linear on the GPU as it moves there,
+        so the bf16 transformer never has to fit whole (a transformer from the FP8 cache has
+        no block linears left to quantize: quantize_blocks replaces none)."""
+        upstream_fixes.apply(pipeline)
+        if self.settings.quantize == "fp8":
+            fp8.quantize_blocks(pipeline.transformer, self.device, keep=self.settings.fp8_keep_bf16)
+        image_vae.for_images(pipeline.vae)  # same pixels, without the video VAE's dead feature cache
+        memory.place(pipeline, self.memory_mode, self.device, text_encoder_placed=text_encoder_placed)
+        self.accelerate(pipeline.transformer)
+
+    @property
+    def layered_loaded(self) -> bool:
+        return self._layered is not None
+
+    def layered(self) -> QwenImageLayeredPipeline:
+        if self._layered is None:
+            assert self.edit is not None, "load() first"
+            self.layered_ref = self.layered_ref or locate(self.settings.layered_model, self.settings.hf_home)
+            own_text_encoder = "text_encoder" in self.layered_own_components
+            if self.swap_transformers:  # decided with the memory mode (arrange_memory)
+                log.info("GPU too small for both transformers: the idle one waits in CPU memory")
+                self.edit.transformer.to("cpu")
+                torch.cuda.empty_cache()
+            # Its own text encoder, unless it differs from the edit model's, is not read either.
+            cache = self.fp8_cache_for(self.layered_ref)
+            folders = ("transformer", "vae") + (("text_encoder",) if own_text_encoder else ())
+            folders = folders[1:] if cache else folders
+            with self.reading_ahead(*(self.layered_ref.path / folder for folder in folders)):
+                layered = self.load_layered()
+                self.prepare(layered, text_encoder_placed=not own_text_encoder)
+            self._layered = layered
+        return self._layered
+
+    def arrange_memory(self) -> None:
+        """The memory mode, whether the transformers swap, and the plan of which jobs fit
+        (src/models/memory_plan.py), from the GPU's memory (GPU_MEMORY_GIB, else what it has free
+        plus what this process holds) and the weights' bytes. On the CPU, auto means
+        resident, and jobs are planned only against a GPU_MEMORY_GIB. FP8 needs its
+        transformer resident."""
+        settings = self.settings
+        if settings.gpu_memory_gib:
+            capacity = int(settings.gpu_memory_gib * memory.GIB)
+        elif self.device.type == "cuda":
+            capacity = memory.free_gpu_bytes(self.device) + torch.cuda.memory_allocated(self.device)
+        else:
+            self.memory_mode = "resident" if settings.memory_mode == "auto" else settings.memory_mode
+            if self.memory_mode == "offload":  # both transformers stream from CPU memory: nothing to swap
+                self.swap_transformers = False
+            return
+        own_text_encoder = (self.layered_ref is not None and "text_encoder" in self.layered_own_components)
+        weight_bytes = memory_plan.WeightBytes(
+            text_encoder=memory.bytes_of(self.edit.text_encoder),
+            transformer=self.prepared_bytes(self.edit.transformer), vae=memory.bytes_of(self.edit.vae),
+            layered_text_encoder=memory.bytes_of(self.edit.text_encoder) if own_text_encoder else 0,
+            lora_branches=(lora_branches.padded_bytes(self.edit.transformer, settings.lora_branch_rank, self.dtype)
+                           if settings.compile else 0))
+        arrangement = memory_plan.configure(
+            capacity, weight_bytes, settings.quantize, mode_setting=settings.memory_mode,
+            swap_setting=settings.transformer_swap, gpu=device_name(self.device))
+        self.memory_mode, self.swap_transformers, self.plan = arrangement.mode, arrangement.swap, arrangement.plan
+        if self.memory_mode == "offload" and settings.quantize != "none":
+            raise ConfigError(
+                f"QUANTIZE={settings.quantize} needs the transformer resident on the GPU: "
+                f"{capacity / memory.GIB:.1f} GiB is too little (memory mode offload); use QUANTIZE=none on this GPU")
+        log.info("memory mode %s; %s", self.memory_mode, self.plan.limits())
+
+    def reserve_for_weights(self, nbytes: int) -> bool:
+        """Whether `nbytes` more may stay on the device between jobs: only where a plan was
+        made (a GPU, or GPU_MEMORY_GIB), both transformers stay put, and every job still
+        runs without memory levers out of the smaller budget (none refused or slowed). If
+        so, the plan is that smaller one from now on."""
+        if self.plan is None or self.swap_transformers or self.memory_mode == "offload":
+            return False
+        smaller = replace(self.plan, budget_bytes=self.plan.budget_bytes - nbytes)
+        if not smaller.runs_every_job_without_levers():
+            log.info("memory plan: no room to keep %.1f GiB more on the device (%s)", nbytes / memory.GIB,
+                     self.plan.limits())
+            return False
+        self.plan = smaller
+        log.info("memory plan: %.1f GiB kept on the device for held weights; %s", nbytes / memory.GIB,
+                 smaller.limits())
+        return True
+
+    def prepared_bytes(self, transformer: torch.nn.Module) -> int:
+        """GPU bytes of a transformer of this shape once prepared (FP8 or not)."""
+        if self.settings.quantize == "fp8":
+            return fp8.prepared_bytes(transformer, keep=self.settings.fp8_keep_bf16)
+        return sum(p.numel() for p in transformer.parameters()) * self.dtype.itemsize
+
+    def accelerate(self, transformer: torch.nn.Module) -> None:
+        accelerate(transformer, self.device, attention=self.settings.attention_backend,
+                   compile_blocks=self.settings.compile)
+        if self.ranks is not None:
+            enable_context_parallel(transformer, self.ranks)
+
+    def needs_loading(self, operation: str) -> bool:
+        """Whether running `operation` first loads or moves weights (timed as `load`)."""
+        if operation != "decompose":
+            return self.swap_transformers and self.edit.transformer.device != self.device
+        return self._layered is None or (self.swap_transformers and self._layered.transformer.device != self.device)
+
+    def for_operation(self, operation: str):
+        """The pipeline that runs `operation`, with its transformer on the device."""
+        pipeline = self.layered() if operation == "decompose" else self.edit
+        if self.swap_transformers and pipeline.transformer.device != self.device:
+            idle = self.edit if pipeline is self._layered else self._layered
+            idle.transformer.to("cpu")
+            torch.cuda.empty_cache()
+            pipeline.transformer.to(self.device)
+        return pipeline
+

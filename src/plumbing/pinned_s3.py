@@ -1,0 +1,128 @@
+"""A botocore client whose connections go only to addresses already checked.
+
+A job's own bucket endpoint is untrusted: src/plumbing/url_guard.py resolves its host once and
+checks every address. `pin_connections` then makes the client connect to those addresses
+and nowhere else. There is no second DNS lookup, so an answer that changes after the
+check (DNS rebinding) cannot send the client to loopback or the metadata service. The
+host name stays everywhere else: in the URL, so in the Host header and the SigV4
+signature; in TLS SNI and certificate verification; in presigned URLs.
+
+What it relies on, read in botocore 1.44.8 and urllib3 2.8.0 (both pinned exactly in
+requirements.txt for this reason), each named here so that an upgrade is checked against
+this list; tests/plumbing/test_storage_pinning.py fails if any of them stops holding:
+
+1. botocore sends every request of a client through `client._endpoint.http_session`
+   (private `BaseClient._endpoint`), a `URLLib3Session` built when the client is. Its
+   urllib3 `PoolManager` (private `URLLib3Session._manager`) creates pools from its
+   public `pool_classes_by_scheme`, which botocore itself sets to
+   `AWSHTTPConnectionPool`/`AWSHTTPSConnectionPool`. We put subclasses of those there,
+   whose connection class is pinned, before the client has opened any pool.
+2. urllib3 opens a connection's socket in `HTTPConnection._new_conn` (private), which
+   `connect()` calls for http and https alike. It is the method urllib3's own SOCKS
+   connection (`urllib3.contrib.socks`) overrides to open the socket elsewhere. Ours
+   opens it with urllib3's public `create_connection` to a checked address; a literal
+   address is never looked up in DNS.
+3. If a later urllib3 opened the socket some other way, `connect()` (public) notices that
+   the peer is not a checked address and closes the connection before any request is
+   sent: the pin fails closed, not open.
+4. The client takes no proxy (`Config(proxies={})`, public): a proxy would resolve the
+   name itself. HTTP_PROXY and HTTPS_PROXY do not apply to a pinned client.
+
+Anything that is not the expected shape at step 1 raises at construction.
+
+Not chosen: setting a connection's `_dns_host` (urllib3's `host` property reads it too,
+so the Host header and SNI would become the address); the address in the endpoint URL
+(the signature, the Host header and presigned URLs would carry it); a sender of our own
+behind botocore's public `before-send` event (a copy of `URLLib3Session.send` and its
+error mapping, which `Bucket` classifies, and a second place to resolve CA settings).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+
+from botocore.awsrequest import (AWSHTTPConnection, AWSHTTPConnectionPool, AWSHTTPSConnection,
+                                 AWSHTTPSConnectionPool)
+from botocore.config import Config
+from botocore.httpsession import URLLib3Session
+from urllib3 import PoolManager
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+from urllib3.util.connection import create_connection
+
+log = logging.getLogger(__name__)
+
+# Merged into a pinned client's Config: no proxy from the environment or anywhere else.
+NO_PROXIES = Config(proxies={})
+
+
+class PinBroken(RuntimeError):
+    """The client's HTTP stack is not the shape this module pins; raised at construction."""
+
+
+class _Pinned:
+    """Mixin for botocore's connection classes: the socket goes to `pinned_addresses`."""
+
+    pinned_addresses: tuple[str, ...] = ()
+
+    def _new_conn(self) -> socket.socket:
+        # As urllib3's own `_new_conn`, with the checked addresses tried in their resolved
+        # order in place of a lookup of the host name.
+        error: Exception | None = None
+        for address in self.pinned_addresses:
+            try:
+                return create_connection((address, self.port), self.timeout, source_address=self.source_address,
+                                         socket_options=self.socket_options)
+            except TimeoutError:  # socket.timeout; before OSError, which it is a kind of
+                error = ConnectTimeoutError(
+                    self, f"Connection to {self.host} ({address}) timed out. (connect timeout={self.timeout})")
+            except OSError as exc:
+                error = NewConnectionError(self, f"Failed to establish a new connection to {address}: {exc}")
+        raise error or NewConnectionError(self, "no checked address to connect to")
+
+    def connect(self) -> None:
+        super().connect()
+        peer = ipaddress.ip_address(self.sock.getpeername()[0])
+        if peer not in {ipaddress.ip_address(address) for address in self.pinned_addresses}:
+            self.close()
+            log.error("connection to %s went to %s, not to a checked address %s; urllib3 no longer opens "
+                      "sockets in _new_conn (src/plumbing/pinned_s3.py)", self.host, peer, self.pinned_addresses)
+            raise NewConnectionError(self, f"connected to {peer}, which is not a checked address of {self.host}")
+
+
+def pinned_pool_classes(addresses: tuple[str, ...]) -> dict[str, type]:
+    """botocore's pool classes, with connections that open only to `addresses`."""
+    if not addresses:
+        raise ValueError("pinned_pool_classes: no addresses")
+
+    class PinnedHTTPConnection(_Pinned, AWSHTTPConnection):
+        pinned_addresses = addresses
+
+    class PinnedHTTPSConnection(_Pinned, AWSHTTPSConnection):
+        pinned_addresses = addresses
+
+    class PinnedHTTPConnectionPool(AWSHTTPConnectionPool):
+        ConnectionCls = PinnedHTTPConnection
+
+    class PinnedHTTPSConnectionPool(AWSHTTPSConnectionPool):
+        ConnectionCls = PinnedHTTPSConnection
+
+    return {"http": PinnedHTTPConnectionPool, "https": PinnedHTTPSConnectionPool}
+
+
+def pin_connections(client, addresses: tuple[str, ...]) -> None:
+    """Make every connection of a freshly built botocore `client` go to `addresses`.
+
+    The client must have been built with `NO_PROXIES` merged into its Config and must not
+    have sent a request yet."""
+    session = getattr(getattr(client, "_endpoint", None), "http_session", None)
+    manager = getattr(session, "_manager", None)
+    if not isinstance(session, URLLib3Session) or not isinstance(manager, PoolManager):
+        raise PinBroken(f"botocore {type(session).__name__} is not the URLLib3Session with a PoolManager that "
+                        "src/plumbing/pinned_s3.py pins; check it against this botocore version")
+    if client.meta.config.proxies != {}:
+        raise PinBroken("a pinned client must be built with src.plumbing.pinned_s3.NO_PROXIES in its Config")
+    if len(manager.pools):
+        raise PinBroken("a pinned client must not have connected before it is pinned")
+    manager.pool_classes_by_scheme = pinned_pool_classes(addresses)

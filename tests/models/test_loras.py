@@ -1,0 +1,237 @@
+"""LoRA adapters on the tiny edit model: custom LoRAs in both key formats, Lightning
+presets, URL and S3 sources with the download cache, and their errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import http.server
+import threading
+from functools import partial
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+from src.models.loras import LIGHTNING_SCHEDULER_CONFIG
+from tests.conftest import image_from_b64, png_b64, reference_edit_pipeline, sample_image
+
+FAST = {"num_inference_steps": 2, "width": 256, "height": 256}
+
+
+def edit(worker, job_id="lora-job", **extra) -> dict:
+    job = {"operation": "edit", "image_base64": png_b64(sample_image()), "prompt": "a hat", "seed": 5,
+           "return_base64": True, **FAST, **extra}
+    return worker.handle({"id": job_id, "input": job})
+
+
+def pixels(out: dict) -> bytes:
+    assert "error" not in out, out
+    return image_from_b64(out["edited_image_base64"]).tobytes()
+
+
+def direct(pipeline, steps=2, cfg=4.0) -> bytes:
+    return pipeline(image=[sample_image()], prompt="a hat", negative_prompt=" ", true_cfg_scale=cfg,
+                    guidance_scale=1.0, num_inference_steps=steps, width=256, height=256,
+                    generator=torch.Generator("cpu").manual_seed(5)).images[0].tobytes()
+
+
+@pytest.fixture
+def fresh_pipeline(worker):
+    """A second edit pipeline loaded by diffusers itself, for the fidelity checks (fresh
+    per test: diffusers' own unfuse does not restore weights exactly)."""
+    return reference_edit_pipeline(worker.pipes.edit_ref.path)
+
+
+@pytest.fixture(scope="module")
+def file_server(lora_dir):
+    """A loopback HTTP server for the LoRA files, counting the requests it answers by
+    path and the connections it accepts under "connections"."""
+    counts: dict[str, int] = {"connections": 0}
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def setup(self):
+            counts["connections"] += 1
+            super().setup()
+
+        def do_GET(self):
+            counts[self.path] = counts.get(self.path, 0) + 1
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(lora_dir)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", counts
+    server.shutdown()
+
+
+def test_lora_changes_the_output_repeats_exactly_and_leaves_the_base_clean(worker, lora_dir):
+    base = pixels(edit(worker))
+    lora = {"source": str(lora_dir / "tiny_lora_diffusers.safetensors"), "scale": 1.0}
+    first = edit(worker, loras=[lora])
+    assert pixels(first) != base
+    assert first["timings_ms"]["lora"] > 0
+    assert first["loras"] == [{"source": lora["source"], "scale": 1.0, "file": "tiny_lora_diffusers.safetensors",
+                               "sha256": hashlib.sha256(Path(lora["source"]).read_bytes()).hexdigest()}]
+    again = edit(worker, loras=[lora])
+    assert pixels(again) == pixels(first)
+    assert "lora" not in again["timings_ms"]  # the same set stays fused
+    half = edit(worker, loras=[{**lora, "scale": 0.5}])
+    assert pixels(half) not in (base, pixels(first))
+    after = edit(worker)
+    assert pixels(after) == base and after["timings_ms"]["lora"] > 0  # base weights restored exactly
+
+
+def test_lora_output_equals_diffusers_own_lora_loading(worker, fresh_pipeline, lora_dir):
+    path = lora_dir / "tiny_lora_diffusers.safetensors"
+    out = edit(worker, loras=[{"source": str(path), "scale": 0.8}])
+    fresh_pipeline.load_lora_weights(str(path), adapter_name="check")
+    fresh_pipeline.set_adapters(["check"], adapter_weights=[0.8])
+    fresh_pipeline.fuse_lora(adapter_names=["check"], lora_scale=1.0)
+    assert pixels(out) == direct(fresh_pipeline)
+
+
+def test_ai_toolkit_and_diffusers_formats_give_the_same_image(worker, lora_dir):
+    as_diffusers = edit(worker, loras=[{"source": str(lora_dir / "tiny_lora_diffusers.safetensors")}])
+    as_aitoolkit = edit(worker, loras=[{"source": str(lora_dir / "tiny_lora_aitoolkit.safetensors")}])
+    assert pixels(as_diffusers) == pixels(as_aitoolkit)
+
+
+def test_lightning_preset_runs_its_steps_scheduler_and_no_cfg(worker, fresh_pipeline, hf_home):
+    out = edit(worker, lightning=4, num_inference_steps=None)
+    assert out["num_inference_steps"] == 4 and out["true_cfg_scale"] == 1.0
+    assert out["lightning"]["steps"] == 4 and out["lightning"]["repo"] == worker.settings.lightning_repo
+    assert out["lightning"]["file"] == worker.settings.lightning_files[4]
+    # Fidelity: diffusers' own LoRA loading with the published scheduler.
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    lightning_file = next(hf_home.glob(f"hub/models--lightx2v--*/snapshots/*/{worker.settings.lightning_files[4]}"))
+    fresh_pipeline.load_lora_weights(str(lightning_file), adapter_name="lightning")
+    fresh_pipeline.fuse_lora(adapter_names=["lightning"], lora_scale=1.0)
+    fresh_pipeline.scheduler = FlowMatchEulerDiscreteScheduler.from_config(LIGHTNING_SCHEDULER_CONFIG)
+    assert pixels(out) == direct(fresh_pipeline, steps=4, cfg=1.0)
+
+
+def test_lightning_and_custom_loras_combine(worker, lora_dir):
+    both = edit(worker, lightning=8, num_inference_steps=None,
+                loras=[{"source": str(lora_dir / "tiny_lora_diffusers.safetensors")}])
+    alone = edit(worker, lightning=8, num_inference_steps=None)
+    assert both["num_inference_steps"] == 8 and len(both["loras"]) == 1
+    assert pixels(both) != pixels(alone)
+
+
+def test_url_source_is_downloaded_once_into_the_cache(worker, file_server, lora_dir):
+    base_url, counts = file_server
+    url = f"{base_url}/tiny_lora_aitoolkit.safetensors"
+    first = edit(worker, "url-1", loras=[{"source": url}])
+    second = edit(worker, "url-2", loras=[{"source": url}])
+    assert pixels(first) == pixels(second)
+    assert counts["/tiny_lora_aitoolkit.safetensors"] == 1
+    assert first["loras"][0]["sha256"] == hashlib.sha256((lora_dir / "tiny_lora_aitoolkit.safetensors").read_bytes()).hexdigest()
+    assert "lora_resolve" in first["timings_ms"]
+
+
+def test_s3_source_uses_the_bucket_credentials(worker, s3, lora_dir):
+    s3.client().put_object(Bucket=s3.bucket, Key="loras/style.safetensors",
+                           Body=(lora_dir / "tiny_lora_diffusers.safetensors").read_bytes())
+    from_s3 = edit(worker, loras=[{"source": f"s3://{s3.bucket}/loras/style.safetensors"}])
+    from_disk = edit(worker, loras=[{"source": str(lora_dir / "tiny_lora_diffusers.safetensors")}])
+    assert pixels(from_s3) == pixels(from_disk)
+
+
+def test_snap_32_matches_ai_toolkit_previews(worker):
+    assert edit(worker, snap=32, width=1000, height=300, num_inference_steps=1)["image_size"] == [992, 288]
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("not_a_lora.safetensors", "is not a LoRA: none of its"),
+    ("tiny_lora_wrong_model.safetensors", "does not fit Qwen/Qwen-Image-Edit-2511"),
+])
+def test_files_that_are_not_loras_for_this_model(worker, lora_dir, name, expected):
+    out = edit(worker, loras=[{"source": str(lora_dir / name)}])
+    assert out["error"].startswith(f"loras[0].source: '{lora_dir / name}'") and expected in out["error"]
+    assert pixels(edit(worker)) == pixels(edit(worker))  # the worker goes on, base clean
+
+
+def test_lora_errors_name_the_key(worker, lora_dir, file_server, tmp_path):
+    good = {"source": str(lora_dir / "tiny_lora_diffusers.safetensors")}
+    too_many = edit(worker, lightning=4, num_inference_steps=None, loras=[good, good, good])
+    assert too_many["error"] == "loras: 4 adapters in this job with lightning; at most 3 allowed (MAX_LORAS)"
+    outside = edit(worker, loras=[{"source": "/etc/hostname"}])
+    assert outside["error"].startswith("loras[0].source: '/etc/hostname' is outside the folders LoRAs may be read from")
+    missing_repo = edit(worker, loras=[{"source": "someone/not-cached-lora"}])
+    assert missing_repo["error"].startswith("loras[0].source: 'someone/not-cached-lora' is not in the Hugging Face cache")
+    base_url, _ = file_server
+    not_found = edit(worker, loras=[{"source": f"{base_url}/nothing.safetensors?X-Amz-Signature=secret"}])
+    assert not_found["error"] == f"loras[0].source: downloading '{base_url}/nothing.safetensors' failed: HTTP 404"
+    small_cap = dataclasses.replace(worker, settings=dataclasses.replace(
+        worker.settings, lora_max_download_bytes=1024, lora_cache_dir=tmp_path))
+    too_big = edit(small_cap, loras=[{"source": f"{base_url}/tiny_lora_diffusers.safetensors"}])
+    size = (lora_dir / "tiny_lora_diffusers.safetensors").stat().st_size
+    assert too_big["error"] == (f"loras[0].source: '{base_url}/tiny_lora_diffusers.safetensors' is {size} bytes "
+                                "(Content-Length), larger than 1024 bytes (LORA_MAX_DOWNLOAD_BYTES)")
+    assert not list(tmp_path.iterdir())  # no partial file left behind
+    decompose = worker.handle({"id": "x", "input": {"operation": "decompose", "image_base64": png_b64(sample_image()),
+                                                    "loras": [good]}})
+    assert decompose["error"].startswith("loras: not used by decompose")
+
+
+def test_url_source_on_a_private_address_is_refused_before_connecting(worker, file_server):
+    """The session worker allows private URLs (its test servers are on loopback); a
+    worker with the default policy, sharing the loaded pipelines, refuses them."""
+    from src.serving.worker import Worker
+
+    strict = Worker(settings=dataclasses.replace(worker.settings, allow_private_urls=False), pipes=worker.pipes,
+                    price=worker.price, loras=worker.loras)
+    base_url, counts = file_server
+    before = dict(counts)
+    refused = edit(strict, loras=[{"source": f"{base_url}/tiny_lora_diffusers.safetensors?X-Amz-Signature=secret"}])
+    assert refused["error"] == ("loras[0].source: host '127.0.0.1' resolves to 127.0.0.1, a loopback address; "
+                                "set ALLOW_PRIVATE_URLS=true to allow it")
+    assert counts == before  # not one connection
+    assert pixels(edit(strict)) == pixels(edit(worker))  # the next job is served
+
+
+def test_url_source_redirecting_to_a_private_address_is_refused_before_connecting(worker, file_server):
+    """A first hop the policy lets through (a deployment's own network, 127.0.0.2 here)
+    that redirects to loopback: the redirect target is checked before any connection."""
+    import ipaddress
+
+    from src.serving.worker import Worker
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(302)
+            self.send_header("Location", f"{file_server[0]}/tiny_lora_diffusers.safetensors")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    first_hop = http.server.ThreadingHTTPServer(("127.0.0.2", 0), Redirect)
+    threading.Thread(target=first_hop.serve_forever, daemon=True).start()
+    settings = dataclasses.replace(worker.settings, allow_private_urls=False,
+                                   allowed_private_networks=(ipaddress.ip_network("127.0.0.2/32"),))
+    guarded = Worker(settings=settings, pipes=worker.pipes, price=worker.price, loras=worker.loras)
+    counts = file_server[1]
+    before = dict(counts)
+    try:
+        refused = edit(guarded, loras=[{"source": f"http://127.0.0.2:{first_hop.server_port}/style.safetensors"}])
+    finally:
+        first_hop.shutdown()
+    assert refused["error"].startswith("loras[0].source: ") and "redirects to" in refused["error"]
+    assert "a loopback address; set ALLOW_PRIVATE_URLS=true to allow it" in refused["error"]
+    assert counts == before
+
+
+def test_lora_job_through_the_local_api(api, lora_dir):
+    reply = requests.post(f"{api.url}/runsync", timeout=600, json={"input": {
+        "operation": "edit", "image_base64": png_b64(sample_image()), "prompt": "x", "lightning": 4,
+        "loras": [{"source": str(lora_dir / "tiny_lora_aitoolkit.safetensors"), "scale": 0.7}],
+        "width": 256, "height": 256}}).json()
+    assert reply["status"] == "COMPLETED", reply
+    assert reply["output"]["lightning"]["steps"] == 4 and reply["output"]["loras"][0]["scale"] == 0.7
