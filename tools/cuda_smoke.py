@@ -1,8 +1,9 @@
 """The worker's job path on a CUDA GPU with the tiny models: bf16 loading, the edit,
 multi-image and decompose jobs, several results per job (each equal to its single job),
 transformer swapping, fidelity to direct calls, the
-streamed memory modes (same images as resident) and QUANTIZE=fp8 (runs; its pixel
-difference from bf16 is reported).
+streamed memory modes (same images as resident), the PRELOAD Lightning set held on the
+GPU (the same image as fused on the spot; the base model's after) and QUANTIZE=fp8 (runs;
+its pixel difference from bf16 is reported).
 
     python tools/cuda_smoke.py --hf-home /tmp/tiny-hf [--report smoke.json]
 
@@ -35,6 +36,8 @@ def main() -> None:
     parser.add_argument("--report", default=None)
     args = parser.parse_args()
     subprocess.run([sys.executable, "tools/make_tiny_models.py", "--hf-home", args.hf_home], check=True)
+    subprocess.run([sys.executable, "tools/make_tiny_loras.py", "--out", str(Path(args.hf_home) / "loras"),
+                    "--hf-home", args.hf_home], check=True)  # the Lightning files, in the HF cache
 
     worker = Worker.start(Settings.from_env({"HF_HOME": args.hf_home, "DEVICE": "cuda",
                                              "PRELOAD": "edit,layered", "TRANSFORMER_SWAP": "always"}))
@@ -94,6 +97,20 @@ def main() -> None:
             "decompose_equal": images(other.handle({"id": f"{mode}-dec", "input": decompose_input})) == images(decompose),
             "several_equal": images(other.handle({"id": f"{mode}-several", "input": several_input})) == images(several),
             "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+    # The PRELOAD Lightning set held on the GPU (the plan has room for the tiny models): a
+    # switch points the layers at the fused copy and back. Its image must equal the same set
+    # fused on the spot, and the base model's the one before.
+    held = fresh_worker(PRELOAD="edit,lightning")
+    lightning_input = {**{k: v for k, v in edit_input.items() if k != "num_inference_steps"}, "lightning": 4}
+    base_before = images(held.handle({"id": "held-base", "input": edit_input}))
+    lightning = images(held.handle({"id": "held-lightning", "input": lightning_input}))
+    base_after = images(held.handle({"id": "held-base-again", "input": edit_input}))
+    fused = fresh_worker(LIGHTNING_RESIDENT_STEPS="0", LORA_FUSE_AFTER="1")
+    report["lightning_held_ready"] = {
+        "held_on": held.pipes.loras.resident.where,
+        "lightning_equal_fused_on_the_spot": lightning == images(fused.handle({"id": "fused", "input": lightning_input})),
+        "base_equal_after_switching_back": base_after == base_before,
+        "base_equal_bf16_edit": base_before == images(edit)}
     if torch.cuda.get_device_capability() >= (8, 9):
         fp8 = fresh_worker(QUANTIZE="fp8").handle({"id": "fp8-edit", "input": edit_input})
         fp8_pixels = Image.open(io.BytesIO(base64.b64decode(images(fp8)[0]))).convert("RGB")
@@ -107,6 +124,8 @@ def main() -> None:
         "outputs differ"
     assert all(all(v for k, v in checks.items() if k.endswith("_equal")) for checks in report["memory_modes"].values()), \
         "a memory mode changed the images"
+    held_ready = report["lightning_held_ready"]
+    assert held_ready.pop("held_on") == "device" and all(held_ready.values()), "the held-ready Lightning set changed images"
     print("cuda smoke: all checks passed")
 
 
