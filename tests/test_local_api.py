@@ -10,13 +10,24 @@ import sys
 import threading
 from functools import partial
 
+import pytest
 import requests
 from PIL import Image
 
 from tests.conftest import FAST, REPO_ROOT, fetch, image_from_b64, png_b64, sample_image
+from tools.local_stack import start_api
 from tests.layer_checks import (EDITS, SOURCE_SIZE, alpha_over, assert_archive_holds, decompose_job, fetch_archive,
                                 layer_pile, read_archive, same_pixels)
 from tools.contact_sheet import BACKGROUND, DEFAULT_TILE_SIDE, LABEL_HEIGHT, MARGIN
+
+
+@pytest.fixture(scope="module")
+def api(worker_env, tmp_path_factory):
+    """A server of this module's own: its first job is this module's first test, whatever
+    other modules sent the session's server before (the first job reports the start-up load)."""
+    server = start_api(worker_env, tmp_path_factory.mktemp("api") / "worker.log")
+    yield server
+    server.stop()
 
 
 def runsync(api, job_input: dict) -> dict:

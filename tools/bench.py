@@ -37,7 +37,9 @@ pass for the base model, Lightning held ready (fused), Lightning unfused and a s
 LoRA unfused (rank 16 on the attention's q, k, v and out projections); each switch both
 ways (held ready in and out, unfused on and off, and the on-the-spot fuse and restore that
 every switch cost before); and GPU seconds per job of alternating sequences (Lightning,
-base, …; custom LoRA, base, …) against the same jobs run in dedicated runs.
+base, …; custom LoRA, base, …) against the same jobs run in dedicated runs; and the pass
+outputs: Lightning unfused against fused (rounding only), beside the LoRA's own effect.
+`COMPILE=true python tools/bench.py --cases lora_switching --label lora-switching-bf16` runs it in bf16.
 
 `--levers` replays the edit transformer's pass at 1024x1024 with one reference image
 under each lever and their combination: seconds per pass, first-call time (compile),
@@ -612,8 +614,10 @@ def lora_switching(worker: Worker, repeats: int = 3) -> dict:
         torch.cuda.synchronize()
         return round(time.perf_counter() - start, 3)
 
-    def per_pass() -> float:
-        first, mean, _ = timed_passes(transformer, kwargs, 5)
+    outputs: dict[str, torch.Tensor] = {}
+
+    def per_pass(name: str) -> float:
+        first, mean, outputs[name] = timed_passes(transformer, kwargs, 5)
         return round(mean, 4) if first < 5 * mean + 1 else -round(mean, 4)  # negative: the first call compiled
 
     switch.apply(pipeline, [])
@@ -623,20 +627,28 @@ def lora_switching(worker: Worker, repeats: int = 3) -> dict:
                                      "held_on": switch.resident.where},
                     "branch_buffers_gib": round(switch.branches.buffer_bytes() / 2**30, 2),
                     "branch_padded_rank": switch.branches.padded_rank}
-    passes, switches = {"base": per_pass()}, {}
+    passes, switches = {"base": per_pass("base")}, {}
     switches["resident_in_s"] = timed(lambda: switch.apply(pipeline, lightning))
-    passes["lightning_resident_fused"] = per_pass()
+    passes["lightning_resident_fused"] = per_pass("lightning_resident_fused")
     switches["resident_out_s"] = timed(lambda: switch.apply(pipeline, []))
     for name, adapters in (("lightning_unfused", lightning), ("custom_rank16_attention_unfused", custom)):
         switches[f"{name}_on_s"] = timed(lambda: switch.branches.activate(adapters))
-        passes[name] = per_pass()
+        passes[name] = per_pass(name)
         switches[f"{name}_off_s"] = timed(switch.branches.deactivate)
-    passes["base_again"] = per_pass()
+    passes["base_again"] = per_pass("base_again")
     # Before: the on-the-spot fuse (published weights read from the snapshot under FP8) and restore.
     switches["lightning_fuse_on_the_spot_s"] = timed(lambda: pipes.fused_loras.apply(pipeline, lightning))
-    passes["lightning_fused_on_the_spot"] = per_pass()
+    passes["lightning_fused_on_the_spot"] = per_pass("lightning_fused_on_the_spot")
     switches["lightning_restore_s"] = timed(lambda: pipes.fused_loras.apply(pipeline, []))
     record["s_per_pass"], record["switch_s"] = passes, switches
+    # Unfused against fused: rounding only (in bf16 the fused weight is rounded once more;
+    # under FP8 the fused delta is quantized, the branch's is not), beside the LoRA's own effect.
+    record["outputs"] = {
+        "lightning_unfused_against_fused": deviation(outputs["lightning_unfused"], outputs["lightning_resident_fused"]),
+        "lightning_effect": deviation(outputs["lightning_resident_fused"], outputs["base"]),
+        "held_ready_equal_fused_on_the_spot": bool(torch.equal(outputs["lightning_resident_fused"],
+                                                               outputs["lightning_fused_on_the_spot"])),
+        "base_equal_after_every_switch": bool(torch.equal(outputs["base"], outputs["base_again"]))}
     record["unfused_pass_overhead"] = {name: round(abs(passes[name]) / abs(passes["base"]) - 1, 4)
                                        for name in ("lightning_unfused", "custom_rank16_attention_unfused",
                                                     "lightning_resident_fused")}
