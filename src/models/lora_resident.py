@@ -3,12 +3,14 @@ the base values of the same layers, so switching between the set and the base mo
 no re-read of published weights, no re-fuse and (shapes and dtypes unchanged) no
 recompile. Two places to hold it, chosen at start:
 
-    on the device  where the memory plan has room for one more copy of the touched
-                   layers without refusing or slowing any job it served: the layers are
-                   pointed at the fused copy and back (`tensor.data`), a switch of
-                   microseconds that moves no bytes
-    in CPU memory  else: both copies (fused and base) in page-locked blocks of their
-                   exact size, copied in place either way at the host link's speed
+    on the device  (`PointedSet`) where the memory plan can keep one more copy of the
+                   touched layers and still run every edit without memory levers: the
+                   layers are pointed at the fused copy and back (`tensor.data`), a switch
+                   of microseconds that moves no bytes. A job that needs the room (the
+                   largest decompositions) has the copy released first; the next job of the
+                   set stages it again from its page-locked CPU copy (`lora` time).
+    in CPU memory  (`CopiedSet`) else: both copies (fused and base) in page-locked blocks
+                   of their exact size, copied in place either way at the host link's speed
 
 The fused values are exactly those of an on-the-spot fuse (`FusedLoras.apply` makes
 them); the base values are the layers' own, kept (device) or copied back bit for bit
@@ -56,98 +58,149 @@ def available_host_bytes() -> int | None:
 class ResidentSet:
     """A set of adapters whose fused weights wait beside the base values (module doc)."""
 
-    def __init__(self, identity: tuple, linears: int, parameters: list[torch.Tensor], base: list[torch.Tensor],
-                 fused: list[torch.Tensor], *, pointed: bool, blocks: tuple[HostBlock, ...]):
-        self.identity, self.linears, self.pointed = identity, linears, pointed
-        self._parameters, self._base, self._fused = parameters, base, fused
-        self._blocks = blocks  # the memory behind `base` and `fused` (and its page lock)
+    where = ""
+
+    def __init__(self, identity: tuple, linears: int, parameters: list[torch.Tensor]):
+        self.identity, self.linears, self._parameters = identity, linears, parameters
 
     @property
     def held_bytes(self) -> int:
-        return sum(block.nbytes for block in self._blocks)
-
-    @property
-    def where(self) -> str:
-        return "device" if self.pointed else "host"
-
-    @classmethod
-    def prepare(cls, pipeline, fused_loras, adapters: list, identity: tuple, pin: bool,
-                reserve_device: Callable[[int], bool] | None = None) -> "ResidentSet":
-        """Fuse `adapters` once with `fused_loras` (the worker's on-the-spot fuse), keep the
-        fused values beside the originals, and put the base model back. `reserve_device(n)`
-        says whether n more bytes may stay on the device (and reserves them); else both
-        copies go to CPU memory, which then peaks at the two copies (the originals move
-        into their block one by one)."""
-        fused_loras.apply(pipeline, adapters)
-        originals = fused_loras.take_originals()  # {linear: tensors}; the weights stay fused
-        modules = dict(pipeline.transformer.named_modules())
-        names = list(originals)
-        parameters = [p for name in names for p in _parameters(modules[name])]
-        saved = [t for name in names for t in originals[name]]
-        if reserve_device is not None and reserve_device(sum(HostBlock.sizes(parameters))):
-            try:
-                fused = HostBlock(parameters, device=parameters[0].device)
-                with torch.no_grad():
-                    for view, parameter in zip(fused.views, parameters):
-                        view.copy_(parameter)
-            finally:
-                _restore(parameters, saved)
-            log.info("LoRA set held ready on %s: %d linears, %.1f GB beside the base weights",
-                     parameters[0].device, len(names), fused.nbytes / GB)
-            return cls(identity, len(names), parameters, [p.data for p in parameters], fused.views,
-                       pointed=True, blocks=(fused,))
-        need = 2 * sum(HostBlock.sizes(parameters))
-        available = available_host_bytes()
-        held = sum(t.nbytes for t in saved)  # freed as the blocks fill
-        if available is not None and need - held > available - HOST_MARGIN_BYTES:
-            _restore(parameters, saved)
-            raise HostMemoryError(f"holding the fused set ready needs {need / GB:.1f} GB of CPU memory "
-                                  f"(its {len(names)} linears twice: fused and base); "
-                                  f"{(available + held) / GB:.1f} GB is available")
-        del saved
-        base = HostBlock(parameters)
-        views = iter(base.views)
-        moved = 0
-        try:
-            for name in names:  # one linear at a time: the originals' memory goes as the block fills
-                for tensor in originals.pop(name):
-                    next(views).copy_(tensor)
-                    moved += 1
-            fused = HostBlock(parameters)
-            with torch.no_grad():
-                for view, parameter in zip(fused.views, parameters):
-                    view.copy_(parameter)
-        except BaseException:
-            rest = [t for name in names if name in originals for t in originals[name]]
-            _restore(parameters, base.views[:moved] + rest)
-            raise
-        _restore(parameters, base.views)
-        if pin:
-            base.pin()
-            fused.pin()
-        log.info("LoRA set held ready in CPU memory: %d linears, %.1f GB%s", len(names), need / GB,
-                 " (page-locked)" if pin else "")
-        return cls(identity, len(names), parameters, base.views, fused.views, pointed=False, blocks=(base, fused))
+        raise NotImplementedError
 
     def load(self) -> None:
         """The fused values into the layers."""
-        self._switch(self._fused)
+        raise NotImplementedError
 
     def unload(self) -> None:
         """The base values back into the layers: bit-identical base model."""
-        self._switch(self._base)
-
-    def _switch(self, values: list[torch.Tensor]) -> None:
-        if self.pointed:
-            for parameter, value in zip(self._parameters, values):
-                parameter.data = value
-        else:
-            _restore(self._parameters, values)
+        raise NotImplementedError
 
 
-def _restore(parameters: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+class CopiedSet(ResidentSet):
+    """Fused and base values in CPU memory, copied into the layers in place."""
+
+    where = "host"
+
+    def __init__(self, identity: tuple, linears: int, parameters: list[torch.Tensor], base: HostBlock,
+                 fused: HostBlock):
+        super().__init__(identity, linears, parameters)
+        self._base, self._fused = base, fused
+
+    @property
+    def held_bytes(self) -> int:
+        return self._base.nbytes + self._fused.nbytes
+
+    def load(self) -> None:
+        _restore(self._parameters, self._fused.views)
+
+    def unload(self) -> None:
+        _restore(self._parameters, self._base.views)
+
+
+class PointedSet(ResidentSet):
+    """The fused copy on the device, the layers pointed at it; its CPU copy stages it again
+    after a `release`."""
+
+    where = "device"
+
+    def __init__(self, identity: tuple, linears: int, parameters: list[torch.Tensor], fused_on_host: HostBlock):
+        super().__init__(identity, linears, parameters)
+        self._base = [p.data for p in parameters]  # the layers' own storage, never written
+        self._fused_on_host = fused_on_host
+        self._on_device: HostBlock | None = None
+
+    @property
+    def held_bytes(self) -> int:
+        return self._fused_on_host.nbytes
+
+    @property
+    def device_bytes(self) -> int:
+        """What the device copy takes (held or not)."""
+        return self._fused_on_host.nbytes
+
+    @property
+    def staged(self) -> bool:
+        return self._on_device is not None
+
+    def stage(self) -> None:
+        """The device copy made from the CPU copy (at start, and after a release)."""
+        if self._on_device is None:
+            block = HostBlock(self._parameters, device=self._parameters[0].device)
+            _restore(block.views, self._fused_on_host.views)
+            self._on_device = block
+
+    def release(self) -> None:
+        """Free the device copy (the layers must hold their base values: `unload` first)."""
+        self._on_device = None
+
+    def load(self) -> None:
+        self.stage()
+        for parameter, value in zip(self._parameters, self._on_device.views):
+            parameter.data = value
+
+    def unload(self) -> None:
+        for parameter, value in zip(self._parameters, self._base):
+            parameter.data = value
+
+
+def hold(pipeline, fused_loras, adapters: list, identity: tuple, pin: bool,
+         reserve_device: Callable[[int], bool] | None = None) -> ResidentSet:
+    """Fuse `adapters` once with `fused_loras` (the worker's on-the-spot fuse), keep the
+    fused values (and, in CPU memory, the originals) and put the base model back.
+    `reserve_device(n)` says whether n more bytes may stay on the device (and reserves
+    them). CPU memory peaks at the copies kept plus the originals, which move into their
+    block one by one."""
+    fused_loras.apply(pipeline, adapters)
+    originals = fused_loras.take_originals()  # {linear: tensors}; the weights stay fused
+    modules = dict(pipeline.transformer.named_modules())
+    names = list(originals)
+    parameters = [p for name in names for p in _parameters(modules[name])]
+    size = sum(HostBlock.sizes(parameters))
+    on_device = reserve_device is not None and reserve_device(size)
+    need = size if on_device else 2 * size
+    available = available_host_bytes()
+    held = sum(t.nbytes for tensors in originals.values() for t in tensors)  # freed as the blocks fill
+    if available is not None and need - held > available - HOST_MARGIN_BYTES:
+        _restore(parameters, [t for name in names for t in originals[name]])
+        copies = "its fused values" if on_device else "its linears twice: fused and base"
+        raise HostMemoryError(f"holding the fused set ready needs {need / GB:.1f} GB of CPU memory "
+                              f"({len(names)} linears, {copies}); {(available + held) / GB:.1f} GB is available")
+    base = None
+    moved: list[torch.Tensor] = []  # originals already in `base`, by whole linears
+    try:
+        fused = HostBlock(parameters)
+        with torch.no_grad():
+            for view, parameter in zip(fused.views, parameters):
+                view.copy_(parameter)
+        if not on_device:
+            base = HostBlock(parameters)
+            views = iter(base.views)
+            for name in names:  # one linear at a time: the originals' memory goes as the block fills
+                copied = [next(views).copy_(tensor) for tensor in originals[name]]
+                moved += copied
+                del originals[name]
+    except BaseException:
+        _restore(parameters, moved + [t for name in names if name in originals for t in originals[name]])
+        raise
+    _restore(parameters, [t for name in names for t in originals[name]] if on_device else base.views)
+    if pin:
+        fused.pin()
+        if base is not None:
+            base.pin()
+    if on_device:
+        resident = PointedSet(identity, len(names), parameters, fused)
+        resident.stage()
+    else:
+        resident = CopiedSet(identity, len(names), parameters, base, fused)
+    log.info("LoRA set held ready %s: %d linears, %.1f GB a copy%s", "on the GPU (and in CPU memory, to stage "
+             "it again)" if on_device else "in CPU memory (fused and base)", len(names), size / GB,
+             ", page-locked" if pin else "")
+    return resident
+
+
+def _restore(targets: list[torch.Tensor], values: list[torch.Tensor]) -> None:
     with torch.no_grad():
-        for parameter, value in zip(parameters, values):
-            parameter.copy_(value, non_blocking=True)  # page-locked sources: the copies queue
-    if any(p.device.type == "cuda" for p in parameters[:1]):
+        for target, value in zip(targets, values):
+            target.copy_(value, non_blocking=True)  # page-locked sources: the copies queue
+    if any(t.device.type == "cuda" for t in targets[:1]):
         torch.cuda.synchronize()  # the switch's cost lands in the job's `lora` stage, not later

@@ -21,7 +21,7 @@ import logging
 from typing import Callable
 
 from src.models.lora_branches import LoraBranches
-from src.models.lora_resident import ResidentSet
+from src.models.lora_resident import PointedSet, ResidentSet, hold
 from src.models.loras import Adapter, FusedLoras, identity_of
 
 log = logging.getLogger(__name__)
@@ -53,9 +53,22 @@ class LoraSwitch:
         """Make `adapters` the resident set (the base model is served meanwhile); held on the
         device where `reserve_device` grants the bytes (src/models/lora_resident.py)."""
         self.apply(pipeline, [])
-        self.resident = ResidentSet.prepare(pipeline, self.fused, adapters, identity_of(adapters), pin,
-                                            reserve_device)
+        self.resident = hold(pipeline, self.fused, adapters, identity_of(adapters), pin, reserve_device)
         return self.resident
+
+    def device_copy_bytes(self) -> int:
+        """GPU bytes the held set's device copy takes now (0: none, or released)."""
+        resident = self.resident
+        return resident.device_bytes if isinstance(resident, PointedSet) and resident.staged else 0
+
+    def release_device_copy(self, pipeline) -> None:
+        """Free the held set's device copy for a job that needs the room (the base weights
+        back first if the set is in use); its next job stages it again."""
+        if self.device_copy_bytes():
+            if self.mode == "resident":
+                self._leave(pipeline)
+            self.resident.release()
+            log.info("LoRA set held ready: device copy released for a job that needs the memory")
 
     def target(self, adapters: list[Adapter]) -> tuple[str, tuple]:
         """How the next job with `adapters` runs (counting it in the streak)."""

@@ -161,9 +161,9 @@ class MemoryPlan:
         """`need_bytes` on this worker: its precision and its streamed models."""
         return need_bytes(shape, self.quantize, levers, self.streamed)
 
-    def runs_every_job_without_levers(self) -> bool:
-        """Whether the largest edit and decomposition (so every job) fit as they are."""
-        return all(self.job_bytes(corner) <= self.budget_bytes for corner in (LARGEST_EDIT, LARGEST_DECOMPOSE))
+    def runs_every_edit_without_levers(self) -> bool:
+        """Whether the largest edit (so every edit) fits as it is."""
+        return self.job_bytes(LARGEST_EDIT) <= self.budget_bytes
 
     def fits(self, shape: JobShape) -> bool:
         return self.job_bytes(shape, lever_choices(shape.operation)[-1]) <= self.budget_bytes

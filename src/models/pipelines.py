@@ -265,21 +265,29 @@ class Pipelines:
         log.info("memory mode %s; %s", self.memory_mode, self.plan.limits())
 
     def reserve_for_weights(self, nbytes: int) -> bool:
-        """Whether `nbytes` more may stay on the device between jobs: only where a plan was
-        made (a GPU, or GPU_MEMORY_GIB), both transformers stay put, and every job still
-        runs without memory levers out of the smaller budget (none refused or slowed). If
-        so, the plan is that smaller one from now on."""
+        """Whether `nbytes` of held weights may stay on the device between jobs: only where a
+        plan was made (a GPU, or GPU_MEMORY_GIB), both transformers stay put, and every edit
+        still runs without memory levers beside them. Jobs that need the room back (the
+        largest decompositions) have it released first (`levers_for`)."""
         if self.plan is None or self.swap_transformers or self.memory_mode == "offload":
             return False
-        smaller = replace(self.plan, budget_bytes=self.plan.budget_bytes - nbytes)
-        if not smaller.runs_every_job_without_levers():
+        if not replace(self.plan, budget_bytes=self.plan.budget_bytes - nbytes).runs_every_edit_without_levers():
             log.info("memory plan: no room to keep %.1f GiB more on the device (%s)", nbytes / memory.GIB,
                      self.plan.limits())
             return False
-        self.plan = smaller
-        log.info("memory plan: %.1f GiB kept on the device for held weights; %s", nbytes / memory.GIB,
-                 smaller.limits())
+        log.info("memory plan: %.1f GiB kept on the device for held weights, released for a job that needs it",
+                 nbytes / memory.GIB)
         return True
+
+    def levers_for(self, shape: memory_plan.JobShape, key: str) -> tuple[str, ...]:
+        """The memory levers `shape` runs with (or InputError: src/models/memory_plan.py), out
+        of the whole budget: the held LoRA set's device copy is released first when the job
+        would need another lever beside it."""
+        levers = self.plan.levers_for(shape, key)
+        held = self.loras.device_copy_bytes()
+        if held and self.plan.job_bytes(shape, levers) > self.plan.budget_bytes - held:
+            self.loras.release_device_copy(self.edit)
+        return levers
 
     def prepared_bytes(self, transformer: torch.nn.Module) -> int:
         """GPU bytes of a transformer of this shape once prepared (FP8 or not)."""

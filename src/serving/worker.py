@@ -232,8 +232,7 @@ class Worker:
     def _memory_levers(self, request: JobRequest, images: list[Image.Image]) -> tuple[str, ...]:
         """The memory levers this job needs on this GPU (src/models/memory_plan.py), or InputError
         with the limit in force when none makes it fit."""
-        plan = self.pipes.plan
-        if plan is None:
+        if self.pipes.plan is None:
             return ()
         shape = memory_plan.shape_for(request, [image.size for image in images])
         if request.operation == "decompose":
@@ -242,7 +241,7 @@ class Worker:
             key = "width" if request.width else "height"
         else:
             key = request.image_sources[-1][0]
-        return plan.levers_for(shape, key)
+        return self.pipes.levers_for(shape, key)
 
     def _infer(self, request: JobRequest, images: list[Image.Image], seed: int, adapters: list,
                levers: tuple[str, ...], timer: StageTimer, progress: ProgressFn):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from src.models import memory_plan
 from src.models.lora_branches import LoraBranches
 from src.plumbing.config import ConfigError, Settings
 from src.serving.worker import Worker
@@ -103,14 +104,39 @@ def test_with_room_in_the_plan_the_set_is_held_beside_the_weights_and_switched_b
                                              "WARMUP": "false"}))
     switch = worker.pipes.loras
     assert switch.resident.where == "device"
-    assert switch.resident.held_bytes > 0 and worker.pipes.plan.runs_every_job_without_levers()
+    assert switch.device_copy_bytes() == switch.resident.held_bytes > 0
     addresses = {name: p.data_ptr() for name, p in worker.pipes.edit.transformer.named_parameters()}
     check_the_held_ready_set(worker, hf_home)
     assert {name: p.data_ptr() for name, p in worker.pipes.edit.transformer.named_parameters()} == addresses
 
 
-def test_without_room_for_every_job_the_set_stays_in_cpu_memory(worker_env):
-    """A plan the extra copy would squeeze (a corner would need a memory lever): CPU memory."""
+def test_a_job_that_needs_the_room_has_the_device_copy_released_first_and_the_set_comes_back(worker_env):
+    """A budget where the largest decomposition fits only without the held copy beside it:
+    that job runs as it is (no lever) after the copy is released, edits never release it,
+    and the next Lightning job stages it again, with the same image."""
+    probe = Worker.start(Settings.from_env({**worker_env, "PRELOAD": "edit,lightning", "GPU_MEMORY_GIB": "400",
+                                            "WARMUP": "false"}))
+    held, plan = probe.pipes.loras.device_copy_bytes(), probe.pipes.plan
+    fixed = 400 * memory_plan.GIB - plan.budget_bytes  # the weights and the reserve
+    capacity = fixed + plan.job_bytes(memory_plan.LARGEST_DECOMPOSE) + held // 2
+    worker = Worker.start(Settings.from_env({**worker_env, "PRELOAD": "edit,lightning", "WARMUP": "false",
+                                             "GPU_MEMORY_GIB": repr(capacity / memory_plan.GIB)}))
+    switch, pipes = worker.pipes.loras, worker.pipes
+    assert switch.device_copy_bytes() == held
+    lightning = edit(worker, lightning=4, num_inference_steps=None)
+    assert switch.mode == "resident"
+    assert pipes.levers_for(memory_plan.LARGEST_EDIT, "width") == () and switch.device_copy_bytes() == held
+    assert pipes.levers_for(memory_plan.LARGEST_DECOMPOSE, "layers") == ()  # as it is, out of the whole budget
+    assert switch.device_copy_bytes() == 0 and switch.mode == "base"  # released, the base weights back first
+    base = edit(worker)
+    again = edit(worker, lightning=4, num_inference_steps=None)
+    assert switch.device_copy_bytes() == held and again["timings_ms"]["lora"] >= 0
+    assert np.array_equal(pixels(again), pixels(lightning))
+    assert np.array_equal(pixels(edit(worker)), pixels(base))
+
+
+def test_without_room_for_every_edit_the_set_stays_in_cpu_memory(worker_env):
+    """A plan the extra copy would squeeze (the largest edit would need a lever): CPU memory."""
     worker = Worker.start(Settings.from_env({**worker_env, "PRELOAD": "edit,lightning", "GPU_MEMORY_GIB": "6.5",
                                              "WARMUP": "false"}))
     assert worker.pipes.loras.resident.where == "host"
