@@ -65,7 +65,7 @@ class LoraSwitch:
         """Free the held set's device copy for a job that needs the room (the base weights
         back first if the set is in use); its next job stages it again."""
         if self.device_copy_bytes():
-            if self.mode == "resident":
+            if self.mode in ("resident", "unknown"):  # the layers may point at the copy
                 self._leave(pipeline)
             self.resident.release()
             log.info("LoRA set held ready: device copy released for a job that needs the memory")
