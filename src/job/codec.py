@@ -16,6 +16,7 @@ import warnings
 
 from PIL import Image, ImageOps
 
+from src.job import png
 from src.job.schema import InputError
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -136,6 +137,8 @@ def _normalise_mode(image: Image.Image) -> Image.Image:
 def encode_image(image: Image.Image, fmt: str, quality: int, png_level: int = PNG_COMPRESS_LEVEL) -> bytes:
     buffer = io.BytesIO()
     if fmt == "png":
+        if png.supports(image):  # the same pixels, encoded on every core (src/job/png.py)
+            return png.encode(image, png_level)
         image.save(buffer, format="PNG", compress_level=png_level)
     elif fmt == "jpeg":
         image.convert("RGB").save(buffer, format="JPEG", quality=quality)
