@@ -49,7 +49,7 @@ def encode(image: Image.Image, level: int) -> bytes:
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
     height = pixels.shape[0]
-    stripes = max(1, min(len(os.sched_getaffinity(0)), MAX_STRIPES, height // MIN_ROWS_PER_STRIPE))
+    stripes = max(1, min(available_cores(), MAX_STRIPES, height // MIN_ROWS_PER_STRIPE))
     bounds = [height * k // stripes for k in range(stripes + 1)]
     last = stripes - 1
 
@@ -70,6 +70,13 @@ def encode(image: Image.Image, level: int) -> bytes:
     stream = ZLIB_HEADER + b"".join(body for _, body in pieces) + struct.pack(">I", checksum)
     header = struct.pack(">IIBBBBB", image.width, image.height, 8, COLOR_TYPES[image.mode], 0, 0, 0)
     return SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", stream) + _chunk(b"IEND", b"")
+
+
+def available_cores() -> int:
+    """The cores this process may run on (Linux), else the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _paeth_filtered(pixels: np.ndarray, start: int, stop: int) -> np.ndarray:
