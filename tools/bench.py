@@ -439,6 +439,14 @@ def uncompile(transformer) -> None:
     torch._dynamo.reset()
 
 
+def tiny_models(hf_home: Path) -> Path:
+    """The tiny models' HF cache at `hf_home` (built if missing): the configs, tokenizer and
+    processor the full-size random models are built from."""
+    subprocess.run([sys.executable, "tools/make_tiny_models.py", "--hf-home", str(hf_home)], check=True,
+                   stdout=subprocess.DEVNULL)
+    return hf_home
+
+
 def timed_passes(transformer, kwargs: dict, repeats: int) -> tuple[float, float, torch.Tensor]:
     """(seconds of the first call, mean seconds of the next `repeats`, the output)."""
     kwargs = {**kwargs, "return_dict": False}
@@ -719,9 +727,7 @@ def main() -> None:
                         help="split each case's inference time: text encoder, transformer passes, VAE, the rest")
     args = parser.parse_args()
 
-    hf_home = Path(args.tiny_hf_home)
-    subprocess.run([sys.executable, "tools/make_tiny_models.py", "--hf-home", str(hf_home)], check=True,
-                   stdout=subprocess.DEVNULL)
+    hf_home = tiny_models(Path(args.tiny_hf_home))
     tiny_snapshot = next((hf_home / "hub" / "models--Qwen--Qwen-Image-Edit-2511" / "snapshots").iterdir())
     env = {key: value for key, value in os.environ.items() if key in LEVER_SETTINGS}
     if args.levers:  # each lever is set by hand on a stock pipeline

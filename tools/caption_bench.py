@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from src.models import captioning  # noqa: E402
 from tools.bench import (PROCESSOR_MAX_PIXELS, PROCESSOR_MIN_PIXELS, TEXT_ENCODER_7B, VISION_7B,  # noqa: E402
-                         photo_like, random_module)
+                         photo_like, random_module, tiny_models)
 from tools.bench_results import write_results  # noqa: E402
 
 DECODERS = ("stock", "stock_text_only", "eager", "graphed", "compiled")
@@ -276,9 +275,7 @@ def main() -> None:
                         help="decoders whose tokens --agreement compares with stock's")
     args = parser.parse_args()
 
-    hf_home = Path(args.tiny_hf_home)
-    subprocess.run([sys.executable, "tools/make_tiny_models.py", "--hf-home", str(hf_home)], check=True,
-                   stdout=subprocess.DEVNULL)
+    hf_home = tiny_models(Path(args.tiny_hf_home))
     pipeline = layered_with_random_text_encoder(hf_home)
     model = pipeline.text_encoder
     device = model.device

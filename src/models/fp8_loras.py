@@ -19,9 +19,8 @@ bit-identical after any LoRA job.
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 
 import torch
@@ -88,20 +87,19 @@ class PublishedWeights(Mapping):
                                         f"(first: {missing[0]}); LoRAs under QUANTIZE=fp8 are fused into them")
 
 
-def lora_delta(state_dict: dict, module: str, scale: float, like: torch.Tensor) -> torch.Tensor | None:
+def lora_delta(adapter, module: str, like: torch.Tensor) -> torch.Tensor | None:
     """What diffusers' `fuse_lora` (PEFT's `Linear.merge`) adds to the weight of `module`
-    for an adapter at `scale`, in `like`'s dtype and device; None when the adapter does
+    for `adapter` at its scale, in `like`'s dtype and device; None when the adapter does
     not touch it. PEFT casts lora_A/lora_B to the base weight's dtype and device, and on
     the CPU multiplies half types in float32; its scaling is the adapter weight times
     lora_alpha / r, and diffusers sets lora_alpha = r for state dicts without alphas
     (converters fold a file's alpha into the weights, as `lora_state_dict` did here)."""
-    down = state_dict.get(f"transformer.{module}.lora_A.weight")
-    if down is None:
+    factors = adapter.factors(module)
+    if factors is None:
         return None
-    up = state_dict[f"transformer.{module}.lora_B.weight"]
-    down, up = down.to(like.device, like.dtype), up.to(like.device, like.dtype)
+    down, up = (factor.to(like.device, like.dtype) for factor in factors)
     rank = up.shape[1]
-    scaling = scale * rank / rank  # PEFT's `scale * lora_alpha / r`, kept as it computes it
+    scaling = adapter.scale * rank / rank  # PEFT's `scale * lora_alpha / r`, kept as it computes it
     in_float = like.device.type == "cpu" and like.dtype in (torch.float16, torch.bfloat16)
     if in_float:
         down, up = down.float(), up.float()
@@ -114,7 +112,7 @@ def fused_weight(base: torch.Tensor, adapters: list, module: str) -> torch.Tenso
     merge adds them (each sum rounded to `base`'s dtype)."""
     fused = base.clone()
     for adapter in adapters:
-        delta = lora_delta(adapter.state_dict, module, adapter.scale, fused)
+        delta = lora_delta(adapter, module, fused)
         if delta is not None:
             fused += delta
     return fused
@@ -122,8 +120,7 @@ def fused_weight(base: torch.Tensor, adapters: list, module: str) -> torch.Tenso
 
 def touched_linears(transformer: torch.nn.Module, adapters: list) -> list[str]:
     """The transformer's linears any adapter changes, in the transformer's module order."""
-    wanted = {key.removeprefix("transformer.").removesuffix(".lora_A.weight")
-              for adapter in adapters for key in adapter.state_dict if key.endswith(".lora_A.weight")}
+    wanted = set().union(*(adapter.modules() for adapter in adapters))
     return [name for name, _ in transformer.named_modules() if name in wanted]
 
 
@@ -137,27 +134,19 @@ def fuse(transformer: torch.nn.Module, adapters: list, published: Mapping, dtype
     names = touched_linears(transformer, adapters)
     fp8_names = [name for name in names if isinstance(modules[name], Fp8Linear)]
     pin = any(modules[name].weight.device.type == "cuda" for name in fp8_names)
-    with torch.no_grad(), ThreadPoolExecutor(READ_AHEAD) as reader:
-        reads = deque()
-        upcoming = iter(fp8_names)
-
-        def read_next() -> None:
-            name = next(upcoming, None)
-            if name is not None:
-                reads.append((name, reader.submit(_published_weight, published, name, pin)))
-
-        for _ in range(READ_AHEAD):
-            read_next()
+    # The published weights are read READ_AHEAD linears ahead, on threads, in the order used.
+    reads = weights.in_order_on_threads(lambda name: _published_weight(published, name, pin), fp8_names,
+                                        READ_AHEAD, READ_AHEAD)
+    with torch.no_grad(), closing(reads):
         for name in names:
             module = modules[name]
             if not isinstance(module, Fp8Linear):  # kept in bf16: the live weight is the original
                 saved[name] = (module.weight.detach().to("cpu", copy=True),)
                 module.weight.copy_(fused_weight(module.weight, adapters, name))
                 continue
-            read_name, reading = reads.popleft()
+            read_name, published_weight = next(reads)
             assert read_name == name
-            read_next()
-            original = reading.result().to(module.weight.device, dtype, non_blocking=True)
+            original = published_weight.to(module.weight.device, dtype, non_blocking=True)
             _check_same_base(module, original, name)
             values, scale = rowwise_fp8(fused_weight(original, adapters, name))
             saved[name] = (module.weight.detach().to("cpu", copy=True),

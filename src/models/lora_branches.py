@@ -57,12 +57,7 @@ def _unbranched(cls: type) -> type:
 
 def _parts(adapters: list, module: str) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
     """(A, B, scale) of each adapter that touches `module`, in order."""
-    found = []
-    for adapter in adapters:
-        down = adapter.state_dict.get(f"transformer.{module}.lora_A.weight")
-        if down is not None:
-            found.append((down, adapter.state_dict[f"transformer.{module}.lora_B.weight"], adapter.scale))
-    return found
+    return [(*factors, adapter.scale) for adapter in adapters if (factors := adapter.factors(module))]
 
 
 def block_linears(transformer: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -106,9 +101,8 @@ class LoraBranches:
     def fits(self, adapters: list) -> bool:
         """Whether the set can run as branches: it touches block linears only and, padded,
         no linear gets more than the padded rank in all."""
-        touched = {key.removeprefix("transformer.").removesuffix(".lora_A.weight"): 0
-                   for adapter in adapters for key in adapter.state_dict if key.endswith(".lora_A.weight")}
-        if not touched.keys() <= self.linears.keys():
+        touched = set().union(*(adapter.modules() for adapter in adapters))
+        if not touched <= self.linears.keys():
             return False
         if self.padded_rank is None:
             return True

@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from src.models import weights
 from src.models.fp8 import Fp8Linear
 from src.models.memory import HostBlock, HostMemoryError
 
@@ -41,18 +42,6 @@ def _parameters(module: torch.nn.Module) -> tuple[torch.Tensor, ...]:
     if isinstance(module, Fp8Linear):
         return (module.weight, module.weight_scale)
     return (module.weight,)
-
-
-def available_host_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (None where there is none)."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 class ResidentSet:
@@ -158,7 +147,7 @@ def hold(pipeline, fused_loras, adapters: list, identity: tuple, pin: bool,
     size = sum(HostBlock.sizes(parameters))
     on_device = reserve_device is not None and reserve_device(size)
     need = size if on_device else 2 * size
-    available = available_host_bytes()
+    available = weights.available_memory_bytes()
     held = sum(t.nbytes for tensors in originals.values() for t in tensors)  # freed as the blocks fill
     if available is not None and need - held > available - HOST_MARGIN_BYTES:
         _restore(parameters, [t for name in names for t in originals[name]])

@@ -66,6 +66,17 @@ class Adapter:
         return {"source": describe_source(self.file.source), "scale": self.scale, "sha256": self.file.sha256,
                 "file": self.file.path.name}
 
+    def modules(self) -> set[str]:
+        """The transformer's modules this adapter changes ("transformer_blocks.0.attn.to_q", …)."""
+        return {key.removeprefix("transformer.").removesuffix(".lora_A.weight")
+                for key in self.state_dict if key.endswith(".lora_A.weight")}
+
+    def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A, B) of this adapter on the transformer's `module` ("transformer_blocks.0.attn.to_q"),
+        or None when it leaves the module alone."""
+        down = self.state_dict.get(f"transformer.{module}.lora_A.weight")
+        return None if down is None else (down, self.state_dict[f"transformer.{module}.lora_B.weight"])
+
 
 class LoraLibrary:
     """Reads LoRA files into checked diffusers-layout state dicts, keeping the last few in memory."""

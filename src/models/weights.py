@@ -31,10 +31,11 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from huggingface_hub import snapshot_download
@@ -179,6 +180,7 @@ SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch
 HEADER_LENGTH_BYTES = 8  # a little-endian u64: the JSON header's length
 MAX_HEADER_BYTES = 100 * 1024**2  # safetensors' own limit
 PARALLEL_READS = 4
+T, R = TypeVar("T"), TypeVar("R")
 READS_AHEAD = 8  # tensors read but not yet taken by the caller, at most
 
 
@@ -268,13 +270,20 @@ def read_tensors(stored: Mapping[str, StoredTensor], names: Iterable[str],
                  threads: int = PARALLEL_READS) -> Iterator[tuple[str, torch.Tensor]]:
     """The named tensors, read on `threads` threads and handed over in the order of `names`
     (`in_file_order` reads sequentially), with at most READS_AHEAD of them waiting in memory."""
+    return in_order_on_threads(lambda name: read_tensor(stored[name]), names, threads, READS_AHEAD)
+
+
+def in_order_on_threads(function: Callable[[T], R], items: Iterable[T], threads: int,
+                        ahead: int) -> Iterator[tuple[T, R]]:
+    """(item, function(item)) for each item, in order, computed on `threads` threads at most
+    `ahead` items before the caller takes them (reading ahead of the work that uses it)."""
     with ThreadPoolExecutor(threads, thread_name_prefix="weights-read") as pool:
         waiting: deque = deque()
-        for name in names:
-            waiting.append((name, pool.submit(read_tensor, stored[name])))
-            if len(waiting) >= READS_AHEAD:
-                done_name, reading = waiting.popleft()
-                yield done_name, reading.result()
+        for item in items:
+            waiting.append((item, pool.submit(function, item)))
+            if len(waiting) >= ahead:
+                done, result = waiting.popleft()
+                yield done, result.result()
         while waiting:
-            done_name, reading = waiting.popleft()
-            yield done_name, reading.result()
+            done, result = waiting.popleft()
+            yield done, result.result()
