@@ -6,7 +6,7 @@ recompile. Two places to hold it, chosen at start:
     on the device  (`PointedSet`) where the memory plan can keep one more copy of the
                    touched layers and still run every edit without memory levers: the
                    layers are pointed at the fused copy and back (`tensor.data`), a switch
-                   of microseconds that moves no bytes. A job that needs the room (the
+                   of about a millisecond that moves no bytes. A job that needs the room (the
                    largest decompositions) has the copy released first; the next job of the
                    set stages it again from its page-locked CPU copy (`lora` time).
     in CPU memory  (`CopiedSet`) else: both copies (fused and base) in page-locked blocks
@@ -100,11 +100,6 @@ class PointedSet(ResidentSet):
 
     @property
     def held_bytes(self) -> int:
-        return self._fused_on_host.nbytes
-
-    @property
-    def device_bytes(self) -> int:
-        """What the device copy takes (held or not)."""
         return self._fused_on_host.nbytes
 
     @property

@@ -57,9 +57,10 @@ class LoraSwitch:
         return self.resident
 
     def device_copy_bytes(self) -> int:
-        """GPU bytes the held set's device copy takes now (0: none, or released)."""
+        """GPU bytes the held set's device copy takes now (0: none, or released); the same
+        size as its CPU copy."""
         resident = self.resident
-        return resident.device_bytes if isinstance(resident, PointedSet) and resident.staged else 0
+        return resident.held_bytes if isinstance(resident, PointedSet) and resident.staged else 0
 
     def release_device_copy(self, pipeline) -> None:
         """Free the held set's device copy for a job that needs the room (the base weights

@@ -24,7 +24,8 @@ from typing import Iterator
 import torch
 from diffusers import QwenImageEditPlusPipeline, QwenImageLayeredPipeline
 
-from src.models import fp8, fp8_cache, fp8_loras, image_vae, lora_branches, memory, memory_plan, upstream_fixes, weights
+from src.models import (captioning, fp8, fp8_cache, fp8_loras, image_vae, lora_branches, memory, memory_plan,
+                        upstream_fixes, weights)
 from src.models.acceleration import accelerate, check_supported, enable_context_parallel
 from src.models.lora_switch import LoraSwitch
 from src.models.loras import FusedLoras
@@ -69,6 +70,7 @@ class Pipelines:
         )
         self.edit: QwenImageEditPlusPipeline | None = None
         self._layered: QwenImageLayeredPipeline | None = None
+        self.captioner: captioning.Captioner | None = None  # Layered's, when CAPTION_DECODER is not stock
         # Both transformers (2 x 41 GB in bf16) do not fit next to the text encoder on an
         # 80 GB card; then the idle one waits in CPU memory and they trade places per job.
         self.swap_transformers = settings.transformer_swap == "always"
@@ -228,6 +230,10 @@ class Pipelines:
             with self.reading_ahead(*(self.layered_ref.path / folder for folder in folders)):
                 layered = self.load_layered()
                 self.prepare(layered, text_encoder_placed=not own_text_encoder)
+            # Empty prompts are captioned by CAPTION_DECODER whenever Layered is loaded (at start
+            # or by a job); a static decoder's graph is recorded by the worker's warm-up.
+            decoder = captioning.decoder_for(self.settings.caption_decoder, self.settings.compile, self.device)
+            self.captioner = captioning.install(layered, decoder)
             self._layered = layered
         return self._layered
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from src.job.codec import decode_image, open_image
 from src.job.schema import InputError, JobRequest, SEED_LIMIT, parse_request
-from src.models import captioning, fp8_loras, image_vae, memory_plan
+from src.models import fp8_loras, image_vae, memory_plan
 from src.models.loras import LoraLibrary, adapters_for, lightning_scheduler
 from src.models.memory import HostMemoryError
 from src.models.pipelines import Pipelines, device_name
@@ -145,11 +145,9 @@ class Worker:
         operations.edit(self.pipes.for_operation("edit"), request, [grey], seed=0, progress=_no_progress)
         if self.pipes.layered_loaded:
             layered = self.pipes.for_operation("decompose")
-            # Captioning (empty prompts) with CAPTION_DECODER; a graphed decoder records, and compiles, now.
-            decoder = captioning.decoder_for(self.settings.caption_decoder, self.settings.compile, self.pipes.device)
-            captioner = captioning.install(layered, decoder)
-            if captioner is not None:
-                captioner.warm_up(self.pipes.device)
+            # A graphed captioning decoder (CAPTION_DECODER) records, and compiles, its step now.
+            if self.pipes.captioner is not None:
+                self.pipes.captioner.warm_up(self.pipes.device)
             request = JobRequest(operation="decompose", image_base64="", prompt="test",
                                  num_inference_steps=1, layers=2)
             operations.decompose(layered, request, grey, seed=0, progress=_no_progress)

@@ -279,3 +279,13 @@ def test_a_decompose_job_with_an_empty_prompt_equals_the_pipeline_called_directl
                           use_en_prompt=True, generator=torch.Generator("cpu").manual_seed(4)).images[0]
     assert ours[0] == theirs[0] and len(ours[0]) > 100
     assert all(same_pixels(image_from_b64(entry["base64"]), layer) for entry, layer in zip(out["layers"], direct))
+
+
+def test_layered_loaded_by_a_job_captions_with_the_configured_decoder(worker_env):
+    """Not only a preloaded Layered: the one a decompose job loads gets CAPTION_DECODER too
+    (`auto` on the CPU: eager)."""
+    worker = Worker.start(Settings.from_env({**worker_env, "WARMUP": "false"}))
+    assert not worker.pipes.layered_loaded and worker.pipes.captioner is None
+    pipeline = worker.pipes.for_operation("decompose")  # what a decompose job does first
+    assert pipeline.get_image_caption.__self__ is worker.pipes.captioner
+    assert worker.pipes.captioner.decoder == "eager"
