@@ -4,7 +4,8 @@ weights, then quantized, and put back exactly afterwards.
 diffusers' LoRA loading (PEFT) only wraps `torch.nn.Linear`, and an `Fp8Linear` holds
 e4m3 values that cannot take a LoRA's small delta: lightx2v ship their 2511 Lightning
 LoRA pre-fused into an FP8 checkpoint because the LoRA applied on top of FP8 weights
-draws line artifacts (docs/upstream-register.md, row 24). So, per linear the adapters
+draws line artifacts (docs/upstream-register.md, row 24; row 29: that is the unscaled
+downcast, and the unfused branches are the scaled case). So, per linear the adapters
 touch: the published bf16 weight (read by name from the snapshot, `PublishedWeights`),
 plus each adapter's delta computed as PEFT's merge computes it (`lora_delta`), then
 quantized row-wise as at load (`fp8.rowwise_fp8`) and copied into the existing
