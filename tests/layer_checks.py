@@ -88,7 +88,7 @@ def assert_psd_merged_is(merged: Image.Image, composite: Image.Image) -> None:
 
 @dataclass
 class ArchiveContents:
-    names: list[str]
+    names: list[str]           # back to front; a layer in a group as `<group>/<name>`
     layers: list[Image.Image]  # full canvas, back to front
     composite: Image.Image     # for psd: the merged image as stored (colour matted on white)
 
@@ -101,20 +101,27 @@ def read_archive(fmt: str, data: bytes) -> ArchiveContents:
             assert manifest["order"] == "back to front"
             layers = [Image.open(io.BytesIO(archive.read(entry["file"]))) for entry in manifest["layers"]]
             composite = Image.open(io.BytesIO(archive.read(manifest["composite"])))
-            return ArchiveContents([entry["name"] for entry in manifest["layers"]], layers, composite)
+            names = [f"{entry['group']}/{entry['name']}" if "group" in entry else entry["name"]
+                     for entry in manifest["layers"]]
+            return ArchiveContents(names, layers, composite)
     if fmt == "psd":
         psd = PSDImage.open(io.BytesIO(data))
-        layers = []
-        for stored in psd:  # bottom first
+        layers, names = [], []
+        for stored in psd.descendants():  # bottom first, a group before its layers
+            if stored.kind == "group":
+                continue
             canvas = Image.new("RGBA", psd.size, (0, 0, 0, 0))
             if stored.width and stored.height:  # psd-tools reads an empty layer as no pixels at all
                 canvas.paste(stored.topil().convert("RGBA"), (stored.left, stored.top))
             layers.append(canvas)
-        return ArchiveContents([stored.name for stored in psd], layers, Image.open(io.BytesIO(data)))
+            names.append(f"{stored.parent.name}/{stored.name}" if stored.parent.kind == "group" else stored.name)
+        return ArchiveContents(names, layers, Image.open(io.BytesIO(data)))
     if fmt == "ora":
         project = Project.load(io.BytesIO(data))
-        stored = list(project.iter_layers)  # a property in pyora 0.3; bottom first
-        return ArchiveContents([layer.name for layer in stored], [layer.get_image_data(raw=True) for layer in stored],
+        stored = list(project.iter_layers)  # a property in pyora 0.3; bottom first, groups' layers in place
+        names = [layer.name if layer.parent.uuid == project.root.uuid else f"{layer.parent.name}/{layer.name}"
+                 for layer in stored]
+        return ArchiveContents(names, [layer.get_image_data(raw=True) for layer in stored],
                                project.get_image_data(use_original=True))
     raise ValueError(f"unknown archive format {fmt!r}")
 

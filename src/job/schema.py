@@ -32,6 +32,9 @@ ALPHA_FORMATS = ("png", "webp")
 SINGLE_IMAGE_MATTE = "#1ed760"
 MULTI_IMAGE_MATTE = "#ffffff"
 MAX_LAYERS = 10  # the most layers one decomposition makes
+# The most sub-layers one job's `split` makes in all: two full splits. Each split is a
+# decomposition of its own run after the first, so this bounds the job to about three.
+MAX_SUB_LAYERS = 20
 # Layers sent to `composite`: each may be as large as MAX_IMAGE_PIXELS, and all are
 # decoded at once, so the count bounds the job's memory (16 x 4096 x 4096 RGBA = 1 GiB).
 MAX_COMPOSITE_LAYERS = 16
@@ -149,6 +152,18 @@ class LayerEdit(BaseModel):
         return self.num_inference_steps or DEFAULT_STEPS["edit"]
 
 
+class LayerSplit(BaseModel):
+    """One layer of a decomposition decomposed again by the Layered pipeline, into sub-layers
+    named `layer_<i>_<j>`, with the job's settings (steps, CFG, resolution, seed)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    layer: int = Field(ge=0, lt=MAX_LAYERS, description="index of the layer, 0 at the back")
+    layers: int = Field(ge=2, le=MAX_LAYERS, description="its sub-layers")
+    prompt: Prompt = Field("", max_length=MAX_PROMPT_CHARS,
+                           description="describes the layer; empty: the model captions the layer itself")
+
+
 class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
@@ -185,6 +200,8 @@ class JobRequest(BaseModel):
     auto_resize: bool | None = Field(None, description="false: keep the input's size")
     edits: list[LayerEdit] = Field(default_factory=list, max_length=MAX_LAYERS,
                                    description="decompose: instructions for single layers")
+    split: list[LayerSplit] = Field(default_factory=list, max_length=MAX_LAYERS,
+                                    description="decompose: layers decomposed again into sub-layers")
     resize_to_input: bool = Field(False, description="decompose: layers at the input image's size")
     cfg_normalize: bool = Field(True, description="decompose: rescale the CFG prediction to the conditional "
                                 "one's norm, as the Qwen-Image-Layered authors run it")
@@ -218,11 +235,12 @@ class JobRequest(BaseModel):
                     raise _rule(key, "not used by decompose (edit and edit_multi only)")
             self._check_layer_output_format()
             self._check_edits()
+            self._check_splits()
             if "matte" in self.model_fields_set and not self.edits:
                 raise _rule("matte", "only used when RGBA images go to the edit model: edit, edit_multi, "
                             "or decompose with edits")
         else:
-            for key in ("layers", "resolution", "edits", "resize_to_input", "cfg_normalize"):
+            for key in ("layers", "resolution", "edits", "split", "resize_to_input", "cfg_normalize"):
                 if key in self.model_fields_set:
                     raise _rule(key, "only used by decompose")
             if "archive" in self.model_fields_set:
@@ -285,6 +303,26 @@ class JobRequest(BaseModel):
             edited_by[edit.layer] = i
             if not edit.prompt.strip():
                 raise _rule(f"edits[{i}].prompt", "required and non-empty")
+
+    def _check_splits(self) -> None:
+        split_by: dict[int, int] = {}
+        edited = {edit.layer: i for i, edit in enumerate(self.edits)}
+        for i, split in enumerate(self.split):
+            if split.layer >= self.layers:
+                raise _rule(f"split[{i}].layer", f"layer {split.layer} does not exist: this decomposition makes "
+                            f"layers 0 to {self.layers - 1} (layers: {self.layers})")
+            if split.layer in split_by:
+                raise _rule(f"split[{i}].layer", f"layer {split.layer} is already split by "
+                            f"split[{split_by[split.layer]}]; one split per layer")
+            if split.layer in edited:
+                raise _rule(f"split[{i}].layer", f"layer {split.layer} is edited by edits[{edited[split.layer]}]; "
+                            "a layer is either edited or split (send the edited layer to a decompose job of its own)")
+            split_by[split.layer] = i
+        total = sum(split.layers for split in self.split)
+        if total > MAX_SUB_LAYERS:
+            counts = " + ".join(str(split.layers) for split in self.split)
+            raise _rule("split", f"{total} sub-layers in all ({counts}); at most {MAX_SUB_LAYERS} in one job "
+                        "(split fewer layers, or into fewer sub-layers)")
 
     # --- derived values -------------------------------------------------
     @property
@@ -374,7 +412,7 @@ def _describe(error: dict) -> str:
     parts = error["loc"]
     loc = _loc_text(parts)
     if error["type"] == "extra_forbidden":
-        nested = {"r2": BucketOverride, "loras": LoraRequest, "edits": LayerEdit}
+        nested = {"r2": BucketOverride, "loras": LoraRequest, "edits": LayerEdit, "split": LayerSplit}
         model = nested.get(parts[0], JobRequest) if len(parts) > 1 else JobRequest
         return f"{loc}: unknown key; allowed keys: {', '.join(model.model_fields)}"
     if error["type"] == "missing":

@@ -60,14 +60,16 @@ TOKEN_PIXELS = 16 * 16
 @dataclass(frozen=True)
 class JobShape:
     """What a job's memory depends on. An edit: its output pixels and reference images.
-    A decomposition: its layers and their pixels (resolution squared), and how many of
-    its layers are then edited (each an edit of about 1 MP)."""
+    A decomposition: its layers and their pixels (resolution squared), how many of its
+    layers are then edited (each an edit of about 1 MP), and the most sub-layers one of
+    its splits makes (each split a decomposition of a layer, at the same resolution)."""
 
     operation: str
     output_pixels: int
     references: int = 1
     layers: int = 0
     layer_edits: int = 0
+    sub_layers: int = 0
 
     @property
     def tokens(self) -> int:
@@ -98,6 +100,9 @@ def stage_bytes(shape: JobShape, quantize: str, levers: tuple[str, ...] = (),
         stages[stage] += in_flight
     if shape.layer_edits:  # each runs as an edit of about 1 MP with one reference
         stages["layer_edit"] = need_bytes(JobShape("edit", REFERENCE_PIXELS), quantize, streamed=streamed)
+    if shape.sub_layers:  # splits run one after another, with the job's levers: the largest counts
+        split = JobShape("decompose", shape.output_pixels, layers=shape.sub_layers)
+        stages["split"] = need_bytes(split, quantize, levers, streamed)
     return {name: int(value) for name, value in stages.items()}
 
 
@@ -105,14 +110,15 @@ def need_bytes(shape: JobShape, quantize: str, levers: tuple[str, ...] = (),
                streamed: dict[str, int] | None = None) -> int:
     """A job's estimated peak above the resident weights."""
     stages = stage_bytes(shape, quantize, levers, streamed)
-    layer_edit = stages.pop("layer_edit", 0)
-    return max(int(SAFETY * max(stages.values())) + HELD_BYTES, layer_edit)
+    whole_runs = [stages.pop(name, 0) for name in ("layer_edit", "split")]  # need_bytes already
+    return max(int(SAFETY * max(stages.values())) + HELD_BYTES, *whole_runs)
 
 
 def shape_for(request: JobRequest, image_sizes: list[tuple[int, int]]) -> JobShape:
     """The shape of a job whose images have these sizes, as the pipelines will run it."""
     if request.operation == "decompose":
-        return JobShape("decompose", request.resolution ** 2, layers=request.layers, layer_edits=len(request.edits))
+        return JobShape("decompose", request.resolution ** 2, layers=request.layers, layer_edits=len(request.edits),
+                        sub_layers=max((split.layers for split in request.split), default=0))
     width, height = request.output_size()
     if request.auto_resize is False and width is None and height is None:
         width, height = (max(SIZE_MIN, min(SIZE_MAX, side)) for side in image_sizes[0])
@@ -172,6 +178,10 @@ class MemoryPlan:
         if shape.operation == "decompose":
             layers = max((n for n in range(2, shape.layers) if self.fits(replace(shape, layers=n))), default=None)
             options = [f"use at most {layers} layers"] if layers else []
+            sub_layers = max((n for n in range(2, shape.sub_layers) if self.fits(replace(shape, sub_layers=n))),
+                             default=None)
+            if sub_layers:
+                options.append(f"split into at most {sub_layers} layers")
             if shape.output_pixels > 640 * 640 and self.fits(replace(shape, output_pixels=640 * 640)):
                 options.append("resolution 640")
             return ", or ".join(options) if options else "this worker cannot decompose at this size"
@@ -193,7 +203,8 @@ def describe(shape: JobShape) -> str:
     """The job as the subject of a refusal, with its verb."""
     side = math.isqrt(shape.output_pixels)
     if shape.operation == "decompose":
-        return f"{shape.layers} layers at resolution {side} need"
+        split = f" and a split into {shape.sub_layers}" if shape.sub_layers else ""
+        return f"{shape.layers} layers at resolution {side}{split} need"
     images = "1 image" if shape.references == 1 else f"{shape.references} images"
     return f"a {shape.output_pixels / MP:.1f}-megapixel output with {images} needs"
 

@@ -1,15 +1,17 @@
 """The layers and their composite in one file (`archive`), stored next to the images.
 
 Three formats, each with the layers back to front, named as in the job output
-(`layer_0`, `edited_layer_2`...), full-canvas, 8-bit RGBA:
+(`layer_0`, `edited_layer_2`...), full-canvas, 8-bit RGBA. A group (a split layer's
+sub-layers, named after the layer) stands in the stack where the layer would:
 
-* `zip`: `layers/<name>.png` for each layer, `composite.png`, and `manifest.json`
-  giving the order, the names, the files and the canvas size. For scripts.
+* `zip`: `layers/<name>.png` for each layer (`layers/<group>/<name>.png` in a group),
+  `composite.png`, and `manifest.json` giving the canvas size and every layer, back to
+  front, with its name, file and group: stacking its list gives the composite. For scripts.
 * `psd`: a layered Photoshop file (psd-tools): one named pixel layer per layer, in
-  order, with its transparency, and the composite as the merged image.
-* `ora`: OpenRaster (GIMP, Krita, MyPaint): `stack.xml`, `data/<name>.png`,
-  `mergedimage.png` and `Thumbnails/thumbnail.png`, written to the spec by hand:
-  the format is a ZIP with a fixed layout and needs no library.
+  order, with its transparency, groups as layer groups, and the composite as the merged image.
+* `ora`: OpenRaster (GIMP, Krita, MyPaint): `stack.xml` (a group is a nested stack),
+  `data/<name>.png`, `mergedimage.png` and `Thumbnails/thumbnail.png`, written to the
+  spec by hand: the format is a ZIP with a fixed layout and needs no library.
 """
 
 from __future__ import annotations
@@ -36,13 +38,28 @@ ORA_VERSION = "0.0.6"
 ORA_THUMBNAIL_MAX_SIDE = 256  # the spec's limit for Thumbnails/thumbnail.png
 
 NamedLayers = list[tuple[str, Image.Image]]
+# Back to front: (name, image) for a layer, (name, its layers back to front) for a group.
+ArchiveStack = list[tuple[str, "Image.Image | NamedLayers"]]
 
 
-def build(fmt: str, layers: NamedLayers, composite: Image.Image, png_level: int = PNG_COMPRESS_LEVEL) -> bytes:
-    """The archive's bytes. `layers` are (name, RGBA image) back to front, all the size of `composite`."""
+def build(fmt: str, layers: ArchiveStack, composite: Image.Image, png_level: int = PNG_COMPRESS_LEVEL) -> bytes:
+    """The archive's bytes. `layers` are (name, RGBA image) back to front, all the size of
+    `composite`, or (name, such layers) for a group; `composite` is their alpha-over."""
     writers = {"zip": _zip, "psd": _psd, "ora": _ora}
-    return writers[fmt]([(name, layer.convert("RGBA")) for name, layer in layers], composite.convert("RGBA"),
-                        png_level)
+    rgba = [(name, [(sub, layer.convert("RGBA")) for sub, layer in content] if isinstance(content, list)
+             else content.convert("RGBA")) for name, content in layers]
+    return writers[fmt](rgba, composite.convert("RGBA"), png_level)
+
+
+def _leaves(layers: ArchiveStack) -> list[tuple[str | None, str, Image.Image]]:
+    """Every layer back to front as (its group or None, name, image)."""
+    leaves = []
+    for name, content in layers:
+        if isinstance(content, list):
+            leaves += [(name, sub_name, layer) for sub_name, layer in content]
+        else:
+            leaves.append((None, name, content))
+    return leaves
 
 
 def _pngs(images: list[Image.Image], png_level: int) -> list[bytes]:
@@ -50,31 +67,41 @@ def _pngs(images: list[Image.Image], png_level: int) -> list[bytes]:
     return [data for _, _, data in encode_all([("", image) for image in images], "png", 100, png_level)]
 
 
-def _zip(layers: NamedLayers, composite: Image.Image, png_level: int) -> bytes:
+def _zip(layers: ArchiveStack, composite: Image.Image, png_level: int) -> bytes:
+    leaves = _leaves(layers)
+    entries = []
+    for i, (group, name, _) in enumerate(leaves):
+        entry = {"index": i, "name": name, "file": f"layers/{group}/{name}.png" if group else f"layers/{name}.png"}
+        entries.append(entry | {"group": group} if group else entry)
     manifest = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
         "order": "back to front",
         "width": composite.width,
         "height": composite.height,
-        "layers": [{"index": i, "name": name, "file": f"layers/{name}.png"} for i, (name, _) in enumerate(layers)],
+        "layers": entries,
         "composite": "composite.png",
     }
     buffer = io.BytesIO()
     # PNGs are compressed already: stored as they are, they cost no second compression.
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
         archive.writestr("manifest.json", json.dumps(manifest, indent=2), compress_type=zipfile.ZIP_DEFLATED)
-        *layer_pngs, composite_png = _pngs([layer for _, layer in layers] + [composite], png_level)
-        for entry, data in zip(manifest["layers"], layer_pngs):
+        *layer_pngs, composite_png = _pngs([layer for _, _, layer in leaves] + [composite], png_level)
+        for entry, data in zip(entries, layer_pngs):
             archive.writestr(entry["file"], data)
         archive.writestr("composite.png", composite_png)
     return buffer.getvalue()
 
 
-def _psd(layers: NamedLayers, composite: Image.Image, png_level: int) -> bytes:  # PSD holds no PNG
+def _psd(layers: ArchiveStack, composite: Image.Image, png_level: int) -> bytes:  # PSD holds no PNG
     psd = PSDImage.new("RGBA", composite.size)
-    for name, layer in layers:
-        psd.create_pixel_layer(layer, name=name)  # each new layer goes on top: back to front
+    for name, content in layers:  # each new layer or group goes on top: back to front
+        if isinstance(content, list):
+            group = psd.create_group(name=name)  # pass-through: its layers blend as if ungrouped
+            for sub_name, layer in content:
+                group.create_pixel_layer(layer, name=sub_name)
+        else:
+            psd.create_pixel_layer(content, name=name)
     # Photoshop marks a merged image with transparency with this block. Without it,
     # psd-tools (1.26) writes the merged image's alpha as 0, and viewers that show the
     # merged image (previews, thumbnails) would show nothing.
@@ -84,27 +111,36 @@ def _psd(layers: NamedLayers, composite: Image.Image, png_level: int) -> bytes: 
     return buffer.getvalue()
 
 
-def _ora(layers: NamedLayers, composite: Image.Image, png_level: int) -> bytes:
+def _ora(layers: ArchiveStack, composite: Image.Image, png_level: int) -> bytes:
     image = ElementTree.Element("image", version=ORA_VERSION, w=str(composite.width), h=str(composite.height))
-    stack = ElementTree.SubElement(image, "stack")
-    for name, _ in reversed(layers):  # stack.xml lists the topmost layer first
-        ElementTree.SubElement(stack, "layer", name=name, src=f"data/{name}.png", x="0", y="0",
-                               opacity="1.0", visibility="visible", **{"composite-op": "svg:src-over"})
+    _ora_stack(ElementTree.SubElement(image, "stack"), layers)
     thumbnail = composite.copy()
     thumbnail.thumbnail((ORA_THUMBNAIL_MAX_SIDE, ORA_THUMBNAIL_MAX_SIDE))
+    leaves = _leaves(layers)
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
         # The spec: `mimetype` first and uncompressed, so the type can be read at a fixed offset.
         archive.writestr("mimetype", ORA_MIMETYPE)
         archive.writestr("stack.xml", ElementTree.tostring(image, encoding="UTF-8", xml_declaration=True),
                          compress_type=zipfile.ZIP_DEFLATED)
-        *layer_pngs, composite_png, thumbnail_png = _pngs([layer for _, layer in layers] + [composite, thumbnail],
+        *layer_pngs, composite_png, thumbnail_png = _pngs([layer for _, _, layer in leaves] + [composite, thumbnail],
                                                           png_level)
-        for (name, _), data in zip(layers, layer_pngs):
+        for (_, name, _), data in zip(leaves, layer_pngs):
             archive.writestr(f"data/{name}.png", data)
         archive.writestr("mergedimage.png", composite_png)
         archive.writestr("Thumbnails/thumbnail.png", thumbnail_png)
     return buffer.getvalue()
+
+
+def _ora_stack(stack: ElementTree.Element, layers: ArchiveStack) -> None:
+    """`layers` into `stack.xml`'s element `stack`, topmost first as the spec lists them; a
+    group as a nested stack."""
+    placement = {"x": "0", "y": "0", "opacity": "1.0", "visibility": "visible", "composite-op": "svg:src-over"}
+    for name, content in reversed(layers):
+        if isinstance(content, list):
+            _ora_stack(ElementTree.SubElement(stack, "stack", name=name, **placement), content)
+        else:
+            ElementTree.SubElement(stack, "layer", name=name, src=f"data/{name}.png", **placement)
 
 
 def describe(data: bytes, fmt: str, *, layer_count: int, size: tuple[int, int], bucket: Bucket | None,

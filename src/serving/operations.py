@@ -5,7 +5,8 @@ pipeline returns when called directly (the tests check it pixel for pixel), call
 way the models' authors call it where that differs from diffusers' defaults
 (docs/upstream-register.md). The only pixel work done here is what the job schema
 promises around the call: RGBA inputs flattened onto a uniform matte before the edit
-model sees them, alpha put back for single RGBA edits and edited layers, and the
+model sees them, alpha put back for single RGBA edits and edited layers, sub-layers
+resized to their layer's size where the pipeline's rounding differs from it, and the
 alpha-over composite of the layers.
 """
 
@@ -19,7 +20,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from src.job.schema import JobRequest, LayerEdit
+from src.job.schema import JobRequest, LayerEdit, LayerSplit
 from src.serving.shared_encodings import encodings_shared
 
 ProgressFn = Callable[[dict], None]
@@ -114,14 +115,35 @@ def decompose(pipeline, request: JobRequest, image: Image.Image, seed: int,
     """One image to `request.layers` RGBA layers, back to front (`composite` stacks them).
     An empty prompt is captioned by the pipeline: diffusers' own `get_image_caption`, or
     the decoder the warm-up installed (CAPTION_DECODER, `src/models/captioning.py`)."""
+    return _call_layered(pipeline, request, image, request.prompt, request.layers, seed, progress)
+
+
+def split_layer(pipeline, request: JobRequest, layer: Image.Image, split: LayerSplit, seed: int,
+                progress: ProgressFn) -> list[Image.Image]:
+    """One RGBA layer decomposed again into `split.layers` sub-layers, back to front: the
+    Layered pipeline called on the layer as it is (alpha kept, as the authors' README
+    calls it on an RGBA image) with the job's settings and seed and the split's own
+    prompt (empty: the pipeline captions the layer, as the authors' demo does an image
+    sent without one).
+
+    The pipeline sizes its output from the resolution and the input's aspect, rounded to
+    32, so a layer's sub-layers can come out 32 pixels off the layer's size; they are then
+    resized to it (Lanczos, on premultiplied alpha), so that they stack over the layers."""
+    sub_layers = _call_layered(pipeline, request, layer, split.prompt, split.layers, seed, progress)
+    return [sub_layer if sub_layer.size == layer.size else sub_layer.resize(layer.size, Image.Resampling.LANCZOS)
+            for sub_layer in sub_layers]
+
+
+def _call_layered(pipeline, request: JobRequest, image: Image.Image, prompt: str, layers: int, seed: int,
+                  progress: ProgressFn) -> list[Image.Image]:
     return pipeline(
         image=image.convert("RGBA"),
-        prompt=request.prompt,
+        prompt=prompt,
         negative_prompt=request.negative_prompt,
         true_cfg_scale=request.cfg_scale,
         guidance_scale=request.guidance_scale,
         num_inference_steps=request.steps,
-        layers=request.layers,
+        layers=layers,
         resolution=request.resolution,
         # The authors' settings (Qwen-Image-Layered README and demo app), not diffusers' defaults.
         cfg_normalize=request.cfg_normalize,

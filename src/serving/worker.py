@@ -13,7 +13,7 @@ import secrets
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from PIL import Image
@@ -234,7 +234,8 @@ class Worker:
             return ()
         shape = memory_plan.shape_for(request, [image.size for image in images])
         if request.operation == "decompose":
-            key = "layers"
+            # A split of more sub-layers than the job's layers can be what does not fit.
+            key = "split" if shape.sub_layers and self.pipes.plan.fits(replace(shape, sub_layers=0)) else "layers"
         elif request.width or request.height:
             key = "width" if request.width else "height"
         else:
@@ -252,7 +253,9 @@ class Worker:
                 named = [(_result_name(k, len(results)), result.image) for k, result in enumerate(results)]
                 return named, results, None
             layers = operations.decompose(pipeline, request, images[0], seed, progress)
-        stack = LayerStack(layers, self._edit_layers(request, layers, seed, levers, timer, progress))
+            # Splits run on the Layered pipeline still in place, before the edits swap it out.
+            splits = self._split_layers(pipeline, request, layers, seed, progress)
+        stack = LayerStack(layers, self._edit_layers(request, layers, seed, levers, timer, progress), splits)
         if request.resize_to_input:
             stack = stack.resized(images[0].size)
         return stack.named_images(), None, stack
@@ -304,6 +307,14 @@ class Worker:
             raise InputError(f"{key}: LoRAs fuse into the transformer's weights on the GPU, and this worker "
                              "streams them from CPU memory (MEMORY_MODE offload); use a GPU that holds the "
                              "transformer (resident or text_offload)")
+
+    def _split_layers(self, pipeline, request: JobRequest, layers: list[Image.Image], seed: int,
+                      progress: ProgressFn) -> dict[int, list[Image.Image]]:
+        """The job's splits, each layer decomposed again with the job's settings and seed."""
+        return {split.layer: operations.split_layer(
+                    pipeline, request, layers[split.layer], split, seed,
+                    lambda update, stage=f"split[{i}]": progress({**update, "stage": stage}))
+                for i, split in enumerate(request.split)}
 
     def _edit_layers(self, request: JobRequest, layers: list[Image.Image], seed: int, levers: tuple[str, ...],
                      timer: StageTimer, progress: ProgressFn) -> dict[int, Image.Image]:
@@ -371,15 +382,14 @@ class Worker:
 
     def _store_archive(self, stack: LayerStack, request: JobRequest, bucket: Bucket | None,
                        entries: list[dict], timer: StageTimer) -> tuple[dict, list[str]]:
-        """The final stack and its composite in one file, next to the images.
-        Returns the output's `archive` entry and warnings."""
-        final = stack.final
+        """The final stack (split layers as groups of their sub-layers) and its composite in
+        one file, next to the images. Returns the output's `archive` entry and warnings."""
+        composite = stack.archived_composite
         with timer.stage("archive"):
-            data = archives.build(request.archive, list(zip(stack.final_names(), final)), stack.final_composite,
-                                  self.settings.png_compress_level)
+            data = archives.build(request.archive, stack.archived(), composite, self.settings.png_compress_level)
         with timer.stage("upload"):
             return archives.describe(
-                data, request.archive, layer_count=len(final), size=final[0].size, bucket=bucket,
+                data, request.archive, layer_count=stack.archived_layer_count, size=composite.size, bucket=bucket,
                 image_entries=entries, inline=request.wants_base64 or bucket is None,
                 max_inline_bytes=self.settings.max_inline_bytes)
 

@@ -8,6 +8,7 @@ import io
 import json
 import re
 import zipfile
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from pyora import Project
 
 from src.serving import archives
 from src.serving.operations import composite
-from tests.layer_checks import assert_psd_merged_is, read_archive, same_pixels, visible_pixels
+from tests.layer_checks import assert_archive_holds, assert_psd_merged_is, read_archive, same_pixels, visible_pixels
 
 SIZE = (48, 32)
 
@@ -120,3 +121,55 @@ def test_rgb_layers_go_in_as_opaque(fmt):
     data = archives.build(fmt, [("layer_0", opaque)], opaque.convert("RGBA"))
     [stored] = read_archive(fmt, data).layers
     assert stored.getchannel("A").getextrema() == (255, 255)
+
+
+# --- groups: a split layer's sub-layers in its place ------------------------------
+
+GROUPED_NAMES = ["layer_0", "layer_1/layer_1_0", "layer_1/layer_1_1", "layer_3"]
+
+
+def grouped(layers) -> list:
+    """The sample layers with the middle two as the group `layer_1`, as a split layer's
+    sub-layers stand in an archive."""
+    return [layers[0], ("layer_1", [("layer_1_0", layers[1][1]), ("layer_1_1", layers[2][1])]), layers[3]]
+
+
+@pytest.mark.parametrize("fmt", ["zip", "psd", "ora"])
+def test_a_group_holds_its_layers_in_its_place_and_the_composite_stacks_them_all(layers, stacked, fmt):
+    contents = read_archive(fmt, archives.build(fmt, grouped(layers), stacked))
+    assert_archive_holds(fmt, contents, GROUPED_NAMES, [layer for _, layer in layers], stacked)
+
+
+def test_zip_puts_a_group_in_a_folder_and_names_it_in_the_manifest(layers, stacked):
+    with zipfile.ZipFile(io.BytesIO(archives.build("zip", grouped(layers), stacked))) as archive:
+        manifest = json.loads(archive.read("manifest.json"))
+        assert manifest["version"] == 1  # a reader of the flat list still stacks every layer in order
+        assert [(entry["index"], entry["name"], entry["file"], entry.get("group")) for entry in manifest["layers"]] == [
+            (0, "layer_0", "layers/layer_0.png", None),
+            (1, "layer_1_0", "layers/layer_1/layer_1_0.png", "layer_1"),
+            (2, "layer_1_1", "layers/layer_1/layer_1_1.png", "layer_1"),
+            (3, "layer_3", "layers/layer_3.png", None)]
+        assert "layers/layer_1.png" not in archive.namelist()
+
+
+def test_psd_makes_a_pass_through_layer_group(layers, stacked):
+    psd = PSDImage.open(io.BytesIO(archives.build("psd", grouped(layers), stacked)))
+    assert [(layer.kind, layer.name) for layer in psd] == [("pixel", "layer_0"), ("group", "layer_1"),
+                                                           ("pixel", "layer_3")]
+    group = psd[1]
+    # Pass-through: its layers blend with those below as if ungrouped, so the stack's composite holds.
+    assert group.visible and group.blend_mode.name == "PASS_THROUGH" and group.opacity == 255
+    assert [(layer.kind, layer.name) for layer in group] == [("pixel", "layer_1_0"), ("pixel", "layer_1_1")]
+    assert_psd_merged_is(Image.open(io.BytesIO(archives.build("psd", grouped(layers), stacked))), stacked)
+
+
+def test_ora_makes_a_nested_stack_listed_topmost_first(layers, stacked):
+    data = archives.build("ora", grouped(layers), stacked)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        root = ElementTree.fromstring(archive.read("stack.xml")).find("stack")
+    assert [(child.tag, child.get("name")) for child in root] == [("layer", "layer_3"), ("stack", "layer_1"),
+                                                                  ("layer", "layer_0")]
+    group = root.find("stack")
+    assert group.get("composite-op") == "svg:src-over" and group.get("visibility") == "visible"
+    assert [child.get("name") for child in group] == ["layer_1_1", "layer_1_0"]
+    assert [group.name for group in Project.load(io.BytesIO(data)).iter_groups if group.name] == ["layer_1"]
