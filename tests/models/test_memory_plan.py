@@ -102,6 +102,29 @@ def test_shape_follows_the_pipelines_sizes():
     assert shape_for(decompose, [(800, 600)]) == JobShape("decompose", 1024 * 1024, layers=7, layer_edits=1)
 
 
+def test_a_split_counts_as_a_decomposition_into_its_sub_layers_after_the_first():
+    split = parse_request({"operation": "decompose", "image_base64": "x", "layers": 3, "resolution": 1024,
+                           "split": [{"layer": 0, "layers": 4}, {"layer": 2, "layers": 9}]})
+    shape = shape_for(split, [(800, 600)])
+    assert shape == JobShape("decompose", 1024 * 1024, layers=3, sub_layers=9)  # splits run one at a time
+    # Its peak is the larger of the two decompositions, with the same levers.
+    for levers in memory_plan.lever_choices("decompose"):
+        assert need_bytes(shape, "none", levers) == need_bytes(JobShape("decompose", 1024 * 1024, layers=9), "none",
+                                                               levers)
+    assert need_bytes(JobShape("decompose", 1024 * 1024, layers=9, sub_layers=2), "none") == need_bytes(
+        JobShape("decompose", 1024 * 1024, layers=9), "none")
+
+
+def test_a_split_that_cannot_fit_is_refused_with_what_would():
+    with pytest.raises(ValueError) as refused:
+        plan(4.9).levers_for(JobShape("decompose", 1024 * 1024, layers=3, sub_layers=10), "split")
+    assert str(refused.value) == (
+        "split: 3 layers at resolution 1024 and a split into 10 need about 6 GiB of GPU memory beyond the weights; "
+        "this worker has 5 GiB (test GPU, 48 GiB; memory mode text_offload, one transformer on the GPU at a time); "
+        "split into at most 8 layers, or resolution 640")
+    assert plan(4.9).fits(JobShape("decompose", 1024 * 1024, layers=3, sub_layers=8))
+
+
 def test_streamed_models_count_in_their_stage():
     shape = JobShape("edit", 1024 * 1024)
     streamed = {"text_encoder": 4 * GIB}
@@ -150,6 +173,15 @@ def test_a_job_that_cannot_fit_is_refused_before_any_gpu_work(small_gpu_worker):
     assert re.fullmatch(r"layers: 10 layers at resolution 1024 need about 6 GiB of GPU memory beyond the weights; "
                         r"this worker has \d GiB \(cpu, \d GiB; memory mode resident, [^)]+\); "
                         r"use at most 9 layers, or resolution 640", out["error"]), out
+    assert not small_gpu_worker.pipes.layered_loaded  # refused before Layered was even loaded
+
+
+def test_a_split_that_cannot_fit_is_refused_naming_split_before_any_gpu_work(small_gpu_worker):
+    out = run(small_gpu_worker, operation="decompose", image_base64=png_b64(sample_image()), layers=3,
+              resolution=1024, num_inference_steps=2, split=[{"layer": 1, "layers": 10}])
+    assert re.fullmatch(r"split: 3 layers at resolution 1024 and a split into 10 need about 6 GiB of GPU memory "
+                        r"beyond the weights; this worker has \d GiB \(cpu, \d GiB; memory mode resident, [^)]+\); "
+                        r"split into at most 9 layers, or resolution 640", out["error"]), out
     assert not small_gpu_worker.pipes.layered_loaded  # refused before Layered was even loaded
 
 

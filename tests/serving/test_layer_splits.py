@@ -1,8 +1,9 @@
 """Recursive decomposition (`split`) on the tiny real pipelines, in process: chosen layers
 of a decomposition decomposed again in the same job. Each sub-layer is compared pixel for
 pixel with the Layered pipeline called directly on its layer, as fetched from the
-loopback S3, with the job's settings and seed; the archives are read back with psd-tools,
-pyora and zipfile; bad splits are refused before any model runs; JOB_TIMEOUT_S stops a
+loopback S3, with the job's settings and seed; the archives are read back with psd-tools
+and zipfile (the writers' groups in every format, pyora's reading included:
+tests/serving/test_archives.py); bad splits are refused before any model runs; JOB_TIMEOUT_S stops a
 job inside its split."""
 
 from __future__ import annotations
@@ -100,8 +101,9 @@ def test_the_psd_archive_holds_each_split_layer_as_a_group_in_its_place(split):
     assert_archive_holds("psd", contents, names, leaves, alpha_over(leaves))
 
 
-@pytest.mark.parametrize("fmt", ["zip", "ora"])
-def test_zip_and_ora_archives_group_the_sub_layers_with_the_edits_in_place(worker, fmt):
+def test_a_zip_archive_groups_the_sub_layers_with_the_edits_in_place(worker):
+    """(The ORA writer's groups: tests/serving/test_archives.py.)"""
+    fmt = "zip"
     job = decompose_job(layers=2, split=[{"layer": 1, "layers": 2}], edits=[{"layer": 0, "prompt": "paint it red",
                                                                             "num_inference_steps": 2}],
                         resize_to_input=True, archive=fmt)
