@@ -99,7 +99,8 @@ class FaultyProxy:
         with self._lock:
             self._planned.extend((method, fault) for fault in faults)
 
-    def always(self, fault: Fault, method: str = "PUT") -> None:
+    def always(self, fault: Fault | None, method: str = "PUT") -> None:
+        """Every request of `method` meets `fault` from now on (None: none does)."""
         with self._lock:
             self._standing[method] = fault
 
