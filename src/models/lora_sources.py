@@ -218,11 +218,15 @@ def _s3_chunks(client, bucket: str, object_key: str, etag: str | None):
 
 
 def _s3_code(exc: ClientError) -> str:
-    """An S3 error as its code; a HEAD's errors carry only the HTTP status ("404"), named then."""
-    error = exc.response.get("Error", {})
-    code = str(error.get("Code") or "unknown")
+    """An S3 error as its code; a HEAD's errors carry only the HTTP status ("404"), which
+    botocore gives its standard reason ("Not Found")."""
+    from src.plumbing.storage import MAX_ERROR_CODE_CHARS, s3_error_code
+
+    code = s3_error_code(exc)
     if code.isdigit():
-        return f"HTTP {code} ({error.get('Message') or 'no message'})"
+        reason = "".join(char for char in str(exc.response.get("Error", {}).get("Message") or "")
+                         if char.isprintable())[:MAX_ERROR_CODE_CHARS]
+        return f"HTTP {code} ({reason or 'no reason given'})"
     return code
 
 

@@ -56,6 +56,9 @@ TRANSIENT_S3_CODES = frozenset({
 })
 
 
+# The longest S3 error code an error text repeats; the real ones are under 40 characters.
+MAX_ERROR_CODE_CHARS = 64
+
 # The job key a job bucket's endpoint is checked under.
 JOB_ENDPOINT_KEY = "r2.endpoint_url"
 
@@ -202,7 +205,7 @@ class Bucket:
     def _classify(self, exc: ClientError | BotoCoreError) -> Exception:
         """A transient fault to retry, or the StorageError to report now."""
         if isinstance(exc, ClientError):
-            code = exc.response.get("Error", {}).get("Code") or str(_status(exc) or "unknown")
+            code = s3_error_code(exc)
             status = _status(exc)
             if status >= 500 or status == 429 or code in TRANSIENT_S3_CODES:
                 return _Transient(code)
@@ -213,6 +216,14 @@ class Bucket:
 
     def _failed(self, reason: str) -> StorageError:
         return StorageError(f"storage: upload to bucket {self.config.bucket_name!r} failed: {reason}")
+
+
+def s3_error_code(exc: ClientError) -> str:
+    """The S3 error code of a failed request, as errors may show it: printable and short
+    (a job's own endpoint chooses it), or the HTTP status where there is none."""
+    code = str(exc.response.get("Error", {}).get("Code") or "")
+    code = "".join(char for char in code if char.isprintable())[:MAX_ERROR_CODE_CHARS]
+    return code or str(_status(exc) or "unknown")
 
 
 def _status(exc: ClientError) -> int:

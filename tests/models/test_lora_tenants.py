@@ -232,3 +232,13 @@ def test_the_worker_serves_the_next_job_after_a_slow_bucket(worker, s3, fault_pr
                               lora_cache_dir=tmp_path)["error"]
     out = job(worker, r2, source=source, lora_download_timeout_s=TIMEOUT_S, lora_cache_dir=tmp_path)
     assert "error" not in out, out
+
+
+def test_a_hostile_error_code_is_cut_short(worker, s3, fault_proxy, lora_dir, tmp_path):
+    """The job's own endpoint writes the S3 error code: the error repeats 64 printable characters of it."""
+    s3.client().put_object(Bucket=s3.bucket, Key="coded/style.safetensors",
+                           Body=(lora_dir / "tiny_lora_diffusers.safetensors").read_bytes())
+    fault_proxy.plan(Fault.status(403, "Denied\u200b" + "x" * 5000), method="GET")
+    source = f"s3://{s3.bucket}/coded/style.safetensors"
+    out = job(worker, job_r2(fault_proxy.url, s3.bucket), source=source, lora_cache_dir=tmp_path)
+    assert out == {"error": f"loras[0].source: downloading {source!r} failed: Denied{'x' * 58}"}

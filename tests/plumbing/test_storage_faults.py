@@ -235,3 +235,9 @@ def test_a_read_back_without_length_fails_at_once_naming_it(quick_worker, s3, fa
     assert out == {"error": f"storage: upload to bucket {s3.bucket!r} failed: the read-back HEAD answered without "
                             "a Content-Length, so the stored size cannot be checked"}
     assert fault_proxy.count("PUT") == 1  # no retries: the answer will not change
+
+
+def test_a_hostile_error_code_is_cut_short(quick_worker, s3, fault_proxy):
+    fault_proxy.plan(Fault.status(403, "Denied" + "y" * 5000))
+    out, _ = run_job(quick_worker, job_r2(fault_proxy.url, s3.bucket))
+    assert out == {"error": f"storage: upload to bucket {s3.bucket!r} failed: Denied{'y' * 58}"}
