@@ -1,5 +1,13 @@
 """Where a LoRA file comes from: a path on the volume, a repo in the HF cache, or an
-https/S3 URL downloaded once into a size-capped cache on the volume.
+https/S3 URL downloaded into a size-capped cache on the volume.
+
+The cache serves many callers, so a job gets a cached file only where its own fetch
+would have got the same bytes. An http(s) file is found by its whole URL, query string
+included (a presigned URL is its own credential). An s3:// object is asked for with a
+HEAD through the job's own client on every use, and its file is named by the endpoint,
+the URL and the ETag and size that HEAD answered: a job without access fails at the
+HEAD, with the error it would get were nothing cached, and learns nothing else. No
+error is cached. Each download, the HEAD included, ends within LORA_DOWNLOAD_TIMEOUT_S.
 
 Every failure is a `LoraError` (or, for an http(s) URL, a `url_fetch.FetchError` or
 `url_guard.UrlRefused`) that names the job key (`loras[i].source`) and the source, never
@@ -11,12 +19,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from src.job.schema import InputError
 from src.models.weights import ModelNotFound, locate
+from src.plumbing.s3_deadline import TimedOut, within
 from src.plumbing.url_fetch import FetchLimits, iter_chunks
 from src.plumbing.url_guard import AddressPolicy, shown
 
@@ -41,16 +51,17 @@ class LoraFile:
 
 @dataclass(frozen=True)
 class LoraCache:
-    """Downloaded LoRAs, named by the sha256 of their URL, evicted least recently used
-    first when over `max_bytes` or `max_files`."""
+    """Downloaded LoRAs, each named by the sha256 of its identity (what a job must
+    present to get it: an http(s) URL, or an S3 object's endpoint, URL, ETag and size),
+    evicted least recently used first when over `max_bytes` or `max_files`."""
 
     folder: Path
     max_bytes: int
     max_files: int
     max_download_bytes: int
 
-    def path_for(self, url: str) -> Path:
-        return self.folder / f"{hashlib.sha256(url.encode()).hexdigest()[:40]}.safetensors"
+    def path_for(self, identity: str) -> Path:
+        return self.folder / f"{hashlib.sha256(identity.encode()).hexdigest()[:40]}.safetensors"
 
     def evict(self, keep: Path) -> None:
         files = sorted(self.folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
@@ -87,8 +98,7 @@ def resolve(source: str, weight_name: str | None, key: str, *, roots: tuple[Path
         if s3_client_for is None:
             raise LoraError(f"{key}: {shown!r} is an S3 URL but no bucket credentials are configured "
                             "(BUCKET_* env or the job's r2)")
-        bucket, _, object_key = source[len("s3://"):].partition("/")
-        return _download(source, key, cache, lambda: _s3_chunks(s3_client_for(), bucket, object_key, key, shown))
+        return _from_s3(source, key, cache, s3_client_for(), limits)
     if REPO_ID.match(source) and not Path(source).is_absolute():
         return _from_hf_cache(source, weight_name, key, hf_home)
     return _from_volume(source, weight_name, key, roots)
@@ -130,8 +140,11 @@ def _single_safetensors(folder: Path, key: str, source: str) -> Path:
     return files[0]
 
 
-def _download(url: str, key: str, cache: LoraCache, chunks) -> LoraFile:
-    target = cache.path_for(url)
+def _download(url: str, key: str, cache: LoraCache, chunks, identity: str | None = None,
+              expected_bytes: int | None = None) -> LoraFile:
+    """The cached file of `identity` (the URL unless given), or `chunks()` downloaded into
+    it; a download of other than `expected_bytes` (when given) is an error and not kept."""
+    target = cache.path_for(identity or url)
     sidecar = target.with_suffix(".sha256")
     if target.is_file() and sidecar.is_file():
         os.utime(target)  # most recently used
@@ -150,6 +163,9 @@ def _download(url: str, key: str, cache: LoraCache, chunks) -> LoraFile:
                                     f"{cache.max_download_bytes} bytes (LORA_MAX_DOWNLOAD_BYTES)")
                 digest.update(chunk)
                 part.write(chunk)
+            if expected_bytes is not None and size != expected_bytes:
+                raise LoraError(f"{key}: downloading {describe_source(url)!r} failed: {size} bytes arrived, "
+                                f"{expected_bytes} expected")
         except BaseException:
             part.close()
             Path(part.name).unlink(missing_ok=True)
@@ -160,17 +176,58 @@ def _download(url: str, key: str, cache: LoraCache, chunks) -> LoraFile:
     return LoraFile(source=url, path=target, sha256=digest.hexdigest(), downloaded=True)
 
 
-def _s3_chunks(client, bucket: str, object_key: str, key: str, shown: str):
+def _from_s3(url: str, key: str, cache: LoraCache, client, limits: FetchLimits) -> LoraFile:
+    """The object behind an s3:// URL as this job's client sees it: asked for with a HEAD
+    on every use, its cached file used only for the ETag and size that HEAD answered."""
     from botocore.exceptions import BotoCoreError, ClientError
 
+    bucket, _, object_key = url[len("s3://"):].partition("/")
+    shown = describe_source(url)
+    failed = f"{key}: downloading {shown!r} failed"
     try:
-        body = client.get_object(Bucket=bucket, Key=object_key)["Body"]
-        yield from body.iter_chunks(DOWNLOAD_CHUNK_BYTES)
+        with within(limits.total_timeout_s):
+            head = client.head_object(Bucket=bucket, Key=object_key)
+            size, etag = head.get("ContentLength"), head.get("ETag")
+            if size is None:
+                raise LoraError(f"{failed}: the bucket answered HEAD without a Content-Length")
+            if size > cache.max_download_bytes:
+                raise LoraError(f"{key}: {shown!r} is {size} bytes (its HEAD's Content-Length), larger than "
+                                f"{cache.max_download_bytes} bytes (LORA_MAX_DOWNLOAD_BYTES)")
+            # Without an ETag no later HEAD can vouch for the bytes: a name no one will ask for again.
+            version = etag or f"unversioned {secrets.token_hex(16)}"
+            identity = f"s3 {client.meta.endpoint_url} {url} {version} {size}"
+            return _download(url, key, cache, lambda: _s3_chunks(client, bucket, object_key, etag), identity,
+                             expected_bytes=size)
+    except TimedOut:
+        raise LoraError(f"{failed}: timed out after {limits.total_timeout_s:g} s ({limits.total_timeout_setting})") \
+            from None
     except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "unknown")
-        raise LoraError(f"{key}: downloading {shown!r} failed: {code}") from None
+        raise LoraError(f"{failed}: {_s3_code(exc)}") from None
     except BotoCoreError as exc:
-        raise LoraError(f"{key}: downloading {shown!r} failed: {type(exc).__name__}") from None
+        raise LoraError(f"{failed}: {type(exc).__name__}") from None
+
+
+def _s3_chunks(client, bucket: str, object_key: str, etag: str | None):
+    """The object's body; with the HEAD's ETag, only that version of it (412 otherwise)."""
+    condition = {"IfMatch": etag} if etag else {}
+    body = client.get_object(Bucket=bucket, Key=object_key, **condition)["Body"]
+    try:
+        yield from body.iter_chunks(DOWNLOAD_CHUNK_BYTES)
+    finally:
+        body.close()
+
+
+def _s3_code(exc: ClientError) -> str:
+    """An S3 error as its code; a HEAD's errors carry only the HTTP status ("404"), which
+    botocore gives its standard reason ("Not Found")."""
+    from src.plumbing.storage import MAX_ERROR_CODE_CHARS, s3_error_code
+
+    code = s3_error_code(exc)
+    if code.isdigit():
+        reason = "".join(char for char in str(exc.response.get("Error", {}).get("Message") or "")
+                         if char.isprintable())[:MAX_ERROR_CODE_CHARS]
+        return f"HTTP {code} ({reason or 'no reason given'})"
+    return code
 
 
 # sha256 of files already hashed, keyed by path and modification time: hashing a

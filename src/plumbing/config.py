@@ -133,9 +133,10 @@ class Settings:
     weights_prefetch: str = "on"
     warmup: bool = True
     job_timeout_s: int = 0  # 0: off
-    # Each result upload: attempts (PUT and read-back), each request's read timeout, and
-    # the first backoff (doubling, capped at 8x). UploadPolicy.worst_case_s() bounds an
-    # upload: with these defaults about 200 s, for a store that hangs on every request.
+    # Each result upload: attempts (PUT and read-back), each request's time besides its
+    # connect (however slowly the store answers), and the first backoff (doubling, capped
+    # at 8x). UploadPolicy.worst_case_s() bounds an upload: with these defaults about
+    # 200 s, for a store that hangs or trickles on every request.
     upload_attempts: int = 4
     upload_timeout_s: float = 20.0
     upload_backoff_s: float = 0.5

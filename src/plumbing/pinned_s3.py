@@ -30,6 +30,11 @@ this list; tests/plumbing/test_storage_pinning.py fails if any of them stops hol
 
 Anything that is not the expected shape at step 1 raises at construction.
 
+The same classes carry `s3_deadline.Watched`, so that a pinned client's requests end
+by their operation's total deadline (src/plumbing/s3_deadline.py); `watch_connections`
+gives a client that is not pinned (the worker's own bucket) that alone, through the
+same step 1.
+
 Not chosen: setting a connection's `_dns_host` (urllib3's `host` property reads it too,
 so the Host header and SNI would become the address); the address in the endpoint URL
 (the signature, the Host header and presigned URLs would carry it); a sender of our own
@@ -50,6 +55,8 @@ from botocore.httpsession import URLLib3Session
 from urllib3 import PoolManager
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 from urllib3.util.connection import create_connection
+
+from src.plumbing.s3_deadline import Watched
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +99,15 @@ class _Pinned:
 
 
 def pinned_pool_classes(addresses: tuple[str, ...]) -> dict[str, type]:
-    """botocore's pool classes, with connections that open only to `addresses`."""
+    """botocore's pool classes, with connections that open only to `addresses` (and
+    are watched by their operation's deadline)."""
     if not addresses:
         raise ValueError("pinned_pool_classes: no addresses")
 
-    class PinnedHTTPConnection(_Pinned, AWSHTTPConnection):
+    class PinnedHTTPConnection(_Pinned, Watched, AWSHTTPConnection):
         pinned_addresses = addresses
 
-    class PinnedHTTPSConnection(_Pinned, AWSHTTPSConnection):
+    class PinnedHTTPSConnection(_Pinned, Watched, AWSHTTPSConnection):
         pinned_addresses = addresses
 
     class PinnedHTTPConnectionPool(AWSHTTPConnectionPool):
@@ -111,18 +119,47 @@ def pinned_pool_classes(addresses: tuple[str, ...]) -> dict[str, type]:
     return {"http": PinnedHTTPConnectionPool, "https": PinnedHTTPSConnectionPool}
 
 
+class WatchedHTTPConnection(Watched, AWSHTTPConnection):
+    pass
+
+
+class WatchedHTTPSConnection(Watched, AWSHTTPSConnection):
+    pass
+
+
+class WatchedHTTPConnectionPool(AWSHTTPConnectionPool):
+    ConnectionCls = WatchedHTTPConnection
+
+
+class WatchedHTTPSConnectionPool(AWSHTTPSConnectionPool):
+    ConnectionCls = WatchedHTTPSConnection
+
+
 def pin_connections(client, addresses: tuple[str, ...]) -> None:
     """Make every connection of a freshly built botocore `client` go to `addresses`.
 
     The client must have been built with `NO_PROXIES` merged into its Config and must not
     have sent a request yet."""
+    if client.meta.config.proxies != {}:
+        raise PinBroken("a pinned client must be built with src.plumbing.pinned_s3.NO_PROXIES in its Config")
+    _pool_manager(client).pool_classes_by_scheme = pinned_pool_classes(addresses)
+
+
+def watch_connections(client) -> None:
+    """Make the direct connections of a freshly built botocore `client` end by their
+    operation's deadline (src/plumbing/s3_deadline.py). A proxy from the environment,
+    which botocore reaches through a pool manager of its own, is not watched."""
+    _pool_manager(client).pool_classes_by_scheme = {"http": WatchedHTTPConnectionPool,
+                                                    "https": WatchedHTTPSConnectionPool}
+
+
+def _pool_manager(client) -> PoolManager:
+    """The urllib3 pool manager of a client that has not connected yet (step 1 above)."""
     session = getattr(getattr(client, "_endpoint", None), "http_session", None)
     manager = getattr(session, "_manager", None)
     if not isinstance(session, URLLib3Session) or not isinstance(manager, PoolManager):
         raise PinBroken(f"botocore {type(session).__name__} is not the URLLib3Session with a PoolManager that "
                         "src/plumbing/pinned_s3.py pins; check it against this botocore version")
-    if client.meta.config.proxies != {}:
-        raise PinBroken("a pinned client must be built with src.plumbing.pinned_s3.NO_PROXIES in its Config")
     if len(manager.pools):
         raise PinBroken("a pinned client must not have connected before it is pinned")
-    manager.pool_classes_by_scheme = pinned_pool_classes(addresses)
+    return manager

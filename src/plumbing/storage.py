@@ -5,8 +5,11 @@ An upload counts only once the object reads back whole: each attempt is a PUT an
 then a HEAD that must show the object at the uploaded size, so a URL is never handed
 out for a missing or partly written object. Transient faults (connection errors,
 timeouts, 5xx and throttling answers, an incomplete object) are retried with bounded,
-jittered exponential backoff (`UploadPolicy`); any other error fails at once. Error
-texts name the bucket and the S3 error code, never a credential.
+jittered exponential backoff (`UploadPolicy`); any other error fails at once. Every
+request (a PUT, a HEAD) ends within its policy's time however slowly the server answers
+(src/plumbing/s3_deadline.py), so an upload ends within `UploadPolicy.worst_case_s()`.
+Error texts name the bucket and what went wrong (the S3 error code, the time limit),
+never a credential.
 
 The worker's own bucket (BUCKET_*) is trusted. A job's bucket (`r2`) is not:
 `Bucket.for_job` checks its endpoint's addresses before any connection, and its clients
@@ -28,18 +31,19 @@ from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from src.plumbing.config import BucketConfig, Settings
-from src.plumbing.pinned_s3 import NO_PROXIES, pin_connections
+from src.plumbing.pinned_s3 import NO_PROXIES, pin_connections, watch_connections
+from src.plumbing.s3_deadline import TimedOut, within
 from src.plumbing.url_guard import AddressPolicy, resolve_checked
 
 log = logging.getLogger(__name__)
 
-# Connect and read timeouts keep a dead endpoint from holding a paid GPU for minutes;
-# botocore's standard retry mode backs off on throttling and 5xx answers. Uploads use
-# their own client (below); this one serves other readers of the bucket.
+# The client of other readers of the bucket (s3:// LoRA sources). They bound each
+# operation in total with s3_deadline.within; botocore's retries would sleep past that
+# deadline between attempts, so there is one attempt. Uploads use their own client (below).
 _CLIENT_CONFIG = Config(
     signature_version="s3v4",
     s3={"addressing_style": "path"},
-    retries={"mode": "standard", "max_attempts": 4},
+    retries={"mode": "standard", "total_max_attempts": 1},
     connect_timeout=5,
     read_timeout=30,
 )
@@ -51,6 +55,9 @@ TRANSIENT_S3_CODES = frozenset({
     "RequestLimitExceeded", "BadDigest", "IncompleteBody", "XAmzContentSHA256Mismatch",
 })
 
+
+# The longest S3 error code an error text repeats; the real ones are under 40 characters.
+MAX_ERROR_CODE_CHARS = 64
 
 # The job key a job bucket's endpoint is checked under.
 JOB_ENDPOINT_KEY = "r2.endpoint_url"
@@ -66,8 +73,8 @@ BACKOFF_GROWTH = 8  # the backoff doubles up to this multiple of the first one
 
 @dataclass(frozen=True)
 class UploadPolicy:
-    """How hard one object's upload tries. Each attempt is a PUT and a HEAD, each bounded
-    by the connect and read timeouts, so an upload ends within `worst_case_s()`."""
+    """How hard one object's upload tries. Each attempt is a PUT and a HEAD, each ending
+    within `request_timeout_s()` in total, so an upload ends within `worst_case_s()`."""
 
     attempts: int = 4
     first_backoff_s: float = 0.5
@@ -93,8 +100,12 @@ class UploadPolicy:
         step = self.backoff_step_s(retry)
         return step / 2 + random.uniform(0, step / 2)
 
+    def request_timeout_s(self) -> float:
+        """The longest one request (a PUT or a HEAD) may take: its connect and read timeouts."""
+        return self.connect_timeout_s + self.read_timeout_s
+
     def worst_case_s(self) -> float:
-        requests_s = self.attempts * 2 * (self.connect_timeout_s + self.read_timeout_s)
+        requests_s = self.attempts * 2 * self.request_timeout_s()
         return requests_s + sum(self.backoff_step_s(retry) for retry in range(1, self.attempts))
 
 
@@ -161,24 +172,40 @@ class Bucket:
 
     def _put_once(self, key: str, data: bytes, content_type: str) -> None:
         try:
-            self._uploads.put_object(Bucket=self.config.bucket_name, Key=key, Body=data, ContentType=content_type)
+            with within(self.policy.request_timeout_s()):
+                self._uploads.put_object(Bucket=self.config.bucket_name, Key=key, Body=data,
+                                         ContentType=content_type)
+        except TimedOut:
+            raise self._timed_out() from None
         except (ClientError, BotoCoreError) as exc:
             raise self._classify(exc) from None
         try:
-            stored_bytes = self._uploads.head_object(Bucket=self.config.bucket_name, Key=key)["ContentLength"]
+            with within(self.policy.request_timeout_s()):
+                head = self._uploads.head_object(Bucket=self.config.bucket_name, Key=key)
+        except TimedOut:
+            raise self._timed_out() from None
         except ClientError as exc:
             if _status(exc) == 404:  # the PUT was answered, yet nothing is there
                 raise _Transient("object missing after upload") from None
             raise self._classify(exc) from None
         except BotoCoreError as exc:
             raise self._classify(exc) from None
+        stored_bytes = head.get("ContentLength")
+        if stored_bytes is None:  # a store that does not say: the upload cannot be confirmed
+            raise self._failed("the read-back HEAD answered without a Content-Length, so the stored size "
+                               "cannot be checked")
         if stored_bytes != len(data):
             raise _Transient(f"incomplete object ({stored_bytes} of {len(data)} bytes stored)")
+
+    def _timed_out(self) -> _Transient:
+        policy = self.policy
+        return _Transient(f"no whole answer within {policy.request_timeout_s():g} s "
+                          f"(UPLOAD_TIMEOUT_S {policy.read_timeout_s:g} s + {policy.connect_timeout_s:g} s to connect)")
 
     def _classify(self, exc: ClientError | BotoCoreError) -> Exception:
         """A transient fault to retry, or the StorageError to report now."""
         if isinstance(exc, ClientError):
-            code = exc.response.get("Error", {}).get("Code") or str(_status(exc) or "unknown")
+            code = s3_error_code(exc)
             status = _status(exc)
             if status >= 500 or status == 429 or code in TRANSIENT_S3_CODES:
                 return _Transient(code)
@@ -189,6 +216,14 @@ class Bucket:
 
     def _failed(self, reason: str) -> StorageError:
         return StorageError(f"storage: upload to bucket {self.config.bucket_name!r} failed: {reason}")
+
+
+def s3_error_code(exc: ClientError) -> str:
+    """The S3 error code of a failed request, as errors may show it: printable and short
+    (a job's own endpoint chooses it), or the HTTP status where there is none."""
+    code = str(exc.response.get("Error", {}).get("Code") or "")
+    code = "".join(char for char in code if char.isprintable())[:MAX_ERROR_CODE_CHARS]
+    return code or str(_status(exc) or "unknown")
 
 
 def _status(exc: ClientError) -> int:
@@ -228,4 +263,6 @@ def _make_client(config: BucketConfig, client_config: Config, pinned_to: tuple[s
     )
     if pinned_to is not None:
         pin_connections(client, pinned_to)
+    else:
+        watch_connections(client)
     return client

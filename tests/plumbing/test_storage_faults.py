@@ -2,7 +2,8 @@
 a server that is down, one that checks credentials, a bucket that does not exist.
 
 Transient faults are retried with bounded backoff and the job succeeds; lasting ones end
-in `storage: upload to bucket '<name>' failed: <reason>` within a bounded time. A job
+in `storage: upload to bucket '<name>' failed: <reason>` within a bounded time, also
+where the store answers a byte at a time (each request has a total deadline). A job
 never reports success with an image missing, and never hands out a URL for an object
 that did not read back whole.
 """
@@ -10,6 +11,7 @@ that did not read back whole.
 from __future__ import annotations
 
 import io
+import re
 import time
 from dataclasses import replace
 
@@ -17,7 +19,9 @@ import boto3
 import pytest
 from PIL import Image
 
-from src.plumbing.storage import UploadPolicy
+from src.plumbing.config import BucketConfig
+from src.plumbing.storage import Bucket, StorageError, UploadPolicy
+from src.plumbing.url_guard import AddressPolicy
 from src.serving.worker import Worker
 from tests.conftest import FAST, fetch_bytes, job_r2, png_b64, sample_image
 from tests.faulty_s3 import Fault, unused_endpoint
@@ -27,6 +31,11 @@ from tests.faulty_s3 import Fault, unused_endpoint
 # busy 2-core machine: a healthy loopback PUT takes milliseconds.
 QUICK_UPLOADS = {"upload_attempts": 3, "upload_timeout_s": 2.0, "upload_backoff_s": 0.1}
 SLOW_ANSWER_S = 5.0  # longer than the upload timeout
+TRICKLE_EVERY_S = 0.05  # a byte this often: far inside any read timeout, never done in time
+# Two attempts of requests that may take 2 s each, the backoff between them short.
+TWO_QUICK_ATTEMPTS = UploadPolicy(attempts=2, first_backoff_s=0.1, max_backoff_s=0.1, connect_timeout_s=1.0,
+                                  read_timeout_s=1.0)
+SLACK_S = 0.5  # beyond the deadlines, for a busy 2-core machine
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +182,62 @@ def test_keys_never_collide_across_runs_of_one_job_id(quick_worker, s3):
     bodies = [s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read() for key in keys]
     assert [len(body) for body in bodies] == [out["images"][0]["bytes"] for out in runs]
     assert len(set(bodies)) == len(bodies)  # each run's own image, none overwritten
+
+
+# --- a store that trickles: every request ends by its deadline --------------------
+
+def bucket_behind(proxy_url: str, bucket: str, pinned: bool, policy: UploadPolicy) -> Bucket:
+    """A job's bucket (pinned to the checked address) or the worker's own (not pinned)."""
+    config = BucketConfig(bucket_name=bucket, access_key_id=f"trickle-{pinned}", secret_access_key="s",
+                          endpoint_url=proxy_url, region="us-east-1")
+    if pinned:
+        return Bucket.for_job(config, 60, policy, AddressPolicy(allow_private=True))
+    return Bucket(config, 60, policy)
+
+
+@pytest.mark.parametrize("pinned", [True, False], ids=["job bucket", "worker's bucket"])
+@pytest.mark.parametrize("method", ["PUT", "HEAD"], ids=["trickled PUT", "trickled read-back"])
+def test_a_trickling_store_ends_each_request_at_its_deadline(s3, fault_proxy, pinned, method, guarantee_figures):
+    fault_proxy.always(Fault.trickle(TRICKLE_EVERY_S), method=method)
+    bucket = bucket_behind(fault_proxy.url, s3.bucket, pinned, TWO_QUICK_ATTEMPTS)
+    started = time.monotonic()
+    with pytest.raises(StorageError) as failure:
+        bucket.put(f"trickle/{method}-{pinned}.png", b"p" * 5000, "image/png")
+    seconds = time.monotonic() - started
+    assert str(failure.value).startswith(
+        f"storage: upload to bucket {s3.bucket!r} failed: no whole answer within 2 s "
+        "(UPLOAD_TIMEOUT_S 1 s + 1 s to connect) (2 attempts in ")
+    assert fault_proxy.count(method) == 2
+    deadlines_s = 2 * TWO_QUICK_ATTEMPTS.request_timeout_s()
+    assert deadlines_s <= seconds < deadlines_s + TWO_QUICK_ATTEMPTS.max_backoff_s + SLACK_S
+    guarantee_figures[f"storage_trickle_{method}_{'job' if pinned else 'env'}_bucket"] = (
+        f"2 attempts of 2 s requests: error after {seconds:.2f} s")
+    # The store answers again: the same bucket (its clients, their pools) uploads at once.
+    fault_proxy.always(None, method=method)
+    stored = bucket.put(f"trickle/{method}-{pinned}-after.png", b"q" * 5000, "image/png")
+    assert fetch_bytes(stored.url).content == b"q" * 5000
+
+
+def test_a_trickled_upload_fails_the_job_with_the_time_limit(quick_worker, s3, fault_proxy):
+    worker = Worker(replace(quick_worker.settings, upload_attempts=1), quick_worker.pipes, quick_worker.price,
+                    loras=quick_worker.loras)
+    fault_proxy.always(Fault.trickle(TRICKLE_EVERY_S))
+    out, _ = run_job(worker, job_r2(fault_proxy.url, s3.bucket))
+    assert_storage_error(out, s3.bucket, "no whole answer within 4 s (UPLOAD_TIMEOUT_S 2 s + 2 s to connect) "
+                                         "(1 attempts in ")
+    upload_s = float(re.search(r"\(1 attempts in ([0-9.]+) s\)$", out["error"]).group(1))
+    assert upload_s < 4 + SLACK_S
+
+
+def test_a_read_back_without_length_fails_at_once_naming_it(quick_worker, s3, fault_proxy):
+    fault_proxy.always(Fault.no_length(), method="HEAD")
+    out, _ = run_job(quick_worker, job_r2(fault_proxy.url, s3.bucket))
+    assert out == {"error": f"storage: upload to bucket {s3.bucket!r} failed: the read-back HEAD answered without "
+                            "a Content-Length, so the stored size cannot be checked"}
+    assert fault_proxy.count("PUT") == 1  # no retries: the answer will not change
+
+
+def test_a_hostile_error_code_is_cut_short(quick_worker, s3, fault_proxy):
+    fault_proxy.plan(Fault.status(403, "Denied" + "y" * 5000))
+    out, _ = run_job(quick_worker, job_r2(fault_proxy.url, s3.bucket))
+    assert out == {"error": f"storage: upload to bucket {s3.bucket!r} failed: Denied{'y' * 58}"}

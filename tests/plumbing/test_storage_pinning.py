@@ -18,6 +18,7 @@ import socket
 import ssl
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from urllib.parse import urlsplit
 
@@ -29,10 +30,12 @@ from urllib3.exceptions import NewConnectionError
 
 from src.plumbing.config import BucketConfig
 from src.plumbing.pinned_s3 import _Pinned
+from src.plumbing.s3_deadline import TimedOut, within
 from src.plumbing.storage import Bucket, StorageError, UploadPolicy
 from src.plumbing.url_guard import AddressPolicy, UrlRefused
 from src.serving.worker import Worker
 from tests.conftest import FAST, fetch, job_r2, png_b64, sample_image
+from tests.faulty_s3 import Fault
 from tests.tls_certificates import write_certificates
 
 NO_PRIVATE = AddressPolicy()
@@ -255,6 +258,32 @@ def test_tls_to_the_checked_address_sends_and_verifies_the_host_name(
             bucket.put("pinned/tls-refused.bin", b"never stored", "application/octet-stream")
     assert relay.server_names and set(relay.server_names) == {REBOUND_NAME}
     assert rebinding_dns.lookups == 1 and trap.connections == 0
+
+
+def test_a_trickling_store_over_tls_ends_at_the_deadline(s3, fault_proxy, relays, rebinding_dns, tmp_path,
+                                                         monkeypatch):
+    """The total deadline (src/plumbing/s3_deadline.py) shuts a TLS connection down as it
+    does a plain one: an upload's PUT, and a streamed read's body, a byte every 50 ms."""
+    files = write_certificates(tmp_path, [REBOUND_NAME])
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(files.ca))
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(files.servers[REBOUND_NAME])
+    relay = relays(CHECKED_ADDRESS, fault_proxy.url, tls=server_context)
+    policy = UploadPolicy(attempts=1, connect_timeout_s=1.0, read_timeout_s=1.0)
+    bucket = Bucket.for_job(job_bucket(relay.url(REBOUND_NAME, "https"), s3.bucket, key_id="tls-trickle"), 60,
+                            policy, LOOPBACK_ALLOWED)
+    s3.client().put_object(Bucket=s3.bucket, Key="pinned/tls-slow.bin", Body=b"s" * 5000)
+    fault_proxy.always(Fault.trickle(0.05))
+    fault_proxy.always(Fault.trickle(0.05, headers_first=True), method="GET")
+    started = time.monotonic()
+    with pytest.raises(StorageError, match=r"failed: no whole answer within 2 s \(UPLOAD_TIMEOUT_S"):
+        bucket.put("pinned/tls-trickle.bin", b"t" * 5000, "application/octet-stream")
+    assert 2.0 <= time.monotonic() - started < 2.5
+    started = time.monotonic()
+    with pytest.raises(TimedOut), within(1.5):
+        bucket.client.get_object(Bucket=s3.bucket, Key="pinned/tls-slow.bin")["Body"].read()
+    assert 1.5 <= time.monotonic() - started < 2.0
+    assert set(relay.server_names) == {REBOUND_NAME}
 
 
 def test_each_job_checks_the_name_again_and_connects_where_its_own_check_said(s3, relays, monkeypatch):
