@@ -772,6 +772,8 @@ def main() -> None:
                             "memory_mode": pipes.memory_mode},
                "memory_cap": memory_cap, "memory_mode": pipes.memory_mode,
                "swap_transformers": pipes.swap_transformers,
+               "swap_page_locked": pipes.swap_transformers and pipes.swap.use_twins,
+               "swap_moves_at_start": pipes.swap.moves_in,
                "memory_plan": pipes.plan.limits() if pipes.plan else None,
                "build_s": round(build_s, 1), "warmup_s": round(warmup_s, 1), "loras_prepare_s": round(loras_s, 1),
                "weights_gib": round(torch.cuda.memory_allocated() / 2**30, 1),

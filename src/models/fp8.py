@@ -89,13 +89,17 @@ def quantize_blocks(transformer: torch.nn.Module, device: torch.device,
     return replaced
 
 
-def prepared_bytes(transformer: torch.nn.Module, keep: tuple[str, ...] | frozenset[str]) -> int:
+def prepared_bytes(transformer: torch.nn.Module, keep: tuple[str, ...] | frozenset[str],
+                   block_linears_only: bool = False) -> int:
     """GPU bytes of `transformer` once `quantize_blocks(keep=keep)` has run: one byte per
     weight of a quantized linear plus its row scales, the rest as it is stored (also right
-    for a transformer already quantized)."""
+    for a transformer already quantized). `block_linears_only`: the blocks' linears alone
+    (what a LoRA set covering them all touches)."""
     total = 0
     for name, parameter in transformer.named_parameters():
         block_linear = _block_linear_name(name)
+        if block_linears_only and block_linear is None:
+            continue
         quantized = block_linear is not None and block_linear not in keep
         if quantized and name.endswith(".weight") and parameter.dtype != torch.float8_e4m3fn:
             rows = parameter.shape[0]

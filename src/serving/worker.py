@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 
 WARMUP_IMAGE_SIZE = 64  # the orchestrators' health-check shape: 64x64 grey, "test", 1 step
 WARMUP_OUTPUT_SIDE = 256
+# Two steps, not the health checks' one: with one step the models' scheduler divides 0 by 0
+# (ONE_STEP_WARNING) and numpy warns at every start, which reads as a fault; a second step of
+# 256x256 costs little beside compiling, and the warm-up then makes a real image.
+WARMUP_STEPS = 2
 # diffusers' Qwen transformer has 4096 text rope positions, starting after the output's
 # largest half-side in patches (64 at 2048 px), and the edit pipeline never truncates its
 # prompt: a longer text sequence fails inside the transformer (docs/upstream-register.md,
@@ -133,25 +137,31 @@ class Worker:
 
     def _warm_edit(self) -> None:
         grey = Image.new("RGB", (WARMUP_IMAGE_SIZE, WARMUP_IMAGE_SIZE), (128, 128, 128))
-        request = JobRequest(image_base64="", prompt="test", num_inference_steps=1,
+        request = JobRequest(image_base64="", prompt="test", num_inference_steps=WARMUP_STEPS,
                              width=WARMUP_OUTPUT_SIDE, height=WARMUP_OUTPUT_SIDE)
         operations.edit(self.pipes.for_operation("edit"), request, [grey], seed=0, progress=_no_progress)
 
     def warm_up(self) -> float:
+        """A short run of each loaded pipeline, Layered first where its transformer is the one on
+        the device: with the transformers swapping, the warm-up moves one of them at most, and
+        ends with the edit transformer in place for the LoRA preparation and the first edit."""
         start = time.perf_counter()
-        grey = Image.new("RGB", (WARMUP_IMAGE_SIZE, WARMUP_IMAGE_SIZE), (128, 128, 128))
-        request = JobRequest(image_base64="", prompt="test", num_inference_steps=1,
-                             width=WARMUP_OUTPUT_SIDE, height=WARMUP_OUTPUT_SIDE)
-        operations.edit(self.pipes.for_operation("edit"), request, [grey], seed=0, progress=_no_progress)
-        if self.pipes.layered_loaded:
-            layered = self.pipes.for_operation("decompose")
-            # A graphed captioning decoder (CAPTION_DECODER) records, and compiles, its step now.
-            if self.pipes.captioner is not None:
-                self.pipes.captioner.warm_up(self.pipes.device)
-            request = JobRequest(operation="decompose", image_base64="", prompt="test",
-                                 num_inference_steps=1, layers=2)
-            operations.decompose(layered, request, grey, seed=0, progress=_no_progress)
+        layered_first = self.pipes.layered_loaded and self.pipes.needs_loading("edit")
+        if layered_first:
+            self._warm_decompose()
+        self._warm_edit()
+        if self.pipes.layered_loaded and not layered_first:
+            self._warm_decompose()
         return time.perf_counter() - start
+
+    def _warm_decompose(self) -> None:
+        layered = self.pipes.for_operation("decompose")
+        # A graphed captioning decoder (CAPTION_DECODER) records, and compiles, its step now.
+        if self.pipes.captioner is not None:
+            self.pipes.captioner.warm_up(self.pipes.device)
+        grey = Image.new("RGB", (WARMUP_IMAGE_SIZE, WARMUP_IMAGE_SIZE), (128, 128, 128))
+        request = JobRequest(operation="decompose", image_base64="", prompt="test", num_inference_steps=WARMUP_STEPS, layers=2)
+        operations.decompose(layered, request, grey, seed=0, progress=_no_progress)
 
     # ------------------------------------------------------------------
     def handle(self, job: dict, progress: ProgressFn = _no_progress) -> dict:
