@@ -101,7 +101,8 @@ class TransformerSwap:
     def enter(self, transformer: torch.nn.Module) -> None:
         self.moves_in += 1
         twin = self._twins.get(id(transformer))
-        if twin is None:  # never left (or no twins): wherever it is, to the device
-            transformer.to(self.device)
-        else:
+        if twin is not None:
             twin.copy_in(self.device)
+        # Whatever its twin does not hold (or all of it, without one) to the device too: the
+        # LoRA branches' buffers, allocated beside parameters waiting in CPU memory.
+        transformer.to(self.device)
