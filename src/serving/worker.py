@@ -20,7 +20,7 @@ from PIL import Image
 
 from src.job.codec import decode_image, open_image
 from src.job.schema import InputError, JobRequest, SEED_LIMIT, parse_request
-from src.models import fp8_loras, image_vae, memory_plan
+from src.models import compile_cache, fp8_loras, image_vae, memory_plan
 from src.models.loras import LoraLibrary, adapters_for, lightning_scheduler
 from src.models.memory import HostMemoryError
 from src.models.pipelines import Pipelines, device_name
@@ -67,6 +67,7 @@ class Worker:
     # The start-up load is reported once, in the first job's timings.
     unreported_load_s: float | None = None
     loras: LoraLibrary | None = None
+    compile_cache: str = "off"  # COMPILE_CACHE_DIR at start: "warm" (loaded), "cold" or "off"
 
     @classmethod
     def start(cls, settings: Settings) -> "Worker":
@@ -89,12 +90,33 @@ class Worker:
             load_s += time.perf_counter() - start
         worker.install_lora_branches()  # before the warm-up compiles the blocks with them
         worker.startup_s["load"] = worker.unreported_load_s = load_s
+        key = worker.compile_cache_key()
+        if key is not None:  # before anything compiles
+            worker.compile_cache = compile_cache.load(settings.compile_cache_dir, key)
         if settings.warmup:
             worker.startup_s["warmup"] = worker.warm_up()
         worker.startup_s["loras"] = worker.prepare_loras()
+        if key is not None and worker.compile_cache == "cold" and settings.warmup:
+            start = time.perf_counter()
+            compile_cache.save(settings.compile_cache_dir, key)
+            worker.startup_s["compile_cache_save"] = time.perf_counter() - start
         log.info("ready on %s: %s", worker.price.gpu,
                  ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in worker.startup_s.items()))
         return worker
+
+    def compile_cache_key(self) -> compile_cache.CacheKey | None:
+        """What the compiled blocks depend on (src/models/compile_cache.py), where COMPILE=true
+        compiles them (CUDA) and COMPILE_CACHE_DIR is not off."""
+        settings, pipes = self.settings, self.pipes
+        if not (settings.compile and settings.compile_cache_dir and pipes.device.type == "cuda"):
+            return None
+        models = [f"{ref.repo_id}@{ref.revision}" for ref in (pipes.edit_ref, pipes.layered_ref) if ref is not None]
+        return compile_cache.CacheKey.for_setup(
+            device_name(pipes.device), torch.cuda.get_device_capability(pipes.device), models,
+            {"quantize": settings.quantize, "fp8_keep_bf16": sorted(settings.fp8_keep_bf16),
+             "attention_backend": settings.attention_backend, "lora_branch_rank": settings.lora_branch_rank,
+             "caption_decoder": settings.caption_decoder, "preload": sorted(settings.preload),
+             "memory_mode": pipes.memory_mode, "swap": pipes.swap_transformers})
 
     def install_lora_branches(self) -> None:
         """The unfused LoRA branches on the edit transformer's block linears (src/models/lora_branches.py):
