@@ -90,15 +90,15 @@ def quantize_blocks(transformer: torch.nn.Module, device: torch.device,
 
 
 def prepared_bytes(transformer: torch.nn.Module, keep: tuple[str, ...] | frozenset[str],
-                   block_linears_only: bool = False) -> int:
+                   only: tuple[str, ...] | None = None) -> int:
     """GPU bytes of `transformer` once `quantize_blocks(keep=keep)` has run: one byte per
     weight of a quantized linear plus its row scales, the rest as it is stored (also right
-    for a transformer already quantized). `block_linears_only`: the blocks' linears alone
-    (what a LoRA set covering them all touches)."""
+    for a transformer already quantized). `only`: the blocks' linears of these names alone
+    (what a LoRA set touching them takes)."""
     total = 0
     for name, parameter in transformer.named_parameters():
         block_linear = _block_linear_name(name)
-        if block_linears_only and block_linear is None:
+        if only is not None and block_linear not in only:
             continue
         quantized = block_linear is not None and block_linear not in keep
         if quantized and name.endswith(".weight") and parameter.dtype != torch.float8_e4m3fn:

@@ -279,9 +279,10 @@ class Pipelines:
 
     def check_host_room_for_swap(self) -> None:
         """With the transformers swapping: whether CPU memory holds both page-locked copies
-        (src/models/transformer_swap.py) beside a Lightning set held there (PRELOAD=lightning,
-        counted as covering every block linear, fused and base), counting the weights the
-        placement will free; else the swap copies pageable memory both ways, as one log line says."""
+        (src/models/transformer_swap.py) beside a Lightning set held there (PRELOAD=lightning:
+        fused and base, counted at every block linear but the modulation ones, as the
+        published Lightning files touch), counting the weights the placement will free; else
+        the swap copies pageable memory both ways, as one log line says."""
         if not self.swap_transformers:
             return
         settings, transformer = self.settings, self.edit.transformer
@@ -289,7 +290,8 @@ class Pipelines:
         lightning = 0
         if "lightning" in settings.preload and settings.lightning_resident_steps:
             keep = settings.fp8_keep_bf16 if settings.quantize == "fp8" else fp8.BLOCK_LINEARS
-            lightning = 2 * fp8.prepared_bytes(transformer, keep, block_linears_only=True)
+            touched = tuple(name for name in fp8.BLOCK_LINEARS if name not in fp8.MODULATION_LINEARS)
+            lightning = 2 * fp8.prepared_bytes(transformer, keep, only=touched)
         available = weights.available_memory_bytes()
         if available is not None:  # what the placement moves to the device leaves CPU memory
             moving = [transformer] + ([self.edit.text_encoder] if self.memory_mode == "resident" else [])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from src.models import fp8
 from src.models.transformer_swap import HOST_MARGIN_BYTES, host_room_for_twins
 from src.plumbing.config import Settings
 from src.serving.worker import Worker
@@ -91,3 +92,19 @@ def test_the_copies_need_both_transformers_beside_the_margin():
     assert not host_room_for_twins(2 * transformer, 2 * transformer + HOST_MARGIN_BYTES - 1)
     assert not host_room_for_twins(2 * transformer, 128 * 10**9, other_bytes=54 * 10**9)  # a Lightning set too
     assert host_room_for_twins(2 * transformer, None)  # unknown (off Linux): tried, as the pin then says
+
+
+def test_the_cpu_memory_figures_in_the_docs():
+    """docs/performance.md's table of CPU memory per card: the published transformer's bytes,
+    twice, and the Lightning set's touched linears, fused and base."""
+    from diffusers import QwenImageTransformer2DModel
+
+    with torch.device("meta"):
+        transformer = QwenImageTransformer2DModel(zero_cond_t=True).to(torch.bfloat16)
+    touched = tuple(name for name in fp8.BLOCK_LINEARS if name not in fp8.MODULATION_LINEARS)
+    gb = 1e9
+    assert 2 * fp8.prepared_bytes(transformer, fp8.BLOCK_LINEARS) / gb == pytest.approx(81.7, abs=0.1)
+    assert 2 * fp8.prepared_bytes(transformer, fp8.BLOCK_LINEARS, only=touched) / gb == pytest.approx(54.4, abs=0.1)
+    assert 2 * fp8.prepared_bytes(transformer, fp8.MODULATION_LINEARS) / gb == pytest.approx(54.6, abs=0.1)
+    assert 2 * fp8.prepared_bytes(transformer, fp8.MODULATION_LINEARS, only=touched) / gb == pytest.approx(27.2,
+                                                                                                         abs=0.1)
