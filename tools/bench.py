@@ -768,11 +768,11 @@ def main() -> None:
     worker.install_lora_branches()  # as Worker.start: before the warm-up compiles the blocks
     key = worker.compile_cache_key()  # as Worker.start: COMPILE_CACHE_DIR loaded before compiling
     if key is not None:
-        worker.compile_cache = compile_cache.load(settings.compile_cache_dir, key)
+        worker.compile_cache_state = compile_cache.load(settings.compile_cache_dir, key)
     warmup_s = worker.warm_up()
     loras_s = worker.prepare_loras()  # PRELOAD=lightning: its set held ready; the branched blocks compiled
     save_s = 0.0
-    if key is not None and worker.compile_cache == "cold":
+    if key is not None and worker.compile_cache_state == "cold":
         started = time.perf_counter()
         compile_cache.save(settings.compile_cache_dir, key)
         save_s = time.perf_counter() - started
@@ -789,7 +789,7 @@ def main() -> None:
                "swap_moves_at_start": pipes.swap.moves_in,
                "memory_plan": pipes.plan.limits() if pipes.plan else None,
                "build_s": round(build_s, 1), "warmup_s": round(warmup_s, 1), "loras_prepare_s": round(loras_s, 1),
-               "compile_cache": worker.compile_cache, "compile_cache_save_s": round(save_s, 1),
+               "compile_cache": worker.compile_cache_state, "compile_cache_save_s": round(save_s, 1),
                "preload": sorted(settings.preload), "ready_at": ready_at, "imported_at": imported_at,
                "weights_gib": round(torch.cuda.memory_allocated() / 2**30, 1),
                "host_memory_after_warmup": host_memory()}

@@ -69,7 +69,8 @@ def main() -> None:
     for state in ("cold", "warm"):
         # A machine of its own: empty local compile caches (the volume's folder is shared).
         local = work / f"local-{state}"
-        start_env = {**env, "TORCHINDUCTOR_CACHE_DIR": str(local / "inductor"), "TRITON_CACHE_DIR": str(local / "triton")}
+        start_env = {**env, "TORCHINDUCTOR_CACHE_DIR": str(local / "inductor"),
+                     "TRITON_CACHE_DIR": str(local / "triton")}
         start = one_start(f"{args.label}-{state}", start_env, work, bench_args)
         starts.append(start)
         print(json.dumps(start), flush=True)

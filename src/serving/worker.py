@@ -67,7 +67,7 @@ class Worker:
     # The start-up load is reported once, in the first job's timings.
     unreported_load_s: float | None = None
     loras: LoraLibrary | None = None
-    compile_cache: str = "off"  # COMPILE_CACHE_DIR at start: "warm" (loaded), "cold" or "off"
+    compile_cache_state: str = "off"  # COMPILE_CACHE_DIR at start: "warm" (loaded), "cold" or "off"
 
     @classmethod
     def start(cls, settings: Settings) -> "Worker":
@@ -92,11 +92,11 @@ class Worker:
         worker.startup_s["load"] = worker.unreported_load_s = load_s
         key = worker.compile_cache_key()
         if key is not None:  # before anything compiles
-            worker.compile_cache = compile_cache.load(settings.compile_cache_dir, key)
+            worker.compile_cache_state = compile_cache.load(settings.compile_cache_dir, key)
         if settings.warmup:
             worker.startup_s["warmup"] = worker.warm_up()
         worker.startup_s["loras"] = worker.prepare_loras()
-        if key is not None and worker.compile_cache == "cold" and settings.warmup:
+        if key is not None and worker.compile_cache_state == "cold" and settings.warmup:
             start = time.perf_counter()
             compile_cache.save(settings.compile_cache_dir, key)
             worker.startup_s["compile_cache_save"] = time.perf_counter() - start
@@ -182,7 +182,8 @@ class Worker:
         if self.pipes.captioner is not None:
             self.pipes.captioner.warm_up(self.pipes.device)
         grey = Image.new("RGB", (WARMUP_IMAGE_SIZE, WARMUP_IMAGE_SIZE), (128, 128, 128))
-        request = JobRequest(operation="decompose", image_base64="", prompt="test", num_inference_steps=WARMUP_STEPS, layers=2)
+        request = JobRequest(operation="decompose", image_base64="", prompt="test", num_inference_steps=WARMUP_STEPS,
+                             layers=2)
         operations.decompose(layered, request, grey, seed=0, progress=_no_progress)
 
     # ------------------------------------------------------------------
