@@ -67,6 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from src.job.codec import png_base64  # noqa: E402
 from tools.bench_results import write_results  # noqa: E402
 from src.job.schema import JobRequest  # noqa: E402
+from src.models import compile_cache  # noqa: E402
 from src.models.fp8 import BLOCK_LINEARS, MODULATION_LINEARS  # noqa: E402
 from src.models.fp8_loras import PublishedWeights, touched_linears  # noqa: E402
 from src.models.loras import FusedLoras, LoraLibrary, adapters_for  # noqa: E402
@@ -470,7 +471,7 @@ def deviation(out: torch.Tensor, reference: torch.Tensor) -> dict:
 
 
 LEVER_SETTINGS = ("COMPILE", "ATTENTION_BACKEND", "QUANTIZE", "MEMORY_MODE", "CAPTION_DECODER", "PRELOAD",
-                  "LORA_FUSE_AFTER", "LORA_BRANCH_RANK", "LIGHTNING_RESIDENT_STEPS")
+                  "LORA_FUSE_AFTER", "LORA_BRANCH_RANK", "LIGHTNING_RESIDENT_STEPS", "COMPILE_CACHE_DIR")
 LEVERS = {  # name: (attention backend, compile, fp8); FP8 cannot be undone, so its levers come last
     "stock": ("sdpa", False, False),
     "attention_cudnn": ("cudnn", False, False),
@@ -708,6 +709,7 @@ SPECIAL_CASES = {"deviation": ("compile_deviation", compile_deviation),
 
 
 def main() -> None:
+    imported_at = time.time()  # the imports' end (tools/start_bench.py passes the process's start)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join([*CASES, "deviation"]),
                         help="comma list of cases; `deviation`: compiled against eager output; "
@@ -723,6 +725,8 @@ def main() -> None:
     parser.add_argument("--published-on-disk", default=None, type=Path, metavar="FOLDER",
                         help="QUANTIZE=fp8 Lightning cases: write the published bf16 weights the LoRA fuse reads "
                              "into FOLDER (27 GB) and read them from there cold, as the worker reads its snapshot")
+    parser.add_argument("--start-only", action="store_true",
+                        help="stop once ready (the start's stages in the results; tools/start_bench.py runs this)")
     parser.add_argument("--breakdown", action="store_true",
                         help="split each case's inference time: text encoder, transformer passes, VAE, the rest")
     args = parser.parse_args()
@@ -746,7 +750,7 @@ def main() -> None:
         write_custom_lora(hf_home / "bench-loras")
         settings = Settings.from_env({"HF_HOME": str(hf_home), "DEVICE": "cuda", "MAX_INLINE_BYTES": str(2**31),
                                       **env})
-    if any(name.startswith(("lightning", "lora")) for name in names):
+    if any(name.startswith(("lightning", "lora")) for name in names) or "lightning" in settings.preload:
         write_lightning_lora(hf_home, settings)
 
     pipes = RandomFullSizePipelines(settings, tiny_snapshot, args.published_on_disk)
@@ -762,8 +766,17 @@ def main() -> None:
     worker = Worker(settings, pipes, price_for(device_name(pipes.device), None),
                     loras=LoraLibrary(type(pipes.edit), pipes.edit.transformer, settings.edit_model))
     worker.install_lora_branches()  # as Worker.start: before the warm-up compiles the blocks
+    key = worker.compile_cache_key()  # as Worker.start: COMPILE_CACHE_DIR loaded before compiling
+    if key is not None:
+        worker.compile_cache_state = compile_cache.load(settings.compile_cache_dir, key)
     warmup_s = worker.warm_up()
     loras_s = worker.prepare_loras()  # PRELOAD=lightning: its set held ready; the branched blocks compiled
+    save_s = 0.0
+    if key is not None and worker.compile_cache_state == "cold":
+        started = time.perf_counter()
+        compile_cache.save(settings.compile_cache_dir, key)
+        save_s = time.perf_counter() - started
+    ready_at = time.time()
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                "date": datetime.date.today().isoformat(), "label": args.label,
                "settings": {"attention_backend": settings.attention_backend, "compile": settings.compile,
@@ -772,12 +785,19 @@ def main() -> None:
                             "memory_mode": pipes.memory_mode},
                "memory_cap": memory_cap, "memory_mode": pipes.memory_mode,
                "swap_transformers": pipes.swap_transformers,
+               "swap_page_locked": pipes.swap_transformers and pipes.swap.use_twins,
+               "swap_moves_at_start": pipes.swap.moves_in,
                "memory_plan": pipes.plan.limits() if pipes.plan else None,
                "build_s": round(build_s, 1), "warmup_s": round(warmup_s, 1), "loras_prepare_s": round(loras_s, 1),
+               "compile_cache": worker.compile_cache_state, "compile_cache_save_s": round(save_s, 1),
+               "preload": sorted(settings.preload), "ready_at": ready_at, "imported_at": imported_at,
                "weights_gib": round(torch.cuda.memory_allocated() / 2**30, 1),
                "host_memory_after_warmup": host_memory()}
     if args.levers:
         measure_levers(worker, args.levers.split(","), results, Path(args.out))
+        return
+    if args.start_only:
+        write_results(results, Path(args.out))
         return
     counter = PassCounter()
     clock = StageClock() if args.breakdown else None

@@ -89,13 +89,17 @@ def quantize_blocks(transformer: torch.nn.Module, device: torch.device,
     return replaced
 
 
-def prepared_bytes(transformer: torch.nn.Module, keep: tuple[str, ...] | frozenset[str]) -> int:
+def prepared_bytes(transformer: torch.nn.Module, keep: tuple[str, ...] | frozenset[str],
+                   only: tuple[str, ...] | None = None) -> int:
     """GPU bytes of `transformer` once `quantize_blocks(keep=keep)` has run: one byte per
     weight of a quantized linear plus its row scales, the rest as it is stored (also right
-    for a transformer already quantized)."""
+    for a transformer already quantized). `only`: the blocks' linears of these names alone
+    (what a LoRA set touching them takes)."""
     total = 0
     for name, parameter in transformer.named_parameters():
         block_linear = _block_linear_name(name)
+        if only is not None and block_linear not in only:
+            continue
         quantized = block_linear is not None and block_linear not in keep
         if quantized and name.endswith(".weight") and parameter.dtype != torch.float8_e4m3fn:
             rows = parameter.shape[0]

@@ -71,6 +71,12 @@ class LoraSwitch:
             self.resident.release()
             log.info("LoRA set held ready: device copy released for a job that needs the memory")
 
+    def to_base(self, pipeline) -> None:
+        """The base weights back, whatever ran (before the transformer leaves the device:
+        its CPU copy holds the base weights)."""
+        if self.current != BASE:
+            self._leave(pipeline)
+
     def target(self, adapters: list[Adapter]) -> tuple[str, tuple]:
         """How the next job with `adapters` runs (counting it in the streak)."""
         identity = identity_of(adapters)

@@ -30,6 +30,7 @@ from src.models.acceleration import accelerate, check_supported, enable_context_
 from src.models.lora_switch import LoraSwitch
 from src.models.loras import FusedLoras
 from src.models.shared_components import SHARED_COMPONENTS, own_components
+from src.models.transformer_swap import TransformerSwap, host_room_for_twins
 from src.models.vl_processor import load_processor
 from src.models.weights import ModelRef, locate
 from src.plumbing.config import FP8_CACHE_FOLDER, ConfigError, Settings
@@ -72,8 +73,11 @@ class Pipelines:
         self._layered: QwenImageLayeredPipeline | None = None
         self.captioner: captioning.Captioner | None = None  # Layered's, when CAPTION_DECODER is not stock
         # Both transformers (2 x 41 GB in bf16) do not fit next to the text encoder on an
-        # 80 GB card; then the idle one waits in CPU memory and they trade places per job.
+        # 80 GB card; then the idle one waits in CPU memory and they trade places per job
+        # (src/models/transformer_swap.py), and `transformer_on_device` names the one on the GPU.
         self.swap_transformers = settings.transformer_swap == "always"
+        self.swap = TransformerSwap(self.device, use_twins=True)  # arrange_memory checks the CPU memory
+        self.transformer_on_device = "edit"
         self.memory_mode = "resident"  # load() chooses (MEMORY_MODE)
         # Which jobs fit beside the weights (src/models/memory_plan.py); None on the CPU unless
         # GPU_MEMORY_GIB sets a capacity to plan for.
@@ -221,8 +225,8 @@ class Pipelines:
             own_text_encoder = "text_encoder" in self.layered_own_components
             if self.swap_transformers:  # decided with the memory mode (arrange_memory)
                 log.info("GPU too small for both transformers: the idle one waits in CPU memory")
-                self.edit.transformer.to("cpu")
-                torch.cuda.empty_cache()
+                self.loras.to_base(self.edit)  # the edit transformer's copy holds its base weights
+                self.swap.leave(self.edit.transformer)
             # Its own text encoder, unless it differs from the edit model's, is not read either.
             cache = self.fp8_cache_for(self.layered_ref)
             folders = ("transformer", "vae") + (("text_encoder",) if own_text_encoder else ())
@@ -235,6 +239,7 @@ class Pipelines:
             decoder = captioning.decoder_for(self.settings.caption_decoder, self.settings.compile, self.device)
             self.captioner = captioning.install(layered, decoder)
             self._layered = layered
+            self.transformer_on_device = "layered" if self.swap_transformers else self.transformer_on_device
         return self._layered
 
     def arrange_memory(self) -> None:
@@ -252,6 +257,7 @@ class Pipelines:
             self.memory_mode = "resident" if settings.memory_mode == "auto" else settings.memory_mode
             if self.memory_mode == "offload":  # both transformers stream from CPU memory: nothing to swap
                 self.swap_transformers = False
+            self.check_host_room_for_swap()
             return
         own_text_encoder = (self.layered_ref is not None and "text_encoder" in self.layered_own_components)
         weight_bytes = memory_plan.WeightBytes(
@@ -269,6 +275,33 @@ class Pipelines:
                 f"QUANTIZE={settings.quantize} needs the transformer resident on the GPU: "
                 f"{capacity / memory.GIB:.1f} GiB is too little (memory mode offload); use QUANTIZE=none on this GPU")
         log.info("memory mode %s; %s", self.memory_mode, self.plan.limits())
+        self.check_host_room_for_swap()
+
+    def check_host_room_for_swap(self) -> None:
+        """With the transformers swapping: whether CPU memory holds both page-locked copies
+        (src/models/transformer_swap.py) beside a Lightning set held there (PRELOAD=lightning:
+        fused and base, counted at every block linear but the modulation ones, as the
+        published Lightning files touch), counting the weights the placement will free; else
+        the swap copies pageable memory both ways, as one log line says."""
+        if not self.swap_transformers:
+            return
+        settings, transformer = self.settings, self.edit.transformer
+        twins = 2 * self.prepared_bytes(transformer)
+        lightning = 0
+        if "lightning" in settings.preload and settings.lightning_resident_steps:
+            keep = settings.fp8_keep_bf16 if settings.quantize == "fp8" else fp8.BLOCK_LINEARS
+            touched = tuple(name for name in fp8.BLOCK_LINEARS if name not in fp8.MODULATION_LINEARS)
+            lightning = 2 * fp8.prepared_bytes(transformer, keep, only=touched)
+        available = weights.available_memory_bytes()
+        if available is not None:  # what the placement moves to the device leaves CPU memory
+            moving = [transformer] + ([self.edit.text_encoder] if self.memory_mode == "resident" else [])
+            available += sum(p.nbytes for module in moving for p in module.parameters() if p.device.type == "cpu")
+        if not host_room_for_twins(twins, available, lightning):
+            self.swap.use_twins = False
+            log.warning("transformer swap: %.1f GB of CPU memory available, too little for both transformers' "
+                        "page-locked copies (%.1f GB%s); each switch copies them through pageable memory instead",
+                        available / 1e9, twins / 1e9,
+                        f" beside {lightning / 1e9:.1f} GB for the Lightning set held ready" if lightning else "")
 
     def reserve_for_weights(self, nbytes: int) -> bool:
         """Whether `nbytes` of held weights may stay on the device between jobs: only where a
@@ -309,17 +342,21 @@ class Pipelines:
 
     def needs_loading(self, operation: str) -> bool:
         """Whether running `operation` first loads or moves weights (timed as `load`)."""
-        if operation != "decompose":
-            return self.swap_transformers and self.edit.transformer.device != self.device
-        return self._layered is None or (self.swap_transformers and self._layered.transformer.device != self.device)
+        name = "layered" if operation == "decompose" else "edit"
+        if name == "layered" and self._layered is None:
+            return True
+        return self.swap_transformers and self.transformer_on_device != name
 
     def for_operation(self, operation: str):
         """The pipeline that runs `operation`, with its transformer on the device."""
-        pipeline = self.layered() if operation == "decompose" else self.edit
-        if self.swap_transformers and pipeline.transformer.device != self.device:
-            idle = self.edit if pipeline is self._layered else self._layered
-            idle.transformer.to("cpu")
-            torch.cuda.empty_cache()
-            pipeline.transformer.to(self.device)
+        name = "layered" if operation == "decompose" else "edit"
+        pipeline = self.layered() if name == "layered" else self.edit
+        if self.swap_transformers and self.transformer_on_device != name:
+            if name == "layered":
+                self.loras.to_base(self.edit)  # its CPU copy holds the base weights
+            idle = self.edit if name == "layered" else self._layered
+            self.swap.leave(idle.transformer)
+            self.swap.enter(pipeline.transformer)
+            self.transformer_on_device = name
         return pipeline
 

@@ -27,6 +27,7 @@ DEFAULT_LIGHTNING_FILES = {
 }
 PRELOADABLE = ("edit", "layered", "lightning")
 FP8_CACHE_FOLDER = "qwen-fp8"  # under HF_HOME: FP8_CACHE_DIR's default
+COMPILE_CACHE_FOLDER = "torch-compile-cache"  # under HF_HOME: COMPILE_CACHE_DIR's default
 GIB = 1024**3
 RUNPOD_VOLUME = Path("/runpod-volume")
 MIB = 1024 * 1024
@@ -121,6 +122,9 @@ class Settings:
     transformer_swap: str = "auto"
     attention_backend: str = "sdpa"
     compile: bool = False
+    # With COMPILE=true: where the compiled artifacts are saved by the first start and loaded
+    # by later ones (src/models/compile_cache.py); None: off.
+    compile_cache_dir: Path | None = None
     caption_decoder: str = "auto"
     quantize: str = "none"
     fp8_keep_bf16: frozenset[str] = frozenset(MODULATION_LINEARS)
@@ -183,6 +187,7 @@ class Settings:
             transformer_swap=reader.choice("TRANSFORMER_SWAP", "auto", ("auto", "always", "never")),
             attention_backend=reader.choice("ATTENTION_BACKEND", "sdpa", ("sdpa", "cudnn", "flash")),
             compile=reader.flag("COMPILE", False),
+            compile_cache_dir=_optional_folder(reader.text("COMPILE_CACHE_DIR", str(hf_home / COMPILE_CACHE_FOLDER))),
             caption_decoder=reader.choice("CAPTION_DECODER", "auto", CAPTION_DECODERS),
             quantize=reader.choice("QUANTIZE", "none", ("none", "fp8")),
             # "none": every block linear in FP8 (about 6.3 GiB less than the default).
@@ -219,6 +224,11 @@ def default_hf_home(env: Mapping[str, str]) -> Path:
     if RUNPOD_VOLUME.is_dir():
         return RUNPOD_VOLUME / ".cache" / "huggingface"
     return Path.home() / ".cache" / "huggingface"
+
+
+def _optional_folder(value: str) -> Path | None:
+    """A folder setting that `off` turns off."""
+    return None if value.strip().lower() == "off" else Path(value)
 
 
 def _bucket_from_env(reader: "_EnvReader") -> BucketConfig | None:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from src.job.codec import decode_image, open_image
 from src.job.schema import InputError, JobRequest, SEED_LIMIT, parse_request
-from src.models import fp8_loras, image_vae, memory_plan
+from src.models import compile_cache, fp8_loras, image_vae, memory_plan
 from src.models.loras import LoraLibrary, adapters_for, lightning_scheduler
 from src.models.memory import HostMemoryError
 from src.models.pipelines import Pipelines, device_name
@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 
 WARMUP_IMAGE_SIZE = 64  # the orchestrators' health-check shape: 64x64 grey, "test", 1 step
 WARMUP_OUTPUT_SIDE = 256
+# Two steps, not the health checks' one: with one step the models' scheduler divides 0 by 0
+# (ONE_STEP_WARNING) and numpy warns at every start, which reads as a fault; a second step of
+# 256x256 costs little beside compiling, and the warm-up then makes a real image.
+WARMUP_STEPS = 2
 # diffusers' Qwen transformer has 4096 text rope positions, starting after the output's
 # largest half-side in patches (64 at 2048 px), and the edit pipeline never truncates its
 # prompt: a longer text sequence fails inside the transformer (docs/upstream-register.md,
@@ -63,6 +67,7 @@ class Worker:
     # The start-up load is reported once, in the first job's timings.
     unreported_load_s: float | None = None
     loras: LoraLibrary | None = None
+    compile_cache_state: str = "off"  # COMPILE_CACHE_DIR at start: "warm" (loaded), "cold" or "off"
 
     @classmethod
     def start(cls, settings: Settings) -> "Worker":
@@ -85,12 +90,33 @@ class Worker:
             load_s += time.perf_counter() - start
         worker.install_lora_branches()  # before the warm-up compiles the blocks with them
         worker.startup_s["load"] = worker.unreported_load_s = load_s
+        key = worker.compile_cache_key()
+        if key is not None:  # before anything compiles
+            worker.compile_cache_state = compile_cache.load(settings.compile_cache_dir, key)
         if settings.warmup:
             worker.startup_s["warmup"] = worker.warm_up()
         worker.startup_s["loras"] = worker.prepare_loras()
+        if key is not None and worker.compile_cache_state == "cold" and settings.warmup:
+            start = time.perf_counter()
+            compile_cache.save(settings.compile_cache_dir, key)
+            worker.startup_s["compile_cache_save"] = time.perf_counter() - start
         log.info("ready on %s: %s", worker.price.gpu,
                  ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in worker.startup_s.items()))
         return worker
+
+    def compile_cache_key(self) -> compile_cache.CacheKey | None:
+        """What the compiled blocks depend on (src/models/compile_cache.py), where COMPILE=true
+        compiles them (CUDA) and COMPILE_CACHE_DIR is not off."""
+        settings, pipes = self.settings, self.pipes
+        if not (settings.compile and settings.compile_cache_dir and pipes.device.type == "cuda"):
+            return None
+        models = [f"{ref.repo_id}@{ref.revision}" for ref in (pipes.edit_ref, pipes.layered_ref) if ref is not None]
+        return compile_cache.CacheKey.for_setup(
+            device_name(pipes.device), torch.cuda.get_device_capability(pipes.device), models,
+            {"quantize": settings.quantize, "fp8_keep_bf16": sorted(settings.fp8_keep_bf16),
+             "attention_backend": settings.attention_backend, "lora_branch_rank": settings.lora_branch_rank,
+             "caption_decoder": settings.caption_decoder, "preload": sorted(settings.preload),
+             "memory_mode": pipes.memory_mode, "swap": pipes.swap_transformers})
 
     def install_lora_branches(self) -> None:
         """The unfused LoRA branches on the edit transformer's block linears (src/models/lora_branches.py):
@@ -133,25 +159,32 @@ class Worker:
 
     def _warm_edit(self) -> None:
         grey = Image.new("RGB", (WARMUP_IMAGE_SIZE, WARMUP_IMAGE_SIZE), (128, 128, 128))
-        request = JobRequest(image_base64="", prompt="test", num_inference_steps=1,
+        request = JobRequest(image_base64="", prompt="test", num_inference_steps=WARMUP_STEPS,
                              width=WARMUP_OUTPUT_SIDE, height=WARMUP_OUTPUT_SIDE)
         operations.edit(self.pipes.for_operation("edit"), request, [grey], seed=0, progress=_no_progress)
 
     def warm_up(self) -> float:
+        """A short run of each loaded pipeline, Layered first where its transformer is the one on
+        the device: with the transformers swapping, the warm-up moves one of them at most, and
+        ends with the edit transformer in place for the LoRA preparation and the first edit."""
         start = time.perf_counter()
-        grey = Image.new("RGB", (WARMUP_IMAGE_SIZE, WARMUP_IMAGE_SIZE), (128, 128, 128))
-        request = JobRequest(image_base64="", prompt="test", num_inference_steps=1,
-                             width=WARMUP_OUTPUT_SIDE, height=WARMUP_OUTPUT_SIDE)
-        operations.edit(self.pipes.for_operation("edit"), request, [grey], seed=0, progress=_no_progress)
-        if self.pipes.layered_loaded:
-            layered = self.pipes.for_operation("decompose")
-            # A graphed captioning decoder (CAPTION_DECODER) records, and compiles, its step now.
-            if self.pipes.captioner is not None:
-                self.pipes.captioner.warm_up(self.pipes.device)
-            request = JobRequest(operation="decompose", image_base64="", prompt="test",
-                                 num_inference_steps=1, layers=2)
-            operations.decompose(layered, request, grey, seed=0, progress=_no_progress)
+        layered_first = self.pipes.layered_loaded and self.pipes.needs_loading("edit")
+        if layered_first:
+            self._warm_decompose()
+        self._warm_edit()
+        if self.pipes.layered_loaded and not layered_first:
+            self._warm_decompose()
         return time.perf_counter() - start
+
+    def _warm_decompose(self) -> None:
+        layered = self.pipes.for_operation("decompose")
+        # A graphed captioning decoder (CAPTION_DECODER) records, and compiles, its step now.
+        if self.pipes.captioner is not None:
+            self.pipes.captioner.warm_up(self.pipes.device)
+        grey = Image.new("RGB", (WARMUP_IMAGE_SIZE, WARMUP_IMAGE_SIZE), (128, 128, 128))
+        request = JobRequest(operation="decompose", image_base64="", prompt="test", num_inference_steps=WARMUP_STEPS,
+                             layers=2)
+        operations.decompose(layered, request, grey, seed=0, progress=_no_progress)
 
     # ------------------------------------------------------------------
     def handle(self, job: dict, progress: ProgressFn = _no_progress) -> dict:
