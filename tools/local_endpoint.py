@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -286,6 +287,8 @@ def main() -> None:
         s3 = start_s3()
         env.update(s3.env())
         print(f"results go to a loopback S3 at {s3.endpoint_url}, bucket {s3.bucket}")
+    # SIGTERM (a supervisor, `kill`) stops the worker and the S3 too, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     endpoint = start_endpoint(env, port=args.port, wait_ready_s=None)
     print(f"RunPod's endpoint API at {endpoint.url}/v2/<any endpoint id>/ "
           f"(runpod SDK: runpod.endpoint_url_base = \"{endpoint.url}/v2\"); jobs queue while the worker starts",
