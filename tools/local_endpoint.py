@@ -49,6 +49,8 @@ WORKER_POLL_HOLD_S = 10.0
 RUNSYNC_WAIT_MS = (90_000, 1_000, 300_000)
 # RunPod's bounds on `policy.executionTimeout` (5 s to 7 days).
 EXECUTION_TIMEOUT_MS = (5_000, 7 * 24 * 3600 * 1000)
+# RunPod's payload limits (its operation reference: 10 MB on /run, 20 MB on /runsync).
+MAX_BODY_BYTES = {"run": 10 * 1000 * 1000, "runsync": 20 * 1000 * 1000}
 WEBHOOK_TIMEOUT_S = 10.0
 WORKER_STOP_S = 20.0
 # The SDK's job loop keeps its connections for its next request, which comes only after the
@@ -57,7 +59,11 @@ KEEP_ALIVE_S = 24 * 3600
 
 
 class BadRequest(ValueError):
-    """A request RunPod would refuse: answered 400 with the reason."""
+    """A request RunPod would refuse: answered 400 (or `status_code`) with the reason."""
+
+    def __init__(self, reason: str, status_code: int = 400):
+        super().__init__(reason)
+        self.status_code = status_code
 
 
 # --- the server ------------------------------------------------------------------
@@ -73,26 +79,30 @@ def build_app(book: JobBook) -> FastAPI:
     def not_found(job_id: str) -> JSONResponse:
         return JSONResponse({"error": f"request does not exist: {job_id}"}, status_code=404)
 
-    async def submit(request: Request) -> Job:
+    async def submit(request: Request, operation: str) -> Job:
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES[operation]:
+            raise BadRequest(f"the body is {len(raw)} bytes; RunPod takes at most {MAX_BODY_BYTES[operation]} on "
+                             f"/{operation}: send large images by URL (image_url)", status_code=413)
         try:
-            body = await request.json()
+            body = json.loads(raw)
         except ValueError:
             raise BadRequest("the body must be JSON: {\"input\": {...}}") from None
         if not isinstance(body, dict) or "input" not in body:
             raise BadRequest("the body must be a JSON object with an \"input\" key")
         webhook = body.get("webhook")
         if webhook is not None and not isinstance(webhook, str):
-            raise BadRequest(f"webhook: {webhook!r} is not a URL")
+            raise BadRequest(f"webhook: must be a URL string, not type {type(webhook).__name__}")
         return book.submit(body["input"], webhook, execution_timeout_s(body.get("policy")))
 
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, exc: BadRequest) -> JSONResponse:
-        return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse({"error": str(exc)}, status_code=exc.status_code)
 
     # The client's side: RunPod's endpoint operations.
     @app.post("/v2/{endpoint_id}/run")
     async def run(endpoint_id: str, request: Request):
-        job = await submit(request)
+        job = await submit(request, "run")
         return {"id": job.id, "status": job.status}
 
     @app.post("/v2/{endpoint_id}/runsync")
@@ -100,7 +110,7 @@ def build_app(book: JobBook) -> FastAPI:
         default_ms, low, high = RUNSYNC_WAIT_MS
         if not low <= wait <= high:
             raise BadRequest(f"wait: {wait} ms is not allowed; allowed: {low} to {high} ms (default {default_ms})")
-        job = await submit(request)
+        job = await submit(request, "runsync")
         return (await book.wait_final(job.id, wait / 1000)).body()
 
     @app.api_route("/v2/{endpoint_id}/status/{job_id}", methods=["GET", "POST"])
@@ -160,13 +170,15 @@ def execution_timeout_s(policy: Any) -> float | None:
     if policy is None:
         return None
     if not isinstance(policy, dict):
-        raise BadRequest(f"policy: {policy!r} is not an object")
+        raise BadRequest(f"policy: must be an object, not type {type(policy).__name__}")
     timeout_ms = policy.get("executionTimeout")
     if timeout_ms is None:
         return None
     low, high = EXECUTION_TIMEOUT_MS
     if not isinstance(timeout_ms, int) or isinstance(timeout_ms, bool) or not low <= timeout_ms <= high:
-        raise BadRequest(f"policy.executionTimeout: {timeout_ms!r} is not allowed; allowed: {low} to {high} ms")
+        plain = isinstance(timeout_ms, (int, float)) and abs(timeout_ms) < 10**15  # a 5000-digit one stays out
+        shown = repr(timeout_ms) if plain else f"a value of type {type(timeout_ms).__name__}"
+        raise BadRequest(f"policy.executionTimeout: {shown} is not allowed; allowed: {low} to {high} ms (an integer)")
     return timeout_ms / 1000
 
 
