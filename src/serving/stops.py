@@ -30,6 +30,8 @@ POLL_TIMEOUT_S = 90.0
 # Between polls that came back at once or named a job, and after a failed poll: never a
 # busy loop, whatever the server does.
 POLL_FLOOR_S = 1.0
+# Failed polls back off, doubling from POLL_FLOOR_S to this.
+MAX_RETRY_S = 60.0
 
 StopIds = Callable[[], list[str]]
 
@@ -81,6 +83,7 @@ class StopChannel:
             raise JobStopped("stopped: the endpoint cancelled this job or its time ran out")
 
     def _listen(self) -> None:
+        failures = 0
         while True:
             self._job_running.wait()
             started = time.monotonic()
@@ -89,10 +92,14 @@ class StopChannel:
             except asyncio.TimeoutError:  # a long-poll that heard nothing (TimeoutError from 3.11)
                 continue
             except Exception as exc:  # the next poll may work; the job runs on meanwhile
-                # The type only: a client error's text carries the channel's URL.
-                log.warning("stop channel: poll failed (%s); retrying in %g s", type(exc).__name__, POLL_FLOOR_S)
-                time.sleep(POLL_FLOOR_S)
+                retry_s = min(POLL_FLOOR_S * 2 ** failures, MAX_RETRY_S)
+                # Once per run of failures, and the type only: a client error's text carries the URL.
+                log.log(logging.WARNING if failures == 0 else logging.DEBUG,
+                        "stop channel: poll failed (%s); retrying in %g s", type(exc).__name__, retry_s)
+                failures += 1
+                time.sleep(retry_s)
                 continue
+            failures = 0
             with self._lock:
                 if self._job_id in job_ids and not self._stopped.is_set():
                     log.info("job %s: stop received; it ends before its next step", self._job_id)

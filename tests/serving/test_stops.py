@@ -69,3 +69,25 @@ def test_the_channel_is_polled_only_while_a_job_runs():
     with channel.watching("job-b"):
         assert eventually(lambda: channel_poll.polls == 2)
         channel_poll.answers.put([])
+
+
+def test_failed_polls_back_off_and_warn_once(caplog):
+    class Refusing:
+        polls = 0
+
+        def __call__(self):
+            self.polls += 1
+            raise ConnectionError("http://secret-host/job-stop/worker?token=x")
+
+    refusing = Refusing()
+    channel = StopChannel(refusing)
+    started = time.monotonic()
+    with caplog.at_level("DEBUG", logger="src.serving.stops"):
+        with channel.watching("job-a") as check:
+            assert eventually(lambda: refusing.polls == 3, within_s=10 * POLL_FLOOR_S)
+            waited_s = time.monotonic() - started
+            check()  # the job runs on
+    assert waited_s >= 3 * POLL_FLOOR_S  # 1 floor after the first failure, 2 after the second
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert warnings == [f"stop channel: poll failed (ConnectionError); retrying in {POLL_FLOOR_S:g} s"]
+    assert "secret-host" not in caplog.text
