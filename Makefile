@@ -1,4 +1,5 @@
 # make demo: the main jobs end to end on tiny random models (CPU).
+# make serve: the worker behind RunPod's endpoint API on 127.0.0.1:$(PORT) (tiny models unless HF_HOME is set).
 # make test: the whole suite.
 PYTHON ?= python3
 VENV := .venv
@@ -6,8 +7,9 @@ BIN := $(VENV)/bin
 TINY_HF_HOME := .cache/hf
 INSTALLED := $(VENV)/.installed
 TINY_MODELS := $(TINY_HF_HOME)/.built
+PORT ?= 8000
 
-.PHONY: demo test models clean
+.PHONY: demo serve test models clean
 
 $(INSTALLED): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +28,9 @@ models: $(TINY_MODELS)
 
 demo: $(TINY_MODELS)
 	$(BIN)/python tools/demo.py --hf-home $(TINY_HF_HOME) --out outputs
+
+serve: $(TINY_MODELS)
+	$(BIN)/python tools/local_endpoint.py --port $(PORT)
 
 test: $(TINY_MODELS)
 	TINY_HF_HOME=$(TINY_HF_HOME) $(BIN)/python -m pytest tests

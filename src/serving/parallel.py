@@ -241,6 +241,7 @@ def _follower_main(rank: int, plan: ParallelPlan, settings: Settings, port: int)
     except StartFailed as exc:
         log.error("%s", exc)
         sys.exit(1)
+    worker.stops = None  # rank 0 alone hears the endpoint's stops; its stopped job stops the others' at the next vote
     try:
         while (message := ranks.receive()) != SHUTDOWN:
             _, job = message

@@ -32,6 +32,7 @@ from src.serving import archives, operations
 from src.serving.layers import LayerStack, check_edit_count, check_same_size, describe_layers, edit_seed
 from src.serving.operations import ProgressFn
 from src.serving.results import OutputTooLarge, describe, encode_all
+from src.serving.stops import JobStopped, StopChannel
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class Worker:
     unreported_load_s: float | None = None
     loras: LoraLibrary | None = None
     compile_cache_state: str = "off"  # COMPILE_CACHE_DIR at start: "warm" (loaded), "cold" or "off"
+    # The endpoint's stop channel (src/serving/stops.py), heard while a job runs; None without one.
+    stops: StopChannel | None = None
 
     @classmethod
     def start(cls, settings: Settings) -> "Worker":
@@ -75,7 +78,8 @@ class Worker:
         pipes = Pipelines(settings)
         load_s = pipes.load()
         worker = cls(settings, pipes, price_for(device_name(pipes.device), settings.gpu_price_per_hour),
-                     loras=LoraLibrary(type(pipes.edit), pipes.edit.transformer, settings.edit_model))
+                     loras=LoraLibrary(type(pipes.edit), pipes.edit.transformer, settings.edit_model),
+                     stops=StopChannel.from_sdk())
         if "lightning" in settings.preload:
             start = time.perf_counter()
             for steps in (4, 8):
@@ -191,7 +195,11 @@ class Worker:
         timer = StageTimer()
         job_id = str(job.get("id") or uuid.uuid4())
         try:
-            return self._run(job_id, job.get("input"), timer, progress)
+            with self._stop_checked(job_id, progress) as checked_progress:
+                return self._run(job_id, job.get("input"), timer, checked_progress)
+        except JobStopped as exc:
+            log.info("job %s %s", job_id, exc)
+            return {"error": str(exc)}
         except (InputError, StorageError, OutputTooLarge) as exc:
             log.info("job %s refused: %s", job_id, exc)
             return {"error": str(exc)}
@@ -203,6 +211,23 @@ class Worker:
         except Exception as exc:  # the worker must survive anything a job does
             log.exception("job %s failed", job_id)
             return {"error": f"internal: {type(exc).__name__}: {exc}"}
+
+    @contextlib.contextmanager
+    def _stop_checked(self, job_id: str, progress: ProgressFn):
+        """`progress`, raising JobStopped between steps once the endpoint stopped the job."""
+        if self.stops is None:
+            yield progress
+            return
+
+        def checked(update: dict) -> None:
+            try:
+                stop_if_stopped()
+            except JobStopped as exc:
+                raise JobStopped(f"{exc}; stopped after step {update['step']} of {update['of']}") from None
+            progress(update)
+
+        with self.stops.watching(job_id) as stop_if_stopped:
+            yield checked
 
     def _run(self, job_id: str, job_input, timer: StageTimer, progress: ProgressFn) -> dict:
         # 1. Everything that can be wrong with the input, before any GPU work.
