@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -247,19 +248,31 @@ class StageClock:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
+    @staticmethod
+    def allocated(peak: bool = False) -> int:
+        """Bytes torch holds on the GPU now (or at its peak); 0 without CUDA (the CPU test)."""
+        if not torch.cuda.is_available():
+            return 0
+        return torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()
+
     def timed(self, stage: str, call):
+        # functools.wraps keeps the wrapped method's signature (inspect follows __wrapped__):
+        # transformers' `generate` checks its model kwargs against the text encoder's
+        # `forward` signature, and refused the captioning inputs behind a bare (*args, **kwargs).
+        @functools.wraps(call)
         def wrapper(*args, **kwargs):
             self.sync()
-            self.case_peak = max(self.case_peak, torch.cuda.max_memory_allocated())
-            held = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
+            self.case_peak = max(self.case_peak, self.allocated(peak=True))
+            held = self.allocated()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             try:
                 return call(*args, **kwargs)
             finally:
                 self.sync()
                 self.seconds[stage] += time.perf_counter() - start
-                peak = torch.cuda.max_memory_allocated()
+                peak = self.allocated(peak=True)
                 self.case_peak = max(self.case_peak, peak)
                 self.peaks[stage] = max(self.peaks[stage], peak - held)
         return wrapper
