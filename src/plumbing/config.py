@@ -131,6 +131,8 @@ class Settings:
     compile: bool = False
     caption_decoder: str = "auto"
     quantize: str = "none"
+    # True CFG's two passes of a step as one batch of two (src/models/cfg_batch.py).
+    cfg_batch: bool = False
     fp8_keep_bf16: frozenset[str] = frozenset(DEFAULT_FP8_KEEP_BF16)
     # With QUANTIZE=fp8: load the block linears pre-quantized from FP8_CACHE_DIR when a cache
     # of this snapshot and recipe is there (src/models/fp8_cache.py), instead of reading bf16 and quantizing.
@@ -192,6 +194,7 @@ class Settings:
             compile=reader.flag("COMPILE", False),
             caption_decoder=reader.choice("CAPTION_DECODER", "auto", CAPTION_DECODERS),
             quantize=reader.choice("QUANTIZE", "none", ("none", "fp8")),
+            cfg_batch=reader.flag("CFG_BATCH", False),
             # "none": every block linear in FP8 (about 8.4 GiB less than the default).
             fp8_keep_bf16=reader.names("FP8_KEEP_BF16", ",".join(DEFAULT_FP8_KEEP_BF16),
                                        BLOCK_LINEARS + ("none",)) - {"none"},

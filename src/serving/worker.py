@@ -248,7 +248,8 @@ class Worker:
         scheduler = lightning_scheduler(pipeline.scheduler) if request.lightning else None
         with timer.stage("inference"), image_vae.saving_memory(pipeline.vae, levers):
             if request.operation != "decompose":
-                results = operations.edit(pipeline, request, images, seed, progress, scheduler)
+                results = operations.edit(pipeline, request, images, seed, progress, scheduler,
+                                          cfg_batch=self.settings.cfg_batch)
                 named = [(_result_name(k, len(results)), result.image) for k, result in enumerate(results)]
                 return named, results, None
             layers = operations.decompose(pipeline, request, images[0], seed, progress)
@@ -317,7 +318,8 @@ class Worker:
                 stage = f"edits[{i}]"
                 edited[edit.layer] = operations.edit_layer(
                     pipeline, layers[edit.layer], edit, edit_seed(request, i, seed), request.guidance_scale,
-                    request.matte_for(1), lambda update, stage=stage: progress({**update, "stage": stage}))
+                    request.matte_for(1), lambda update, stage=stage: progress({**update, "stage": stage}),
+                    cfg_batch=self.settings.cfg_batch)
         return edited
 
     def _ready_pipeline(self, operation: str, adapters: list, timer: StageTimer):
