@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from src.plumbing.config import BLOCK_LINEARS, DEFAULT_FP8_KEEP_BF16, FP8_RECIPES, MODULATION_LINEARS  # noqa: F401 (callers take the recipes from here)
+# The recipes are re-exported: callers of fp8 name them from here.
+from src.plumbing.config import BLOCK_LINEARS, DEFAULT_FP8_KEEP_BF16, FP8_RECIPES, MODULATION_LINEARS  # noqa: F401
 
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448.0
 # A row of zeros keeps a finite scale (and quantizes to zeros).
