@@ -17,9 +17,9 @@ batched only when the second exists; the second call is answered only with the s
 latents object, the same timestep and the second's states. Any other call (no negative
 prompt, true CFG off, a batch of more than one, Layered's extra timestep conditioning) runs
 as it would without the switch. The worker asks for the batch only where the memory plan
-has room for both samples (src/models/memory_plan.py `cfg_pair`). Off by default: on the H200 the padding mask moves the
-attention off SDPA's fast unmasked kernel and a step gets slower (`tools/bench.py --levers`,
-docs/performance.md).
+has room for both samples (src/models/memory_plan.py `cfg_pair`). Off by default: on the
+H200 the padding mask moves the attention off SDPA's fast unmasked kernel and a step gets
+slower (`tools/bench.py --levers`, docs/performance.md).
 """
 
 from __future__ import annotations
