@@ -6,6 +6,7 @@ values; nothing can be downloaded on the GPU machine).
     python tools/bench.py --label stock                                    # the defaults: stock diffusers
     python tools/bench.py --cases edit,lightning4
     python tools/bench.py --levers --label levers     # each speed lever alone, transformer passes only
+    python tools/bench.py --levers stock,fp8_compile_sglang,fp8_compile_cfg_batch --label levers-recipes
     QUANTIZE=fp8 COMPILE=true python tools/bench.py --label fp8
     python tools/bench.py --gpu-memory-gib 22 --cases edit2048_3,decompose1024_10 --label corners-24gb
     QUANTIZE=fp8 COMPILE=true python tools/bench.py --cases nocfg4,lightning4,lightning4_again,nocfg4 --breakdown
@@ -43,13 +44,18 @@ outputs: Lightning unfused against fused (rounding only), beside the LoRA's own 
 
 `--levers` replays the edit transformer's pass at 1024x1024 with one reference image
 under each lever and their combination: seconds per pass, first-call time (compile),
-and the output's deviation from stock diffusers (relative L2 error, cosine similarity).
+and the output's deviation from stock diffusers (relative L2 error, cosine similarity);
+and one true-CFG step (the prompt's and the negative prompt's passes, one after the other
+or as one batch of two with CFG_BATCH's levers), each output against stock's. The FP8
+levers name their recipe (FP8_RECIPES); the block linears go back to their bf16 values
+between recipes, so the levers run in any order.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -248,19 +254,31 @@ class StageClock:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
+    @staticmethod
+    def allocated(peak: bool = False) -> int:
+        """Bytes torch holds on the GPU now (or at its peak); 0 without CUDA (the CPU test)."""
+        if not torch.cuda.is_available():
+            return 0
+        return torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()
+
     def timed(self, stage: str, call):
+        # functools.wraps keeps the wrapped method's signature (inspect follows __wrapped__):
+        # transformers' `generate` checks its model kwargs against the text encoder's
+        # `forward` signature, and refused the captioning inputs behind a bare (*args, **kwargs).
+        @functools.wraps(call)
         def wrapper(*args, **kwargs):
             self.sync()
-            self.case_peak = max(self.case_peak, torch.cuda.max_memory_allocated())
-            held = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
+            self.case_peak = max(self.case_peak, self.allocated(peak=True))
+            held = self.allocated()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             try:
                 return call(*args, **kwargs)
             finally:
                 self.sync()
                 self.seconds[stage] += time.perf_counter() - start
-                peak = torch.cuda.max_memory_allocated()
+                peak = self.allocated(peak=True)
                 self.case_peak = max(self.case_peak, peak)
                 self.peaks[stage] = max(self.peaks[stage], peak - held)
         return wrapper
@@ -406,15 +424,19 @@ def run_case(worker: Worker, name: str, spec: dict, counter: PassCounter, clock:
 
 
 class KwargsCatcher:
-    """Keeps the keyword arguments of a module's first forward call."""
+    """Keeps the keyword arguments of a module's first `calls` forward calls."""
 
-    def __init__(self, module):
-        self.kwargs = None
+    def __init__(self, module, calls: int = 1):
+        self.calls, self.kept = calls, []
         self.handle = module.register_forward_pre_hook(self.hook, with_kwargs=True)
 
+    @property
+    def kwargs(self) -> dict | None:
+        return self.kept[0] if self.kept else None
+
     def hook(self, module, args, kwargs):
-        if self.kwargs is None:
-            self.kwargs = {k: v for k, v in kwargs.items()}
+        if len(self.kept) < self.calls:
+            self.kept.append(dict(kwargs))
 
 
 def transformer_inputs(worker: Worker, transformer, images: int) -> dict:
@@ -431,6 +453,25 @@ def transformer_inputs(worker: Worker, transformer, images: int) -> dict:
         value = catcher.kwargs[key]
         catcher.kwargs[key] = torch.randn(value.shape, generator=generator, device="cuda", dtype=value.dtype)
     return catcher.kwargs
+
+
+def cfg_pair_inputs(worker: Worker, transformer) -> tuple[dict, dict]:
+    """The kwargs of one true-CFG step's two passes (prompt, then negative prompt) in a
+    1024x1024 edit with one reference: the same latents, texts of their own lengths. As in
+    `transformer_inputs`, the streams get unit-normal values."""
+    catcher = KwargsCatcher(transformer, calls=2)
+    run_case(worker, "capture-cfg", dict(operation="edit", images=1, num_inference_steps=2, true_cfg_scale=4.0),
+             PassCounter())
+    catcher.handle.remove()
+    cond, uncond = catcher.kept
+    generator = torch.Generator("cuda").manual_seed(7)
+    latents = torch.randn(cond["hidden_states"].shape, generator=generator, device="cuda",
+                          dtype=cond["hidden_states"].dtype)
+    for kwargs in (cond, uncond):
+        kwargs["hidden_states"] = latents
+        text = kwargs["encoder_hidden_states"]
+        kwargs["encoder_hidden_states"] = torch.randn(text.shape, generator=generator, device="cuda", dtype=text.dtype)
+    return cond, uncond
 
 
 def uncompile(transformer) -> None:
@@ -471,57 +512,109 @@ def deviation(out: torch.Tensor, reference: torch.Tensor) -> dict:
 
 
 LEVER_SETTINGS = ("COMPILE", "ATTENTION_BACKEND", "QUANTIZE", "MEMORY_MODE", "CAPTION_DECODER", "PRELOAD",
-                  "LORA_FUSE_AFTER", "LORA_BRANCH_RANK", "LIGHTNING_RESIDENT_STEPS", "COMPILE_CACHE_DIR")
-LEVERS = {  # name: (attention backend, compile, fp8); FP8 cannot be undone, so its levers come last
-    "stock": ("sdpa", False, False),
-    "attention_cudnn": ("cudnn", False, False),
-    "attention_flash": ("flash", False, False),
-    "compile": ("sdpa", True, False),
-    "compile_cudnn": ("cudnn", True, False),
-    "fp8": ("sdpa", False, True),
-    "fp8_compile": ("sdpa", True, True),
+                  "CFG_BATCH", "FP8_KEEP_BF16", "LORA_FUSE_AFTER", "LORA_BRANCH_RANK", "LIGHTNING_RESIDENT_STEPS",
+                  "COMPILE_CACHE_DIR")
+LEVERS = {  # name: (attention backend, compile, FP8 recipe or None for bf16, CFG as one batch of two)
+    "stock": ("sdpa", False, None, False),
+    "attention_cudnn": ("cudnn", False, None, False),
+    "attention_flash": ("flash", False, None, False),
+    "compile": ("sdpa", True, None, False),
+    "compile_cudnn": ("cudnn", True, None, False),
+    "cfg_batch": ("sdpa", False, None, True),
+    "compile_cfg_batch": ("sdpa", True, None, True),
+    # "default": the run's FP8_KEEP_BF16; the others name FP8_RECIPES (src/plumbing/config.py).
+    "fp8": ("sdpa", False, "default", False),
+    "fp8_compile": ("sdpa", True, "default", False),
+    "fp8_compile_cfg_batch": ("sdpa", True, "default", True),
+    "fp8_compile_all": ("sdpa", True, "all", False),
+    "fp8_compile_modulation": ("sdpa", True, "modulation", False),
+    "fp8_compile_sglang": ("sdpa", True, "sglang", False),
+    "fp8_compile_vllm_omni": ("sdpa", True, "vllm-omni", False),
 }
+
+
+def set_precision(transformer, recipe: tuple[str, ...] | None, named: NamedRandomWeights, device) -> None:
+    """The block linears back in bf16 (the named random weights, the biases kept), then
+    quantized keeping `recipe` in bf16 (None: all stay bf16). Lets one run measure every
+    recipe, in any order."""
+    from src.models.fp8 import Fp8Linear, quantize_blocks
+
+    with torch.no_grad():
+        for name, module in list(transformer.named_modules()):
+            if isinstance(module, Fp8Linear):
+                linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                         device=device, dtype=torch.bfloat16)
+                linear.weight.copy_(named[name])
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+                parent, _, attribute = name.rpartition(".")
+                setattr(transformer.get_submodule(parent), attribute, linear)
+    if recipe is not None:
+        quantize_blocks(transformer, device, keep=frozenset(recipe))
+
+
+def timed_cfg_step(transformer, cond: dict, uncond: dict, batched: bool, repeats: int):
+    """(seconds of the first call, mean seconds of one true-CFG step, the two outputs): the
+    two passes one after the other, or as one batch of two (src/models/cfg_batch.py)."""
+    from src.models.cfg_batch import _batch_of_two
+
+    if batched:
+        prompt = (cond["encoder_hidden_states"], cond.get("encoder_hidden_states_mask"))
+        negative = (uncond["encoder_hidden_states"], uncond.get("encoder_hidden_states_mask"))
+        first, mean, both = timed_passes(transformer, _batch_of_two(cond, prompt, negative), repeats)
+        return first, mean, (both[:1], both[1:])
+    first, mean, out_cond = timed_passes(transformer, cond, repeats)
+    first_u, mean_u, out_uncond = timed_passes(transformer, uncond, repeats)
+    return first + first_u, mean + mean_u, (out_cond, out_uncond)
 
 
 def measure_levers(worker: Worker, names: list[str], record: dict, out_dir: Path, repeats: int = 5) -> None:
     """Each lever's figures into `record["levers"]`, written after each (a run cut short keeps them)."""
     from src.models.acceleration import ATTENTION_BACKENDS
-    from src.models.fp8 import quantize_blocks
+    from src.plumbing.config import FP8_RECIPES
 
     transformer = worker.pipes.edit.transformer
     one, two = transformer_inputs(worker, transformer, 1), transformer_inputs(worker, transformer, 2)
+    cond, uncond = cfg_pair_inputs(worker, transformer)
     results = record.setdefault("levers", [])
     tokens = (one["hidden_states"].shape[1], one["encoder_hidden_states"].shape[1])
-    reference, quantized = None, False
+    record["cfg_step_tokens"] = [(kwargs["hidden_states"].shape[1], kwargs["encoder_hidden_states"].shape[1])
+                                 for kwargs in (cond, uncond)]
+    reference, reference_step, precision = None, None, None
+    recipes = {**FP8_RECIPES, "default": tuple(sorted(worker.settings.fp8_keep_bf16))}
     for name in names:
-        attention, compiled, fp8 = LEVERS[name]
+        attention, compiled, recipe, batched = LEVERS[name]
+        keep = None if recipe is None else recipes[recipe]
         uncompile(transformer)
-        if fp8 != quantized:
-            if quantized:
-                results.append({"lever": name, "error": "bf16 levers must come before the fp8 ones"})
-                continue
-            quantize_blocks(transformer, worker.pipes.device, keep=worker.settings.fp8_keep_bf16)
-            quantized = True
+        if keep != precision:
+            set_precision(transformer, keep, worker.pipes.named_weights, worker.pipes.device)
+            precision = keep
         transformer.set_attention_backend(ATTENTION_BACKENDS[attention])
         if compiled:
             transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
         try:
             first, per_pass, out = timed_passes(transformer, one, repeats)
             first_two, per_pass_two, _ = timed_passes(transformer, two, repeats)
+            first_step, per_step, step = timed_cfg_step(transformer, cond, uncond, batched, repeats)
         except Exception as exc:  # a kernel this build lacks: say so, go on
             results.append({"lever": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
             print(json.dumps(results[-1]), flush=True)
             continue
         reference = out if reference is None else reference
+        reference_step = step if reference_step is None else reference_step
         peak = BF16_PEAK_TFLOPS["H200" if "H200" in torch.cuda.get_device_name() else "H100"]
         results.append({
-            "lever": name, "attention": attention, "compile": compiled, "fp8": fp8, "tokens": tokens,
-            "first_call_s": round(first, 2), "s_per_pass": round(per_pass, 4),
+            "lever": name, "attention": attention, "compile": compiled, "fp8": recipe is not None,
+            "fp8_keep_bf16": None if keep is None else sorted(keep), "fp8_recipe": recipe, "cfg_batch": batched,
+            "tokens": tokens, "first_call_s": round(first, 2), "s_per_pass": round(per_pass, 4),
             "useful_tflops": round(pass_flops(*tokens) / per_pass / 1e12, 1),
             "share_of_peak": round(pass_flops(*tokens) / per_pass / 1e12 / peak, 3),
             "two_images": {"tokens": (two["hidden_states"].shape[1], two["encoder_hidden_states"].shape[1]),
                            "first_call_s": round(first_two, 2), "s_per_pass": round(per_pass_two, 4)},
             "deviation_from_stock": deviation(out, reference),
+            # One true-CFG step (prompt and negative prompt passes), each output against stock's.
+            "cfg_step": {"first_call_s": round(first_step, 2), "s_per_step": round(per_step, 4),
+                         "deviation_from_stock": [deviation(got, want) for got, want in zip(step, reference_step)]},
             "gpu_allocated_gib": round(torch.cuda.memory_allocated() / 2**30, 1),  # all weights on the GPU
         })
         print(json.dumps(results[-1]), flush=True)
@@ -765,7 +858,8 @@ def main() -> None:
         memory_cap = {"gib": args.gpu_memory_gib}
     worker = Worker(settings, pipes, price_for(device_name(pipes.device), None),
                     loras=LoraLibrary(type(pipes.edit), pipes.edit.transformer, settings.edit_model))
-    worker.install_lora_branches()  # as Worker.start: before the warm-up compiles the blocks
+    if not args.levers:  # the levers measure the base pass, and re-quantize linears the branches would hold
+        worker.install_lora_branches()  # as Worker.start: before the warm-up compiles the blocks
     key = worker.compile_cache_key()  # as Worker.start: COMPILE_CACHE_DIR loaded before compiling
     if key is not None:
         worker.compile_cache_state = compile_cache.load(settings.compile_cache_dir, key)
@@ -782,6 +876,7 @@ def main() -> None:
                "settings": {"attention_backend": settings.attention_backend, "compile": settings.compile,
                             "caption_decoder": settings.caption_decoder,
                             "quantize": settings.quantize, "fp8_keep_bf16": sorted(settings.fp8_keep_bf16),
+                            "cfg_batch": settings.cfg_batch,
                             "memory_mode": pipes.memory_mode},
                "memory_cap": memory_cap, "memory_mode": pipes.memory_mode,
                "swap_transformers": pipes.swap_transformers,

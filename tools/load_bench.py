@@ -146,7 +146,7 @@ def main() -> None:
         reading.result()
         return model
 
-    keep = frozenset(fp8.MODULATION_LINEARS)  # FP8_KEEP_BF16's default
+    keep = frozenset(fp8.DEFAULT_FP8_KEEP_BF16)  # FP8_KEEP_BF16's default
 
     def quantizing_load():  # the worker's QUANTIZE=fp8 start without a cache (src/models/pipelines.py prepare)
         reading = read_ahead(weight_files(folder))

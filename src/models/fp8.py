@@ -1,6 +1,7 @@
 """QUANTIZE=fp8: the transformer blocks' linears as FP8 (e4m3) matmuls, with torch's own
 scaled matmul (`torch._scaled_mm`), no extra package; those named in FP8_KEEP_BF16 (by
-default the modulation linears) stay bf16.
+default the modulation linears and the image MLP's down-projection, SGLang's validated
+recipe: `DEFAULT_FP8_KEEP_BF16`) stay bf16.
 
 Each weight row gets one float32 scale, set once at load, that maps its largest value to
 e4m3's largest (448); each activation row (one token) gets one at run time the same way.
@@ -17,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from src.plumbing.config import BLOCK_LINEARS, MODULATION_LINEARS
+# The recipes are re-exported: callers of fp8 name them from here.
+from src.plumbing.config import BLOCK_LINEARS, DEFAULT_FP8_KEEP_BF16, FP8_RECIPES, MODULATION_LINEARS  # noqa: F401
 
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448.0
 # A row of zeros keeps a finite scale (and quantizes to zeros).
@@ -73,7 +75,7 @@ class Fp8Linear(torch.nn.Module):
 
 
 def quantize_blocks(transformer: torch.nn.Module, device: torch.device,
-                    keep: tuple[str, ...] | frozenset[str] = MODULATION_LINEARS) -> int:
+                    keep: tuple[str, ...] | frozenset[str] = DEFAULT_FP8_KEEP_BF16) -> int:
     """Replace the linears inside the transformer blocks by `Fp8Linear`s on `device`, one
     at a time, so the unquantized transformer never has to fit on the device whole. The
     linears named in `keep` (names inside a block, see BLOCK_LINEARS), the embedders and

@@ -6,8 +6,7 @@ weight and float32 row scales once; `load_transformer` then builds the transform
 skeleton without weights (on the meta device, as diffusers' own loader does), reads the FP8
 linears from the cache and every other tensor (embedders, norms, biases, the output
 projection, the linears FP8_KEEP_BF16 keeps) from the snapshot by key. The bf16 weights of
-the quantized linears are never read: 27.3 of 40.9 GB read instead of all, with the
-modulation kept in bf16 (20.5 GB with FP8_KEEP_BF16=none).
+the quantized linears are never read (docs/performance.md gives the bytes of each recipe).
 
 Where: FP8_CACHE_DIR (default HF_HOME/qwen-fp8), then `<org>--<name>/<revision>/<recipe id>/`,
 holding `fp8-NNNNN.safetensors` shards and `manifest.json`. Not inside the snapshot: a RunPod

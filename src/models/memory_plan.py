@@ -114,6 +114,16 @@ def need_bytes(shape: JobShape, quantize: str, levers: tuple[str, ...] = (),
     return max(int(SAFETY * max(stages.values())) + HELD_BYTES, *whole_runs)
 
 
+def cfg_pair(shape: JobShape) -> JobShape:
+    """A shape at least as large as a CFG step run as one batch of two (CFG_BATCH,
+    src/models/cfg_batch.py): an edit's tokens twice; for a decomposition, its layer edits'
+    (each about 1 MP with one reference). Its other stages double too: an overestimate, so
+    a job batched by this measure fits."""
+    if shape.operation == "decompose":
+        shape = JobShape("edit", REFERENCE_PIXELS)
+    return replace(shape, output_pixels=2 * shape.output_pixels, references=2 * shape.references)
+
+
 def shape_for(request: JobRequest, image_sizes: list[tuple[int, int]]) -> JobShape:
     """The shape of a job whose images have these sizes, as the pipelines will run it."""
     if request.operation == "decompose":
@@ -166,6 +176,11 @@ class MemoryPlan:
     def job_bytes(self, shape: JobShape, levers: tuple[str, ...] = ()) -> int:
         """`need_bytes` on this worker: its precision and its streamed models."""
         return need_bytes(shape, self.quantize, levers, self.streamed)
+
+    def fits_cfg_batch(self, shape: JobShape, levers: tuple[str, ...], held_bytes: int = 0) -> bool:
+        """Whether `shape`'s CFG steps may run as one batch of two: `cfg_pair(shape)` fits
+        with the job's levers beside `held_bytes` (a held LoRA copy)."""
+        return self.job_bytes(cfg_pair(shape), levers) <= self.budget_bytes - held_bytes
 
     def runs_every_edit_without_levers(self) -> bool:
         """Whether the largest edit (so every edit) fits as it is."""

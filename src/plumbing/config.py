@@ -48,13 +48,21 @@ CAPTION_DECODERS = ("auto", "stock", "eager", "graphed", "compiled")
 BLOCK_LINEARS = ("img_mod.1", "txt_mod.1", "attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj",
                  "attn.add_k_proj", "attn.add_v_proj", "attn.to_out.0", "attn.to_add_out",
                  "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2")
-# Kept in bf16 by default (FP8_KEEP_BF16): the modulation linears turn the timestep
-# embedding, one token per pass, into every shift, scale and gate of the block. FP8 makes
-# them no faster and rounds every one of them: on an H200, keeping them took the edit
-# transformer's relative L2 from stock bf16 from 1.46% to 1.25% at the same 0.26 s per pass
-# (bench/results/nvidia-h200-2026-12-01-levers-fp8-keep-modulation.json).
-# They hold a third of the blocks' weights, so the FP8 transformer grows by about 6.3 GiB.
+# The modulation linears turn the timestep embedding, one token per pass, into every shift,
+# scale and gate of the block: FP8 makes them no faster and rounds every one of them. Every
+# published FP8 recipe for Qwen-Image keeps them (docs/upstream-register.md, rows 4 and 18).
 MODULATION_LINEARS = ("img_mod.1", "txt_mod.1")
+# FP8_KEEP_BF16 recipes by name (the bench measures each; docs/performance.md): SGLang's
+# validated Qwen-Image(-Edit) profile also keeps the image stream's MLP down-projection in
+# bf16 "after image-quality ablation"; vLLM-Omni's recommendation keeps the whole image MLP.
+FP8_RECIPES = {
+    "all": (),
+    "modulation": MODULATION_LINEARS,
+    "sglang": MODULATION_LINEARS + ("img_mlp.net.2",),
+    "vllm-omni": MODULATION_LINEARS + ("img_mlp.net.0.proj", "img_mlp.net.2"),
+}
+# The default keeps at least what SGLang's validated recipe keeps.
+DEFAULT_FP8_KEEP_BF16 = FP8_RECIPES["sglang"]
 
 
 class ConfigError(ValueError):
@@ -127,7 +135,9 @@ class Settings:
     compile_cache_dir: Path | None = None
     caption_decoder: str = "auto"
     quantize: str = "none"
-    fp8_keep_bf16: frozenset[str] = frozenset(MODULATION_LINEARS)
+    # True CFG's two passes of a step as one batch of two (src/models/cfg_batch.py).
+    cfg_batch: bool = False
+    fp8_keep_bf16: frozenset[str] = frozenset(DEFAULT_FP8_KEEP_BF16)
     # With QUANTIZE=fp8: load the block linears pre-quantized from FP8_CACHE_DIR when a cache
     # of this snapshot and recipe is there (src/models/fp8_cache.py), instead of reading bf16 and quantizing.
     fp8_cache: bool = True
@@ -190,8 +200,9 @@ class Settings:
             compile_cache_dir=_optional_folder(reader.text("COMPILE_CACHE_DIR", str(hf_home / COMPILE_CACHE_FOLDER))),
             caption_decoder=reader.choice("CAPTION_DECODER", "auto", CAPTION_DECODERS),
             quantize=reader.choice("QUANTIZE", "none", ("none", "fp8")),
-            # "none": every block linear in FP8 (about 6.3 GiB less than the default).
-            fp8_keep_bf16=reader.names("FP8_KEEP_BF16", ",".join(MODULATION_LINEARS),
+            cfg_batch=reader.flag("CFG_BATCH", False),
+            # "none": every block linear in FP8 (about 8.4 GiB less than the default).
+            fp8_keep_bf16=reader.names("FP8_KEEP_BF16", ",".join(DEFAULT_FP8_KEEP_BF16),
                                        BLOCK_LINEARS + ("none",)) - {"none"},
             fp8_cache=reader.choice("FP8_CACHE", "on", ("on", "off")) == "on",
             fp8_cache_dir=Path(reader.text("FP8_CACHE_DIR", str(hf_home / FP8_CACHE_FOLDER))),

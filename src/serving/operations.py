@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from src.job.schema import JobRequest, LayerEdit, LayerSplit
+from src.models.cfg_batch import cfg_batched
 from src.serving.shared_encodings import encodings_shared
 
 ProgressFn = Callable[[dict], None]
@@ -41,12 +42,13 @@ class EditResult:
 
 
 def edit(pipeline, request: JobRequest, images: list[Image.Image], seed: int,
-         progress: ProgressFn, scheduler=None) -> list[EditResult]:
+         progress: ProgressFn, scheduler=None, cfg_batch: bool = False) -> list[EditResult]:
     """edit and edit_multi: `num_images` results for each prompt, prompts in order. Result
     k is the pipeline's call with its prompt and seed `request.output_seed(seed, k)`, so
     it equals the single-image job with that prompt and seed; the encodings those calls
     share are computed once (src/serving/shared_encodings.py). `scheduler` replaces the
-    pipeline's for these calls (Lightning LoRAs come with their own)."""
+    pipeline's for these calls (Lightning LoRAs come with their own). `cfg_batch`
+    (CFG_BATCH) runs each step's two true-CFG passes as one batch (src/models/cfg_batch.py)."""
     alpha = images[0].getchannel("A") if len(images) == 1 and images[0].mode == "RGBA" else None
     matte = request.matte_for(len(images))
     inputs = [flatten(image, matte) for image in images]
@@ -62,7 +64,8 @@ def edit(pipeline, request: JobRequest, images: list[Image.Image], seed: int,
             image_progress = progress if len(runs) == 1 else (
                 lambda update, index=index: progress({**update, "image": index + 1, "images": len(runs)}))
             result = _call_edit(pipeline, inputs, prompt, request.negative_prompt, request.cfg_scale,
-                                request.guidance_scale, request.steps, width, height, result_seed, image_progress)
+                                request.guidance_scale, request.steps, width, height, result_seed, image_progress,
+                                cfg_batch)
             if alpha is not None:
                 if alpha.size != result.size:  # resized once: every result has the same size
                     alpha = alpha.resize(result.size, Image.Resampling.LANCZOS)
@@ -73,7 +76,7 @@ def edit(pipeline, request: JobRequest, images: list[Image.Image], seed: int,
 
 
 def edit_layer(pipeline, layer: Image.Image, edit: LayerEdit, seed: int, guidance_scale: float, matte: str,
-               progress: ProgressFn) -> Image.Image:
+               progress: ProgressFn, cfg_batch: bool = False) -> Image.Image:
     """One RGBA layer edited by an instruction, as `edit` does an RGBA image: the layer
     flattened onto `matte` is edited and the layer's alpha put back unchanged, so an edit
     recolours or redraws what is inside the layer's shape and never moves its edges.
@@ -85,7 +88,7 @@ def edit_layer(pipeline, layer: Image.Image, edit: LayerEdit, seed: int, guidanc
     (centred rope positions) and returns a zoomed-in crop that the alpha no longer fits
     (docs/upstream-register.md, row 5)."""
     rgb = _call_edit(pipeline, [flatten(layer, matte)], edit.prompt, edit.negative_prompt, edit.true_cfg_scale,
-                     guidance_scale, edit.steps, None, None, seed, progress)
+                     guidance_scale, edit.steps, None, None, seed, progress, cfg_batch)
     if rgb.size != layer.size:
         rgb = rgb.resize(layer.size, Image.Resampling.LANCZOS)
     result = rgb.convert("RGBA")
@@ -95,19 +98,20 @@ def edit_layer(pipeline, layer: Image.Image, edit: LayerEdit, seed: int, guidanc
 
 def _call_edit(pipeline, images: list[Image.Image], prompt: str, negative_prompt: str, true_cfg_scale: float,
                guidance_scale: float, steps: int, width: int | None, height: int | None, seed: int,
-               progress: ProgressFn) -> Image.Image:
-    return pipeline(
-        image=images,
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        true_cfg_scale=true_cfg_scale,
-        guidance_scale=guidance_scale,
-        num_inference_steps=steps,
-        width=width,
-        height=height,
-        generator=generator_for(seed),
-        callback_on_step_end=_progress_callback(steps, progress),
-    ).images[0]
+               progress: ProgressFn, cfg_batch: bool = False) -> Image.Image:
+    with cfg_batched(pipeline, cfg_batch):  # per call: it pairs this call's prompt and negative prompt
+        return pipeline(
+            image=images,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            true_cfg_scale=true_cfg_scale,
+            guidance_scale=guidance_scale,
+            num_inference_steps=steps,
+            width=width,
+            height=height,
+            generator=generator_for(seed),
+            callback_on_step_end=_progress_callback(steps, progress),
+        ).images[0]
 
 
 def decompose(pipeline, request: JobRequest, image: Image.Image, seed: int,

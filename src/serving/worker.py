@@ -300,20 +300,30 @@ class Worker:
             key = request.image_sources[-1][0]
         return self.pipes.levers_for(shape, key)
 
+    def _batches_cfg(self, request: JobRequest, images: list[Image.Image], levers: tuple[str, ...]) -> bool:
+        """CFG_BATCH for this job: its CFG steps run two samples at once, so only where the
+        memory plan has room for them (src/models/memory_plan.py `cfg_pair`); else as usual."""
+        if not self.settings.cfg_batch or self.pipes.plan is None:
+            return self.settings.cfg_batch
+        shape = memory_plan.shape_for(request, [image.size for image in images])
+        return self.pipes.plan.fits_cfg_batch(shape, levers, self.pipes.loras.device_copy_bytes())
+
     def _infer(self, request: JobRequest, images: list[Image.Image], seed: int, adapters: list,
                levers: tuple[str, ...], timer: StageTimer, progress: ProgressFn):
         """The job's pipeline calls: (named images, edit results or None, layer stack or None)."""
+        cfg_batch = self._batches_cfg(request, images, levers)
         pipeline = self._ready_pipeline(request.operation, adapters, timer)
         scheduler = lightning_scheduler(pipeline.scheduler) if request.lightning else None
         with timer.stage("inference"), image_vae.saving_memory(pipeline.vae, levers):
             if request.operation != "decompose":
-                results = operations.edit(pipeline, request, images, seed, progress, scheduler)
+                results = operations.edit(pipeline, request, images, seed, progress, scheduler,
+                                          cfg_batch=cfg_batch)
                 named = [(_result_name(k, len(results)), result.image) for k, result in enumerate(results)]
                 return named, results, None
             layers = operations.decompose(pipeline, request, images[0], seed, progress)
             # Splits run on the Layered pipeline still in place, before the edits swap it out.
             splits = self._split_layers(pipeline, request, layers, seed, progress)
-        stack = LayerStack(layers, self._edit_layers(request, layers, seed, levers, timer, progress), splits)
+        stack = LayerStack(layers, self._edit_layers(request, layers, seed, levers, timer, progress, cfg_batch), splits)
         if request.resize_to_input:
             stack = stack.resized(images[0].size)
         return stack.named_images(), None, stack
@@ -375,7 +385,7 @@ class Worker:
                 for i, split in enumerate(request.split)}
 
     def _edit_layers(self, request: JobRequest, layers: list[Image.Image], seed: int, levers: tuple[str, ...],
-                     timer: StageTimer, progress: ProgressFn) -> dict[int, Image.Image]:
+                     timer: StageTimer, progress: ProgressFn, cfg_batch: bool = False) -> dict[int, Image.Image]:
         """The job's edits, each on its layer, by the edit pipeline on its base weights."""
         if not request.edits:
             return {}
@@ -386,7 +396,8 @@ class Worker:
                 stage = f"edits[{i}]"
                 edited[edit.layer] = operations.edit_layer(
                     pipeline, layers[edit.layer], edit, edit_seed(request, i, seed), request.guidance_scale,
-                    request.matte_for(1), lambda update, stage=stage: progress({**update, "stage": stage}))
+                    request.matte_for(1), lambda update, stage=stage: progress({**update, "stage": stage}),
+                    cfg_batch=cfg_batch)
         return edited
 
     def _ready_pipeline(self, operation: str, adapters: list, timer: StageTimer):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from src.models.fp8 import (BLOCK_LINEARS, E4M3_MAX, MODULATION_LINEARS, Fp8Linear, prepared_bytes, quantize_blocks,
-                            rowwise_fp8)
+from src.models.fp8 import (BLOCK_LINEARS, DEFAULT_FP8_KEEP_BF16, E4M3_MAX, MODULATION_LINEARS, Fp8Linear,
+                            prepared_bytes, quantize_blocks, rowwise_fp8)
 from src.plumbing.config import Settings
 from src.serving.worker import Worker
 from tests.conftest import FAST, direct_edit, image_from_b64, png_b64, reference_edit_pipeline, same_pixels, sample_image
@@ -68,15 +68,16 @@ def block_linears(transformer, kind) -> set[str]:
             if isinstance(m, kind)}
 
 
-def test_the_blocks_linears_but_the_modulation_are_replaced(hf_home):
+def test_the_blocks_linears_but_sglangs_recipe_are_replaced(hf_home):
     transformer = tiny_transformer(hf_home)
     assert block_linears(transformer, torch.nn.Linear) == set(BLOCK_LINEARS)
     outside = [name for name, m in transformer.named_modules()
                if isinstance(m, torch.nn.Linear) and not name.startswith("transformer_blocks.")]
-    assert quantize_blocks(transformer, torch.device("cpu")) == 12 * len(transformer.transformer_blocks)
-    # The modulation linears (one token per pass) keep their precision by default...
-    assert block_linears(transformer, torch.nn.Linear) == {"img_mod.1", "txt_mod.1"}
-    assert block_linears(transformer, Fp8Linear) == set(BLOCK_LINEARS) - {"img_mod.1", "txt_mod.1"}
+    assert quantize_blocks(transformer, torch.device("cpu")) == 11 * len(transformer.transformer_blocks)
+    # The modulation linears (one token per pass) and the image MLP's down-projection keep
+    # their precision by default (SGLang's validated recipe)...
+    assert block_linears(transformer, torch.nn.Linear) == {"img_mod.1", "txt_mod.1", "img_mlp.net.2"}
+    assert block_linears(transformer, Fp8Linear) == set(BLOCK_LINEARS) - {"img_mod.1", "txt_mod.1", "img_mlp.net.2"}
     # ...as do the embedders and the output projection.
     assert outside and all(type(transformer.get_submodule(name)) is torch.nn.Linear for name in outside)
 
@@ -91,7 +92,7 @@ def test_keep_chooses_which_block_linears_stay(hf_home):
 
 
 def test_prepared_bytes_are_the_quantized_transformers_bytes(hf_home):
-    for keep in ((), MODULATION_LINEARS):
+    for keep in ((), MODULATION_LINEARS, DEFAULT_FP8_KEEP_BF16):
         transformer = tiny_transformer(hf_home)
         predicted = prepared_bytes(transformer, keep)
         quantize_blocks(transformer, torch.device("cpu"), keep=keep)
@@ -121,7 +122,7 @@ def pixels(entry: dict) -> np.ndarray:
 ], ids=["edit", "decompose"])
 def test_fp8_jobs_stay_near_the_unquantized_images(fp8_worker, worker, request_input, guarantee_figures):
     for pipeline in (fp8_worker.pipes.edit, fp8_worker.pipes.layered()):
-        assert block_linears(pipeline.transformer, torch.nn.Linear) == set(MODULATION_LINEARS)
+        assert block_linears(pipeline.transformer, torch.nn.Linear) == set(DEFAULT_FP8_KEEP_BF16)
     quantized = fp8_worker.handle({"id": "fp8", "input": request_input})
     reference = worker.handle({"id": "full", "input": request_input})
     assert "error" not in quantized, quantized

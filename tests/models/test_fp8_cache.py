@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from src.models import fp8_cache, weights
-from src.models.fp8 import MODULATION_LINEARS, RECIPE_VERSION, Fp8Linear, quantize_blocks
+from src.models.fp8 import FP8_RECIPES, MODULATION_LINEARS, RECIPE_VERSION, Fp8Linear, quantize_blocks
 from src.models.weights import locate
 from src.plumbing.config import Settings
 from src.serving.worker import Worker
@@ -58,6 +58,9 @@ def test_the_recipe_id_changes_with_the_keep_set_and_the_dtype():
     others = [fp8_cache.recipe((), torch.bfloat16), fp8_cache.recipe(MODULATION_LINEARS, torch.float32),
               {**base, "quantization": "e4m3-rowwise-amax-v3"}]
     assert len({fp8_cache.recipe_id(spec) for spec in [base, *others]}) == 4
+    # Each named recipe (FP8_KEEP_BF16) writes and looks for its own cache.
+    assert len({fp8_cache.recipe_id(fp8_cache.recipe(keep, torch.bfloat16)) for keep in FP8_RECIPES.values()}) == \
+        len(FP8_RECIPES)
 
 
 def snapshot_transformer(hf_home, repo_id=EDIT_REPO):
@@ -257,6 +260,19 @@ def test_a_worker_with_the_cache_gives_the_pixels_of_one_that_quantizes_at_start
         assert "error" not in got, got
         assert len(got["images"]) == len(want["images"]) > 0
         assert all(np.array_equal(a, b) for a, b in zip(pixels(got), pixels(want)))
+
+
+def test_a_cache_of_another_recipe_is_not_loaded(worker_env, cache_root, caplog):
+    # cache_root holds the default recipe's caches; a worker keeping fewer linears in bf16
+    # (the default before SGLang's recipe) must not load them, and says why.
+    with caplog.at_level(logging.INFO, logger="src.models.pipelines"):
+        worker = fp8_worker(worker_env, cache_root, PRELOAD="edit", FP8_KEEP_BF16=",".join(MODULATION_LINEARS))
+    assert [entry["cache"] for entry in worker.pipes.fp8_loads] == [False]
+    assert "this revision has caches of other recipes" in caplog.text
+    kept = {name.split(".", 2)[2] for name, module in worker.pipes.edit.transformer.named_modules()
+            if name.startswith("transformer_blocks.") and isinstance(module, torch.nn.Linear)}
+    assert kept == set(MODULATION_LINEARS)
+    assert "error" not in worker.handle({"id": "other-recipe", "input": JOBS[0]})
 
 
 def test_a_damaged_cache_is_logged_and_the_worker_quantizes_at_start(worker_env, cache_root, quantizing_worker,

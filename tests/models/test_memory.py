@@ -31,17 +31,25 @@ def full_size_transformer():
 
 def test_fp8_prepared_bytes_match_the_measured_transformer(full_size_transformer):
     assert fp8.prepared_bytes(full_size_transformer, keep=()) / GIB == pytest.approx(FP8_ALL_LINEARS_GIB, abs=0.1)
-    # The modulation linears kept in bf16 (the default) are a third of the blocks' weights.
+    # The modulation linears kept in bf16 are a third of the blocks' weights; the default
+    # (SGLang's recipe) keeps the image MLP's down-projection too.
     kept = fp8.prepared_bytes(full_size_transformer, keep=fp8.MODULATION_LINEARS) / GIB
     assert kept == pytest.approx(FP8_ALL_LINEARS_GIB + 6.3, abs=0.1)
+    default = fp8.prepared_bytes(full_size_transformer, keep=fp8.DEFAULT_FP8_KEEP_BF16) / GIB
+    assert default == pytest.approx(FP8_ALL_LINEARS_GIB + 8.4, abs=0.1)
 
 
 # (card, GiB the worker sees, FP8_KEEP_BF16 or None for bf16) -> (mode, transformers swapped)
 @pytest.mark.parametrize("card, capacity_gib, keep_bf16, mode, swap", [
     ("H100 80 GB", 79.1, None, "resident", True),  # both bf16 transformers do not fit: they swap
-    ("H100 80 GB", 79.1, fp8.MODULATION_LINEARS, "resident", False),  # FP8: both pipelines resident
+    # FP8's default (27.5 GiB a transformer): both with the text encoder leave too little for
+    # the largest jobs, so the transformers swap; with the modulation alone kept (25.4 GiB)
+    # both pipelines stay resident.
+    ("H100 80 GB", 79.1, fp8.DEFAULT_FP8_KEEP_BF16, "resident", True),
+    ("H100 80 GB", 79.1, fp8.MODULATION_LINEARS, "resident", False),
     ("L40S 48 GB", 44.5, None, "text_offload", True),
-    ("L40S 48 GB", 44.5, fp8.MODULATION_LINEARS, "text_offload", True),  # FP8's default: 25.4 GiB
+    ("L40S 48 GB", 44.5, fp8.DEFAULT_FP8_KEEP_BF16, "text_offload", True),  # FP8's default: 27.5 GiB
+    ("L40S 48 GB", 44.5, fp8.MODULATION_LINEARS, "text_offload", True),  # 25.4 GiB
     # FP8_KEEP_BF16=none: 19.1 GiB. Resident would leave 8.5 GiB, too little for 10 layers at
     # 1024; streaming the text encoder serves every job.
     ("L40S 48 GB", 44.5, (), "text_offload", True),

@@ -62,6 +62,18 @@ def test_a_job_that_fits_runs_without_levers():
     assert plan(24).levers_for(memory_plan.LARGEST_DECOMPOSE, "layers") == ()
 
 
+def test_cfg_runs_as_a_batch_of_two_only_where_the_pair_fits():
+    large, small = JobShape("edit", 2048 * 2048, references=3), JobShape("edit", 512 * 512)
+    plan = MemoryPlan(need_bytes(large, "none"), "none", "test")
+    assert plan.levers_for(large, "width") == ()  # one sample at a time fits as it is...
+    assert not plan.fits_cfg_batch(large, ())  # ...two at once would not
+    assert plan.fits_cfg_batch(small, ())
+    assert not plan.fits_cfg_batch(small, (), held_bytes=plan.budget_bytes)  # a held LoRA copy counts
+    # A decomposition's layer edits (about 1 MP, one reference) are what would run two at once.
+    assert memory_plan.cfg_pair(JobShape("decompose", 640 * 640, layers=4)) == JobShape("edit", 2 * 1024 * 1024, 2)
+    assert memory_plan.cfg_pair(small).tokens == 2 * small.tokens
+
+
 def test_levers_are_tried_least_change_first():
     assert plan(12).levers_for(memory_plan.LARGEST_DECOMPOSE, "layers") == ("layers_one_at_a_time",)
     assert plan(6).levers_for(memory_plan.LARGEST_EDIT, "width") == ("vae_tiling",)
