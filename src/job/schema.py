@@ -390,12 +390,12 @@ def _describe(error: dict) -> str:
         return f"{loc}: {_too_many(parts[-1], error['ctx']['actual_length'], error['ctx']['max_length'])}"
     if error["type"] == "model_type":
         name = error["ctx"]["class_name"]
-        return f"{loc}: must be an object with the keys {', '.join(_NESTED_MODELS[name].model_fields)}, e.g. " \
-               f"{_NESTED_EXAMPLES[name]}" + (
-            f"; got {_short_repr(error.get('input'))}" if _may_echo(parts) else "")
-    message = _PATTERN_TEXTS.get((error.get("ctx") or {}).get("pattern")) if error["type"] == "string_pattern_mismatch" \
-        else None
-    message = message or error["msg"][0].lower() + error["msg"][1:]
+        text = (f"{loc}: must be an object with the keys {', '.join(_NESTED_MODELS[name].model_fields)}, "
+                f"e.g. {_NESTED_EXAMPLES[name]}")
+        return f"{text}; got {_short_repr(error.get('input'))}" if _may_echo(parts) else text
+    message = error["msg"][0].lower() + error["msg"][1:]
+    if error["type"] == "string_pattern_mismatch":
+        message = _PATTERN_TEXTS.get(error["ctx"]["pattern"], message)
     if not _may_echo(parts):
         return f"{loc}: {message}"
     strict_hint = _STRICT_HINTS.get(error["type"], "") if isinstance(error.get("input"), str) else ""
