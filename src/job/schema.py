@@ -393,6 +393,9 @@ def _describe(error: dict) -> str:
         text = (f"{loc}: must be an object with the keys {', '.join(_NESTED_MODELS[name].model_fields)}, "
                 f"e.g. {_NESTED_EXAMPLES[name]}")
         return f"{text}; got {_short_repr(error.get('input'))}" if _may_echo(parts) else text
+    if error["type"] == "list_type" and len(parts) == 1 and parts[0] in _LIST_TEXTS:
+        text = f"{loc}: {_LIST_TEXTS[parts[0]]}"
+        return f"{text}; got {_short_repr(error.get('input'))}" if _may_echo(parts) else text
     message = error["msg"][0].lower() + error["msg"][1:]
     if error["type"] == "string_pattern_mismatch":
         message = _PATTERN_TEXTS.get(error["ctx"]["pattern"], message)
@@ -406,6 +409,14 @@ def _describe(error: dict) -> str:
 _PATTERN_TEXTS = {
     r"^https?://": "must start with http:// or https://",
     r"^[^/\\][^\\]*$": "a file name inside the source, as in the repo or folder: no leading '/' and no '\\'",
+}
+# A single value where a list belongs: what the list holds.
+_LIST_TEXTS = {
+    "images_base64": "must be a list of base64 strings, one per extra image, even for one",
+    "image_urls": "must be a list of URLs, one per image, even for one (or send one image as image_url)",
+    "layers_base64": "must be a list of base64 strings, one per layer",
+    "loras": 'must be a list of objects, one per LoRA, e.g. [{"source": "owner/name", "scale": 0.8}]',
+    "edits": 'must be a list of objects, one per layer edit, e.g. [{"layer": 1, "prompt": "make it red"}]',
 }
 # Strict types: a number or a boolean sent as a string says how to send it.
 _STRICT_HINTS = {"int_type": " (send a JSON number, not a string)", "float_type": " (send a JSON number, not a string)",

@@ -95,12 +95,16 @@ def test_errors_name_the_key_the_value_and_what_is_allowed(job_input, expected):
      '"bucket_name": "..."}'),
     ({"operation": "decompose", "image_base64": "aGVsbG8=", "edits": [3]}, "edits[0]: must be an object with the "
      "keys layer, prompt,"),
+    ({**BASE, "loras": "owner/name"}, 'loras: must be a list of objects, one per LoRA, e.g. [{"source": '
+     '"owner/name", "scale": 0.8}]; got \'owner/name\''),
+    ({**BASE, "images_base64": "aGVsbG8="}, "images_base64: must be a list of base64 strings, one per extra image, "
+     "even for one"),
 ])
 def test_pydantic_s_own_words_are_replaced_by_ones_that_say_the_fix(job_input, expected):
     """Limits counted as the user counts them, patterns in words, strict types with how to send them."""
     text = error_for(job_input)
     assert text.startswith(expected)
-    assert "after validation" not in text and "pattern" not in text and "instance of" not in text
+    assert not any(words in text for words in ("after validation", "pattern", "instance of", "valid list"))
 
 
 def test_payloads_and_secrets_never_appear_in_errors():
