@@ -43,9 +43,9 @@ except ImportError:  # run as a script: tools/ is on sys.path
 
 RESOLUTIONS = (640, 1024)
 ARCHIVES = ("zip", "psd", "ora")
-# --edit-* flags: the layer edit key each sets, and the type of its value.
-EDIT_OPTIONS = {"edit_steps": ("num_inference_steps", int), "edit_cfg": ("true_cfg_scale", float),
-                "edit_seed": ("seed", int), "edit_negative_prompt": ("negative_prompt", str)}
+# --edit-* flags (by dest): the layer edit key each sets.
+EDIT_OPTIONS = {"edit_steps": "num_inference_steps", "edit_cfg": "true_cfg_scale", "edit_seed": "seed",
+                "edit_negative_prompt": "negative_prompt"}
 
 
 def layer_edit(text: str) -> dict:
@@ -115,7 +115,7 @@ def edit_entries(args: argparse.Namespace) -> list[dict]:
     entries = []
     for edit in args.edit or []:
         entry = dict(edit)
-        for dest, (key, _) in EDIT_OPTIONS.items():
+        for dest, key in EDIT_OPTIONS.items():
             values = getattr(args, dest) or []
             for layer, value in sorted(values, key=lambda item: item[0] is not None):
                 if layer is None or layer == edit["layer"]:
