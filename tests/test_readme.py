@@ -2,6 +2,7 @@
 
 import ast
 import re
+from pathlib import Path
 
 from src.job.schema import JobRequest
 from tests.conftest import REPO_ROOT
@@ -80,3 +81,16 @@ def test_the_env_scan_finds_each_way_the_worker_reads_a_variable():
 def test_the_two_commands_lead_the_readme():
     assert README.split("```bash\n", 1)[1].startswith("make demo")
     assert "make test" in README.split("```", 2)[1]
+
+
+# The runpod SDK's variables the worker relies on: its log level (the worker lowers the SDK's
+# DEBUG default unless one is set) and the stream RunPod sets, which routes progress updates.
+SDK_VARIABLES = {"RUNPOD_LOG_LEVEL", "RUNPOD_DEBUG_LEVEL", "RUNPOD_WEBHOOK_POST_STREAM"}
+
+
+def test_the_sdk_variables_the_worker_relies_on_are_read_by_the_pinned_sdk_and_documented():
+    import runpod
+
+    sdk_source = "".join(path.read_text() for path in Path(runpod.__file__).parent.rglob("*.py"))
+    assert {name for name in SDK_VARIABLES if f'"{name}"' not in sdk_source} == set()
+    assert SDK_VARIABLES <= configuration_table()
