@@ -487,4 +487,5 @@ def _short_repr(value: Any) -> str:
 
 def _bounded(text: str) -> str:
     """A last bound on the whole text (a key cut to MAX_ECHO_CHARS may still repr long)."""
-    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 14] + "... (cut short)"
+    cut = "... (cut short)"
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - len(cut)] + cut

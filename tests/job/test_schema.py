@@ -115,3 +115,10 @@ def test_payloads_and_secrets_never_appear_in_errors():
     message = error_for({**BASE, "r2": {"endpoint_url": "https://x", "access_key_id": "k",
                                          "secret_access_key": secret, "bucket_name": 5}})
     assert message.startswith("r2.bucket_name") and secret not in message
+
+
+def test_a_text_cut_short_is_exactly_the_limit():
+    from src.job.schema import MAX_ERROR_CHARS, _bounded
+
+    assert len(_bounded("x" * 5000)) == MAX_ERROR_CHARS and _bounded("x" * 5000).endswith("... (cut short)")
+    assert _bounded("x" * MAX_ERROR_CHARS) == "x" * MAX_ERROR_CHARS
