@@ -344,6 +344,28 @@ def _line(label: str, text: str) -> str:
 def print_header(result: JobResult, log: Printer = print) -> None:
     out = result.output
     log(_line("job", f"{result.job_id or '-'}  operation {out.get('operation', '-')}  seed {out.get('seed', '-')}"))
+    ran = settings_text(out)
+    if ran:
+        log(_line("ran", ran))
+
+
+def settings_text(output: dict) -> str:
+    """The settings the worker reports it ran with, as one line: the worker's defaults
+    for what the job left out."""
+    parts = []
+    if "num_inference_steps" in output:
+        parts.append(f"{output['num_inference_steps']} steps")
+    if "true_cfg_scale" in output:
+        parts.append(f"cfg {output['true_cfg_scale']}")
+    if isinstance(output.get("lightning"), dict):
+        parts.append(f"lightning {output['lightning'].get('steps')}")
+    for lora in output.get("loras") or []:
+        parts.append(f"lora {lora.get('source')} x{lora.get('scale')}")
+    if "cfg_normalize" in output:
+        parts.append(f"cfg_normalize {str(output['cfg_normalize']).lower()}")
+    if output.get("matte"):
+        parts.append(f"matte {output['matte']}")
+    return ", ".join(parts)
 
 
 def print_footer(result: JobResult, log: Printer = print) -> None:

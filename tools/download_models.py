@@ -9,6 +9,11 @@ with the same HF_HOME: `from_pretrained(repo_id)` finds the files there with HF_
     python tools/download_models.py --only edit --dry-run
     HF_TOKEN=hf_... python tools/download_models.py --hf-home /workspace/hf
     python tools/download_models.py --fp8                # and the FP8 cache for QUANTIZE=fp8 workers
+    python tools/download_models.py --only loras --lora owner/name/style.safetensors   # a LoRA repo's file
+
+--lora OWNER/NAME[/FILE] (repeatable) puts a LoRA repo, or one file of it, into the same cache,
+where a job's `loras` source `owner/name` (with `weight_name` FILE) finds it; jobs never
+download from the hub. `--only loras` skips the models.
 
 --fp8 writes, once the snapshots are in, the FP8 cache of each transformer downloaded
 (src/models/fp8_cache.py): its FP8 block linears as a QUANTIZE=fp8 worker quantizes them at start,
@@ -61,7 +66,8 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf-home", default=env.get("HF_HOME") or DEFAULT_HF_HOME, metavar="DIR",
                         help=f"HF_HOME to fill (models go to DIR/hub); default $HF_HOME, else {DEFAULT_HF_HOME}")
-    parser.add_argument("--only", choices=("edit", "layered"), help="download only this model")
+    parser.add_argument("--only", choices=("edit", "layered", "loras"),
+                        help="download only this model, or only the --lora repos")
     parser.add_argument("--edit-model", default=env.get("EDIT_MODEL") or DEFAULT_EDIT_MODEL, metavar="REPO_ID",
                         help=f"default $EDIT_MODEL, else {DEFAULT_EDIT_MODEL}")
     parser.add_argument("--layered-model", default=env.get("LAYERED_MODEL") or DEFAULT_LAYERED_MODEL,
@@ -71,6 +77,8 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
     parser.add_argument("--lightning", action="store_true",
                         help="also the Lightning LoRA files ($LIGHTNING_REPO, $LIGHTNING_4STEP_FILE and "
                              f"$LIGHTNING_8STEP_FILE; default {DEFAULT_LIGHTNING_REPO})")
+    parser.add_argument("--lora", action="append", type=lora_download, default=[], metavar="OWNER/NAME[/FILE]",
+                        help="also a LoRA repo from the hub, or only FILE of it; repeatable")
     parser.add_argument("--max-workers", type=int, default=DEFAULT_MAX_WORKERS,
                         help=f"parallel file downloads; default {DEFAULT_MAX_WORKERS}")
     parser.add_argument("--dry-run", action="store_true", help="show what would be downloaded, download nothing")
@@ -80,12 +88,23 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
     parser.add_argument("--fp8-dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="the dtype the worker loads in: bfloat16 on a GPU (default), float32 on the CPU")
     args = parser.parse_args(argv)
+    if args.only == "loras" and not args.lora:
+        parser.error("--only loras: name them with --lora OWNER/NAME[/FILE]")
     args.lightning_repo = env.get("LIGHTNING_REPO") or DEFAULT_LIGHTNING_REPO
     args.lightning_files = (env.get("LIGHTNING_4STEP_FILE") or DEFAULT_LIGHTNING_FILES[4],
                             env.get("LIGHTNING_8STEP_FILE") or DEFAULT_LIGHTNING_FILES[8])
     # The worker's FP8 settings, read as it reads them (src/plumbing/config.py) when --fp8 needs them.
     args.fp8_env = {name: env[name] for name in ("FP8_KEEP_BF16", "FP8_CACHE_DIR") if env.get(name)}
     return args
+
+
+def lora_download(text: str) -> Download:
+    """`--lora OWNER/NAME[/FILE]`: the whole repo, or the one file a job names as weight_name."""
+    parts = text.strip("/").split("/")
+    if len(parts) < 2 or not all(parts):
+        raise argparse.ArgumentTypeError(f"expected OWNER/NAME or OWNER/NAME/FILE, got {text!r}")
+    file = "/".join(parts[2:])
+    return Download("lora", "/".join(parts[:2]), allow_patterns=(file,) if file else ())
 
 
 def needs_comparison(args: argparse.Namespace) -> bool:
@@ -100,7 +119,7 @@ def plan(args: argparse.Namespace, comparison) -> list[Download]:
     return plan_downloads(args.edit_model if args.only in (None, "edit") else None,
                           args.layered_model if args.only in (None, "layered") else None, comparison,
                           lightning=(args.lightning_repo, args.lightning_files) if args.lightning else None,
-                          full=args.full)
+                          full=args.full) + list(args.lora)
 
 
 def main(argv: list[str] | None = None) -> int:

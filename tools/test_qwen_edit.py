@@ -11,6 +11,13 @@ One --image sends operation "edit"; two or three send "edit_multi" (the first im
 `image_url` / `image_urls` for the worker to fetch (all images one way or the other).
 Repeat --prompt for one result per prompt; --num-images gives several per prompt. Images
 are saved to --out as <job id>_<n>.<format>.
+
+Every key of an edit job has a flag (`--help` names the key each sets); a flag left out
+is left out of the job, so the worker's default applies (40 steps with true CFG 4.0, or
+Lightning's own with --lightning):
+
+    python tools/test_qwen_edit.py --url ... --image in.png --prompt "..." --lightning 4 \\
+        --lora owner/style-lora 0.8 --format webp --quality 90 --matte "#ffffff"
 """
 
 from __future__ import annotations
@@ -19,14 +26,12 @@ import argparse
 from pathlib import Path
 
 try:  # imported as tools.test_qwen_edit
-    from tools import client
+    from tools import client, job_flags
 except ImportError:  # run as a script: tools/ is on sys.path
     import client
+    import job_flags
 
 MIN_IMAGES, MAX_IMAGES = 1, 3
-DEFAULT_STEPS = 8
-DEFAULT_CFG = 4.0
-FORMATS = ("png", "jpeg", "webp")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,17 +41,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              f"({MIN_IMAGES} to {MAX_IMAGES})")
     parser.add_argument("--prompt", action="append", required=True,
                         help="the edit instruction; repeat for one result per prompt")
-    parser.add_argument("--num-images", type=int, help="results per prompt (1 to 4), seeds seed, seed+1, ...")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
-                        help=f"num_inference_steps; default {DEFAULT_STEPS}")
-    parser.add_argument("--seed", type=int, help="default: the worker picks one and returns it")
-    parser.add_argument("--cfg", type=float, default=DEFAULT_CFG, help=f"true_cfg_scale; default {DEFAULT_CFG}")
-    parser.add_argument("--negative-prompt", help="default: the worker's")
-    parser.add_argument("--width", type=int, help="output width (the worker rounds down to a multiple of 16)")
-    parser.add_argument("--height", type=int, help="output height (the worker rounds down to a multiple of 16)")
-    parser.add_argument("--format", choices=FORMATS, default="png", help="output format; default png")
-    parser.add_argument("--return-base64", action="store_true",
-                        help="ask for base64 in the answer too (the worker always sends it when it has no bucket)")
+    parser.add_argument("--num-images", type=int, help="num_images: results per prompt (1 to 4), seeds seed, "
+                        "seed+1, ...; default: the worker's (1)")
+    job_flags.add_sampling_flags(parser, steps_default="40; lightning: its 4 or 8")
+    parser.add_argument("--width", type=int, help="output width (the worker rounds down to a multiple of --snap)")
+    parser.add_argument("--height", type=int, help="output height (the worker rounds down to a multiple of --snap)")
+    parser.add_argument("--snap", type=int, choices=(16, 32),
+                        help="snap: width/height round down to this multiple; default: the worker's (16)")
+    parser.add_argument("--auto-resize", action=argparse.BooleanOptionalAction,
+                        help="auto_resize: --no-auto-resize keeps the input's size when no width/height is given")
+    parser.add_argument("--lightning", type=int, choices=(4, 8),
+                        help="lightning: the 4- or 8-step Lightning LoRA (its steps, no true CFG)")
+    parser.add_argument("--lora", nargs="+", action=job_flags.LoraAction, dest="loras",
+                        metavar=("SOURCE", "SCALE [WEIGHT_NAME]"),
+                        help="loras: a LoRA by path on the volume, repo id in the HF cache, https:// or s3:// URL, "
+                             "with an optional scale (default 1.0) and weight_name; repeatable")
+    parser.add_argument("--matte", type=job_flags.colour, metavar="#RRGGBB",
+                        help="matte: the colour RGBA inputs are flattened onto; default: the worker's (green for "
+                             "one image, white for several)")
+    parser.add_argument("--use-fp8", action=argparse.BooleanOptionalAction,
+                        help="use_fp8: accepted for compatibility (the worker's QUANTIZE decides)")
+    job_flags.add_output_flags(parser)
     client.add_target_args(parser)
     args = parser.parse_args(argv)
     if not MIN_IMAGES <= len(args.image) <= MAX_IMAGES:
@@ -61,13 +76,11 @@ def is_url(image: str) -> bool:
 
 
 def build_payload(args: argparse.Namespace) -> dict:
-    """The job input for these arguments, in the worker's key names."""
+    """The job input for these arguments, in the worker's key names; what was not given
+    is left out, so the worker's defaults apply."""
     payload: dict = {
         "operation": "edit" if len(args.image) == 1 else "edit_multi",
         "prompt": args.prompt[0] if len(args.prompt) == 1 else args.prompt,
-        "num_inference_steps": args.steps,
-        "true_cfg_scale": args.cfg,
-        "output_format": args.format,
     }
     if is_url(args.image[0]):
         payload.update({"image_url": args.image[0]} if len(args.image) == 1 else {"image_urls": args.image})
@@ -76,12 +89,22 @@ def build_payload(args: argparse.Namespace) -> dict:
         payload["image_base64"] = images[0]
         if len(images) > 1:
             payload["images_base64"] = images[1:]
-    optional = {"seed": args.seed, "negative_prompt": args.negative_prompt, "num_images": args.num_images,
-                "width": args.width, "height": args.height}
-    payload.update({key: value for key, value in optional.items() if value is not None})
-    if args.return_base64:
-        payload["return_base64"] = True
+    payload.update(job_flags.given(args, {
+        **job_flags.SAMPLING_KEYS, "num_images": "num_images", "width": "width", "height": "height",
+        "snap": "snap", "auto_resize": "auto_resize", "lightning": "lightning", "loras": "loras",
+        "matte": "matte", "use_fp8": "use_fp8"}))
+    payload.update(job_flags.output_keys(args))
     return payload
+
+
+def describe(args: argparse.Namespace) -> str:
+    """One line on what is sent; settings left to the worker are not named."""
+    parts = [f"{len(args.image)} image(s)", f"{len(args.prompt)} prompt(s)"]
+    parts += [f"{args.steps} steps"] if args.steps is not None else []
+    parts += [f"cfg {args.cfg}"] if args.cfg is not None else []
+    parts += [f"lightning {args.lightning}"] if args.lightning else []
+    parts += [f"{len(args.loras)} LoRA(s)"] if args.loras else []
+    return ", ".join(parts)
 
 
 def save_outputs(result: client.JobResult, out_dir: Path) -> None:
@@ -101,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     target = client.target_from_args(args)
     payload = build_payload(args)
-    print(f"{payload['operation']}: {len(args.image)} image(s), {len(args.prompt)} prompt(s), {args.steps} steps, "
-          f"cfg {args.cfg} -> {target.label}")
+    print(f"{payload['operation']}: {describe(args)} -> {target.label}")
     result = client.run_job(payload, target)
     client.print_header(result)
     save_outputs(result, Path(args.out))

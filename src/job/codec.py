@@ -76,8 +76,16 @@ def _decode_base64(payload: str, key: str) -> bytes:
         text = text.translate(_URL_SAFE_TO_STANDARD)
     data = text.rstrip("=")
     padding = len(text) - len(data)
-    if "=" in data or padding > 2 or (padding and len(text) % 4):
-        raise InputError(f"{key}: not valid base64: misplaced '=' padding")
+    if "=" in data:
+        raise InputError(f"{key}: not valid base64: '=' at character {data.index('=')} of {len(text)}; "
+                         "'=' may only pad the end")
+    if padding > 2:
+        raise InputError(f"{key}: not valid base64: ends in {padding} '='; padding is at most 2")
+    if padding and len(text) % 4:
+        # A padded string cut short (or with extra characters): the fault is its length, not the '='.
+        whole = len(text) // 4 * 4
+        raise InputError(f"{key}: not valid base64: {len(text)} characters with its '=' padding, but padded base64 "
+                         f"comes in groups of 4 ({whole} or {whole + 4} here): cut short or with extra characters?")
     if len(data) % 4 == 1:
         raise InputError(f"{key}: not valid base64: {len(data)} characters cannot encode whole bytes (truncated?)")
     try:

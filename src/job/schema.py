@@ -403,6 +403,13 @@ def parse_request(job_input: Any) -> JobRequest:
         raise InputError(_bounded(_describe(exc.errors(include_url=False)[0]))) from None
 
 
+_NESTED_MODELS = {model.__name__: model for model in (BucketOverride, LoraRequest, LayerEdit)}
+_NESTED_EXAMPLES = {"BucketOverride": '{"endpoint_url": "https://...", "access_key_id": "...", '
+                                      '"secret_access_key": "...", "bucket_name": "..."}',
+                    "LoraRequest": '{"source": "owner/name", "scale": 0.8}',
+                    "LayerEdit": '{"layer": 1, "prompt": "make it red"}'}
+
+
 def _describe(error: dict) -> str:
     """One pydantic error as `<key>: <reason>`, with the value unless it is a payload or
     may hold a secret."""
@@ -417,10 +424,55 @@ def _describe(error: dict) -> str:
         return f"{loc}: unknown key; allowed keys: {', '.join(model.model_fields)}"
     if error["type"] == "missing":
         return f"{loc}: required"
+    if error["type"] == "too_long" and isinstance(error.get("input"), list):
+        return f"{loc}: {_too_many(parts[-1], error['ctx']['actual_length'], error['ctx']['max_length'])}"
+    if error["type"] == "model_type":
+        name = error["ctx"]["class_name"]
+        text = (f"{loc}: must be an object with the keys {', '.join(_NESTED_MODELS[name].model_fields)}, "
+                f"e.g. {_NESTED_EXAMPLES[name]}")
+        return f"{text}; got {_short_repr(error.get('input'))}" if _may_echo(parts) else text
+    if error["type"] == "list_type" and len(parts) == 1 and parts[0] in _LIST_TEXTS:
+        text = f"{loc}: {_LIST_TEXTS[parts[0]]}"
+        return f"{text}; got {_short_repr(error.get('input'))}" if _may_echo(parts) else text
     message = error["msg"][0].lower() + error["msg"][1:]
+    if error["type"] == "string_pattern_mismatch":
+        message = _PATTERN_TEXTS.get(error["ctx"]["pattern"], message)
     if not _may_echo(parts):
         return f"{loc}: {message}"
-    return f"{loc}: {message}; got {_short_repr(error.get('input'))}"
+    strict_hint = _STRICT_HINTS.get(error["type"], "") if isinstance(error.get("input"), str) else ""
+    return f"{loc}: {message}; got {_short_repr(error.get('input'))}{strict_hint}"
+
+
+# Readable texts for the schema's patterns (pydantic would show the regular expression).
+_PATTERN_TEXTS = {
+    r"^https?://": "must start with http:// or https://",
+    r"^[^/\\][^\\]*$": "a file name inside the source, as in the repo or folder: no leading '/' and no '\\'",
+}
+# A single value where a list belongs: what the list holds.
+_LIST_TEXTS = {
+    "images_base64": "must be a list of base64 strings, one per extra image, even for one",
+    "image_urls": "must be a list of URLs, one per image, even for one (or send one image as image_url)",
+    "layers_base64": "must be a list of base64 strings, one per layer",
+    "loras": 'must be a list of objects, one per LoRA, e.g. [{"source": "owner/name", "scale": 0.8}]',
+    "edits": 'must be a list of objects, one per layer edit, e.g. [{"layer": 1, "prompt": "make it red"}]',
+}
+# Strict types: a number or a boolean sent as a string says how to send it.
+_STRICT_HINTS = {"int_type": " (send a JSON number, not a string)", "float_type": " (send a JSON number, not a string)",
+                 "bool_type": " (send JSON true or false, not a string)"}
+
+
+def _too_many(key: str | int, count: int, limit: int) -> str:
+    """A list over its limit, said in the terms of its key (images are counted in all)."""
+    if key == "images_base64":
+        return (f"{count} extra images, {count + 1} in all counting image_base64; at most {limit + 1} images in "
+                f"all (image_base64 plus up to {limit} here)")
+    if key == "image_urls":
+        return f"{count} image URLs; at most {limit} images in all"
+    if key == "layers_base64":
+        return f"{count} layers; at most {limit} in one composite job"
+    if key == "edits":
+        return f"{count} edits; at most {limit} (one per layer)"
+    return f"{count} items; at most {limit} allowed"
 
 
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]{1,%d}" % MAX_ECHO_CHARS)
@@ -473,4 +525,5 @@ def _short_repr(value: Any) -> str:
 
 def _bounded(text: str) -> str:
     """A last bound on the whole text (a key cut to MAX_ECHO_CHARS may still repr long)."""
-    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 14] + "... (cut short)"
+    cut = "... (cut short)"
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - len(cut)] + cut

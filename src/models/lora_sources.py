@@ -115,7 +115,13 @@ def _from_volume(source: str, weight_name: str | None, key: str, roots: tuple[Pa
     if path.is_dir():
         path = _single_safetensors(path, key, source)
     if not path.is_file():
-        raise LoraError(f"{key}: no file at {str(path)!r}")
+        if Path(source).is_absolute():
+            raise LoraError(f"{key}: no file at {str(path)!r}")
+        # A bare or relative name: say where it was looked for, and what else a source may be.
+        raise LoraError(f"{key}: no file {source!r}{f' (weight_name {weight_name!r})' if weight_name else ''} in "
+                        f"{str(roots[0])!r}, where a relative path is read from (the first of LORA_ROOTS, which sets "
+                        "the folders LoRAs may be read from); give an absolute path on the volume, a repo id in the "
+                        "HF cache (owner/name), or an https:// or s3:// URL")
     return LoraFile(source=source, path=path, sha256=_sha256_of(path))
 
 
@@ -123,12 +129,21 @@ def _from_hf_cache(repo_id: str, weight_name: str | None, key: str, hf_home: Pat
     try:
         snapshot = locate(repo_id, hf_home).path
     except ModelNotFound:
-        raise LoraError(f"{key}: {repo_id!r} is not in the Hugging Face cache at {hf_home / 'hub'} "
-                        "(LoRAs are never downloaded from the hub at job time)") from None
+        raise LoraError(f"{key}: {repo_id!r} is not in the Hugging Face cache at {hf_home / 'hub'}, and jobs never "
+                        f"download from the hub; put it there with {_download_command(repo_id, weight_name, hf_home)}, "
+                        "or give an https:// or s3:// URL of the file") from None
     path = snapshot / weight_name if weight_name else _single_safetensors(snapshot, key, repo_id)
     if not path.is_file():
-        raise LoraError(f"{key}: {repo_id!r} has no file {weight_name!r} in its cached snapshot")
+        held = ", ".join(p.name for p in sorted(snapshot.glob("*.safetensors"))[:5]) or "no .safetensors files"
+        raise LoraError(f"{key}: {repo_id!r} has no file {weight_name!r} in its cached snapshot (it holds {held}); "
+                        f"fetch it with {_download_command(repo_id, weight_name, hf_home)}")
     return LoraFile(source=repo_id, path=path, sha256=_sha256_of(path))
+
+
+def _download_command(repo_id: str, weight_name: str | None, hf_home: Path) -> str:
+    """The tools/download_models.py command that puts this LoRA into this HF cache."""
+    file = f"/{weight_name}" if weight_name else ""
+    return f"'python tools/download_models.py --hf-home {hf_home} --only loras --lora {repo_id}{file}'"
 
 
 def _single_safetensors(folder: Path, key: str, source: str) -> Path:

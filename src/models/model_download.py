@@ -83,7 +83,7 @@ class DownloadFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class Download:
-    name: str                               # "edit", "layered" or "lightning"
+    name: str                               # "edit", "layered", "lightning" or "lora"
     repo_id: str
     ignore_patterns: tuple[str, ...] = ()   # folders the worker borrows from the edit model
     allow_patterns: tuple[str, ...] = ()    # empty: the whole repository

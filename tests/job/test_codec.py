@@ -133,3 +133,26 @@ def test_every_base64_spelling_decodes_to_the_same_image():
                  unpadded.replace("+", "-").replace("/", "_"), unpadded]
     images = [decode_image(text, "image_base64", 10 * 2**20, 2**24).tobytes() for text in spellings]
     assert images == [images[0]] * len(spellings)
+
+
+def padded_png_b64() -> str:
+    """A PNG's base64 that ends in '=' padding (its byte count not a multiple of 3)."""
+    for width in range(40, 60):
+        text = png_b64(sample_image(size=(width, 30)))
+        if text.endswith("="):
+            return text
+    raise AssertionError("no padded encoding found")
+
+
+@pytest.mark.parametrize("spoil, expected", [
+    # One character lost in the middle: the '=' is where it belongs; the length is the fault.
+    (lambda t: t[:100] + t[101:], lambda t: f"image_base64: not valid base64: {len(t) - 1} characters with its '=' "
+     f"padding, but padded base64 comes in groups of 4 ({len(t) - 4} or {len(t)} here): cut short or with extra "
+     "characters?"),
+    (lambda t: t[:50] + "=" + t[50:], lambda t: f"image_base64: not valid base64: '=' at character 50 of "
+     f"{len(t) + 1}; '=' may only pad the end"),
+    (lambda t: t.rstrip("=") + "===", lambda t: "image_base64: not valid base64: ends in 3 '='; padding is at most 2"),
+])
+def test_base64_errors_say_what_is_wrong_with_it(spoil, expected):
+    text = padded_png_b64()
+    assert decode_error(spoil(text)) == expected(text)

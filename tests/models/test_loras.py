@@ -162,8 +162,25 @@ def test_lora_errors_name_the_key(worker, lora_dir, file_server, tmp_path):
     assert too_many["error"] == "loras: 4 adapters in this job with lightning; at most 3 allowed (MAX_LORAS)"
     outside = edit(worker, loras=[{"source": "/etc/hostname"}])
     assert outside["error"].startswith("loras[0].source: '/etc/hostname' is outside the folders LoRAs may be read from")
-    missing_repo = edit(worker, loras=[{"source": "someone/not-cached-lora"}])
-    assert missing_repo["error"].startswith("loras[0].source: 'someone/not-cached-lora' is not in the Hugging Face cache")
+    missing_repo = edit(worker, loras=[{"source": "someone/not-cached-lora", "weight_name": "style.safetensors"}])
+    hf_home = worker.settings.hf_home
+    assert missing_repo["error"] == (
+        f"loras[0].source: 'someone/not-cached-lora' is not in the Hugging Face cache at {hf_home}/hub, and jobs "
+        f"never download from the hub; put it there with 'python tools/download_models.py --hf-home {hf_home} "
+        "--only loras --lora someone/not-cached-lora/style.safetensors', or give an https:// or s3:// URL of the file")
+    bare = edit(worker, loras=[{"source": "my_style.safetensors"}])
+    assert bare["error"] == (
+        f"loras[0].source: no file 'my_style.safetensors' in '{lora_dir}', where a relative path is read from (the "
+        "first of LORA_ROOTS, which sets the folders LoRAs may be read from); give an absolute path on the volume, "
+        "a repo id in the HF cache (owner/name), or an https:// or s3:// URL")
+    lightning_repo = worker.settings.lightning_repo
+    held = sorted(path.name for path in (hf_home / "hub" / f"models--{lightning_repo.replace('/', '--')}").glob(
+        "snapshots/*/*.safetensors"))
+    no_such_file = edit(worker, loras=[{"source": lightning_repo, "weight_name": "other.safetensors"}])
+    assert no_such_file["error"] == (
+        f"loras[0].source: '{lightning_repo}' has no file 'other.safetensors' in its cached snapshot (it holds "
+        f"{', '.join(held[:5])}); fetch it with 'python tools/download_models.py --hf-home {hf_home} --only loras "
+        f"--lora {lightning_repo}/other.safetensors'")
     base_url, _ = file_server
     not_found = edit(worker, loras=[{"source": f"{base_url}/nothing.safetensors?X-Amz-Signature=secret"}])
     assert not_found["error"] == f"loras[0].source: downloading '{base_url}/nothing.safetensors' failed: HTTP 404"

@@ -300,3 +300,31 @@ def test_the_tools_lightning_defaults_are_the_workers():
     assert (TOOL_REPO, TOOL_FILES) == (DEFAULT_LIGHTNING_REPO, DEFAULT_LIGHTNING_FILES)
     settings = Settings.from_env({})
     assert (settings.lightning_repo, settings.lightning_files) == (TOOL_REPO, TOOL_FILES)
+
+
+def test_a_lora_repo_missing_from_the_cache_says_the_command_that_fetches_it_and_that_command_works(
+        clean_hub, hf_home, tmp_path):
+    """The job's error names tools/download_models.py with the right arguments; run as written
+    (against the loopback hub), it puts the file where the same source then resolves."""
+    import shlex
+
+    from src.models.lora_sources import LoraCache, LoraError, http_limits, resolve
+    from src.plumbing.url_guard import AddressPolicy
+
+    repo, file = LIGHTNING[0], LIGHTNING[1][0]
+    home = tmp_path / "hf"
+    lookup = dict(roots=(tmp_path,), hf_home=home, policy=AddressPolicy(), limits=http_limits(2**20, 5, 5),
+                  cache=LoraCache(tmp_path / "lora-cache", max_bytes=2**30, max_files=5, max_download_bytes=2**30))
+    with pytest.raises(LoraError) as caught:
+        resolve(repo, file, "loras[0].source", **lookup)
+    command = f"python tools/download_models.py --hf-home {home} --only loras --lora {repo}/{file}"
+    assert str(caught.value) == (
+        f"loras[0].source: '{repo}' is not in the Hugging Face cache at {home}/hub, and jobs never download from "
+        f"the hub; put it there with '{command}', or give an https:// or s3:// URL of the file")
+    argv = shlex.split(command)
+    done = subprocess.run([sys.executable, *argv[1:]], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_ENDPOINT": clean_hub.url, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    found = resolve(repo, file, "loras[0].source", **lookup)
+    assert found.path.read_bytes() == (snapshot(hf_home, repo) / file).read_bytes()
+    assert not (home / "hub" / "models--Qwen--Qwen-Image-Edit-2511").exists()  # --only loras: no model

@@ -196,6 +196,11 @@ def test_storage_failure_is_an_error_never_a_success(worker, s3):
     ({"operation": "edit_multi", "image_base64": "aGVsbG8=", "prompt": "x"}, "images_base64: edit_multi needs 2 or 3"),
     ({"image_base64": "aGVsbG8=", "prompt": "x", "num_inference_steps": 1000}, "num_inference_steps: "),
     ({"image_base64": "aGVsbG8=", "prompt": "x", "colour": "red"}, "colour: unknown key"),
+    ({"image_base64": "aGVsbG8=", "prompt": "x", "images_base64": ["aGVsbG8="] * 3},
+     "images_base64: 3 extra images, 4 in all counting image_base64; at most 3 images in all"),
+    ({"image_base64": "aGVsbG8="[:3] + "aGVsbG8="[4:], "prompt": "x"},  # one character short
+     "image_base64: not valid base64: 7 characters with its '=' padding, but padded base64 comes in groups of 4 "
+     "(4 or 8 here): cut short or with extra characters?"),
 ])
 def test_bad_input_is_refused_and_the_next_job_succeeds(worker, job_input, expected):
     out = run(worker, **job_input)
