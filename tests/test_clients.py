@@ -64,6 +64,9 @@ EXAMPLES: dict[str, tuple[str, list[str], object]] = {
     "snap": ("edit", ["--snap", "32"], 32),
     "use_fp8": ("edit", ["--use-fp8"], True),
     "auto_resize": ("edit", ["--no-auto-resize"], False),
+    "split[].layer": ("decompose", ["--split", "1:3"], 1),
+    "split[].layers": ("decompose", ["--split", "1:3"], 3),
+    "split[].prompt": ("decompose", ["--split", "1:3:a red car"], "a red car"),
     "edits[].layer": ("decompose", ["--edit", "2:make it red"], 2),
     "edits[].prompt": ("decompose", ["--edit", "2:make it red"], "make it red"),
     "edits[].negative_prompt": ("decompose", ["--edit", "2:x", "--edit-negative-prompt", "dull"], "dull"),
@@ -216,8 +219,8 @@ def test_a_decomposition_with_a_layer_edit_of_its_own_settings(api, tmp_path):
     done = run_client("test_layers.py", "--url", api.url, "--image", str(source), "--prompt", "scene",
                       "--layers", "2", "--steps", "2", "--seed", "4", "--no-cfg-normalize",
                       "--negative-prompt", "blurry", "--edit", "1:make it red", "--edit-steps", "2",
-                      "--edit-seed", "1:9", "--edit-cfg", "1:1.0", "--format", "webp", "--archive", "ora",
-                      "--out", str(out_dir))
+                      "--edit-seed", "1:9", "--edit-cfg", "1:1.0", "--split", "0:2:the back",
+                      "--format", "webp", "--archive", "ora", "--out", str(out_dir))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 steps, cfg 4.0, cfg_normalize false" in done.stdout
     assert "seed 9, 2 steps, cfg 1.0" in done.stdout  # what the worker reports the edit ran with
@@ -225,9 +228,11 @@ def test_a_decomposition_with_a_layer_edit_of_its_own_settings(api, tmp_path):
     stem = archive.name.removesuffix("_layers.ora")
     layers = [Image.open(out_dir / f"{stem}_{name}.webp") for name in ("layer0", "edited_layer1")]
     assert all(layer.format == "WEBP" and layer.mode == "RGBA" for layer in layers)
+    sub_layers = [Image.open(out_dir / f"{stem}_layer0_{j}.webp") for j in range(2)]  # the split of layer 0
+    assert all(sub.mode == "RGBA" and sub.size == layers[0].size for sub in sub_layers)
     contents = read_archive("ora", archive.read_bytes())
-    assert contents.names == ["layer_0", "edited_layer_1"]
-    assert [layer.size for layer in contents.layers] == [layer.size for layer in layers]
+    assert contents.names == ["layer_0/layer_0_0", "layer_0/layer_0_1", "edited_layer_1"]
+    assert [layer.size for layer in contents.layers] == [layer.size for layer in [*sub_layers, layers[1]]]
 
 
 def test_a_composite_of_layer_files(api, tmp_path):

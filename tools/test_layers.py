@@ -56,6 +56,18 @@ def layer_edit(text: str) -> dict:
     return {"layer": int(layer), "prompt": prompt.strip()}
 
 
+def layer_split(text: str) -> dict:
+    """`--split LAYER:N[:PROMPT]` as the job's split entry."""
+    layer, _, rest = text.partition(":")
+    layers, _, prompt = rest.partition(":")
+    if not layer.strip().isdigit() or not layers.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected LAYER:N or LAYER:N:PROMPT, e.g. '1:3'; got {text!r}")
+    entry = {"layer": int(layer), "layers": int(layers)}
+    if prompt.strip():
+        entry["prompt"] = prompt.strip()
+    return entry
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -88,6 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="edits[].seed; default: the job's seed")
     edits.add_argument("--edit-negative-prompt", type=job_flags.layer_value(str), action="append",
                        metavar="[LAYER:]TEXT", help="edits[].negative_prompt; default: the worker's (' ')")
+    parser.add_argument("--split", type=layer_split, action="append", metavar="LAYER:N[:PROMPT]",
+                        help="split[].layer, .layers and .prompt: decompose layer LAYER again into N sub-layers "
+                             "(PROMPT describes that layer; default: the model captions it); repeatable")
     parser.add_argument("--matte", type=job_flags.colour, metavar="#RRGGBB",
                         help="matte: the colour layers are flattened onto for their edits; default: the worker's "
                              "(the authors' green)")
@@ -142,6 +157,8 @@ def build_payload(args: argparse.Namespace) -> dict:
         "archive": "archive"}))
     if args.edit:
         payload["edits"] = edit_entries(args)
+    if args.split:
+        payload["split"] = args.split
     payload.update(job_flags.output_keys(args))
     return payload
 
@@ -155,6 +172,7 @@ def describe(args: argparse.Namespace) -> str:
     parts += [f"{args.steps} steps"] if args.steps is not None else []
     parts += [f"cfg {args.cfg}"] if args.cfg is not None else []
     parts += [f"{len(args.edit)} layer edit(s)"] if args.edit else []
+    parts += [f"{len(args.split)} split(s)"] if args.split else []
     return ", ".join(parts)
 
 
@@ -182,6 +200,10 @@ def save_outputs(result: client.JobResult, out_dir: Path, tile_side: int = DEFAU
             edited[index] = _save(entry, out_dir, f"{stem}_edited_layer{index}", f"edited layer {index}")
             print(f"{'':<{client.LABEL_WIDTH}}seed {entry.get('seed')}, {entry.get('num_inference_steps')} steps, "
                   f"cfg {entry.get('true_cfg_scale')}")
+    for split in output.get("splits", []):
+        for entry in split["layers"]:
+            name = f"layer{split['layer']}_{entry['index']}"
+            _save(entry, out_dir, f"{stem}_{name}", f"sub-layer {split['layer']}.{entry['index']}")
     if output.get("composite"):
         originals.append(_save(output["composite"], out_dir, f"{stem}_composite", "composite"))
     if output.get("composite_edited"):
