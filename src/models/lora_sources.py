@@ -4,23 +4,28 @@ https/S3 URL downloaded once into a size-capped cache on the volume.
 Every failure is a `LoraError` (or, for an http(s) URL, a `url_fetch.FetchError` or
 `url_guard.UrlRefused`) that names the job key (`loras[i].source`) and the source, never
 a credential or a presigned query string.
+
+Paths stay inside their roots: a volume path (and its `weight_name`) must lie under one of
+LORA_ROOTS both as written and once its links are followed; a repo's `weight_name` under
+its cached snapshot as written, and in the repo's own cache folder (its snapshots and the
+blobs they link to) once followed. Whether a path is inside is decided without looking
+outside the roots, so the refusal reads the same for a path outside that exists and one
+that does not.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from src.job.schema import InputError
+from src.job.schema import REPO_ID_SHAPE, InputError, echo
 from src.models.weights import ModelNotFound, locate
 from src.plumbing.url_fetch import FetchLimits, iter_chunks
 from src.plumbing.url_guard import AddressPolicy, shown
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DOWNLOAD_CHUNK_BYTES = 1 << 20
 # The longest wait for a LoRA download's next bytes; the whole download is bounded by
 # LORA_DOWNLOAD_TIMEOUT_S (files run to 2 GB).
@@ -89,43 +94,71 @@ def resolve(source: str, weight_name: str | None, key: str, *, roots: tuple[Path
                             "(BUCKET_* env or the job's r2)")
         bucket, _, object_key = source[len("s3://"):].partition("/")
         return _download(source, key, cache, lambda: _s3_chunks(s3_client_for(), bucket, object_key, key, shown))
-    if REPO_ID.match(source) and not Path(source).is_absolute():
+    if REPO_ID_SHAPE.fullmatch(source):
         return _from_hf_cache(source, weight_name, key, hf_home)
     return _from_volume(source, weight_name, key, roots)
 
 
 def _from_volume(source: str, weight_name: str | None, key: str, roots: tuple[Path, ...]) -> LoraFile:
-    path = Path(source) if Path(source).is_absolute() else roots[0] / source
-    path = path.resolve()
+    named = Path(source) if Path(source).is_absolute() else roots[0] / source
     if weight_name:
-        path = (path / weight_name).resolve()
-    if not any(path.is_relative_to(root.resolve()) for root in roots):
-        allowed = ", ".join(str(root) for root in roots)
-        raise LoraError(f"{key}: {source!r} is outside the folders LoRAs may be read from ({allowed}; LORA_ROOTS)")
+        named = named / weight_name
+    path = _inside_roots(named, roots, key, source)
     if path.is_dir():
-        path = _single_safetensors(path, key, source)
+        path = _inside_roots(_single_safetensors(path, key, source), roots, key, source)
     if not path.is_file():
-        raise LoraError(f"{key}: no file at {str(path)!r}")
+        raise LoraError(f"{key}: no file at {echo(str(path))}")
     return LoraFile(source=source, path=path, sha256=_sha256_of(path))
+
+
+def _inside_roots(named: Path, roots: tuple[Path, ...], key: str, source: str) -> Path:
+    """The file `named` leads to, when it lies under LORA_ROOTS as written and as followed."""
+    # As written first: a path outside the roots is refused without reading anything there.
+    if _within(_as_written(named), [_as_written(root) for root in roots]):
+        real = _followed(named)
+        if _within(real, [_followed(root) for root in roots]):
+            return real
+    allowed = ", ".join(str(root) for root in roots)
+    raise LoraError(f"{key}: {echo(source)} is outside the folders LoRAs may be read from ({allowed}; LORA_ROOTS)")
 
 
 def _from_hf_cache(repo_id: str, weight_name: str | None, key: str, hf_home: Path) -> LoraFile:
     try:
         snapshot = locate(repo_id, hf_home).path
     except ModelNotFound:
-        raise LoraError(f"{key}: {repo_id!r} is not in the Hugging Face cache at {hf_home / 'hub'} "
+        raise LoraError(f"{key}: {echo(repo_id)} is not in the Hugging Face cache at {hf_home / 'hub'} "
                         "(LoRAs are never downloaded from the hub at job time)") from None
     path = snapshot / weight_name if weight_name else _single_safetensors(snapshot, key, repo_id)
+    # Snapshot files are links into the repo's blobs folder: followed, they stay in the repo's folder.
+    repo_folder = snapshot.parent.parent
+    if not (_within(_as_written(path), [_as_written(snapshot)])  # as written first, as above
+            and _within(_followed(path), [_followed(repo_folder)])):
+        raise LoraError(f"{key}: {echo(repo_id)}: {echo(weight_name or path.name)} leads outside the repo's "
+                        "cached snapshot")
     if not path.is_file():
-        raise LoraError(f"{key}: {repo_id!r} has no file {weight_name!r} in its cached snapshot")
+        raise LoraError(f"{key}: {echo(repo_id)} has no file {echo(weight_name or path.name)} in its cached snapshot")
     return LoraFile(source=repo_id, path=path, sha256=_sha256_of(path))
+
+
+def _as_written(path: Path) -> Path:
+    """`path` with '.' and '..' taken as written, no link followed: nothing on disk is read."""
+    return Path(os.path.normpath(path))
+
+
+def _followed(path: Path) -> Path:
+    """`path` with every link followed (what opening it reads)."""
+    return Path(os.path.realpath(path))
+
+
+def _within(path: Path, folders: list[Path]) -> bool:
+    return any(path.is_relative_to(folder) for folder in folders)
 
 
 def _single_safetensors(folder: Path, key: str, source: str) -> Path:
     files = sorted(folder.glob("*.safetensors"))
     if len(files) != 1:
         names = ", ".join(p.name for p in files[:5]) or "none"
-        raise LoraError(f"{key}: {source!r} holds {len(files)} .safetensors files ({names}); "
+        raise LoraError(f"{key}: {echo(source)} holds {len(files)} .safetensors files ({echo(names)}); "
                         "name one with weight_name")
     return files[0]
 

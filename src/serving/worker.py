@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from src.job.codec import decode_image, open_image
-from src.job.schema import InputError, JobRequest, SEED_LIMIT, parse_request
+from src.job.schema import InputError, JobRequest, SEED_LIMIT, error_text, parse_request
 from src.models import fp8_loras, image_vae, memory_plan
 from src.models.loras import LoraLibrary, adapters_for, lightning_scheduler
 from src.models.memory import HostMemoryError
@@ -160,8 +160,9 @@ class Worker:
         try:
             return self._run(job_id, job.get("input"), timer, progress)
         except (InputError, StorageError, OutputTooLarge) as exc:
-            log.info("job %s refused: %s", job_id, exc)
-            return {"error": str(exc)}
+            error = error_text(str(exc))
+            log.info("job %s refused: %s", job_id, error)
+            return {"error": error}
         except torch.OutOfMemoryError:
             log.error("job %s: CUDA out of memory; asking for a fresh worker", job_id)
             torch.cuda.empty_cache()
@@ -169,7 +170,7 @@ class Worker:
                              "(this worker will be replaced)", "refresh_worker": True}
         except Exception as exc:  # the worker must survive anything a job does
             log.exception("job %s failed", job_id)
-            return {"error": f"internal: {type(exc).__name__}: {exc}"}
+            return {"error": error_text(f"internal: {type(exc).__name__}: {exc}")}
 
     def _run(self, job_id: str, job_input, timer: StageTimer, progress: ProgressFn) -> dict:
         # 1. Everything that can be wrong with the input, before any GPU work.
@@ -270,9 +271,10 @@ class Worker:
                 downloads = list(pool.map(
                     lambda source: fetch_bytes(source[1], source[0], settings.address_policy, limits), sources))
             with timer.stage("decode"):
-                return [open_image(raw, key, settings.max_image_pixels) for (key, _), raw in zip(sources, downloads)]
+                return [open_image(raw, key, settings.max_image_pixels, request.operation)
+                        for (key, _), raw in zip(sources, downloads)]
         with timer.stage("decode"):
-            return [decode_image(data, key, settings.max_image_bytes, settings.max_image_pixels)
+            return [decode_image(data, key, settings.max_image_bytes, settings.max_image_pixels, request.operation)
                     for key, data in sources]
 
     def _check_prompt_count(self, request: JobRequest) -> None:
