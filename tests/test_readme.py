@@ -2,7 +2,7 @@
 
 import re
 
-from src.job.schema import JobRequest
+from src.job.schema import MAX_ASPECT_RATIO, JobRequest
 from tests.conftest import REPO_ROOT
 
 README = (REPO_ROOT / "README.md").read_text()
@@ -24,3 +24,9 @@ def test_every_environment_variable_is_documented():
 def test_the_two_commands_lead_the_readme():
     assert README.split("```bash\n", 1)[1].startswith("make demo")
     assert "make test" in README.split("```", 2)[1]
+
+
+def test_the_image_shape_limits_are_stated():
+    row = next(line for line in README.splitlines() if line.startswith("| `image_base64` |"))
+    for operation, limit in MAX_ASPECT_RATIO.items():
+        assert f"**{limit}:1**" in row and f"`{operation}`" in row

@@ -50,7 +50,8 @@ def names_a_key(error: str, job_input) -> bool:
         return True
     head = error.split(": unknown key;", 1)[0]
     return isinstance(job_input, dict) and any(
-        head == key or head.startswith(repr(redact(key)[:MAX_ECHO_CHARS])) for key in job_input if isinstance(key, str))
+        head == key or head.startswith(repr(redact(key)[:MAX_ECHO_CHARS]))
+        for key in job_input if isinstance(key, str))
 
 
 @PROPERTY_SETTINGS
