@@ -18,7 +18,7 @@ import re
 # What ends a URL inside a text: white space, quotes and angle brackets (a repr or a log line).
 _STOP = r"\s'\"<>`"
 _URL = re.compile(rf"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<authority>[^{_STOP}/?#]*)(?P<path>[^{_STOP}?#]*)"
-                  rf"(?P<rest>[?#][^{_STOP}]*)?")
+                  rf"(?:[?#][^{_STOP}]*)?")
 # A query after something that reads as a host or a path (a '/', '.', ':' or '@' before the '?').
 _SCHEMELESS_QUERY = re.compile(rf"(?P<head>[^{_STOP}?#]*[/.:@][^{_STOP}?#]*)[?#][^{_STOP}]+")
 

@@ -224,7 +224,7 @@ def _check_repo_id(repo_id: str) -> str:
         why = "owner and name cannot start or end with '-' or '.'"
     if why:
         raise _refusal(f"{_short_repr(repo_id)} reads as a Hugging Face repo id (owner/name) and is not a "
-                            f"valid one ({why}); name a file on the volume by its absolute path")
+                       f"valid one ({why}); name a file on the volume by its absolute path")
     return repo_id
 
 
