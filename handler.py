@@ -12,6 +12,7 @@ from typing import Mapping, NoReturn
 
 import runpod
 
+from src.job.redaction import RedactingFilter
 from src.plumbing.config import ConfigError, Settings
 from src.serving.deadline import JobGuard
 
@@ -58,6 +59,9 @@ def main() -> None:
     # force: importing runpod already configured the root logger (INFO, in rp_upload),
     # which would make this call, and so LOG_LEVEL, a no-op.
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    # Whatever logs a job's URL (an exception's message, a traceback), its secret parts stay out.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
     # At DEBUG these log signed request headers (access key ids), presigned URLs and
     # request bodies: they stay at INFO or above whatever LOG_LEVEL says.
     for library in CREDENTIAL_LOGGERS:

@@ -134,6 +134,20 @@ def nested_dict(depth: int) -> dict:
 
 R2 = {"endpoint_url": "https://account.r2.cloudflarestorage.com", "access_key_id": "AKIAHOSTILE",
       "secret_access_key": "hostile-secret-value", "bucket_name": "results"}
+# A presigned URL's secret parts: neither may reach an error, whatever carries the URL.
+SIGNATURE = "a81f3c9e5d7b20461e"
+PRESIGNED = ("https://bucket.example/loras/style.safetensors?X-Amz-Credential=AKIAPRESIGNED%2F20260101"
+             f"&X-Amz-Signature={SIGNATURE}")
+LIGHTNING_REPO = "lightx2v/Qwen-Image-Edit-2511-Lightning"
+
+
+def lora(**entry) -> Callable[[], dict]:
+    """A valid small edit with one LoRA entry."""
+    return edit(loras=[entry])
+
+
+def shaped_png(width: int, height: int) -> Callable[[], str]:
+    return lambda: b64(encoded(Image.new("RGB", (width, height), (90, 120, 30)), "PNG"))
 
 IMAGE = "image_base64"
 CASES: list[Hostile] = [
@@ -237,6 +251,47 @@ CASES: list[Hostile] = [
             hidden=R2["secret_access_key"]),
     Hostile("r2 ftp endpoint with credentials", edit(r2={**R2, "endpoint_url": "ftp://user:hostile-password@host"}),
             "r2.endpoint_url", hidden="hostile-password"),
+    # LoRA sources no path or URL can be, and paths out of their roots.
+    Hostile("lora source 2000 characters", lora(source="a" * 2000), "loras[0].source"),
+    Hostile("lora source 1 MB", lora(source="a" * 2**20), "loras[0].source"),
+    Hostile("lora source a 300-character repo id", lora(source="owner/" + "n" * 294), "loras[0].source"),
+    Hostile("lora source a repo id with '--'", lora(source="own--er/name"), "loras[0].source"),
+    Hostile("lora source with NUL", lora(source="/runpod-volume/style\x00.safetensors"), "loras[0].source"),
+    Hostile("lora source with a line break", lora(source="owner/name\nX-Injected: 1"), "loras[0].source"),
+    Hostile("lora source file://", lora(source="file:///etc/passwd"), "loras[0].source"),
+    Hostile("lora source ftp with credentials", lora(source="ftp://user:hostile-password@host/x.safetensors"),
+            "loras[0].source", hidden="hostile-password"),
+    Hostile("lora source scheme in capitals, presigned", lora(source=PRESIGNED.replace("https", "HTTPS")),
+            "loras[0].source", hidden=SIGNATURE),
+    Hostile("lora source with one slash after the scheme, presigned", lora(source=PRESIGNED.replace("//", "/", 1)),
+            "loras[0].source", hidden=SIGNATURE),
+    Hostile("lora source an unclosed IPv6 host", lora(source="http://[::1/x.safetensors"), "loras[0].source"),
+    Hostile("lora source s3 without a key", lora(source="s3://bucket"), "loras[0].source"),
+    Hostile("lora source outside LORA_ROOTS", lora(source="/etc/hostname"), "loras[0].source"),
+    Hostile("lora source climbing out of LORA_ROOTS", lora(source="../../../../../../etc/hostname"), "loras[0].source"),
+    Hostile("lora weight_name climbing out of its snapshot", lora(source=LIGHTNING_REPO,
+                                                                  weight_name="../../../../../../etc/hostname"),
+            "loras[0].weight_name"),
+    Hostile("lora weight_name absolute", lora(source=LIGHTNING_REPO, weight_name="/etc/hostname"),
+            "loras[0].weight_name"),
+    Hostile("lora weight_name a 300-byte name", lora(source=LIGHTNING_REPO, weight_name="é" * 150),
+            "loras[0].weight_name"),
+    # A presigned URL in an entry of the wrong shape: echoed, if at all, without its secret parts.
+    Hostile("loras an object with a presigned url", edit(loras={"source": PRESIGNED}), "loras", hidden=SIGNATURE),
+    Hostile("loras a presigned url", edit(loras=PRESIGNED), "loras", hidden=SIGNATURE),
+    Hostile("loras a list of presigned urls", edit(loras=[PRESIGNED]), "loras[0]", hidden=SIGNATURE),
+    Hostile("loras mapping a presigned url to a scale", edit(loras={PRESIGNED: 0.8}), "loras", hidden=SIGNATURE),
+    Hostile("lora scale a presigned url", lora(source=LIGHTNING_REPO, scale=PRESIGNED), "loras[0].scale",
+            hidden=SIGNATURE),
+    Hostile("image_url an object with a presigned url", edit(image_base64=None, image_url={"url": PRESIGNED}),
+            "image_url", hidden=SIGNATURE),
+    Hostile("a presigned url as an unknown key", edit(**{PRESIGNED: 1}),
+            "'https://bucket.example/loras/style.safetensors'", hidden=SIGNATURE),
+    # Image shapes the pipelines cannot take (README, Job input: aspect ratio).
+    Hostile("png of 1x1000", with_image(shaped_png(1, 1000)), IMAGE),
+    Hostile("png of 3000x10", with_image(shaped_png(3000, 10)), IMAGE),
+    Hostile("decompose of a 1x200 png", lambda: {"operation": "decompose", "image_base64": shaped_png(1, 200)()},
+            IMAGE),
 ]
 
 # Inputs a strict reading might refuse, which the worker takes and serves correctly.

@@ -4,7 +4,7 @@ import ast
 import re
 from pathlib import Path
 
-from src.job.schema import JobRequest
+from src.job.schema import MAX_ASPECT_RATIO, JobRequest
 from tests.conftest import REPO_ROOT
 
 README = (REPO_ROOT / "README.md").read_text()
@@ -94,3 +94,9 @@ def test_the_sdk_variables_the_worker_relies_on_are_read_by_the_pinned_sdk_and_d
     sdk_source = "".join(path.read_text() for path in Path(runpod.__file__).parent.rglob("*.py"))
     assert {name for name in SDK_VARIABLES if f'"{name}"' not in sdk_source} == set()
     assert SDK_VARIABLES <= configuration_table()
+
+
+def test_the_image_shape_limits_are_stated():
+    row = next(line for line in README.splitlines() if line.startswith("| `image_base64` |"))
+    for operation, limit in MAX_ASPECT_RATIO.items():
+        assert f"**{limit}:1**" in row and f"`{operation}`" in row

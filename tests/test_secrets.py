@@ -1,7 +1,8 @@
 """Secrets and payloads stay out of everything the worker writes: its log, job outputs
 and error texts, during jobs that succeed and jobs that fail (wrong credentials, a
-server that is down, a missing bucket, malformed r2 and images), through the runpod
-SDK's local API on a server of its own whose env bucket checks credentials.
+server that is down, a missing bucket, malformed r2 and images, presigned LoRA URLs in
+entries of the wrong shape and in sources that fail), through the runpod SDK's local API
+on a server of its own whose env bucket checks credentials.
 
 The log is read at LOG_LEVEL=DEBUG, where the worker says the most (the S3 libraries are
 held at INFO by handler.py, since at DEBUG they log signed headers). Access
@@ -24,6 +25,8 @@ from tests.faulty_s3 import unused_endpoint
 from tools.local_stack import start_api
 
 JOB_SECRET = "per-job-secret-7c1f9e2ab4d8"
+# A presigned LoRA URL's signature, sent in entries of the wrong shape and in sources that fail.
+LORA_SIGNATURE = "lora-signature-3d5f7a9c1e"
 WRONG_SECRET = "wrong-secret-5e0b3d97a6c2"
 JOB_KEY_ID = "AKIAPERJOBKEY7C1F9E2A"
 FRAGMENT_CHARS = 32
@@ -54,6 +57,7 @@ def test_no_secret_or_payload_in_the_log_outputs_or_errors(api, s3, locked_s3):
     broken = base64.b64encode(base64.b64decode(image)[:-40]).decode()  # a PNG cut short
     job = {"operation": "edit", "image_base64": image, "prompt": "x", "seed": 1, "return_base64": True, **FAST}
     locked = (locked_s3.endpoint_url, locked_s3.bucket)
+    presigned = f"{s3.endpoint_url}/{s3.bucket}/no-such-lora.safetensors?X-Amz-Signature={LORA_SIGNATURE}"
     jobs = {
         "env bucket": ({**job}, "COMPLETED"),
         "own bucket": ({**job, "r2": r2(s3.endpoint_url, s3.bucket)}, "COMPLETED"),
@@ -64,6 +68,14 @@ def test_no_secret_or_payload_in_the_log_outputs_or_errors(api, s3, locked_s3):
         "r2 malformed": ({**job, "r2": {**r2(s3.endpoint_url, s3.bucket), "bucket_name": 5}}, "FAILED"),
         "r2 secret a number": ({**job, "r2": r2(s3.endpoint_url, s3.bucket, secret=7315009142)}, "FAILED"),
         "image cut short": ({**job, "image_base64": broken}, "FAILED"),
+        "lora entry an object": ({**job, "loras": {"source": presigned}}, "FAILED"),
+        "lora entry a string": ({**job, "loras": [presigned]}, "FAILED"),
+        "lora scheme in capitals": ({**job, "loras": [{"source": presigned.replace("http", "HTTP", 1)}]}, "FAILED"),
+        "lora url not found": ({**job, "loras": [{"source": presigned}]}, "FAILED"),
+        "lora url with user info": ({**job, "loras": [{"source": presigned.replace("//", f"//u:{JOB_SECRET}@")}]},
+                                    "FAILED"),
+        "lora s3 key not found": ({**job, "loras": [{"source": f"s3://{s3.bucket}/none.safetensors?{LORA_SIGNATURE}"}]},
+                                  "FAILED"),
     }
     written = []
     for name, (job_input, status) in jobs.items():
@@ -77,7 +89,9 @@ def test_no_secret_or_payload_in_the_log_outputs_or_errors(api, s3, locked_s3):
 
     outputs, log = "\n".join(written), api.log()
     assert "storage: upload to bucket" in outputs and "X-Amz-Signature" in outputs  # failures and successes seen
-    secrets = [JOB_SECRET, WRONG_SECRET, "7315009142", locked_s3.secret_access_key, s3.secret_access_key]
+    assert "loras[0].source: downloading" in outputs  # a LoRA URL was fetched and failed
+    secrets = [JOB_SECRET, WRONG_SECRET, "7315009142", locked_s3.secret_access_key, s3.secret_access_key,
+               LORA_SIGNATURE]
     sent = fragments(image) + fragments(broken)
     returned = fragments(json.loads(written[0])["output"]["edited_image_base64"])  # inline by request
     for text, where, hidden in ((outputs, "outputs", secrets + sent), (log, "log", secrets + sent + returned)):

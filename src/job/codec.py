@@ -17,7 +17,7 @@ import warnings
 from PIL import Image, ImageOps
 
 from src.job import png
-from src.job.schema import InputError
+from src.job.schema import MAX_ASPECT_RATIO, InputError
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -34,8 +34,9 @@ _URL_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
 PNG_COMPRESS_LEVEL = 1
 
 
-def decode_image(data: str, key: str, max_bytes: int, max_pixels: int) -> Image.Image:
-    """Base64 (raw or data URI) to an RGB or RGBA image with EXIF orientation applied."""
+def decode_image(data: str, key: str, max_bytes: int, max_pixels: int, operation: str | None = None) -> Image.Image:
+    """Base64 (raw or data URI) to an RGB or RGBA image with EXIF orientation applied;
+    `operation`: the job's, whose pipeline must be able to take the image's shape."""
     payload = _strip_data_uri(data, key)
     # 3 bytes per 4 characters: reject oversize input before spending memory on it.
     if len(payload) * 3 // 4 > max_bytes + 3:
@@ -43,16 +44,16 @@ def decode_image(data: str, key: str, max_bytes: int, max_pixels: int) -> Image.
     raw = _decode_base64(payload, key)
     if len(raw) > max_bytes:
         raise InputError(f"{key}: image is {len(raw)} bytes; at most {max_bytes} allowed (MAX_IMAGE_BYTES)")
-    return open_image(raw, key, max_pixels)
+    return open_image(raw, key, max_pixels, operation)
 
 
-def open_image(raw: bytes, key: str, max_pixels: int) -> Image.Image:
+def open_image(raw: bytes, key: str, max_pixels: int, operation: str | None = None) -> Image.Image:
     """Image bytes (a decoded payload or a download, already within MAX_IMAGE_BYTES) to a
     checked RGB or RGBA image; the format is sniffed from the bytes, never trusted from a
     name or a Content-Type."""
     if not raw:
         raise InputError(f"{key}: empty image")
-    return _open_checked(raw, key, max_pixels)
+    return _open_checked(raw, key, max_pixels, operation)
 
 
 def _decode_base64(payload: str, key: str) -> bytes:
@@ -107,7 +108,7 @@ def _strip_data_uri(data: str, key: str) -> str:
     return data[match.end():]
 
 
-def _open_checked(raw: bytes, key: str, max_pixels: int) -> Image.Image:
+def _open_checked(raw: bytes, key: str, max_pixels: int, operation: str | None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -120,6 +121,7 @@ def _open_checked(raw: bytes, key: str, max_pixels: int) -> Image.Image:
     if width * height > max_pixels:
         raise InputError(f"{key}: image is {width}x{height} = {width * height} pixels; "
                          f"at most {max_pixels} allowed (MAX_IMAGE_PIXELS)")
+    _check_aspect_ratio(width, height, key, operation)
     # A multi-picture JPEG (MPO) is one photo plus extras such as the HDR gain map that
     # iPhone and Android cameras embed: its first frame is the photo. Other formats with
     # several frames are animations.
@@ -131,6 +133,19 @@ def _open_checked(raw: bytes, key: str, max_pixels: int) -> Image.Image:
         raise InputError(f"{key}: the {image.format} data is truncated or corrupt") from None
     image = ImageOps.exif_transpose(image)
     return _normalise_mode(image)
+
+
+def _check_aspect_ratio(width: int, height: int, key: str, operation: str | None) -> None:
+    """The shape, from the header (EXIF rotation keeps the ratio), against what the
+    operation's pipeline can take (schema.MAX_ASPECT_RATIO)."""
+    limit = MAX_ASPECT_RATIO.get(operation)
+    if limit is None:
+        return
+    ratio = max(width, height) / min(width, height)  # PIL opens no image with a side of 0
+    if ratio > limit:
+        raise InputError(f"{key}: image is {width}x{height}, {ratio:.1f}:1 between its sides; {operation} takes "
+                         f"at most {limit}:1 (its pipeline cannot resize a longer shape for the vision-language "
+                         "encoder); crop or pad it")
 
 
 def _normalise_mode(image: Image.Image) -> Image.Image:

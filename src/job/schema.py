@@ -12,10 +12,13 @@ from __future__ import annotations
 import re
 import reprlib
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, SecretStr, TypeAdapter,
                       ValidationError, model_validator)
 from pydantic_core import PydanticCustomError
+
+from src.job.redaction import redact
 
 MAX_PROMPT_CHARS = 2000
 MAX_EXTRA_IMAGES = 2  # 3 images in all
@@ -51,6 +54,28 @@ MAX_ERROR_CHARS = 600
 # Control characters reach the tokenizer as junk tokens (NUL ends C strings in some
 # logs and tools); prompts keep tab and line breaks, the only ones text needs.
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+# The longest side of an input image over its shortest that each operation's pipeline takes.
+# edit, edit_multi: the pipeline resizes every input to about 384x384 pixels at multiples of
+# 32 for Qwen2.5-VL, whose processor refuses a shape past 200:1 (smart_resize); inputs past
+# 279:1 come out past it. decompose: the caption of an empty prompt goes through the same
+# processor at the resolution's area, past it beyond 163:1 at 1024 (177:1 at 640); one limit
+# for every decompose, so that a job's prompt or resolution never decides whether its image
+# is taken. composite runs no model and takes any shape. (tests/job/test_image_shapes.py)
+MAX_ASPECT_RATIO = {"edit": 279, "edit_multi": 279, "decompose": 163}
+# A LoRA source: a URL, a Hugging Face repo id or a path on the volume. Bytes a path may hold
+# (Linux's PATH_MAX and NAME_MAX); S3's longest object key; HF's longest repo id.
+MAX_SOURCE_CHARS = 2048
+MAX_PATH_BYTES, MAX_NAME_BYTES = 4095, 255
+MAX_S3_KEY_BYTES = 1024
+MAX_REPO_ID_CHARS = 96
+MAX_WEIGHT_NAME_CHARS = 256  # a file in a source's folder or snapshot, subfolders included
+# A source of this shape is a repo id in the HF cache (README, LoRAs), any other relative
+# path a path under the first of LORA_ROOTS.
+REPO_ID_SHAPE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+", re.ASCII)
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):/")
+_S3_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+# No control character has a place in a source or a file name (NUL cannot be in a path at all).
+_PATH_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # What `composite` reads: it stacks layers on the CPU and runs no model.
 COMPOSITE_KEYS = frozenset({"operation", "layers_base64", "output_format", "output_quality", "return_base64",
                             "r2", "archive"})
@@ -125,14 +150,111 @@ class BucketOverride(BaseModel):
     region: str | None = None
 
 
+def _refusal(reason: str) -> PydanticCustomError:
+    """A validator's error whose text is `reason` as it is (braces and all)."""
+    return PydanticCustomError("refused", "{reason}", {"reason": reason})
+
+
+def _path_bytes(text: str) -> bytes:
+    """`text` as the bytes a path would hold, or an error for what no path can hold."""
+    found = _PATH_CONTROL_CHARS.search(text)
+    if found:
+        raise _refusal(f"control character {found.group()!r} at position {found.start()}; a path or URL "
+                       "holds none")
+    return text.encode()  # lone surrogates never get here: the strict str type refuses them
+
+
+def _check_path_lengths(text: str) -> None:
+    if len(_path_bytes(text)) > MAX_PATH_BYTES:
+        raise _refusal(f"a path of {len(text.encode())} bytes; a path holds at most {MAX_PATH_BYTES}")
+    longest = max(text.split("/"), key=lambda part: len(part.encode()))
+    if len(longest.encode()) > MAX_NAME_BYTES:
+        raise _refusal(f"a file or folder name of {len(longest.encode())} bytes; a name holds at most "
+                       f"{MAX_NAME_BYTES}")
+
+
+def _check_source(source: str) -> str:
+    """A LoRA source that a URL, a repo id or a path can be; whether its file exists, stays
+    inside its root and fits the model is found when the job runs (src/models/lora_sources.py)."""
+    _path_bytes(source)
+    scheme = _URL_SCHEME.match(source)
+    if scheme and source.startswith(("https://", "http://")):
+        return _check_http_source(source)
+    if scheme and source.startswith("s3://"):
+        return _check_s3_source(source)
+    if scheme:
+        raise _refusal(f"unsupported scheme {_short_repr(scheme[1])}: a source is an https://, http:// or "
+                       "s3:// URL (the scheme in lower case), a Hugging Face repo id (owner/name) or a path "
+                       "on the volume")
+    if REPO_ID_SHAPE.fullmatch(source):
+        return _check_repo_id(source)
+    _check_path_lengths(source)
+    return source
+
+
+def _check_http_source(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+        host, _ = parts.hostname, parts.port
+    except ValueError:
+        raise _refusal(f"{_short_repr(url)} is not a URL whose host and port can be read") from None
+    if not host:
+        raise _refusal(f"{_short_repr(url)} has no host")
+    return url
+
+
+def _check_s3_source(url: str) -> str:
+    bucket, _, key = url[len("s3://"):].partition("/")
+    if not _S3_BUCKET.fullmatch(bucket):
+        raise _refusal(f"{_short_repr(url)}: the bucket name is 1 to 255 letters, digits, '.', '_' or '-', "
+                       "as in s3://bucket/key")
+    if not key:
+        raise _refusal(f"{_short_repr(url)} names no object; give s3://bucket/key")
+    if len(key.encode()) > MAX_S3_KEY_BYTES:
+        raise _refusal(f"an object key of {len(key.encode())} bytes; S3 keys hold at most {MAX_S3_KEY_BYTES}")
+    return url
+
+
+def _check_repo_id(repo_id: str) -> str:
+    """The Hugging Face hub's rules for a repo id (huggingface_hub's validate_repo_id)."""
+    owner, name = repo_id.split("/")
+    why = None
+    if len(repo_id) > MAX_REPO_ID_CHARS:
+        why = f"{len(repo_id)} characters, at most {MAX_REPO_ID_CHARS}"
+    elif "--" in repo_id or ".." in repo_id:
+        why = "'--' and '..' are not allowed"
+    elif any(part[0] in "-." or part[-1] in "-." for part in (owner, name)):
+        why = "owner and name cannot start or end with '-' or '.'"
+    if why:
+        raise _refusal(f"{_short_repr(repo_id)} reads as a Hugging Face repo id (owner/name) and is not a "
+                       f"valid one ({why}); name a file on the volume by its absolute path")
+    return repo_id
+
+
+def _check_weight_name(name: str) -> str:
+    """A file inside the source's folder or snapshot, by a relative path that cannot leave it."""
+    _path_bytes(name)
+    if "\\" in name:
+        raise _refusal("separate folders with '/', not '\\'")
+    if name.startswith("/"):
+        raise _refusal("a file inside the source's folder or snapshot, named by a relative path, "
+                       "not an absolute one")
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        raise _refusal("a file inside the source's folder or snapshot: no '..', '.' or empty parts")
+    _check_path_lengths(name)
+    return name
+
+
 class LoraRequest(BaseModel):
     """One custom LoRA: a path on the volume, a repo id in the HF cache, or an https/s3 URL."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    source: str = Field(min_length=1, max_length=2048)
+    # Lengths first, then the shape checks (which would otherwise run on a megabyte of text).
+    source: Annotated[str, Field(min_length=1, max_length=MAX_SOURCE_CHARS), AfterValidator(_check_source)]
     scale: float = Field(1.0, ge=-4.0, le=4.0)
-    weight_name: str | None = Field(None, min_length=1, max_length=256, pattern=r"^[^/\\][^\\]*$")
+    weight_name: Annotated[str, Field(min_length=1, max_length=MAX_WEIGHT_NAME_CHARS),
+                           AfterValidator(_check_weight_name)] | None = None
 
 
 class LayerEdit(BaseModel):
@@ -400,7 +522,13 @@ def parse_request(job_input: Any) -> JobRequest:
     try:
         return JobRequest.model_validate(job_input)
     except ValidationError as exc:
-        raise InputError(_bounded(_describe(exc.errors(include_url=False)[0]))) from None
+        raise InputError(error_text(_describe(exc.errors(include_url=False)[0]))) from None
+
+
+def error_text(message: str) -> str:
+    """An error as a job's reply and the log may carry it: every URL's secret parts taken
+    out (src/job/redaction.py), at most MAX_ERROR_CHARS long."""
+    return _bounded(redact(message))
 
 
 _NESTED_MODELS = {model.__name__: model for model in (BucketOverride, LoraRequest, LayerEdit)}
@@ -512,6 +640,7 @@ class _Echo(reprlib.Repr):
         return repr(x)
 
     def repr_str(self, x: str, level: int) -> str:
+        x = redact(x)  # before the cut, which could leave a secret too short to be read as one
         cut = repr(x[:MAX_ECHO_CHARS])
         return cut if len(x) <= MAX_ECHO_CHARS else f"{cut}... ({len(x)} characters)"
 
@@ -521,6 +650,12 @@ _ECHO = _Echo()
 
 def _short_repr(value: Any) -> str:
     return _ECHO.repr(value)
+
+
+def echo(value: Any) -> str:
+    """A value as an error may quote it, whatever it holds: its repr with URL secrets taken
+    out, cut to MAX_ECHO_CHARS per string and to a few items and levels."""
+    return _short_repr(value)
 
 
 def _bounded(text: str) -> str:

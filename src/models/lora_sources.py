@@ -12,25 +12,30 @@ error is cached. Each download, the HEAD included, ends within LORA_DOWNLOAD_TIM
 Every failure is a `LoraError` (or, for an http(s) URL, a `url_fetch.FetchError` or
 `url_guard.UrlRefused`) that names the job key (`loras[i].source`) and the source, never
 a credential or a presigned query string.
+
+Paths stay inside their roots: a volume path (and its `weight_name`) must lie under one of
+LORA_ROOTS both as written and once its links are followed; a repo's `weight_name` under
+its cached snapshot as written, and in the repo's own cache folder (its snapshots and the
+blobs they link to) once followed. Whether a path is inside is decided without looking
+outside the roots, so the refusal reads the same for a path outside that exists and one
+that does not.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import re
 import secrets
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from src.job.schema import InputError
+from src.job.schema import REPO_ID_SHAPE, InputError, echo
 from src.models.weights import ModelNotFound, locate
 from src.plumbing.s3_deadline import TimedOut, within
 from src.plumbing.url_fetch import FetchLimits, iter_chunks
 from src.plumbing.url_guard import AddressPolicy, shown
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DOWNLOAD_CHUNK_BYTES = 1 << 20
 # The longest wait for a LoRA download's next bytes; the whole download is bounded by
 # LORA_DOWNLOAD_TIMEOUT_S (files run to 2 GB).
@@ -99,44 +104,59 @@ def resolve(source: str, weight_name: str | None, key: str, *, roots: tuple[Path
             raise LoraError(f"{key}: {shown!r} is an S3 URL but no bucket credentials are configured "
                             "(BUCKET_* env or the job's r2)")
         return _from_s3(source, key, cache, s3_client_for(), limits)
-    if REPO_ID.match(source) and not Path(source).is_absolute():
+    if REPO_ID_SHAPE.fullmatch(source):
         return _from_hf_cache(source, weight_name, key, hf_home)
     return _from_volume(source, weight_name, key, roots)
 
 
 def _from_volume(source: str, weight_name: str | None, key: str, roots: tuple[Path, ...]) -> LoraFile:
-    path = Path(source) if Path(source).is_absolute() else roots[0] / source
-    path = path.resolve()
+    named = Path(source) if Path(source).is_absolute() else roots[0] / source
     if weight_name:
-        path = (path / weight_name).resolve()
-    if not any(path.is_relative_to(root.resolve()) for root in roots):
-        allowed = ", ".join(str(root) for root in roots)
-        raise LoraError(f"{key}: {source!r} is outside the folders LoRAs may be read from ({allowed}; LORA_ROOTS)")
+        named = named / weight_name
+    path = _inside_roots(named, roots, key, source)
     if path.is_dir():
-        path = _single_safetensors(path, key, source)
+        path = _inside_roots(_single_safetensors(path, key, source), roots, key, source)
     if not path.is_file():
         if Path(source).is_absolute():
-            raise LoraError(f"{key}: no file at {str(path)!r}")
+            raise LoraError(f"{key}: no file at {echo(str(path))}")
         # A bare or relative name: say where it was looked for, and what else a source may be.
-        raise LoraError(f"{key}: no file {source!r}{f' (weight_name {weight_name!r})' if weight_name else ''} in "
-                        f"{str(roots[0])!r}, where a relative path is read from (the first of LORA_ROOTS, which sets "
-                        "the folders LoRAs may be read from); give an absolute path on the volume, a repo id in the "
-                        "HF cache (owner/name), or an https:// or s3:// URL")
+        raise LoraError(f"{key}: no file {echo(source)}{f' (weight_name {echo(weight_name)})' if weight_name else ''} "
+                        f"in {str(roots[0])!r}, where a relative path is read from (the first of LORA_ROOTS, which "
+                        "sets the folders LoRAs may be read from); give an absolute path on the volume, a repo id in "
+                        "the HF cache (owner/name), or an https:// or s3:// URL")
     return LoraFile(source=source, path=path, sha256=_sha256_of(path))
+
+
+def _inside_roots(named: Path, roots: tuple[Path, ...], key: str, source: str) -> Path:
+    """The file `named` leads to, when it lies under LORA_ROOTS as written and as followed."""
+    # As written first: a path outside the roots is refused without reading anything there.
+    if _within(_as_written(named), [_as_written(root) for root in roots]):
+        real = _followed(named)
+        if _within(real, [_followed(root) for root in roots]):
+            return real
+    allowed = ", ".join(str(root) for root in roots)
+    raise LoraError(f"{key}: {echo(source)} is outside the folders LoRAs may be read from ({allowed}; LORA_ROOTS)")
 
 
 def _from_hf_cache(repo_id: str, weight_name: str | None, key: str, hf_home: Path) -> LoraFile:
     try:
         snapshot = locate(repo_id, hf_home).path
     except ModelNotFound:
-        raise LoraError(f"{key}: {repo_id!r} is not in the Hugging Face cache at {hf_home / 'hub'}, and jobs never "
-                        f"download from the hub; put it there with {_download_command(repo_id, weight_name, hf_home)}, "
-                        "or give an https:// or s3:// URL of the file") from None
+        raise LoraError(f"{key}: {echo(repo_id)} is not in the Hugging Face cache at {hf_home / 'hub'}, and jobs "
+                        f"never download from the hub; put it there with "
+                        f"{_download_command(repo_id, weight_name, hf_home)}, or give an https:// or s3:// URL of the "
+                        "file") from None
     path = snapshot / weight_name if weight_name else _single_safetensors(snapshot, key, repo_id)
+    # Snapshot files are links into the repo's blobs folder: followed, they stay in the repo's folder.
+    repo_folder = snapshot.parent.parent
+    if not (_within(_as_written(path), [_as_written(snapshot)])  # as written first, as above
+            and _within(_followed(path), [_followed(repo_folder)])):
+        raise LoraError(f"{key}: {echo(repo_id)}: {echo(weight_name or path.name)} leads outside the repo's "
+                        "cached snapshot")
     if not path.is_file():
         held = ", ".join(p.name for p in sorted(snapshot.glob("*.safetensors"))[:5]) or "no .safetensors files"
-        raise LoraError(f"{key}: {repo_id!r} has no file {weight_name!r} in its cached snapshot (it holds {held}); "
-                        f"fetch it with {_download_command(repo_id, weight_name, hf_home)}")
+        raise LoraError(f"{key}: {echo(repo_id)} has no file {echo(weight_name or path.name)} in its cached "
+                        f"snapshot (it holds {held}); fetch it with {_download_command(repo_id, weight_name, hf_home)}")
     return LoraFile(source=repo_id, path=path, sha256=_sha256_of(path))
 
 
@@ -146,11 +166,25 @@ def _download_command(repo_id: str, weight_name: str | None, hf_home: Path) -> s
     return f"'python tools/download_models.py --hf-home {hf_home} --only loras --lora {repo_id}{file}'"
 
 
+def _as_written(path: Path) -> Path:
+    """`path` with '.' and '..' taken as written, no link followed: nothing on disk is read."""
+    return Path(os.path.normpath(path))
+
+
+def _followed(path: Path) -> Path:
+    """`path` with every link followed (what opening it reads)."""
+    return Path(os.path.realpath(path))
+
+
+def _within(path: Path, folders: list[Path]) -> bool:
+    return any(path.is_relative_to(folder) for folder in folders)
+
+
 def _single_safetensors(folder: Path, key: str, source: str) -> Path:
     files = sorted(folder.glob("*.safetensors"))
     if len(files) != 1:
         names = ", ".join(p.name for p in files[:5]) or "none"
-        raise LoraError(f"{key}: {source!r} holds {len(files)} .safetensors files ({names}); "
+        raise LoraError(f"{key}: {echo(source)} holds {len(files)} .safetensors files ({echo(names)}); "
                         "name one with weight_name")
     return files[0]
 

@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from src.job.schema import JobRequest
+from src.job.schema import MAX_ECHO_CHARS, JobRequest, echo
 from src.models import fp8_loras
 from src.models.fp8 import Fp8Linear
 from src.models.lora_sources import LoraCache, LoraError, LoraFile, describe_source, http_limits, resolve
@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 _LORA_KEY = re.compile(r"\.(lora_A|lora_B|lora_down|lora_up)(\.default)?\.weight$")
 _DIFFUSERS_KEY = re.compile(r"^transformer\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 MAX_STATE_DICTS_IN_MEMORY = 6
+# The tensor types a LoRA's factors may have: the floating-point ones PEFT and the fuses cast from.
+LORA_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2)
 # The scheduler the Lightning authors (ModelTC/Qwen-Image-Lightning) publish for their
 # distilled LoRAs: shift 3 as in distillation, no terminal stretch.
 LIGHTNING_SCHEDULER_CONFIG = {
@@ -98,18 +100,18 @@ class LoraLibrary:
         return Adapter(name=f"lora_{file.sha256[:16]}", file=file, scale=scale, state_dict=state_dict)
 
     def _read_checked(self, file: LoraFile, key: str) -> dict:
-        shown = describe_source(file.source)
+        shown = echo(describe_source(file.source))
         try:
             raw = load_file(str(file.path))
         except (SafetensorError, OSError, ValueError):
-            raise LoraError(f"{key}: {shown!r} is not a readable safetensors file") from None
+            raise LoraError(f"{key}: {shown} is not a readable safetensors file") from None
         if not any(_LORA_KEY.search(name) for name in raw):
-            raise LoraError(f"{key}: {shown!r} is not a LoRA: none of its {len(raw)} tensors is a "
+            raise LoraError(f"{key}: {shown} is not a LoRA: none of its {len(raw)} tensors is a "
                             "lora_A/lora_B or lora_down/lora_up weight")
         try:
             converted = self.pipeline_cls.lora_state_dict(raw)
         except Exception as exc:  # diffusers' converters raise several types on foreign layouts
-            raise LoraError(f"{key}: {shown!r} is in no LoRA key format this model loads "
+            raise LoraError(f"{key}: {shown} is in no LoRA key format this model loads "
                             f"({type(exc).__name__}: {str(exc)[:200]})") from None
         # diffusers passes bare PEFT keys ("transformer_blocks.0...lora_A") through unprefixed
         # and then loads nothing, silently: name them for the transformer.
@@ -120,25 +122,61 @@ class LoraLibrary:
         return converted
 
     def _check_against_model(self, state_dict: dict, key: str, shown: str) -> None:
-        """Every lora_A/lora_B pair must name a Linear of this transformer with matching shapes;
-        otherwise the file was made for another model."""
+        """Every LoRA layer must be a lora_A/lora_B pair of floating-point matrices, finite,
+        of one rank, on a Linear of this transformer with matching features; otherwise the
+        file is malformed or was made for another model. Checked here, before any fuse or
+        branch sees the tensors."""
         modules = dict(self.transformer.named_modules())
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
         problems = []
         for name, tensor in state_dict.items():
             match = _DIFFUSERS_KEY.match(name)
-            if not match:
-                problems.append(f"unexpected key {name}")
-                continue
-            module = modules.get(match["module"])
-            if not isinstance(module, (torch.nn.Linear, Fp8Linear)):
-                problems.append(f"no layer {match['module']}")
-            elif match["part"] == "A" and tensor.shape[1] != module.in_features:
-                problems.append(f"{match['module']} takes {module.in_features} features, the LoRA {tensor.shape[1]}")
-            elif match["part"] == "B" and tensor.shape[0] != module.out_features:
-                problems.append(f"{match['module']} gives {module.out_features} features, the LoRA {tensor.shape[0]}")
+            if match:
+                pairs.setdefault(match["module"], {})[match["part"]] = tensor
+            else:
+                problems.append(f"unexpected key {_cut(name)}")
+        layers = len(pairs) + len(problems)  # an unexpected key counts as a layer of its own
+        problems += filter(None, (_layer_problem(name, factors, modules.get(name)) for name, factors in pairs.items()))
         if problems:
-            raise LoraError(f"{key}: {shown!r} does not fit {self.model_id}: {len(problems)} of {len(state_dict)} "
-                            f"tensors do not match (first: {problems[0]})")
+            raise LoraError(f"{key}: {shown} does not fit {self.model_id}: {len(problems)} of {layers} layers "
+                            f"do not match (first: {problems[0]})")
+
+
+def _layer_problem(name: str, factors: dict[str, torch.Tensor], module: torch.nn.Module | None) -> str | None:
+    """What is wrong with one layer's LoRA factors {"A": down, "B": up}, or None."""
+    name = _cut(name)
+    if not isinstance(module, (torch.nn.Linear, Fp8Linear)):
+        return f"no linear layer {name} in the model"
+    if len(factors) != 2:
+        present = next(iter(factors))
+        return f"{name} has lora_{present} but no lora_{'B' if present == 'A' else 'A'}"
+    for part, tensor in factors.items():
+        if tensor.ndim != 2:
+            return f"{name}.lora_{part} has {tensor.ndim} dimensions; LoRA factors are matrices (2)"
+        if tensor.dtype not in LORA_DTYPES:
+            return f"{name}.lora_{part} is {str(tensor.dtype).removeprefix('torch.')}; LoRA factors are " + \
+                ", ".join(str(dtype).removeprefix("torch.") for dtype in LORA_DTYPES)
+    down, up = factors["A"], factors["B"]
+    if down.shape[1] != module.in_features:
+        return f"{name} takes {module.in_features} features, the LoRA {down.shape[1]}"
+    if up.shape[0] != module.out_features:
+        return f"{name} gives {module.out_features} features, the LoRA {up.shape[0]}"
+    if down.shape[0] != up.shape[1]:
+        return f"{name}: lora_A has rank {down.shape[0]} and lora_B rank {up.shape[1]}; they must agree"
+    if down.shape[0] == 0:
+        return f"{name} has rank 0"
+    for part, tensor in factors.items():
+        # NaN and infinities propagate through min and max: one cheap pass finds them (in
+        # float32 for the 8-bit types, which have no aminmax of their own).
+        values = tensor.float() if tensor.dtype.itemsize == 1 else tensor
+        if not all(torch.isfinite(extreme) for extreme in torch.aminmax(values)):
+            return f"{name}.lora_{part} holds NaN or infinite values"
+    return None
+
+
+def _cut(name: str) -> str:
+    """A tensor or layer name from a file, as an error may show it."""
+    return name if len(name) <= MAX_ECHO_CHARS else f"{name[:MAX_ECHO_CHARS]}..."
 
 
 class FusedLoras:

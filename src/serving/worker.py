@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from src.job.codec import decode_image, open_image
-from src.job.schema import InputError, JobRequest, SEED_LIMIT, parse_request
+from src.job.schema import InputError, JobRequest, SEED_LIMIT, error_text, parse_request
 from src.models import compile_cache, fp8_loras, image_vae, memory_plan
 from src.models.loras import LoraLibrary, adapters_for, lightning_scheduler
 from src.models.memory import HostMemoryError
@@ -201,8 +201,9 @@ class Worker:
             log.info("job %s %s", job_id, exc)
             return {"error": str(exc)}
         except (InputError, StorageError, OutputTooLarge) as exc:
-            log.info("job %s refused: %s", job_id, exc)
-            return {"error": str(exc)}
+            error = error_text(str(exc))
+            log.info("job %s refused: %s", job_id, error)
+            return {"error": error}
         except torch.OutOfMemoryError:
             log.error("job %s: CUDA out of memory; asking for a fresh worker", job_id)
             torch.cuda.empty_cache()
@@ -210,7 +211,7 @@ class Worker:
                              "(this worker will be replaced)", "refresh_worker": True}
         except Exception as exc:  # the worker must survive anything a job does
             log.exception("job %s failed", job_id)
-            return {"error": f"internal: {type(exc).__name__}: {exc}"}
+            return {"error": error_text(f"internal: {type(exc).__name__}: {exc}")}
 
     @contextlib.contextmanager
     def _stop_checked(self, job_id: str, progress: ProgressFn):
@@ -341,9 +342,10 @@ class Worker:
                 downloads = list(pool.map(
                     lambda source: fetch_bytes(source[1], source[0], settings.address_policy, limits), sources))
             with timer.stage("decode"):
-                return [open_image(raw, key, settings.max_image_pixels) for (key, _), raw in zip(sources, downloads)]
+                return [open_image(raw, key, settings.max_image_pixels, request.operation)
+                        for (key, _), raw in zip(sources, downloads)]
         with timer.stage("decode"):
-            return [decode_image(data, key, settings.max_image_bytes, settings.max_image_pixels)
+            return [decode_image(data, key, settings.max_image_bytes, settings.max_image_pixels, request.operation)
                     for key, data in sources]
 
     def _check_prompt_count(self, request: JobRequest) -> None:

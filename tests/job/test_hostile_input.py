@@ -23,7 +23,9 @@ MAX_CASE_EXTRA_MIB = 200  # resident memory above what the job's input itself oc
 API_SAMPLE = ("png declaring 100000x100000", "truncated jpeg", "animated webp", "standard and url-safe alphabets mixed",
               "data uri of application/pdf", "50 MB prompt", "50 MB image_base64", "true_cfg_scale NaN",
               "guidance_scale -infinity", "steps true", "seed 2**64", "prompt with a lone surrogate", "four images",
-              "unknown key", "r2 missing bucket_name", "r2 a string", "prompt with NUL")
+              "unknown key", "r2 missing bucket_name", "r2 a string", "prompt with NUL", "png of 1x1000",
+              "loras an object with a presigned url", "lora source with NUL",
+              "lora weight_name climbing out of its snapshot")
 
 
 def _param(case: Hostile):
@@ -115,6 +117,7 @@ def test_hostile_input_through_the_local_api(api, case, guarantee_figures):
     response, seconds = runsync(api, json.dumps({"input": case.job_input()}))
     reply = response.json()
     assert reply["status"] == "FAILED" and reply["error"].startswith(f"{case.key}: "), reply
+    assert case.hidden is None or case.hidden not in response.text
     assert len(reply["error"]) <= MAX_ERROR_CHARS and seconds < MAX_CASE_S + 3  # + a 50 MB body over HTTP
     worst = guarantee_figures.get("hostile_api_worst_seconds", "0 (-)")
     if seconds > float(worst.split()[0]):

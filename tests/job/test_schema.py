@@ -122,3 +122,83 @@ def test_a_text_cut_short_is_exactly_the_limit():
 
     assert len(_bounded("x" * 5000)) == MAX_ERROR_CHARS and _bounded("x" * 5000).endswith("... (cut short)")
     assert _bounded("x" * MAX_ERROR_CHARS) == "x" * MAX_ERROR_CHARS
+
+
+LORA_PRESIGNED = "https://bucket.example/style.safetensors?X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature=5ec7e7"
+
+
+@pytest.mark.parametrize("lora, expected", [
+    ({"source": "a" * 300}, "loras[0].source: a file or folder name of 300 bytes; a name holds at most 255"),
+    ({"source": "/vol/" + "é" * 200 + ".safetensors"}, "loras[0].source: a file or folder name of 412 bytes"),
+    ({"source": "/" + "/".join(["d" * 200] * 11)}, "loras[0].source: string should have at most 2048 characters"),
+    ({"source": "/" + "/".join(["語" * 80] * 17)}, "loras[0].source: a path of 4097 bytes; a path holds at most 4095"),
+    ({"source": "owner/" + "n" * 100}, "loras[0].source: 'owner/nnnnnnnnnn"),
+    ({"source": "own--er/name"}, "reads as a Hugging Face repo id (owner/name) and is not a valid one ('--' and '..' "
+                                 "are not allowed); name a file on the volume by its absolute path"),
+    ({"source": "owner./name"}, "owner and name cannot start or end with '-' or '.'"),
+    ({"source": "owner/.."}, "'--' and '..' are not allowed"),
+    ({"source": "/vol/a\x00b.safetensors"}, "loras[0].source: control character '\\x00' at position 6; a path or URL "
+                                            "holds none"),
+    ({"source": "https://host/a\nb"}, "loras[0].source: control character '\\n' at position 14"),
+    ({"source": "ftp://user:password@host/x"}, "loras[0].source: unsupported scheme 'ftp': a source is an https://, "
+                                               "http:// or s3:// URL (the scheme in lower case)"),
+    ({"source": "HTTPS://host/x.safetensors"}, "loras[0].source: unsupported scheme 'HTTPS'"),
+    ({"source": "file:///etc/passwd"}, "loras[0].source: unsupported scheme 'file'"),
+    ({"source": "https:///x.safetensors"}, "loras[0].source: 'https:///x.safetensors' has no host"),
+    ({"source": "http://[::1/x.safetensors"}, "loras[0].source: 'http://[::1/x.safetensors' is not a URL whose host "
+                                              "and port can be read"),
+    ({"source": "https://host:99999/x"}, "is not a URL whose host and port can be read"),
+    ({"source": "s3://bucket"}, "loras[0].source: 's3://bucket' names no object; give s3://bucket/key"),
+    ({"source": "s3://bad bucket/k"}, "loras[0].source: 's3://bad bucket/k': the bucket name is 1 to 255 letters"),
+    ({"source": "s3://bucket/" + "k" * 1100}, "loras[0].source: an object key of 1100 bytes; S3 keys hold at most 1024"),
+    ({"source": "owner/name", "weight_name": "../../../etc/hostname"},
+     "loras[0].weight_name: a file inside the source's folder or snapshot: no '..', '.' or empty parts; "
+     "got '../../../etc/hostname'"),
+    ({"source": "owner/name", "weight_name": "sub/../../x.safetensors"}, "no '..', '.' or empty parts"),
+    ({"source": "owner/name", "weight_name": "/etc/hostname"},
+     "loras[0].weight_name: a file inside the source's folder or snapshot, named by a relative path, not an absolute"),
+    ({"source": "owner/name", "weight_name": "a\\b.safetensors"}, "loras[0].weight_name: separate folders with '/'"),
+    ({"source": "owner/name", "weight_name": "a\x00.safetensors"}, "loras[0].weight_name: control character '\\x00'"),
+    ({"source": "owner/name", "weight_name": "x" * 256}, "loras[0].weight_name: a file or folder name of 256 bytes"),
+    ({"source": "owner/name", "weight_name": "x" * 257}, "loras[0].weight_name: string should have at most 256"),
+    ({"source": "owner/name", "weight_name": "a/" * 150 + "x"}, "loras[0].weight_name: string should have at most 256"),
+])
+def test_malformed_lora_sources_are_refused_with_a_short_error(lora, expected):
+    error = error_for({**BASE, "loras": [lora]})
+    assert error.startswith(expected) or (expected in error and error.startswith("loras[0]")), error
+    assert len(error) <= 300 and error.isprintable()
+
+
+@pytest.mark.parametrize("lora", [
+    {"source": "/runpod-volume/loras/style v2.safetensors"},
+    {"source": "loras/styles/ink.safetensors"},
+    {"source": "lightx2v/Qwen-Image-Edit-2511-Lightning", "weight_name": "sub/folder/file.safetensors"},
+    {"source": "https://host.example:8443/a/b.safetensors?X-Amz-Signature=abc"},
+    {"source": "http://[::1]:8000/x.safetensors"},
+    {"source": "s3://my-bucket/loras/ünï code.safetensors"},
+])
+def test_well_formed_lora_sources_are_accepted(lora):
+    assert parse_request({**BASE, "loras": [lora]}).loras[0].source == lora["source"]
+
+
+@pytest.mark.parametrize("loras, key", [
+    ({"source": LORA_PRESIGNED}, "loras"),
+    (LORA_PRESIGNED, "loras"),
+    ([LORA_PRESIGNED], "loras[0]"),
+    ({LORA_PRESIGNED: 0.8}, "loras"),
+    ([{"source": "owner/name", "scale": LORA_PRESIGNED}], "loras[0].scale"),
+    ([{"source": "owner/name", "weight_name": 5, "note": LORA_PRESIGNED}], "loras[0].weight_name"),
+    ([{"source": LORA_PRESIGNED.replace("https", "hTTps")}], "loras[0].source"),
+    ([{"source": LORA_PRESIGNED.replace("https://", "https:/")}], "loras[0].source"),
+])
+def test_a_lora_entry_of_any_shape_never_echoes_a_url_secret(loras, key):
+    """A presigned URL where the schema does not expect one is echoed, when it is, without
+    its query string (the credential and the signature)."""
+    error = error_for({**BASE, "loras": loras})
+    assert error.startswith(f"{key}: "), error
+    assert "5ec7e7" not in error and "AKIAEXAMPLE" not in error and "X-Amz" not in error, error
+
+
+def test_an_unknown_key_that_is_a_presigned_url_is_named_without_its_query():
+    error = error_for({**BASE, LORA_PRESIGNED: 1})
+    assert error.startswith("'https://bucket.example/style.safetensors': unknown key"), error

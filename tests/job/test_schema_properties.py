@@ -8,6 +8,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from src.job.redaction import redact
 from src.job.schema import (MAX_ECHO_CHARS, MAX_ERROR_CHARS, MAX_PROMPT_CHARS, SEED_LIMIT, SIZE_MAX, SIZE_MIN,
                             BucketOverride, InputError, JobRequest, LayerEdit, LoraRequest, parse_request)
 
@@ -16,7 +17,8 @@ NESTED_FIELDS = sorted({*BucketOverride.model_fields, *LoraRequest.model_fields,
 # Values the schema's literals and bounds are made of, so inputs get past the type checks
 # and reach the range and cross-key rules.
 SCHEMA_WORDS = ["edit", "edit_multi", "decompose", "composite", "png", "jpeg", "webp", "zip", "psd", "ora",
-                "https://bucket.example", "QUFB", "make it blue", " "]
+                "https://bucket.example", "QUFB", "make it blue", " ",
+                "https://user:pw@bucket.example/k?X-Amz-Signature=abc", "s3://bucket/k", "owner/name", "../x"]
 SCHEMA_NUMBERS = [0, 1, 2, 4, 8, 10, 16, 32, 100, 101, 255, 256, 640, 1024, 2048, 2049, SEED_LIMIT - 1, SEED_LIMIT]
 # Integers Python refuses to write out (over 4300 digits; built by a map, since hypothesis
 # would repr them in the strategy's own description), and floats JSON has no word for.
@@ -41,13 +43,15 @@ PROPERTY_SETTINGS = settings(max_examples=600, deadline=2000, database=None,
 
 def names_a_key(error: str, job_input) -> bool:
     """The text starts with a field of the schema, `input`, or one of the input's own
-    keys (an unknown key: as sent, or its repr cut to MAX_ECHO_CHARS characters)."""
+    keys (an unknown key: as sent, or its repr, URL secrets taken out, cut to MAX_ECHO_CHARS
+    characters)."""
     roots = [*FIELDS, "input"]
     if any(error.startswith(root) and error[len(root)] in ":.[" for root in roots):
         return True
     head = error.split(": unknown key;", 1)[0]
     return isinstance(job_input, dict) and any(
-        head == key or head.startswith(repr(key[:MAX_ECHO_CHARS])) for key in job_input if isinstance(key, str))
+        head == key or head.startswith(repr(redact(key)[:MAX_ECHO_CHARS]))
+        for key in job_input if isinstance(key, str))
 
 
 @PROPERTY_SETTINGS
@@ -59,6 +63,7 @@ def test_any_input_parses_or_fails_naming_a_key(job_input):
         error = str(exc)
         assert len(error) <= MAX_ERROR_CHARS and error.isprintable(), error
         assert names_a_key(error, job_input), error
+        assert redact(error) == error, error  # no URL's user info, query or fragment in it
     else:
         assert isinstance(request, JobRequest)
 

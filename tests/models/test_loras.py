@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import http.server
 import threading
+import time
 from functools import partial
 from pathlib import Path
 
@@ -252,3 +253,199 @@ def test_lora_job_through_the_local_api(api, lora_dir):
         "width": 256, "height": 256}}).json()
     assert reply["status"] == "COMPLETED", reply
     assert reply["output"]["lightning"]["steps"] == 4 and reply["output"]["loras"][0]["scale"] == 0.7
+
+
+# --- malformed LoRA files: refused before they touch the model -----------------------
+
+FIRST_A = "transformer.transformer_blocks.0.attn.to_q.lora_A.weight"
+FIRST_B = FIRST_A.replace("lora_A", "lora_B")
+
+
+def _changed(tensors: dict, **replaced) -> dict:
+    """The tiny diffusers LoRA with the first attention layer's A and/or B replaced (None: left out)."""
+    changed = {**tensors, **{FIRST_A if part == "A" else FIRST_B: value for part, value in replaced.items()}}
+    return {name: value.contiguous() for name, value in changed.items() if value is not None}
+
+
+MALFORMED = {
+    "ranks of A and B differ": (lambda a, b: dict(A=a[:2]), "lora_A has rank 2 and lora_B rank 4; they must agree"),
+    "A of three dimensions": (lambda a, b: dict(A=a[None]), ".lora_A has 3 dimensions; LoRA factors are matrices (2)"),
+    "B of one dimension": (lambda a, b: dict(B=b[:, 0]), ".lora_B has 1 dimensions; LoRA factors are matrices (2)"),
+    "integer A": (lambda a, b: dict(A=a.to(torch.int32)), ".lora_A is int32; LoRA factors are float32, bfloat16"),
+    "boolean B": (lambda a, b: dict(B=b > 0), ".lora_B is bool; LoRA factors are float32"),
+    "A without B": (lambda a, b: dict(B=None), " has lora_A but no lora_B"),
+    "B without A": (lambda a, b: dict(A=None), " has lora_B but no lora_A"),
+    "rank 0": (lambda a, b: dict(A=a[:0], B=b[:, :0]), " has rank 0"),
+    "NaN in B": (lambda a, b: dict(B=b * float("nan")), ".lora_B holds NaN or infinite values"),
+    "infinity in A": (lambda a, b: dict(A=torch.where(a > 0, float("inf"), a)), ".lora_A holds NaN or infinite"),
+    "A one feature too wide": (lambda a, b: dict(A=torch.cat([a, a[:, :1]], dim=1)), " takes 32 features, the LoRA 33"),
+    "B one feature too tall": (lambda a, b: dict(B=torch.cat([b, b[:1]])), " gives 32 features, the LoRA 33"),
+}
+
+
+def _write_malformed(lora_dir: Path, folder: Path, name: str) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(lora_dir / "tiny_lora_diffusers.safetensors"))
+    path = folder / f"{name.replace(' ', '-')}.safetensors"
+    save_file(_changed(tensors, **MALFORMED[name][0](tensors[FIRST_A], tensors[FIRST_B])), str(path))
+    return path
+
+
+@pytest.fixture
+def malformed(worker, lora_dir, tmp_path):
+    """The session's worker with LORA_ROOTS at a folder of the malformed files."""
+    for name in MALFORMED:
+        _write_malformed(lora_dir, tmp_path, name)
+    confined = dataclasses.replace(worker, settings=dataclasses.replace(worker.settings, lora_roots=(tmp_path,)))
+    return confined, tmp_path
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_a_malformed_lora_is_refused_naming_what_is_wrong(malformed, name):
+    worker, folder = malformed
+    started = time.perf_counter()
+    out = edit(worker, loras=[{"source": f"{name.replace(' ', '-')}.safetensors"}])
+    assert time.perf_counter() - started < 2.0
+    error = out["error"]
+    assert error.startswith(f"loras[0].source: '{name.replace(' ', '-')}.safetensors' does not fit "
+                            "Qwen/Qwen-Image-Edit-2511: 1 of 14 layers do not match (first: "
+                            "transformer_blocks.0.attn.to_q"), error
+    assert MALFORMED[name][1] in error and len(error) < 300, error
+
+
+def test_after_malformed_loras_the_next_job_sees_the_base_model(malformed, worker):
+    """They are refused before any fuse or branch: the model is never touched."""
+    confined, _ = malformed
+    base = pixels(edit(worker))
+    for name in MALFORMED:
+        assert "error" in edit(confined, loras=[{"source": f"{name.replace(' ', '-')}.safetensors", "scale": 0.5}])
+    assert pixels(edit(worker)) == base
+
+
+# --- paths stay inside their roots ---------------------------------------------------
+
+def _refusal(worker, source: str, **lora) -> str:
+    """The error a job gets for this LoRA, with the source as echoed replaced by <source>."""
+    from src.job.schema import echo
+
+    out = edit(worker, "paths", loras=[{"source": source, **lora}])
+    assert set(out) == {"error"}, out
+    return out["error"].replace(echo(source), "<source>")
+
+
+@pytest.fixture
+def volume(worker, lora_dir, tmp_path):
+    """A worker whose LORA_ROOTS is `root`, beside a folder `outside` holding a real LoRA;
+    in the root, links to it, to a missing file next to it, and a real LoRA of its own."""
+    import shutil
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir(), outside.mkdir()
+    shutil.copy(lora_dir / "tiny_lora_diffusers.safetensors", outside / "real.safetensors")
+    shutil.copy(lora_dir / "tiny_lora_diffusers.safetensors", root / "own.safetensors")
+    (root / "to-real.safetensors").symlink_to(outside / "real.safetensors")
+    (root / "to-missing.safetensors").symlink_to(outside / "missing.safetensors")
+    (root / "alias.safetensors").symlink_to(root / "own.safetensors")
+    (root / "outside-folder").symlink_to(outside)
+    for folder, target in (("holds-real", "real"), ("holds-missing", "missing")):
+        (root / folder).mkdir()
+        (root / folder / "only.safetensors").symlink_to(outside / f"{target}.safetensors")
+    confined = dataclasses.replace(worker, settings=dataclasses.replace(worker.settings, lora_roots=(root,)))
+    return confined, root, outside
+
+
+@pytest.mark.parametrize("real, missing", [
+    (("{outside}/real.safetensors", {}), ("{outside}/missing.safetensors", {})),
+    (("../outside/real.safetensors", {}), ("../outside/missing.safetensors", {})),
+    (("{root}/../outside/real.safetensors", {}), ("{root}/../outside/missing.safetensors", {})),
+    (("to-real.safetensors", {}), ("to-missing.safetensors", {})),
+    (("{root}/outside-folder/real.safetensors", {}), ("{root}/outside-folder/missing.safetensors", {})),
+    (("outside-folder", {"weight_name": "real.safetensors"}),
+     ("outside-folder", {"weight_name": "missing.safetensors"})),
+    (("{root}", {"weight_name": "to-real.safetensors"}), ("{root}", {"weight_name": "to-missing.safetensors"})),
+    (("holds-real", {}), ("holds-missing", {})),
+], ids=["absolute", "relative climbing", "root then climbing", "link", "linked folder",
+        "weight_name in a linked folder", "weight_name a link", "folder holding a link"])
+def test_volume_paths_outside_lora_roots_are_refused_alike_whether_or_not_they_exist(volume, real, missing):
+    worker, root, outside = volume
+    errors = [_refusal(worker, source.format(root=root, outside=outside), **lora) for source, lora in (real, missing)]
+    assert errors[0] == errors[1] == (f"loras[0].source: <source> is outside the folders LoRAs may be read from "
+                                      f"({root}; LORA_ROOTS)")
+
+
+def _resolved(worker, source: str, weight_name: str | None = None):
+    """The file a LoRA source resolves to under the worker's settings (no inference)."""
+    from src.models.lora_sources import LoraCache, http_limits, resolve
+
+    settings = worker.settings
+    cache = LoraCache(settings.lora_cache_dir, settings.lora_cache_max_bytes, settings.lora_cache_max_files,
+                      settings.lora_max_download_bytes)
+    return resolve(source, weight_name, "loras[0].source", roots=settings.lora_roots, hf_home=settings.hf_home,
+                   cache=cache, policy=settings.address_policy, limits=http_limits(1, 1.0, 1.0))
+
+
+def test_links_and_folders_inside_lora_roots_are_served(volume):
+    worker, root, _ = volume
+    own = _resolved(worker, str(root / "own.safetensors"))
+    for source in ("alias.safetensors", f"{root}/holds-real/../own.safetensors", "./own.safetensors"):
+        assert _resolved(worker, source).path == own.path == root / "own.safetensors"
+    from src.job.schema import echo
+
+    missing = edit(worker, loras=[{"source": "nothing-here.safetensors"}])["error"]
+    assert missing == f"loras[0].source: no file at {echo(str(root / 'nothing-here.safetensors'))}"
+
+
+@pytest.fixture
+def hub(worker, lora_dir, tmp_path):
+    """A worker whose HF cache holds repos owner/style (a LoRA by its blob, also in a
+    subfolder, and links leading out) and owner/other, made as huggingface_hub lays them out."""
+    import shutil
+
+    hf_home, outside = tmp_path / "hf", tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(lora_dir / "tiny_lora_diffusers.safetensors", outside / "real.safetensors")
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    snapshots = {}
+    for repo in ("owner/style", "owner/other"):
+        folder = hf_home / "hub" / f"models--{repo.replace('/', '--')}"
+        (folder / "refs").mkdir(parents=True)
+        (folder / "refs" / "main").write_text(revision)
+        (folder / "blobs").mkdir()
+        blob = folder / "blobs" / hashlib.sha256(repo.encode()).hexdigest()
+        shutil.copy(lora_dir / "tiny_lora_diffusers.safetensors", blob)
+        snapshot = folder / "snapshots" / revision
+        (snapshot / "sub").mkdir(parents=True)
+        (snapshot / "style.safetensors").symlink_to(Path("..", "..", "blobs", blob.name))
+        (snapshot / "sub" / "style.safetensors").symlink_to(Path("..", "..", "..", "blobs", blob.name))
+        (snapshot / "to-real.safetensors").symlink_to(outside / "real.safetensors")
+        (snapshot / "to-missing.safetensors").symlink_to(outside / "missing.safetensors")
+        snapshots[repo] = snapshot
+    (snapshots["owner/style"] / "to-other-repo.safetensors").symlink_to(
+        next((snapshots["owner/other"].parent.parent / "blobs").iterdir()))
+    cached = dataclasses.replace(worker, settings=dataclasses.replace(worker.settings, hf_home=hf_home))
+    return cached, snapshots
+
+
+def test_a_repo_weight_name_is_read_from_its_snapshot_subfolders_included(hub, lora_dir):
+    worker, snapshots = hub
+    expected = hashlib.sha256((lora_dir / "tiny_lora_diffusers.safetensors").read_bytes()).hexdigest()
+    for weight_name in ("style.safetensors", "sub/style.safetensors"):
+        file = _resolved(worker, "owner/style", weight_name)
+        assert file.path == snapshots["owner/style"] / weight_name and file.sha256 == expected
+    out = edit(worker, loras=[{"source": "owner/style", "weight_name": "sub/style.safetensors"}])
+    assert out["loras"][0]["file"] == "style.safetensors" and out["loras"][0]["sha256"] == expected
+
+
+@pytest.mark.parametrize("weight_name", ["to-real.safetensors", "to-missing.safetensors", "to-other-repo.safetensors"])
+def test_a_repo_weight_name_leading_out_of_its_snapshot_is_refused_alike(hub, weight_name):
+    worker, _ = hub
+    assert _refusal(worker, "owner/style", weight_name=weight_name) == (
+        f"loras[0].source: <source>: '{weight_name}' leads outside the repo's cached snapshot")
+
+
+def test_a_weight_name_climbing_out_is_refused_by_the_schema(worker):
+    for weight_name in ("../../../../../../etc/hostname", "../../../../../../etc/no-such-file"):
+        out = edit(worker, loras=[{"source": "lightx2v/Qwen-Image-Edit-2511-Lightning", "weight_name": weight_name}])
+        assert out["error"] == ("loras[0].weight_name: a file inside the source's folder or snapshot: no '..', '.' "
+                                f"or empty parts; got '{weight_name}'")

@@ -218,3 +218,13 @@ def test_bad_url_keys_are_refused_before_any_download(worker, job, error):
     out = run(worker, prompt="x", **job)
     assert out["error"].startswith(error), out
     assert "s3cret" not in out["error"]
+
+
+def test_a_downloaded_image_of_a_shape_the_pipeline_cannot_take_is_refused(worker, images_server):
+    from PIL import Image
+
+    images_server.images["/thin.png"] = png_bytes(Image.new("RGB", (1, 1000)))
+    out = run(worker, image_urls=[f"{images_server.url}/a.png", f"{images_server.url}/thin.png?sig=s3cret"],
+              operation="edit_multi", prompt="x")
+    assert out["error"].startswith("image_urls[1]: image is 1x1000, 1000.0:1 between its sides; edit_multi takes at "
+                                   "most 279:1"), out
