@@ -95,10 +95,19 @@ def test_lora_output_equals_diffusers_own_lora_loading(worker, fresh_pipeline, l
     assert pixels(out) == direct(fresh_pipeline)
 
 
-def test_ai_toolkit_and_diffusers_formats_give_the_same_image(worker, lora_dir):
+def test_ai_toolkit_format_equals_diffusers_own_loading_and_the_diffusers_format(worker, fresh_pipeline, lora_dir):
+    """The ai-toolkit file holds the diffusers file's tensors under other names. Its image is
+    diffusers' own for that file, bit for bit; against the diffusers file's image it may differ
+    by one 8-bit level: the files place their tensors at other offsets, and on some CPUs the
+    kernels round differently on differently aligned memory (diffusers' own loading too)."""
+    path = lora_dir / "tiny_lora_aitoolkit.safetensors"
+    as_aitoolkit = edit(worker, loras=[{"source": str(path)}])
+    fresh_pipeline.load_lora_weights(str(path), adapter_name="check")
+    fresh_pipeline.fuse_lora(adapter_names=["check"], lora_scale=1.0)
+    assert pixels(as_aitoolkit) == direct(fresh_pipeline)
     as_diffusers = edit(worker, loras=[{"source": str(lora_dir / "tiny_lora_diffusers.safetensors")}])
-    as_aitoolkit = edit(worker, loras=[{"source": str(lora_dir / "tiny_lora_aitoolkit.safetensors")}])
-    assert pixels(as_diffusers) == pixels(as_aitoolkit)
+    levels = [abs(a - b) for a, b in zip(pixels(as_diffusers), pixels(as_aitoolkit))]
+    assert max(levels) <= 1 and sum(levels) <= len(levels) // 1000
 
 
 def test_lightning_preset_runs_its_steps_scheduler_and_no_cfg(worker, fresh_pipeline, hf_home):
@@ -393,7 +402,7 @@ def test_links_and_folders_inside_lora_roots_are_served(volume):
     from src.job.schema import echo
 
     missing = edit(worker, loras=[{"source": "nothing-here.safetensors"}])["error"]
-    assert missing == f"loras[0].source: no file at {echo(str(root / 'nothing-here.safetensors'))}"
+    assert missing.startswith(f"loras[0].source: no file {echo('nothing-here.safetensors')} in {str(root)!r}")
 
 
 @pytest.fixture
