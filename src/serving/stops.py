@@ -56,8 +56,10 @@ class StopChannel:
         """The channel the runpod SDK derives from RUNPOD_WEBHOOK_GET_JOB, or None when it
         derives none. The SDK is imported here, not at import time: importing it sets up
         the root logger."""
-        from runpod.serverless.modules import rp_job
-
+        try:
+            from runpod.serverless.modules import rp_job
+        except ImportError:  # started outside the SDK (tools/cuda_smoke.py on a bare GPU machine)
+            return None
         return cls(_sdk_stop_ids) if rp_job._job_stop_url() else None
 
     @contextmanager
