@@ -413,12 +413,15 @@ class JobRequest(BaseModel):
         raise _rule("output_format", f"{self.output_format!r} cannot hold the layers' alpha; "
                     f"{self.operation} allows {' or '.join(ALPHA_FORMATS)}")
 
+    def _no_such_layer(self, key: str, layer: int) -> "_RuleError":
+        return _rule(key, f"layer {layer} does not exist: this decomposition makes layers 0 to "
+                     f"{self.layers - 1} (layers: {self.layers})")
+
     def _check_edits(self) -> None:
         edited_by: dict[int, int] = {}
         for i, edit in enumerate(self.edits):
             if edit.layer >= self.layers:
-                raise _rule(f"edits[{i}].layer", f"layer {edit.layer} does not exist: this decomposition makes "
-                            f"layers 0 to {self.layers - 1} (layers: {self.layers})")
+                raise self._no_such_layer(f"edits[{i}].layer", edit.layer)
             if edit.layer in edited_by:
                 raise _rule(f"edits[{i}].layer", f"layer {edit.layer} is already edited by "
                             f"edits[{edited_by[edit.layer]}]; one edit per layer (put both instructions in one prompt)")
@@ -431,8 +434,7 @@ class JobRequest(BaseModel):
         edited = {edit.layer: i for i, edit in enumerate(self.edits)}
         for i, split in enumerate(self.split):
             if split.layer >= self.layers:
-                raise _rule(f"split[{i}].layer", f"layer {split.layer} does not exist: this decomposition makes "
-                            f"layers 0 to {self.layers - 1} (layers: {self.layers})")
+                raise self._no_such_layer(f"split[{i}].layer", split.layer)
             if split.layer in split_by:
                 raise _rule(f"split[{i}].layer", f"layer {split.layer} is already split by "
                             f"split[{split_by[split.layer]}]; one split per layer")

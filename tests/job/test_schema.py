@@ -86,8 +86,8 @@ def test_errors_name_the_key_the_value_and_what_is_allowed(job_input, expected):
     ({**BASE, "return_base64": "true"}, "return_base64: input should be a valid boolean; got 'true' (send JSON true "
      "or false, not a string)"),
     ({**BASE, "loras": [{"source": "a/b", "weight_name": "/etc/passwd"}]},
-     "loras[0].weight_name: a file name inside the source, as in the repo or folder: no leading '/' and no '\\'; "
-     "got '/etc/passwd'"),
+     "loras[0].weight_name: a file inside the source's folder or snapshot, named by a relative path, not an "
+     "absolute one; got '/etc/passwd'"),
     ({**BASE, "loras": ["a/b"]}, "loras[0]: must be an object with the keys source, scale, weight_name, e.g. "
      '{"source": "owner/name", "scale": 0.8}; got \'a/b\''),
     ({**BASE, "r2": "my-bucket"}, "r2: must be an object with the keys endpoint_url, access_key_id, secret_access_key, "
