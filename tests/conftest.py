@@ -4,10 +4,14 @@ process and the worker behind the runpod SDK's local API server."""
 from __future__ import annotations
 
 import base64
+import dataclasses
+import http.server
 import io
 import os
 import subprocess
 import sys
+import threading
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -126,6 +130,43 @@ def hf_home() -> Path:
         subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "make_tiny_models.py"),
                         "--hf-home", str(TINY_HF_HOME)], check=True)
     return TINY_HF_HOME
+
+
+@dataclasses.dataclass
+class FileServer:
+    """A loopback HTTP server's address and what it saw: the paths it answered GETs for
+    (query strings dropped), in order, and the connections it accepted."""
+    url: str
+    gets: list[str] = dataclasses.field(default_factory=list)
+    connections: int = 0
+
+    def seen(self) -> tuple[int, int]:
+        return len(self.gets), self.connections
+
+
+@pytest.fixture
+def lora_file_server(lora_dir):
+    """The LoRA files served over loopback HTTP."""
+    seen = FileServer(url="")
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def setup(self):
+            seen.connections += 1
+            super().setup()
+
+        def do_GET(self):
+            seen.gets.append(self.path.partition("?")[0])
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(lora_dir)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    seen.url = f"http://127.0.0.1:{server.server_port}"
+    yield seen
+    server.shutdown()
+    server.server_close()
 
 
 @pytest.fixture(scope="session")

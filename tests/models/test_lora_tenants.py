@@ -143,35 +143,14 @@ def test_a_changed_object_is_downloaded_again(fresh_cache, tenants, counted, lor
     assert requests_seen(counted) == {"HEAD": 2, "GET": 2}
 
 
-@pytest.fixture
-def lora_server(lora_dir):
-    """A loopback HTTP server for the LoRA files, counting the GETs of each path."""
-    paths: list[str] = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def do_GET(self):
-            paths.append(self.path.partition("?")[0])
-            super().do_GET()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(lora_dir)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}", paths
-    server.shutdown()
-    server.server_close()
-
-
-def test_an_http_file_is_shared_only_by_its_whole_url(fresh_cache, lora_server):
+def test_an_http_file_is_shared_only_by_its_whole_url(fresh_cache, lora_file_server):
     """Presigned URLs of one object differ in their query strings: each is its own key."""
-    base, paths = lora_server
-    url = f"{base}/tiny_lora_diffusers.safetensors"
+    url = f"{lora_file_server.url}/tiny_lora_diffusers.safetensors"
     for query in ("X-Amz-Signature=one", "X-Amz-Signature=two", "X-Amz-Signature=one"):
         out = job(fresh_cache, None, source=f"{url}?{query}")
         assert "error" not in out, out
         assert out["loras"][0]["source"] == url  # the query string is never shown
-    assert paths == ["/tiny_lora_diffusers.safetensors"] * 2
+    assert lora_file_server.gets == ["/tiny_lora_diffusers.safetensors"] * 2
 
 
 # --- a bucket that holds the worker: every read ends within LORA_DOWNLOAD_TIMEOUT_S ---
@@ -195,8 +174,8 @@ def test_a_trickling_bucket_ends_the_lora_read_at_its_deadline(worker, s3, fault
         f"LORA_DOWNLOAD_TIMEOUT_S={TIMEOUT_S:g}: job ended in {seconds:.2f} s")
 
 
-def test_a_trickling_http_source_ends_at_its_deadline(worker, lora_server, tmp_path):
-    base, _ = lora_server
+def test_a_trickling_http_source_ends_at_its_deadline(worker, lora_file_server, tmp_path):
+    base = lora_file_server.url
     proxy = FaultyProxy(base)
     proxy.always(Fault.trickle(0.05, headers_first=True), method="GET")
     try:

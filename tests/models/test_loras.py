@@ -45,30 +45,6 @@ def fresh_pipeline(worker):
     return reference_edit_pipeline(worker.pipes.edit_ref.path)
 
 
-@pytest.fixture(scope="module")
-def file_server(lora_dir):
-    """A loopback HTTP server for the LoRA files, counting the requests it answers by
-    path and the connections it accepts under "connections"."""
-    counts: dict[str, int] = {"connections": 0}
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def setup(self):
-            counts["connections"] += 1
-            super().setup()
-
-        def do_GET(self):
-            counts[self.path] = counts.get(self.path, 0) + 1
-            super().do_GET()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(lora_dir)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}", counts
-    server.shutdown()
-
-
 def test_lora_changes_the_output_repeats_exactly_and_leaves_the_base_clean(worker, lora_dir):
     base = pixels(edit(worker))
     lora = {"source": str(lora_dir / "tiny_lora_diffusers.safetensors"), "scale": 1.0}
@@ -133,13 +109,12 @@ def test_lightning_and_custom_loras_combine(worker, lora_dir):
     assert pixels(both) != pixels(alone)
 
 
-def test_url_source_is_downloaded_once_into_the_cache(worker, file_server, lora_dir):
-    base_url, counts = file_server
-    url = f"{base_url}/tiny_lora_aitoolkit.safetensors"
+def test_url_source_is_downloaded_once_into_the_cache(worker, lora_file_server, lora_dir):
+    url = f"{lora_file_server.url}/tiny_lora_aitoolkit.safetensors"
     first = edit(worker, "url-1", loras=[{"source": url}])
     second = edit(worker, "url-2", loras=[{"source": url}])
     assert pixels(first) == pixels(second)
-    assert counts["/tiny_lora_aitoolkit.safetensors"] == 1
+    assert lora_file_server.gets.count("/tiny_lora_aitoolkit.safetensors") == 1
     assert first["loras"][0]["sha256"] == hashlib.sha256((lora_dir / "tiny_lora_aitoolkit.safetensors").read_bytes()).hexdigest()
     assert "lora_resolve" in first["timings_ms"]
 
@@ -166,7 +141,7 @@ def test_files_that_are_not_loras_for_this_model(worker, lora_dir, name, expecte
     assert pixels(edit(worker)) == pixels(edit(worker))  # the worker goes on, base clean
 
 
-def test_lora_errors_name_the_key(worker, lora_dir, file_server, tmp_path):
+def test_lora_errors_name_the_key(worker, lora_dir, lora_file_server, tmp_path):
     good = {"source": str(lora_dir / "tiny_lora_diffusers.safetensors")}
     too_many = edit(worker, lightning=4, num_inference_steps=None, loras=[good, good, good])
     assert too_many["error"] == "loras: 4 adapters in this job with lightning; at most 3 allowed (MAX_LORAS)"
@@ -191,7 +166,7 @@ def test_lora_errors_name_the_key(worker, lora_dir, file_server, tmp_path):
         f"loras[0].source: '{lightning_repo}' has no file 'other.safetensors' in its cached snapshot (it holds "
         f"{', '.join(held[:5])}); fetch it with 'python tools/download_models.py --hf-home {hf_home} --only loras "
         f"--lora {lightning_repo}/other.safetensors'")
-    base_url, _ = file_server
+    base_url = lora_file_server.url
     not_found = edit(worker, loras=[{"source": f"{base_url}/nothing.safetensors?X-Amz-Signature=secret"}])
     assert not_found["error"] == f"loras[0].source: downloading '{base_url}/nothing.safetensors' failed: HTTP 404"
     small_cap = dataclasses.replace(worker, settings=dataclasses.replace(
@@ -206,23 +181,22 @@ def test_lora_errors_name_the_key(worker, lora_dir, file_server, tmp_path):
     assert decompose["error"].startswith("loras: not used by decompose")
 
 
-def test_url_source_on_a_private_address_is_refused_before_connecting(worker, file_server):
+def test_url_source_on_a_private_address_is_refused_before_connecting(worker, lora_file_server):
     """The session worker allows private URLs (its test servers are on loopback); a
     worker with the default policy, sharing the loaded pipelines, refuses them."""
     from src.serving.worker import Worker
 
     strict = Worker(settings=dataclasses.replace(worker.settings, allow_private_urls=False), pipes=worker.pipes,
                     price=worker.price, loras=worker.loras)
-    base_url, counts = file_server
-    before = dict(counts)
-    refused = edit(strict, loras=[{"source": f"{base_url}/tiny_lora_diffusers.safetensors?X-Amz-Signature=secret"}])
+    before = lora_file_server.seen()
+    refused = edit(strict, loras=[{"source": f"{lora_file_server.url}/tiny_lora_diffusers.safetensors?X-Amz-Signature=secret"}])
     assert refused["error"] == ("loras[0].source: host '127.0.0.1' resolves to 127.0.0.1, a loopback address; "
                                 "set ALLOW_PRIVATE_URLS=true to allow it")
-    assert counts == before  # not one connection
+    assert lora_file_server.seen() == before  # not one connection
     assert pixels(edit(strict)) == pixels(edit(worker))  # the next job is served
 
 
-def test_url_source_redirecting_to_a_private_address_is_refused_before_connecting(worker, file_server):
+def test_url_source_redirecting_to_a_private_address_is_refused_before_connecting(worker, lora_file_server):
     """A first hop the policy lets through (a deployment's own network, 127.0.0.2 here)
     that redirects to loopback: the redirect target is checked before any connection."""
     import ipaddress
@@ -232,7 +206,7 @@ def test_url_source_redirecting_to_a_private_address_is_refused_before_connectin
     class Redirect(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             self.send_response(302)
-            self.send_header("Location", f"{file_server[0]}/tiny_lora_diffusers.safetensors")
+            self.send_header("Location", f"{lora_file_server.url}/tiny_lora_diffusers.safetensors")
             self.send_header("Content-Length", "0")
             self.end_headers()
 
@@ -244,15 +218,14 @@ def test_url_source_redirecting_to_a_private_address_is_refused_before_connectin
     settings = dataclasses.replace(worker.settings, allow_private_urls=False,
                                    allowed_private_networks=(ipaddress.ip_network("127.0.0.2/32"),))
     guarded = Worker(settings=settings, pipes=worker.pipes, price=worker.price, loras=worker.loras)
-    counts = file_server[1]
-    before = dict(counts)
+    before = lora_file_server.seen()
     try:
         refused = edit(guarded, loras=[{"source": f"http://127.0.0.2:{first_hop.server_port}/style.safetensors"}])
     finally:
         first_hop.shutdown()
     assert refused["error"].startswith("loras[0].source: ") and "redirects to" in refused["error"]
     assert "a loopback address; set ALLOW_PRIVATE_URLS=true to allow it" in refused["error"]
-    assert counts == before
+    assert lora_file_server.seen() == before
 
 
 def test_lora_job_through_the_local_api(api, lora_dir):
