@@ -472,11 +472,6 @@ class JobRequest(BaseModel):
     def prompts(self) -> list[str]:
         return self.prompt if isinstance(self.prompt, list) else [self.prompt]
 
-    @property
-    def output_count(self) -> int:
-        """Result images of an edit: one per prompt and per num_images."""
-        return len(self.prompts) * self.num_images
-
     def output_seed(self, seed: int, index: int) -> int:
         """The seed of result `index` (prompts first, then each prompt's images): the job's
         seed plus the index, wrapping within the schema's range so that it is a seed a

@@ -51,7 +51,6 @@ class LoraFile:
     source: str
     path: Path
     sha256: str
-    downloaded: bool = False
 
 
 @dataclass(frozen=True)
@@ -222,7 +221,7 @@ def _download(url: str, key: str, cache: LoraCache, chunks, identity: str | None
     os.replace(part.name, target)
     sidecar.write_text(digest.hexdigest())
     cache.evict(keep=target)
-    return LoraFile(source=url, path=target, sha256=digest.hexdigest(), downloaded=True)
+    return LoraFile(source=url, path=target, sha256=digest.hexdigest())
 
 
 def _from_s3(url: str, key: str, cache: LoraCache, client, limits: FetchLimits) -> LoraFile:
