@@ -5,7 +5,8 @@
 Runs `handler.main()` as RunPod runs it (the settings from the environment, the imports,
 Worker.start: the weights read from HF_HOME, prepared, warmed up, the LoRAs prepared) and
 stops where it would start serving: runpod.serverless.start is replaced by a function
-that notes the time (ready) and returns. Nothing else is replaced; the timings come from
+that notes the time (ready) and returns (where the runpod package is missing, as on the
+GPU machine, a stand-in module gives main() the two names it uses). Nothing else is replaced; the timings come from
 wrappers that call through:
 
 - `read`: the wall-clock span in which weight files were being read during the load: the
@@ -27,6 +28,7 @@ import json
 import os
 import sys
 import time
+import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -67,9 +69,16 @@ class StartProbe:
         self.io: dict[str, int] = {}
         self.worker = None
         self.ready_at: float | None = None
+        self.sdk = "runpod"
 
     def install(self) -> None:
-        import runpod
+        try:
+            import runpod
+        except ImportError:  # the GPU machine has no RunPod SDK: a stand-in for the two names main() uses
+            runpod = sys.modules["runpod"] = types.ModuleType("runpod")
+            runpod.RunPodLogger = type("RunPodLogger", (), {"set_level": lambda self, level: None})
+            runpod.serverless = types.SimpleNamespace()
+            self.sdk = "stand-in: the runpod package is not installed (its import time is not in `imports`)"
 
         from src.models import fp8_cache, weights
         from src.models.pipelines import Pipelines
@@ -151,7 +160,7 @@ class StartProbe:
                                  if self.reads else None},
                 "compile_cache": worker.compile_cache_state, "memory_mode": pipes.memory_mode,
                 "swap_transformers": pipes.swap_transformers, "preload": sorted(worker.settings.preload),
-                "fp8_loads": pipes.fp8_loads}
+                "fp8_loads": pipes.fp8_loads, "runpod_sdk": self.sdk}
 
 
 def main() -> None:
