@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from tests.conftest import REPO_ROOT
-from tools.disk_weights import LAYOUT_FILE, fill_holes, write_layout
+from tools.disk_weights import LAYOUT_FILE, fill_holes, make_fp8, write_layout
 
 
 def start_from_disk(hf_home: Path, out: Path, label: str, **env: str) -> dict:
@@ -84,3 +84,17 @@ def test_the_written_weights_are_the_ones_loaded(hf_home, tmp_path):
     state = transformer.state_dict()
     assert all(torch.isfinite(value).all() for value in state.values())
     assert all(state[name].abs().sum() > 0 for name in record["holes"]["names"])
+
+    # Back to fp8 (the GPU run's order: bf16 first, then its holes punched and the cache written).
+    from src.models import fp8_cache
+
+    again = make_fp8(home, torch.device("cpu"), dtype=torch.float32)
+    assert again["holes"]["names"] == record["holes"]["names"]
+    punched = QwenImageTransformer2DModel.from_pretrained(snapshot / "transformer").state_dict()
+    assert all(not punched[name].any() for name in again["holes"]["names"])
+    keep = frozenset(fp8_cache.fp8.DEFAULT_FP8_KEEP_BF16)
+    skeleton = fp8_cache.empty_transformer(snapshot / "transformer", torch.float32, keep)
+    cache = fp8_cache.find(home / "qwen-fp8", "Qwen/Qwen-Image-Edit-2511", snapshot.name,
+                           fp8_cache.recipe(keep, torch.float32), fp8_cache.cached_tensor_specs(skeleton))
+    model, _ = fp8_cache.load_transformer(cache, snapshot / "transformer", torch.float32, torch.device("cpu"), keep)
+    assert all(torch.isfinite(value.float()).all() for value in model.state_dict().values())

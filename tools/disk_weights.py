@@ -18,7 +18,8 @@ linears are left as holes (sparse files: the header and size as published, no di
 the bf16 edit set and its FP8 cache together (72 GB) do not fit the device's 64 GiB disk.
 Only the Lightning fuse reads those holes (as zeros, from no disk): its 27 GB of reading is
 missing from such a start, and docs/performance.md says so. `--precision bf16` afterwards
-fills the holes in place and removes the FP8 cache: the full bf16 snapshot, 58 GB.
+fills the holes in place and removes the FP8 cache: the full bf16 snapshot, 58 GB; `--precision
+fp8` over a bf16 layout punches the holes (fallocate) and writes the FP8 cache.
 
 `--size tiny` writes the same layout from the tiny models' configs (the CPU test).
 `disk-layout.json` in HF_HOME records what is there (the start bench copies it into its results).
@@ -46,6 +47,7 @@ from src.plumbing.config import DEFAULT_FP8_KEEP_BF16, FP8_CACHE_FOLDER, Setting
 EDIT_REPO = "Qwen/Qwen-Image-Edit-2511"
 LAYOUT_FILE = "disk-layout.json"
 SHARD_BYTES = 5 * 1000**3
+LIGHTNING_BYTES = 2 * 850 * 1000**2  # the two random Lightning files (4 and 8 steps), about
 WRITERS = 4  # shards written at once
 # diffusers' and transformers' sharded file names and index files.
 SHARD_NAMES = {"diffusers": ("diffusion_pytorch_model", "diffusion_pytorch_model.safetensors.index.json"),
@@ -259,6 +261,11 @@ def write_layout(hf_home: Path, template_home: Path, precision: str, size: str, 
     models = build_models(snapshot, size, device)
     record: dict = {"precision": precision, "size": size, "snapshot": str(snapshot), "components": {}}
     holes = frozenset(quantized_weights(models["transformer"], keep)) if precision == "fp8" else frozenset()
+    state = models["transformer"].state_dict()
+    hole_bytes = sum(state[name].nbytes for name in holes)
+    need = (sum(p.nbytes for module in models.values() for p in module.state_dict().values()) - hole_bytes
+            + hole_bytes // 2 + (LIGHTNING_BYTES if size == "full" else 0))  # FP8: a byte per bf16 value's two
+    check_room(hf_home, need)
     for name, module in models.items():
         folder = snapshot / name
         save_config(name, module, folder)
@@ -266,9 +273,7 @@ def write_layout(hf_home: Path, template_home: Path, precision: str, size: str, 
                                                      holes if name == "transformer" else frozenset())
     if precision == "fp8":
         record["fp8_cache"] = write_fp8_cache(hf_home, snapshot, models["transformer"], sorted(holes), keep, fp8_dtype)
-        state = models["transformer"].state_dict()
-        record["holes"] = {"tensors": len(holes), "bytes": sum(state[name].nbytes for name in holes),
-                           "names": sorted(holes)}
+        record["holes"] = {"tensors": len(holes), "bytes": hole_bytes, "names": sorted(holes)}
     if size == "full":  # the real file's layout fits the full-size transformer only
         record["lightning_bytes"] = write_lightning(hf_home)
     os.sync()
@@ -276,6 +281,57 @@ def write_layout(hf_home: Path, template_home: Path, precision: str, size: str, 
     record["disk_bytes"] = disk_bytes(hf_home)
     (hf_home / LAYOUT_FILE).write_text(json.dumps(record, indent=2))
     return record
+
+
+def check_room(hf_home: Path, need: int) -> None:
+    """Exit with one line unless the disk under `hf_home` has `need` bytes free (and 1 GB more)."""
+    hf_home.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(hf_home).free + disk_bytes(hf_home)  # what is there now is replaced
+    if free < need + 1e9:
+        sys.exit(f"not enough disk at {hf_home}: {need / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free")
+
+
+def make_fp8(hf_home: Path, device: torch.device, keep: frozenset[str] = frozenset(DEFAULT_FP8_KEEP_BF16),
+             dtype: torch.dtype = torch.bfloat16) -> dict:
+    """A bf16 layout made an fp8 one: the quantized linears' bf16 weights punched out of the
+    transformer's shards (holes) and the FP8 cache written from a transformer built anew
+    (random values again: the bytes' speed, not their values, is measured)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    start = time.perf_counter()
+    record = json.loads((hf_home / LAYOUT_FILE).read_text())
+    snapshot = Path(record["snapshot"])
+    folder = snapshot / "transformer"
+    transformer = built(lambda: QwenImageTransformer2DModel.from_config(QwenImageTransformer2DModel.load_config(folder)),
+                        device)
+    holes = frozenset(quantized_weights(transformer, keep))
+    punched = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        stored, _ = weights.safetensors_header(path)
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            for name in sorted(holes & stored.keys()):
+                punch_hole(fd, stored[name].start, stored[name].nbytes)
+                punched += stored[name].nbytes
+        finally:
+            os.close(fd)
+    record["fp8_cache"] = write_fp8_cache(hf_home, snapshot, transformer, sorted(holes), keep, dtype)
+    os.sync()
+    record.update(precision="fp8", holes={"tensors": len(holes), "bytes": punched, "names": sorted(holes)},
+                  fp8_s=round(time.perf_counter() - start, 1), disk_bytes=disk_bytes(hf_home))
+    (hf_home / LAYOUT_FILE).write_text(json.dumps(record, indent=2))
+    return record
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE): the range reads as zeros and takes no disk."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    if libc.fallocate(fd, 0x02 | 0x01, offset, length) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"fallocate(PUNCH_HOLE) failed: {os.strerror(errno)}")
 
 
 def fill_holes(hf_home: Path, device: torch.device) -> dict:
@@ -325,14 +381,17 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     layout = args.hf_home / LAYOUT_FILE
-    if args.precision == "bf16" and layout.exists() and json.loads(layout.read_text())["precision"] == "fp8":
+    there = json.loads(layout.read_text())["precision"] if layout.exists() else None
+    # The FP8 cache's recipe names the dtype the worker loads in: bf16 on a GPU, float32 on the CPU.
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.precision == "bf16" and there == "fp8":
         record = fill_holes(args.hf_home, device)
+    elif args.precision == "fp8" and there == "bf16":
+        record = make_fp8(args.hf_home, device, dtype=dtype)
     else:
         from tools.bench import tiny_models
 
         tiny_models(args.tiny_hf_home)
-        # The FP8 cache's recipe names the dtype the worker loads in: bf16 on a GPU, float32 on the CPU.
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         record = write_layout(args.hf_home, args.tiny_hf_home, args.precision, args.size, device, fp8_dtype=dtype)
     print(json.dumps(record), flush=True)
 
