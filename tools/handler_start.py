@@ -1,0 +1,179 @@
+"""One worker start through handler.py, timed by stage, for tools/start_bench.py --from-disk.
+
+    START_BENCH_T0=<time> HF_HOME=/tmp/hf-disk python tools/handler_start.py --out start.json
+
+Runs `handler.main()` as RunPod runs it (the settings from the environment, the imports,
+Worker.start: the weights read from HF_HOME, prepared, warmed up, the LoRAs prepared) and
+stops where it would start serving: runpod.serverless.start is replaced by a function
+that notes the time (ready) and returns (where the runpod package is missing, as on the
+GPU machine, a stand-in module gives main() the two names it uses). Nothing else is replaced; the timings come from
+wrappers that call through:
+
+- `read`: the wall-clock span in which weight files were being read during the load: the
+  read-ahead (WEIGHTS_PREFETCH, weights.prefetch on its thread) and the FP8 cache's loads
+  (fp8_cache.load_transformer), their intervals joined. It is part of `load` and overlaps
+  building and moving the models.
+- `quantize_move`: seconds inside Pipelines.prepare (FP8 quantization, placement on the
+  GPU), also part of `load`.
+- the worker's own `startup_s` (load, warmup, loras, ...) as it logs them, and `imports`:
+  from the process's start (START_BENCH_T0, set by the parent) to Worker.start.
+- bytes this process read from disk (/proc/self/io read_bytes, all threads) during the
+  load and after it (the LoRA preparation reads the published weights under FP8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def disk_read_bytes() -> int:
+    """Bytes this process has had read from storage (page-cache hits do not count); -1 where unknown."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
+def joined_length(intervals: list[tuple[float, float]]) -> float:
+    """Seconds covered by the union of `intervals`."""
+    total, end = 0.0, float("-inf")
+    for begin, finish in sorted(intervals):
+        if finish <= end:
+            continue
+        total += finish - max(begin, end)
+        end = finish
+    return total
+
+
+class StartProbe:
+    """The wrappers' records of one start."""
+
+    def __init__(self):
+        self.t0 = float(os.environ.get("START_BENCH_T0", time.time()))
+        self.reads: list[tuple[float, float]] = []  # wall-clock intervals of weight reading
+        self.read_reports: list[dict] = []
+        self.prepare_s = 0.0
+        self.worker_start_at: float | None = None
+        self.load_span: tuple[float, float] | None = None
+        self.io: dict[str, int] = {}
+        self.worker = None
+        self.ready_at: float | None = None
+        self.sdk = "runpod"
+
+    def install(self) -> None:
+        try:
+            import runpod
+        except ImportError:  # the GPU machine has no RunPod SDK: a stand-in for the two names main() uses
+            runpod = sys.modules["runpod"] = types.ModuleType("runpod")
+            runpod.RunPodLogger = type("RunPodLogger", (), {"set_level": lambda self, level: None})
+            runpod.serverless = types.SimpleNamespace()
+            self.sdk = "stand-in: the runpod package is not installed (its import time is not in `imports`)"
+
+        from src.models import fp8_cache, weights
+        from src.models.pipelines import Pipelines
+        from src.serving.worker import Worker
+
+        probe = self
+        prefetch, load_transformer = weights.prefetch, fp8_cache.load_transformer
+        prepare, load = Pipelines.prepare, Pipelines.load
+        start = Worker.start.__func__
+
+        def timed_prefetch(files):
+            begin = time.time()
+            report = prefetch(files)
+            probe.reads.append((begin, time.time()))
+            probe.read_reports.append({"how": "read-ahead", **report})
+            return report
+
+        def timed_cache_load(*args, **kwargs):
+            begin = time.time()
+            model, report = load_transformer(*args, **kwargs)
+            probe.reads.append((begin, time.time()))
+            probe.read_reports.append({"how": "fp8 cache", "bytes": report.bytes_read,
+                                       "seconds": round(report.seconds, 2)})
+            return model, report
+
+        def timed_prepare(self, *args, **kwargs):
+            begin = time.perf_counter()
+            try:
+                return prepare(self, *args, **kwargs)
+            finally:
+                probe.prepare_s += time.perf_counter() - begin
+
+        def timed_load(self):
+            probe.io["before_load"] = disk_read_bytes()
+            begin = time.time()
+            try:
+                return load(self)
+            finally:
+                probe.load_span = (begin, time.time())
+                probe.io["after_load"] = disk_read_bytes()
+
+        def noted_start(cls, settings):
+            probe.worker_start_at = time.time()
+            probe.worker = start(cls, settings)
+            return probe.worker
+
+        def ready(config):  # where handler.py would start serving
+            probe.ready_at = time.time()
+            probe.io["ready"] = disk_read_bytes()
+
+        weights.prefetch = timed_prefetch
+        fp8_cache.load_transformer = timed_cache_load
+        Pipelines.prepare, Pipelines.load = timed_prepare, timed_load
+        Worker.start = classmethod(noted_start)
+        runpod.serverless.start = ready
+
+    def result(self) -> dict:
+        worker = self.worker
+        startup = {key: round(value, 1) for key, value in worker.startup_s.items()}
+        names = {"load": "load", "warmup": "compile_and_warm_up", "loras": "lora_preparation",
+                 "compile_cache_save": "compile_cache_save"}
+        stages = {"imports": round(self.worker_start_at - self.t0, 1),
+                  "read": round(joined_length(self.reads), 1) if self.reads else None,
+                  "quantize_move": round(self.prepare_s, 1)}
+        stages.update({names.get(key, key): value for key, value in startup.items()})
+        gb = {"load": (self.io["after_load"] - self.io["before_load"]) / 1e9,
+              "after_load": (self.io["ready"] - self.io["after_load"]) / 1e9}
+        read_bytes = sum(report.get("bytes", 0) for report in self.read_reports if not report.get("skipped"))
+        import torch
+
+        from src.models.pipelines import device_name
+
+        pipes = worker.pipes
+        return {"gpu": device_name(pipes.device), "torch": torch.__version__,
+                "ready_s": round(self.ready_at - self.t0, 1), "stages_s": stages,
+                "disk_read_gb": {key: round(value, 2) for key, value in gb.items()},
+                "weights_read": {"bytes": read_bytes, "reports": self.read_reports,
+                                 "gb_per_s": round(read_bytes / 1e9 / joined_length(self.reads), 2)
+                                 if self.reads else None},
+                "compile_cache": worker.compile_cache_state, "memory_mode": pipes.memory_mode,
+                "swap_transformers": pipes.swap_transformers, "preload": sorted(worker.settings.preload),
+                "fp8_loads": pipes.fp8_loads, "runpod_sdk": self.sdk}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    probe = StartProbe()
+    probe.install()
+    import handler
+
+    handler.main()
+    args.out.write_text(json.dumps(probe.result(), indent=2))
+
+
+if __name__ == "__main__":
+    main()
