@@ -844,7 +844,8 @@ def main() -> None:
     # Results come back inline (no bucket here): room for 2048x2048 and several-image jobs.
     settings = Settings.from_env({"HF_HOME": str(hf_home), "DEVICE": "cuda", "MAX_INLINE_BYTES": str(2**31), **env})
     names = args.cases.split(",")
-    cases = [name for name in names if name not in SPECIAL_CASES]
+    # A start alone (--start-only) builds what PRELOAD names, as the worker does; cases build what they need.
+    cases = [] if args.start_only else [name for name in names if name not in SPECIAL_CASES]
     if "lora_switching" in names:  # started as PRELOAD=edit,lightning starts; the custom LoRA on a LoRA root
         env["PRELOAD"] = "edit,lightning"
         env["LORA_ROOTS"] = str(hf_home / "bench-loras")

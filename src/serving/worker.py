@@ -151,9 +151,9 @@ class Worker:
     def prepare_loras(self) -> float:
         """Before serving: with PRELOAD naming lightning, the LIGHTNING_RESIDENT_STEPS preset
         fused once and held ready (src/models/lora_resident.py: on the GPU where the memory plan has
-        room, else in CPU memory); with the warm-up, one edit pass
-        with each weight layout the jobs can meet (the set held ready, the branches), so
-        no LoRA job compiles. Returns seconds taken."""
+        room, else in CPU memory); with the warm-up, one edit pass with the branches on (the
+        only structure the base pass has not compiled), so no LoRA job compiles. Returns
+        seconds taken."""
         start = time.perf_counter()
         settings, switch = self.settings, self.pipes.loras
         steps = settings.lightning_resident_steps
@@ -167,9 +167,10 @@ class Worker:
                 raise ConfigError(f"PRELOAD: lightning (LIGHTNING_RESIDENT_STEPS={steps}): {exc}; "
                                   "set LIGHTNING_RESIDENT_STEPS=0 to run it unfused instead") from None
             self.startup_s["lora_hold"] = time.perf_counter() - start
-            if settings.warmup:
-                switch.apply(pipeline, adapters)
-                self._warm_edit("edit, the set held ready")
+            # No warm pass with the set held ready: it changes the layers' values only (same
+            # shapes, dtypes and modules), and such a pass compiled nothing on the H200
+            # (0 graphs, cold and warm compile cache; docs/performance.md), so the base pass
+            # covers its jobs.
         if settings.warmup and switch.branches is not None and switch.branches.padded_rank is not None:
             switch.apply(self.pipes.for_operation("edit"), [])
             switch.branches.activate_empty()  # zeros: the same output, the branched blocks compiled

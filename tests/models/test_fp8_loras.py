@@ -223,7 +223,8 @@ def test_fp8_set_held_on_the_device_is_fused_there_and_gives_the_in_place_fuses_
     """With room in the plan (GPU_MEMORY_GIB) the FP8 Lightning set is fused straight into
     its device copy, the layers never written (src/models/lora_resident.py `_hold_on_device`):
     the held values are those the in-place fuse writes, bit for bit, the Lightning job's
-    image is the host-held worker's, and the base comes back exact."""
+    image is the host-held worker's, the base comes back exact, and a release (copied out
+    first) and a stage again give the same image."""
     held = Worker.start(Settings.from_env({**worker_env, "QUANTIZE": "fp8", "PRELOAD": "edit,lightning",
                                            "GPU_MEMORY_GIB": "400", "WARMUP": "false"}))
     switch, transformer = held.pipes.loras, held.pipes.edit.transformer
@@ -239,3 +240,10 @@ def test_fp8_set_held_on_the_device_is_fused_there_and_gives_the_in_place_fuses_
     edit(held)
     after = state(transformer)
     assert switch.mode == "base" and all(bitwise_equal(after[k], base[k]) for k in base)
+    # Released for a job that needs the room: copied out first (its first CPU copy), staged
+    # again by the next job of the set, the same image.
+    held_bytes = switch.device_copy_bytes()
+    switch.release_device_copy(held.pipes.for_operation("edit"))
+    assert switch.device_copy_bytes() == 0
+    again = edit(held, lightning=4, num_inference_steps=None)
+    assert switch.device_copy_bytes() == held_bytes and np.array_equal(pixels(again), pixels(lightning))
