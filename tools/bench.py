@@ -73,9 +73,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from src.job.codec import png_base64  # noqa: E402
 from tools.bench_results import write_results  # noqa: E402
 from src.job.schema import JobRequest  # noqa: E402
-from src.models import compile_cache  # noqa: E402
 from src.models.fp8 import BLOCK_LINEARS, MODULATION_LINEARS  # noqa: E402
-from src.models.fp8_loras import PublishedWeights, touched_linears  # noqa: E402
+from src.models.fp8_loras import PublishedWeights, PublishedWeightsError, touched_linears  # noqa: E402
 from src.models.loras import FusedLoras, LoraLibrary, adapters_for  # noqa: E402
 from src.models.pipelines import Pipelines, device_name  # noqa: E402
 from src.models.weights import ModelRef  # noqa: E402
@@ -130,6 +129,12 @@ class NamedRandomWeights:
         generator = torch.Generator(self.device).manual_seed(zlib.crc32(name.encode()))
         uniform = torch.rand(out_features, in_features, generator=generator, device=self.device)
         return ((uniform * 2 - 1) / math.sqrt(in_features)).to(torch.bfloat16)
+
+    def check(self, linears: list[str]) -> None:
+        """As `PublishedWeights.check`: every linear a LoRA may touch is there."""
+        missing = [name for name in linears if name not in self.shapes]
+        if missing:
+            raise PublishedWeightsError(f"no published weight for {len(missing)} linears (first: {missing[0]})")
 
     def write_into(self, transformer: torch.nn.Module) -> None:
         with torch.no_grad():
@@ -823,6 +828,9 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true",
                         help="split each case's inference time: text encoder, transformer passes, VAE, the rest")
     args = parser.parse_args()
+    if args.start_only:  # the start's own log lines: each stage and warm pass with what it compiled
+        import logging
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     hf_home = tiny_models(Path(args.tiny_hf_home))
     tiny_snapshot = next((hf_home / "hub" / "models--Qwen--Qwen-Image-Edit-2511" / "snapshots").iterdir())
@@ -836,7 +844,8 @@ def main() -> None:
     # Results come back inline (no bucket here): room for 2048x2048 and several-image jobs.
     settings = Settings.from_env({"HF_HOME": str(hf_home), "DEVICE": "cuda", "MAX_INLINE_BYTES": str(2**31), **env})
     names = args.cases.split(",")
-    cases = [name for name in names if name not in SPECIAL_CASES]
+    # A start alone (--start-only) builds what PRELOAD names, as the worker does; cases build what they need.
+    cases = [] if args.start_only else [name for name in names if name not in SPECIAL_CASES]
     if "lora_switching" in names:  # started as PRELOAD=edit,lightning starts; the custom LoRA on a LoRA root
         env["PRELOAD"] = "edit,lightning"
         env["LORA_ROOTS"] = str(hf_home / "bench-loras")
@@ -858,18 +867,11 @@ def main() -> None:
         memory_cap = {"gib": args.gpu_memory_gib}
     worker = Worker(settings, pipes, price_for(device_name(pipes.device), None),
                     loras=LoraLibrary(type(pipes.edit), pipes.edit.transformer, settings.edit_model))
-    if not args.levers:  # the levers measure the base pass, and re-quantize linears the branches would hold
-        worker.install_lora_branches()  # as Worker.start: before the warm-up compiles the blocks
-    key = worker.compile_cache_key()  # as Worker.start: COMPILE_CACHE_DIR loaded before compiling
-    if key is not None:
-        worker.compile_cache_state = compile_cache.load(settings.compile_cache_dir, key)
-    warmup_s = worker.warm_up()
-    loras_s = worker.prepare_loras()  # PRELOAD=lightning: its set held ready; the branched blocks compiled
-    save_s = 0.0
-    if key is not None and worker.compile_cache_state == "cold":
-        started = time.perf_counter()
-        compile_cache.save(settings.compile_cache_dir, key)
-        save_s = time.perf_counter() - started
+    # As Worker.start after its load: branches, compile cache, warm-up, LoRA set held ready, cache saved.
+    # The levers measure the base pass, and re-quantize linears the branches would hold.
+    worker.get_ready(lora_branches=not args.levers)
+    warmup_s, loras_s = worker.startup_s.get("warmup", 0.0), worker.startup_s["loras"]
+    save_s = worker.startup_s.get("compile_cache_save", 0.0)
     ready_at = time.time()
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                "date": datetime.date.today().isoformat(), "label": args.label,
@@ -885,6 +887,8 @@ def main() -> None:
                "memory_plan": pipes.plan.limits() if pipes.plan else None,
                "build_s": round(build_s, 1), "warmup_s": round(warmup_s, 1), "loras_prepare_s": round(loras_s, 1),
                "compile_cache": worker.compile_cache_state, "compile_cache_save_s": round(save_s, 1),
+               "startup_s": {stage: round(seconds, 2) for stage, seconds in worker.startup_s.items()},
+               "warm_passes": [span.as_dict() for span in worker.compile_meter.spans],
                "preload": sorted(settings.preload), "ready_at": ready_at, "imported_at": imported_at,
                "weights_gib": round(torch.cuda.memory_allocated() / 2**30, 1),
                "host_memory_after_warmup": host_memory()}

@@ -125,12 +125,12 @@ def touched_linears(transformer: torch.nn.Module, adapters: list) -> list[str]:
     return [name for name, _ in transformer.named_modules() if name in wanted]
 
 
-def fuse(transformer: torch.nn.Module, adapters: list, published: Mapping, dtype: torch.dtype,
-         saved: dict[str, tuple[torch.Tensor, ...]]) -> int:
-    """Fuse `adapters` into `transformer` in place. Each changed linear's current tensors
-    go into `saved` (CPU) first, so `restore` can put them back even if this fails part
-    way. `published` gives the bf16 original of each FP8 linear (`dtype`, the pipeline's).
-    Returns how many linears changed."""
+def fused_linears(transformer: torch.nn.Module, adapters: list, published: Mapping, dtype: torch.dtype):
+    """Each linear `adapters` change, in module order, with its fused tensors: (name, module,
+    tensors), the tensors in the order of the module's (weight, and for `Fp8Linear` its
+    row scales), on the module's device, the module itself unchanged. An FP8 linear's
+    values come from its published bf16 weight (`dtype`, the pipeline's), checked first to
+    quantize to what the module serves; a bf16 linear's from its live weight."""
     modules = dict(transformer.named_modules())
     names = touched_linears(transformer, adapters)
     fp8_names = [name for name in names if isinstance(modules[name], Fp8Linear)]
@@ -142,19 +142,30 @@ def fuse(transformer: torch.nn.Module, adapters: list, published: Mapping, dtype
         for name in names:
             module = modules[name]
             if not isinstance(module, Fp8Linear):  # kept in bf16: the live weight is the original
-                saved[name] = (module.weight.detach().to("cpu", copy=True),)
-                module.weight.copy_(fused_weight(module.weight, adapters, name))
+                yield name, module, (fused_weight(module.weight, adapters, name),)
                 continue
             read_name, published_weight = next(reads)
             assert read_name == name
             original = published_weight.to(module.weight.device, dtype, non_blocking=True)
             _check_same_base(module, original, name)
             values, scale = rowwise_fp8(fused_weight(original, adapters, name))
-            saved[name] = (module.weight.detach().to("cpu", copy=True),
-                           module.weight_scale.detach().to("cpu", copy=True))
-            module.weight.copy_(values)
-            module.weight_scale.copy_(scale.reshape(module.weight_scale.shape))
-    return len(names)
+            yield name, module, (values, scale.reshape(module.weight_scale.shape))
+
+
+def fuse(transformer: torch.nn.Module, adapters: list, published: Mapping, dtype: torch.dtype,
+         saved: dict[str, tuple[torch.Tensor, ...]]) -> int:
+    """Fuse `adapters` into `transformer` in place (`fused_linears`'s values). Each changed
+    linear's current tensors go into `saved` (CPU) first, so `restore` can put them back
+    even if this fails part way. Returns how many linears changed."""
+    changed = 0
+    with torch.no_grad():
+        for name, module, tensors in fused_linears(transformer, adapters, published, dtype):
+            live = (module.weight, module.weight_scale) if isinstance(module, Fp8Linear) else (module.weight,)
+            saved[name] = tuple(tensor.detach().to("cpu", copy=True) for tensor in live)
+            for target, value in zip(live, tensors):
+                target.copy_(value)
+            changed += 1
+    return changed
 
 
 def restore(transformer: torch.nn.Module, saved: dict[str, tuple[torch.Tensor, ...]]) -> None:

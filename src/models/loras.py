@@ -225,6 +225,18 @@ class FusedLoras:
             self.restore(pipeline)
             raise
 
+    @property
+    def fuses_fp8(self) -> bool:
+        """Whether fusing goes through the published weights (QUANTIZE=fp8), not diffusers."""
+        return self._fp8_published is not None
+
+    def fused_linears(self, pipeline, adapters: list[Adapter]):
+        """Under QUANTIZE=fp8: the values `apply` would write, linear by linear, leaving the
+        model as it is (`fp8_loras.fused_linears`)."""
+        if self._published is None:
+            self._published = self._fp8_published()
+        return fp8_loras.fused_linears(pipeline.transformer, adapters, self._published, self._dtype)
+
     def _apply_fp8(self, pipeline, adapters: list[Adapter]) -> None:
         if self._published is None:
             self._published = self._fp8_published()

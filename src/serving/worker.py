@@ -21,6 +21,7 @@ from PIL import Image
 from src.job.codec import decode_image, open_image
 from src.job.schema import InputError, JobRequest, SEED_LIMIT, error_text, parse_request
 from src.models import compile_cache, fp8_loras, image_vae, memory_plan
+from src.models.compile_meter import CompileMeter
 from src.models.loras import LoraLibrary, adapters_for, lightning_scheduler
 from src.models.memory import HostMemoryError
 from src.models.pipelines import Pipelines, device_name
@@ -71,6 +72,8 @@ class Worker:
     compile_cache_state: str = "off"  # COMPILE_CACHE_DIR at start: "warm" (loaded), "cold" or "off"
     # The endpoint's stop channel (src/serving/stops.py), heard while a job runs; None without one.
     stops: StopChannel | None = None
+    # The start's warm passes, each with what torch.compile did in it (logged; tools/bench.py writes them).
+    compile_meter: CompileMeter = field(default_factory=CompileMeter)
 
     @classmethod
     def start(cls, settings: Settings) -> "Worker":
@@ -80,11 +83,22 @@ class Worker:
         worker = cls(settings, pipes, price_for(device_name(pipes.device), settings.gpu_price_per_hour),
                      loras=LoraLibrary(type(pipes.edit), pipes.edit.transformer, settings.edit_model),
                      stops=StopChannel.from_sdk())
+        worker.get_ready(load_s)
+        return worker
+
+    def get_ready(self, load_s: float = 0.0, lora_branches: bool = True) -> None:
+        """Everything between loading the models and the first job: the Lightning files
+        checked, the LoRA branches installed, the compile cache loaded, the warm-up, the LoRA
+        set held ready, the compile cache saved. Each stage's seconds go to `startup_s`, each
+        warm pass's compile figures to `compile_meter` (src/models/compile_meter.py).
+        tools/bench.py runs this on its own models; `lora_branches=False` leaves the base
+        blocks alone (its lever measurements)."""
+        settings, pipes = self.settings, self.pipes
         if "lightning" in settings.preload:
             start = time.perf_counter()
             for steps in (4, 8):
                 adapters = adapters_for(JobRequest(image_base64="", prompt="-", lightning=steps), settings,
-                                        worker.loras)
+                                        self.loras)
                 if settings.quantize == "fp8":  # the weights its fuse reads: there, or the start fails
                     try:
                         pipes.edit_published_weights().check(
@@ -92,21 +106,25 @@ class Worker:
                     except fp8_loras.PublishedWeightsError as exc:
                         raise ConfigError(f"PRELOAD: lightning: {exc}") from None
             load_s += time.perf_counter() - start
-        worker.install_lora_branches()  # before the warm-up compiles the blocks with them
-        worker.startup_s["load"] = worker.unreported_load_s = load_s
-        key = worker.compile_cache_key()
+        self.startup_s["load"] = self.unreported_load_s = load_s
+        if lora_branches:
+            start = time.perf_counter()
+            self.install_lora_branches()  # before the warm-up compiles the blocks with them
+            self.startup_s["lora_branches"] = time.perf_counter() - start
+        key = self.compile_cache_key()
         if key is not None:  # before anything compiles
-            worker.compile_cache_state = compile_cache.load(settings.compile_cache_dir, key)
+            start = time.perf_counter()
+            self.compile_cache_state = compile_cache.load(settings.compile_cache_dir, key)
+            self.startup_s["compile_cache_load"] = time.perf_counter() - start
         if settings.warmup:
-            worker.startup_s["warmup"] = worker.warm_up()
-        worker.startup_s["loras"] = worker.prepare_loras()
-        if key is not None and worker.compile_cache_state == "cold" and settings.warmup:
+            self.startup_s["warmup"] = self.warm_up()
+        self.startup_s["loras"] = self.prepare_loras()
+        if key is not None and self.compile_cache_state == "cold" and settings.warmup:
             start = time.perf_counter()
             compile_cache.save(settings.compile_cache_dir, key)
-            worker.startup_s["compile_cache_save"] = time.perf_counter() - start
-        log.info("ready on %s: %s", worker.price.gpu,
-                 ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in worker.startup_s.items()))
-        return worker
+            self.startup_s["compile_cache_save"] = time.perf_counter() - start
+        log.info("ready on %s: %s", self.price.gpu,
+                 ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in self.startup_s.items()))
 
     def compile_cache_key(self) -> compile_cache.CacheKey | None:
         """What the compiled blocks depend on (src/models/compile_cache.py), where COMPILE=true
@@ -133,9 +151,9 @@ class Worker:
     def prepare_loras(self) -> float:
         """Before serving: with PRELOAD naming lightning, the LIGHTNING_RESIDENT_STEPS preset
         fused once and held ready (src/models/lora_resident.py: on the GPU where the memory plan has
-        room, else in CPU memory); with the warm-up, one edit pass
-        with each weight layout the jobs can meet (the set held ready, the branches), so
-        no LoRA job compiles. Returns seconds taken."""
+        room, else in CPU memory); with the warm-up, one edit pass with the branches on (the
+        only structure the base pass has not compiled), so no LoRA job compiles. Returns
+        seconds taken."""
         start = time.perf_counter()
         settings, switch = self.settings, self.pipes.loras
         steps = settings.lightning_resident_steps
@@ -148,24 +166,38 @@ class Worker:
             except (fp8_loras.PublishedWeightsError, HostMemoryError) as exc:
                 raise ConfigError(f"PRELOAD: lightning (LIGHTNING_RESIDENT_STEPS={steps}): {exc}; "
                                   "set LIGHTNING_RESIDENT_STEPS=0 to run it unfused instead") from None
-            if settings.warmup:
-                switch.apply(pipeline, adapters)
-                self._warm_edit()
+            self.startup_s["lora_hold"] = time.perf_counter() - start
+            # No warm pass with the set held ready: it changes the layers' values only (same
+            # shapes, dtypes and modules), and such a pass compiled nothing on the H200
+            # (0 graphs, cold and warm compile cache; docs/performance.md), so the base pass
+            # covers its jobs.
         if settings.warmup and switch.branches is not None and switch.branches.padded_rank is not None:
             switch.apply(self.pipes.for_operation("edit"), [])
             switch.branches.activate_empty()  # zeros: the same output, the branched blocks compiled
             try:
-                self._warm_edit()
+                self._warm_edit("edit, the LoRA branches on")
             finally:
                 switch.branches.deactivate()
         switch.apply(self.pipes.for_operation("edit"), [])
         return time.perf_counter() - start
 
-    def _warm_edit(self) -> None:
+    def _warm_edit(self, name: str = "edit") -> None:
         grey = Image.new("RGB", (WARMUP_IMAGE_SIZE, WARMUP_IMAGE_SIZE), (128, 128, 128))
         request = JobRequest(image_base64="", prompt="test", num_inference_steps=WARMUP_STEPS,
                              width=WARMUP_OUTPUT_SIDE, height=WARMUP_OUTPUT_SIDE)
-        operations.edit(self.pipes.for_operation("edit"), request, [grey], seed=0, progress=_no_progress)
+        pipeline = self.pipes.for_operation("edit")
+        with self._metered(name):
+            operations.edit(pipeline, request, [grey], seed=0, progress=_no_progress)
+
+    @contextlib.contextmanager
+    def _metered(self, name: str):
+        """One warm pass as a span of `compile_meter`, logged with what it compiled."""
+        with self.compile_meter.span(name) as span:
+            yield
+        main = ", ".join(f"{phase} {span.phases_s[phase]:.1f} s" for phase in CompileMeter.MAIN_PHASES
+                         if phase in span.phases_s)
+        log.info("warm pass (%s): %.1f s, %d graphs compiled%s", name, span.seconds, span.graphs,
+                 f" ({main})" if main else "")
 
     def warm_up(self) -> float:
         """A short run of each loaded pipeline, Layered first where its transformer is the one on
@@ -184,11 +216,13 @@ class Worker:
         layered = self.pipes.for_operation("decompose")
         # A graphed captioning decoder (CAPTION_DECODER) records, and compiles, its step now.
         if self.pipes.captioner is not None:
-            self.pipes.captioner.warm_up(self.pipes.device)
+            with self._metered("caption decoder"):
+                self.pipes.captioner.warm_up(self.pipes.device)
         grey = Image.new("RGB", (WARMUP_IMAGE_SIZE, WARMUP_IMAGE_SIZE), (128, 128, 128))
         request = JobRequest(operation="decompose", image_base64="", prompt="test", num_inference_steps=WARMUP_STEPS,
                              layers=2)
-        operations.decompose(layered, request, grey, seed=0, progress=_no_progress)
+        with self._metered("decompose"):
+            operations.decompose(layered, request, grey, seed=0, progress=_no_progress)
 
     # ------------------------------------------------------------------
     def handle(self, job: dict, progress: ProgressFn = _no_progress) -> dict:

@@ -217,3 +217,33 @@ def test_fp8_lightning_stays_near_the_unquantized_lightning_job(fp8_worker, work
     name = "lightning4" if lightning else "4_steps_no_cfg"
     guarantee_figures[f"fp8_{name}_mean_abs_8bit"] = round(float(difference.mean()), 2)
     guarantee_figures[f"fp8_{name}_max_abs_8bit"] = int(difference.max())
+
+
+def test_fp8_set_held_on_the_device_is_fused_there_and_gives_the_in_place_fuses_image(fp8_worker, worker_env):
+    """With room in the plan (GPU_MEMORY_GIB) the FP8 Lightning set is fused straight into
+    its device copy, the layers never written (src/models/lora_resident.py `_hold_on_device`):
+    the held values are those the in-place fuse writes, bit for bit, the Lightning job's
+    image is the host-held worker's, the base comes back exact, and a release (copied out
+    first) and a stage again give the same image."""
+    held = Worker.start(Settings.from_env({**worker_env, "QUANTIZE": "fp8", "PRELOAD": "edit,lightning",
+                                           "GPU_MEMORY_GIB": "400", "WARMUP": "false"}))
+    switch, transformer = held.pipes.loras, held.pipes.edit.transformer
+    assert switch.resident.where == "device" and fp8_worker.pipes.loras.resident.where == "host"
+    base = state(transformer)
+    lightning = edit(held, lightning=4, num_inference_steps=None)
+    assert switch.mode == "resident"
+    fused_in_place = edit(fp8_worker, lightning=4, num_inference_steps=None)
+    assert np.array_equal(pixels(lightning), pixels(fused_in_place))
+    held_values, in_place_values = state(transformer), state(fp8_worker.pipes.edit.transformer)
+    assert all(bitwise_equal(held_values[k], in_place_values[k]) for k in held_values)
+    assert any(not bitwise_equal(held_values[k], base[k]) for k in base)  # the set did change weights
+    edit(held)
+    after = state(transformer)
+    assert switch.mode == "base" and all(bitwise_equal(after[k], base[k]) for k in base)
+    # Released for a job that needs the room: copied out first (its first CPU copy), staged
+    # again by the next job of the set, the same image.
+    held_bytes = switch.device_copy_bytes()
+    switch.release_device_copy(held.pipes.for_operation("edit"))
+    assert switch.device_copy_bytes() == 0
+    again = edit(held, lightning=4, num_inference_steps=None)
+    assert switch.device_copy_bytes() == held_bytes and np.array_equal(pixels(again), pixels(lightning))
