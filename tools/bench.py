@@ -48,7 +48,9 @@ and the output's deviation from stock diffusers (relative L2 error, cosine simil
 and one true-CFG step (the prompt's and the negative prompt's passes, one after the other
 or as one batch of two with CFG_BATCH's levers), each output against stock's. The FP8
 levers name their recipe (FP8_RECIPES); the block linears go back to their bf16 values
-between recipes, so the levers run in any order.
+between recipes, so the levers run in any order. A `*_packed` lever (FP8_PACK_QKV) is also
+compared bit for bit with its unpacked twin when that ran before it; `--profile` adds each
+lever's kernels by GPU time over one pass.
 """
 
 from __future__ import annotations
