@@ -52,3 +52,40 @@ def test_levers_move_between_fp8_recipes_and_back_to_the_bf16_weights(hf_home):
     restored = transformer.state_dict()
     assert restored.keys() == original.keys()
     assert all(torch.equal(restored[name], original[name]) for name in original)
+
+
+def test_levers_pack_and_unpack_the_projections_between_levers(hf_home):
+    """A packed lever (FP8_PACK_QKV) and the next unpacked one quantize the same weights:
+    set_precision unpacks first, so packed and unpacked levers run in any order."""
+    import torch
+    from diffusers import QwenImageTransformer2DModel
+
+    from src.models.fp8 import Fp8Linear
+    from src.models.fp8_packed import PackedFp8Linear
+    from src.plumbing.config import FP8_RECIPES
+    from tools.bench import LEVERS, PACKED_SUFFIX, NamedRandomWeights, set_precision
+
+    folder = next((hf_home / "hub" / "models--Qwen--Qwen-Image-Edit-2511" / "snapshots").iterdir()) / "transformer"
+    transformer = QwenImageTransformer2DModel.from_pretrained(folder, torch_dtype=torch.bfloat16).eval()
+    named = NamedRandomWeights(transformer, device="cpu")
+    named.write_into(transformer)
+    original = {name: value.clone() for name, value in transformer.state_dict().items()}
+    blocks = len(transformer.transformer_blocks)
+    set_precision(transformer, FP8_RECIPES["sglang"], named, torch.device("cpu"))
+    unpacked = {name: value.clone() for name, value in transformer.state_dict().items()}
+    set_precision(transformer, FP8_RECIPES["sglang"], named, torch.device("cpu"), packed=True)
+    assert sum(isinstance(m, PackedFp8Linear) for m in transformer.modules()) == 2 * blocks
+    set_precision(transformer, FP8_RECIPES["sglang"], named, torch.device("cpu"))
+    again = transformer.state_dict()
+    def bits(tensor):
+        return tensor.view(torch.uint8) if tensor.dtype == torch.float8_e4m3fn else tensor
+
+    assert again.keys() == unpacked.keys() and all(torch.equal(bits(again[k]), bits(unpacked[k])) for k in unpacked)
+    assert sum(type(m) is Fp8Linear for m in transformer.modules()) == 11 * blocks
+    set_precision(transformer, None, named, torch.device("cpu"), packed=True)
+    restored = transformer.state_dict()
+    assert restored.keys() == original.keys() and all(torch.equal(restored[k], original[k]) for k in original)
+    # Every packed lever has an unpacked twin of the same settings.
+    for name, settings in LEVERS.items():
+        if name.endswith(PACKED_SUFFIX):
+            assert settings[4] and LEVERS[name.removesuffix(PACKED_SUFFIX)] == settings[:4] + (False,)

@@ -48,7 +48,9 @@ and the output's deviation from stock diffusers (relative L2 error, cosine simil
 and one true-CFG step (the prompt's and the negative prompt's passes, one after the other
 or as one batch of two with CFG_BATCH's levers), each output against stock's. The FP8
 levers name their recipe (FP8_RECIPES); the block linears go back to their bf16 values
-between recipes, so the levers run in any order.
+between recipes, so the levers run in any order. A `*_packed` lever (FP8_PACK_QKV) is also
+compared bit for bit with its unpacked twin when that ran before it; `--profile` adds each
+lever's kernels by GPU time over one pass.
 """
 
 from __future__ import annotations
@@ -510,6 +512,37 @@ def timed_passes(transformer, kwargs: dict, repeats: int) -> tuple[float, float,
     return first, (time.perf_counter() - start) / repeats, out.float()
 
 
+# Kernel families by name (CUDA kernel names as the profiler reports them), for --profile.
+KERNEL_FAMILIES = (("gemm", ("gemm", "nvjet", "cutlass", "sm90_xmma", "scaled_mm")),
+                   ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+                   ("compiled (Triton)", ("triton_",)))
+
+
+def kernel_profile(transformer, kwargs: dict, top: int = 20) -> dict:
+    """One pass under torch.profiler: each kernel's GPU milliseconds in the pass (top
+    `top`), and the sums per family (GEMMs, attention, the compiled Triton kernels, the
+    rest): where a pass's time goes, measured (`--levers ... --profile`)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kwargs = {**kwargs, "return_dict": False}
+    with torch.inference_mode():
+        transformer(**kwargs)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            transformer(**kwargs)
+            torch.cuda.synchronize()
+    kernels = [(event.key, getattr(event, "self_device_time_total", 0.0) / 1e3, event.count)
+               for event in prof.key_averages() if getattr(event, "self_device_time_total", 0.0) > 0]
+    kernels.sort(key=lambda kernel: -kernel[1])
+    families: dict[str, float] = {}
+    for name, ms, _ in kernels:
+        family = next((label for label, marks in KERNEL_FAMILIES if any(m in name.lower() for m in marks)), "other")
+        families[family] = families.get(family, 0.0) + ms
+    return {"gpu_ms": round(sum(ms for _, ms, _ in kernels), 2),
+            "families_ms": {family: round(ms, 2) for family, ms in families.items()},
+            "top": [{"kernel": name[:160], "ms": round(ms, 3), "calls": count} for name, ms, count in kernels[:top]]}
+
+
 def deviation(out: torch.Tensor, reference: torch.Tensor) -> dict:
     return {"rel_l2": float((out - reference).norm() / reference.norm()),
             "cosine": float(torch.nn.functional.cosine_similarity(out.flatten(), reference.flatten(), dim=0)),
@@ -518,32 +551,41 @@ def deviation(out: torch.Tensor, reference: torch.Tensor) -> dict:
 
 LEVER_SETTINGS = ("COMPILE", "ATTENTION_BACKEND", "QUANTIZE", "MEMORY_MODE", "CAPTION_DECODER", "PRELOAD",
                   "CFG_BATCH", "FP8_KEEP_BF16", "LORA_FUSE_AFTER", "LORA_BRANCH_RANK", "LIGHTNING_RESIDENT_STEPS",
-                  "COMPILE_CACHE_DIR")
-LEVERS = {  # name: (attention backend, compile, FP8 recipe or None for bf16, CFG as one batch of two)
-    "stock": ("sdpa", False, None, False),
-    "attention_cudnn": ("cudnn", False, None, False),
-    "attention_flash": ("flash", False, None, False),
-    "compile": ("sdpa", True, None, False),
-    "compile_cudnn": ("cudnn", True, None, False),
-    "cfg_batch": ("sdpa", False, None, True),
-    "compile_cfg_batch": ("sdpa", True, None, True),
+                  "COMPILE_CACHE_DIR", "FP8_PACK_QKV")
+LEVERS = {  # name: (attention backend, compile, FP8 recipe or None for bf16, CFG as one batch of two, FP8_PACK_QKV)
+    "stock": ("sdpa", False, None, False, False),
+    "attention_cudnn": ("cudnn", False, None, False, False),
+    "attention_flash": ("flash", False, None, False, False),
+    "compile": ("sdpa", True, None, False, False),
+    "compile_cudnn": ("cudnn", True, None, False, False),
+    "cfg_batch": ("sdpa", False, None, True, False),
+    "compile_cfg_batch": ("sdpa", True, None, True, False),
     # "default": the run's FP8_KEEP_BF16; the others name FP8_RECIPES (src/plumbing/config.py).
-    "fp8": ("sdpa", False, "default", False),
-    "fp8_compile": ("sdpa", True, "default", False),
-    "fp8_compile_cfg_batch": ("sdpa", True, "default", True),
-    "fp8_compile_all": ("sdpa", True, "all", False),
-    "fp8_compile_modulation": ("sdpa", True, "modulation", False),
-    "fp8_compile_sglang": ("sdpa", True, "sglang", False),
-    "fp8_compile_vllm_omni": ("sdpa", True, "vllm-omni", False),
+    "fp8": ("sdpa", False, "default", False, False),
+    "fp8_compile": ("sdpa", True, "default", False, False),
+    "fp8_compile_cfg_batch": ("sdpa", True, "default", True, False),
+    "fp8_compile_all": ("sdpa", True, "all", False, False),
+    "fp8_compile_modulation": ("sdpa", True, "modulation", False, False),
+    "fp8_compile_sglang": ("sdpa", True, "sglang", False, False),
+    "fp8_compile_vllm_omni": ("sdpa", True, "vllm-omni", False, False),
+    # Q/K/V packed (src/models/fp8_packed.py); each is also compared with its unpacked twin
+    # (the same name without "_packed") when that ran before it.
+    "fp8_packed": ("sdpa", False, "default", False, True),
+    "fp8_compile_packed": ("sdpa", True, "default", False, True),
+    "fp8_compile_sglang_packed": ("sdpa", True, "sglang", False, True),
 }
+PACKED_SUFFIX = "_packed"
 
 
-def set_precision(transformer, recipe: tuple[str, ...] | None, named: NamedRandomWeights, device) -> None:
+def set_precision(transformer, recipe: tuple[str, ...] | None, named: NamedRandomWeights, device,
+                  packed: bool = False) -> None:
     """The block linears back in bf16 (the named random weights, the biases kept), then
-    quantized keeping `recipe` in bf16 (None: all stay bf16). Lets one run measure every
-    recipe, in any order."""
+    quantized keeping `recipe` in bf16 (None: all stay bf16), their Q/K/V packed when
+    `packed`. Lets one run measure every recipe, in any order."""
     from src.models.fp8 import Fp8Linear, quantize_blocks
+    from src.models.fp8_packed import pack_projections, unpack_projections
 
+    unpack_projections(transformer)
     with torch.no_grad():
         for name, module in list(transformer.named_modules()):
             if isinstance(module, Fp8Linear):
@@ -556,6 +598,8 @@ def set_precision(transformer, recipe: tuple[str, ...] | None, named: NamedRando
                 setattr(transformer.get_submodule(parent), attribute, linear)
     if recipe is not None:
         quantize_blocks(transformer, device, keep=frozenset(recipe))
+        if packed:
+            pack_projections(transformer)
 
 
 def timed_cfg_step(transformer, cond: dict, uncond: dict, batched: bool, repeats: int):
@@ -573,7 +617,8 @@ def timed_cfg_step(transformer, cond: dict, uncond: dict, batched: bool, repeats
     return first + first_u, mean + mean_u, (out_cond, out_uncond)
 
 
-def measure_levers(worker: Worker, names: list[str], record: dict, out_dir: Path, repeats: int = 5) -> None:
+def measure_levers(worker: Worker, names: list[str], record: dict, out_dir: Path, repeats: int = 5,
+                   profile: bool = False) -> None:
     """Each lever's figures into `record["levers"]`, written after each (a run cut short keeps them)."""
     from src.models.acceleration import ATTENTION_BACKENDS
     from src.plumbing.config import FP8_RECIPES
@@ -586,14 +631,15 @@ def measure_levers(worker: Worker, names: list[str], record: dict, out_dir: Path
     record["cfg_step_tokens"] = [(kwargs["hidden_states"].shape[1], kwargs["encoder_hidden_states"].shape[1])
                                  for kwargs in (cond, uncond)]
     reference, reference_step, precision = None, None, None
+    outputs: dict[str, tuple[torch.Tensor, tuple]] = {}  # each lever's pass and CFG step, for its packed twin
     recipes = {**FP8_RECIPES, "default": tuple(sorted(worker.settings.fp8_keep_bf16))}
     for name in names:
-        attention, compiled, recipe, batched = LEVERS[name]
+        attention, compiled, recipe, batched, packed = LEVERS[name]
         keep = None if recipe is None else recipes[recipe]
         uncompile(transformer)
-        if keep != precision:
-            set_precision(transformer, keep, worker.pipes.named_weights, worker.pipes.device)
-            precision = keep
+        if (keep, packed) != precision:
+            set_precision(transformer, keep, worker.pipes.named_weights, worker.pipes.device, packed)
+            precision = (keep, packed)
         transformer.set_attention_backend(ATTENTION_BACKENDS[attention])
         if compiled:
             transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
@@ -607,10 +653,18 @@ def measure_levers(worker: Worker, names: list[str], record: dict, out_dir: Path
             continue
         reference = out if reference is None else reference
         reference_step = step if reference_step is None else reference_step
+        outputs[name] = (out, step)
+        twin = outputs.get(name.removesuffix(PACKED_SUFFIX)) if name.endswith(PACKED_SUFFIX) else None
         peak = BF16_PEAK_TFLOPS["H200" if "H200" in torch.cuda.get_device_name() else "H100"]
         results.append({
             "lever": name, "attention": attention, "compile": compiled, "fp8": recipe is not None,
             "fp8_keep_bf16": None if keep is None else sorted(keep), "fp8_recipe": recipe, "cfg_batch": batched,
+            "fp8_pack_qkv": packed,
+            # Against the same lever unpacked: the pass's and the CFG step's outputs bit for bit.
+            "against_unpacked": None if twin is None else {
+                "twin": name.removesuffix(PACKED_SUFFIX), "pass_bit_identical": bool(torch.equal(out, twin[0])),
+                "cfg_step_bit_identical": all(bool(torch.equal(a, b)) for a, b in zip(step, twin[1])),
+                **deviation(out, twin[0])},
             "tokens": tokens, "first_call_s": round(first, 2), "s_per_pass": round(per_pass, 4),
             "useful_tflops": round(pass_flops(*tokens) / per_pass / 1e12, 1),
             "share_of_peak": round(pass_flops(*tokens) / per_pass / 1e12 / peak, 3),
@@ -622,6 +676,8 @@ def measure_levers(worker: Worker, names: list[str], record: dict, out_dir: Path
                          "deviation_from_stock": [deviation(got, want) for got, want in zip(step, reference_step)]},
             "gpu_allocated_gib": round(torch.cuda.memory_allocated() / 2**30, 1),  # all weights on the GPU
         })
+        if profile:
+            results[-1]["kernel_profile"] = kernel_profile(transformer, one)
         print(json.dumps(results[-1]), flush=True)
         write_results(record, out_dir)
     uncompile(transformer)
@@ -825,6 +881,8 @@ def main() -> None:
                              "into FOLDER (27 GB) and read them from there cold, as the worker reads its snapshot")
     parser.add_argument("--start-only", action="store_true",
                         help="stop once ready (the start's stages in the results; tools/start_bench.py runs this)")
+    parser.add_argument("--profile", action="store_true",
+                        help="with --levers: one pass of each lever under torch.profiler, its kernels' GPU time")
     parser.add_argument("--breakdown", action="store_true",
                         help="split each case's inference time: text encoder, transformer passes, VAE, the rest")
     args = parser.parse_args()
@@ -878,6 +936,7 @@ def main() -> None:
                "settings": {"attention_backend": settings.attention_backend, "compile": settings.compile,
                             "caption_decoder": settings.caption_decoder,
                             "quantize": settings.quantize, "fp8_keep_bf16": sorted(settings.fp8_keep_bf16),
+                            "fp8_pack_qkv": settings.fp8_pack_qkv,
                             "cfg_batch": settings.cfg_batch,
                             "memory_mode": pipes.memory_mode},
                "memory_cap": memory_cap, "memory_mode": pipes.memory_mode,
@@ -893,7 +952,7 @@ def main() -> None:
                "weights_gib": round(torch.cuda.memory_allocated() / 2**30, 1),
                "host_memory_after_warmup": host_memory()}
     if args.levers:
-        measure_levers(worker, args.levers.split(","), results, Path(args.out))
+        measure_levers(worker, args.levers.split(","), results, Path(args.out), profile=args.profile)
         return
     if args.start_only:
         write_results(results, Path(args.out))

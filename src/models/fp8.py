@@ -34,6 +34,13 @@ FAST_ACCUMULATION = True
 # the quantization's output). FAST_ACCUMULATION is not part of it: it changes the matmul, not
 # what is stored.
 RECIPE_VERSION = "e4m3-rowwise-amax-v2"
+# FP8_PACK_QKV (src/models/fp8_packed.py): the packed module's name under a block's `attn`,
+# and the three linears it packs, as diffusers' QwenDoubleStreamAttnProcessor2_0 calls
+# them: the image stream's, then the text stream's.
+PACKED_PROJECTIONS = {
+    "packed_qkv": ("to_q", "to_k", "to_v"),
+    "packed_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj"),
+}
 
 
 def rowwise_fp8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,6 +106,11 @@ def prepared_bytes(transformer: torch.nn.Module, keep: tuple[str, ...] | frozens
     (what a LoRA set touching them takes)."""
     total = 0
     for name, parameter in transformer.named_parameters():
+        parts = _packed_parts(name)
+        if parts is not None:  # packed (already FP8): each of its linears' equal share
+            share = len(parts) if only is None else sum(part in only for part in parts)
+            total += parameter.numel() * parameter.element_size() * share // len(parts)
+            continue
         block_linear = _block_linear_name(name)
         if only is not None and block_linear not in only:
             continue
@@ -109,6 +121,15 @@ def prepared_bytes(transformer: torch.nn.Module, keep: tuple[str, ...] | frozens
         else:
             total += parameter.numel() * parameter.element_size()
     return total
+
+
+def _packed_parts(parameter_name: str) -> tuple[str, ...] | None:
+    """'transformer_blocks.3.attn.packed_qkv.weight' -> ('attn.to_q', 'attn.to_k', 'attn.to_v')."""
+    parts = parameter_name.split(".")
+    if parts[0] != "transformer_blocks" or len(parts) != 5 or parts[2] != "attn":
+        return None
+    names = PACKED_PROJECTIONS.get(parts[3])
+    return None if names is None else tuple(f"attn.{name}" for name in names)
 
 
 def _block_linear_name(parameter_name: str) -> str | None:

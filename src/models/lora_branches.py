@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from src.models.fp8 import Fp8Linear
+from src.models.fp8_packed import ProjectionView
 
 _BRANCHED_CLASSES: dict[type, type] = {}
 
@@ -61,9 +62,12 @@ def _parts(adapters: list, module: str) -> list[tuple[torch.Tensor, torch.Tensor
 
 
 def block_linears(transformer: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The linears that get branches: every `torch.nn.Linear` and `Fp8Linear` of the blocks."""
+    """The linears that get branches: every `torch.nn.Linear` and `Fp8Linear` of the blocks,
+    and under FP8_PACK_QKV the packed projections' views (by the linears' own names; the
+    packed module itself is no linear of the model)."""
     return {name: module for name, module in transformer.named_modules()
-            if name.startswith("transformer_blocks.") and _unbranched(type(module)) in (torch.nn.Linear, Fp8Linear)}
+            if name.startswith("transformer_blocks.")
+            and _unbranched(type(module)) in (torch.nn.Linear, Fp8Linear, ProjectionView)}
 
 
 def padded_bytes(transformer: torch.nn.Module, padded_rank: int, dtype: torch.dtype) -> int:

@@ -28,6 +28,7 @@ import torch
 
 from src.models import fp8_loras, weights
 from src.models.fp8 import Fp8Linear
+from src.models.fp8_packed import ProjectionView
 from src.models.memory import HostBlock, HostMemoryError
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,15 @@ def _parameters(module: torch.nn.Module) -> tuple[torch.Tensor, ...]:
     if isinstance(module, Fp8Linear):
         return (module.weight, module.weight_scale)
     return (module.weight,)
+
+
+def _held(module: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+    """The parameters that hold what `_parameters` gives: those themselves, but for a packed
+    projection's linear (FP8_PACK_QKV), whose tensors are rows of its packed module's: the
+    packed ones, whole (a set is held, and pointed at, a parameter at a time)."""
+    if isinstance(module, ProjectionView):
+        return (module.packed.weight, module.packed.weight_scale)
+    return _parameters(module)
 
 
 class ResidentSet:
@@ -158,14 +168,16 @@ def hold(pipeline, fused_loras, adapters: list, identity: tuple, pin: bool,
     originals = fused_loras.take_originals()  # {linear: tensors}; the weights stay fused
     modules = dict(pipeline.transformer.named_modules())
     names = list(originals)
-    parameters = [p for name in names for p in _parameters(modules[name])]
+    linear_tensors = [p for name in names for p in _parameters(modules[name])]  # as `originals`, linear by linear
+    parameters = list(dict.fromkeys(p for name in names for p in _held(modules[name])))  # each one once
+    packed = any(isinstance(modules[name], ProjectionView) for name in names)
     size = sum(HostBlock.sizes(parameters))
     on_device = reserve_device is not None and reserve_device(size)
     need = size if on_device else 2 * size
     available = weights.available_memory_bytes()
     held = sum(t.nbytes for tensors in originals.values() for t in tensors)  # freed as the blocks fill
     if available is not None and need - held > available - HOST_MARGIN_BYTES:
-        _restore(parameters, [t for name in names for t in originals[name]])
+        _restore(linear_tensors, [t for name in names for t in originals[name]])
         copies = "its fused values" if on_device else "its linears twice: fused and base"
         raise HostMemoryError(f"holding the fused set ready needs {need / GB:.1f} GB of CPU memory "
                               f"({len(names)} linears, {copies}); {(available + held) / GB:.1f} GB is available")
@@ -176,7 +188,14 @@ def hold(pipeline, fused_loras, adapters: list, identity: tuple, pin: bool,
         with torch.no_grad():
             for view, parameter in zip(fused.views, parameters):
                 view.copy_(parameter)
-        if not on_device:
+        if packed:  # the base back linear by linear first; the packed tensors hold it whole then
+            _restore(linear_tensors, [t for name in names for t in originals[name]])
+            originals.clear()
+            if not on_device:
+                base = HostBlock(parameters)
+                for view, parameter in zip(base.views, parameters):
+                    view.copy_(parameter)
+        elif not on_device:
             base = HostBlock(parameters)
             views = iter(base.views)
             for name in names:  # one linear at a time: the originals' memory goes as the block fills
@@ -184,9 +203,10 @@ def hold(pipeline, fused_loras, adapters: list, identity: tuple, pin: bool,
                 moved += copied
                 del originals[name]
     except BaseException:
-        _restore(parameters, moved + [t for name in names if name in originals for t in originals[name]])
+        _restore(linear_tensors, moved + [t for name in names if name in originals for t in originals[name]])
         raise
-    _restore(parameters, [t for name in names for t in originals[name]] if on_device else base.views)
+    if not packed:
+        _restore(parameters, [t for name in names for t in originals[name]] if on_device else base.views)
     if pin:
         fused.pin()
         if base is not None:

@@ -24,8 +24,8 @@ from typing import Iterator
 import torch
 from diffusers import QwenImageEditPlusPipeline, QwenImageLayeredPipeline
 
-from src.models import (captioning, fp8, fp8_cache, fp8_loras, image_vae, lora_branches, memory, memory_plan,
-                        upstream_fixes, weights)
+from src.models import (captioning, fp8, fp8_cache, fp8_loras, fp8_packed, image_vae, lora_branches, memory,
+                        memory_plan, upstream_fixes, weights)
 from src.models.acceleration import accelerate, check_supported, enable_context_parallel
 from src.models.lora_switch import LoraSwitch
 from src.models.loras import FusedLoras
@@ -210,6 +210,8 @@ class Pipelines:
         upstream_fixes.apply(pipeline)
         if self.settings.quantize == "fp8":
             fp8.quantize_blocks(pipeline.transformer, self.device, keep=self.settings.fp8_keep_bf16)
+            if self.settings.fp8_pack_qkv:
+                fp8_packed.pack_projections(pipeline.transformer)
         image_vae.for_images(pipeline.vae)  # same pixels, without the video VAE's dead feature cache
         memory.place(pipeline, self.memory_mode, self.device, text_encoder_placed=text_encoder_placed)
         self.accelerate(pipeline.transformer)

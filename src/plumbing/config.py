@@ -138,6 +138,9 @@ class Settings:
     # True CFG's two passes of a step as one batch of two (src/models/cfg_batch.py).
     cfg_batch: bool = False
     fp8_keep_bf16: frozenset[str] = frozenset(DEFAULT_FP8_KEEP_BF16)
+    # With QUANTIZE=fp8: each attention's Q/K/V triples (image and text stream) as one FP8
+    # matmul with one activation quantization (src/models/fp8_packed.py).
+    fp8_pack_qkv: bool = False
     # With QUANTIZE=fp8: load the block linears pre-quantized from FP8_CACHE_DIR when a cache
     # of this snapshot and recipe is there (src/models/fp8_cache.py), instead of reading bf16 and quantizing.
     fp8_cache: bool = True
@@ -204,6 +207,7 @@ class Settings:
             # "none": every block linear in FP8 (about 8.4 GiB less than the default).
             fp8_keep_bf16=reader.names("FP8_KEEP_BF16", ",".join(DEFAULT_FP8_KEEP_BF16),
                                        BLOCK_LINEARS + ("none",)) - {"none"},
+            fp8_pack_qkv=reader.choice("FP8_PACK_QKV", "off", ("on", "off")) == "on",
             fp8_cache=reader.choice("FP8_CACHE", "on", ("on", "off")) == "on",
             fp8_cache_dir=Path(reader.text("FP8_CACHE_DIR", str(hf_home / FP8_CACHE_FOLDER))),
             memory_mode=reader.choice("MEMORY_MODE", "auto", ("auto", "resident", "text_offload", "offload")),
