@@ -160,7 +160,7 @@ def hold(pipeline, fused_loras, adapters: list, identity: tuple, pin: bool,
     if fused_loras.fuses_fp8 and reserve_device is not None:
         modules = dict(pipeline.transformer.named_modules())
         names = fp8_loras.touched_linears(pipeline.transformer, adapters)
-        parameters = [p for name in names for p in _parameters(modules[name])]
+        parameters = list(dict.fromkeys(p for name in names for p in _held(modules[name])))  # each one once
         if reserve_device(sum(HostBlock.sizes(parameters))):
             return _hold_on_device(pipeline, fused_loras, adapters, identity, pin, names, parameters, start)
         reserve_device = None  # asked once: no room there
@@ -236,16 +236,28 @@ def _hold_on_device(pipeline, fused_loras, adapters: list, identity: tuple, pin:
         raise HostMemoryError(f"holding the fused set ready needs {size / GB:.1f} GB of CPU memory "
                               f"({len(names)} linears, its fused values); {available / GB:.1f} GB is available")
     on_device = HostBlock(parameters, device=parameters[0].device)
-    views = iter(on_device.views)
+    view_of = {id(parameter): view for parameter, view in zip(parameters, on_device.views)}
     with torch.no_grad():
-        for _, _, tensors in fused_loras.fused_linears(pipeline, adapters):
-            for value in tensors:
-                next(views).copy_(value)
+        # The base values first: the rows of a packed projection the set leaves alone keep them.
+        for parameter, view in zip(parameters, on_device.views):
+            view.copy_(parameter)
+        for _, module, tensors in fused_loras.fused_linears(pipeline, adapters):
+            for target, value in zip(_slots(module, view_of), tensors):
+                target.copy_(value)
     if on_device.block.device.type == "cuda":
         torch.cuda.synchronize()
     log.info("LoRA set held ready on the GPU: %d linears, %.1f GB, fused there in %.1f s (copied out to CPU "
              "memory only if a job needs the room)", len(names), size / GB, time.perf_counter() - start)
     return PointedSet(identity, len(names), parameters, None, on_device=on_device, pin=pin)
+
+
+def _slots(module: torch.nn.Module, view_of: dict[int, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Where a linear's `_parameters` sit in a block of `_held` tensors (`view_of`: by the
+    held tensor's id): a packed projection's are its rows of the packed views."""
+    if isinstance(module, ProjectionView):
+        rows = module.packed.rows(module.index)
+        return view_of[id(module.packed.weight)][rows], view_of[id(module.packed.weight_scale)][:, rows]
+    return tuple(view_of[id(parameter)] for parameter in _parameters(module))
 
 
 def _copied_out(on_device: HostBlock, parameters: list[torch.Tensor], pin: bool) -> HostBlock:
