@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import gc
 import json
 import math
 import os
@@ -586,6 +587,10 @@ def set_precision(transformer, recipe: tuple[str, ...] | None, named: NamedRando
     from src.models.fp8_packed import pack_projections, unpack_projections
 
     unpack_projections(transformer)
+    # Whatever of the last set waits for the collector goes before the next is made: on the
+    # H100 (80 GB) going back from FP8 to bf16 ran out of memory (2026-12-05).
+    gc.collect()
+    torch.cuda.empty_cache()
     with torch.no_grad():
         for name, module in list(transformer.named_modules()):
             if isinstance(module, Fp8Linear):
@@ -638,6 +643,7 @@ def measure_levers(worker: Worker, names: list[str], record: dict, out_dir: Path
         keep = None if recipe is None else recipes[recipe]
         uncompile(transformer)
         if (keep, packed) != precision:
+            print(f"{name}: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated before setting precision", flush=True)
             set_precision(transformer, keep, worker.pipes.named_weights, worker.pipes.device, packed)
             precision = (keep, packed)
         transformer.set_attention_backend(ATTENTION_BACKENDS[attention])
