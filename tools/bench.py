@@ -58,7 +58,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import gc
 import json
 import math
 import os
@@ -587,10 +586,6 @@ def set_precision(transformer, recipe: tuple[str, ...] | None, named: NamedRando
     from src.models.fp8_packed import pack_projections, unpack_projections
 
     unpack_projections(transformer)
-    # Whatever of the last set waits for the collector goes before the next is made: on the
-    # H100 (80 GB) going back from FP8 to bf16 ran out of memory (2026-12-05).
-    gc.collect()
-    torch.cuda.empty_cache()
     with torch.no_grad():
         for name, module in list(transformer.named_modules()):
             if isinstance(module, Fp8Linear):
@@ -626,6 +621,7 @@ def measure_levers(worker: Worker, names: list[str], record: dict, out_dir: Path
                    profile: bool = False) -> None:
     """Each lever's figures into `record["levers"]`, written after each (a run cut short keeps them)."""
     from src.models.acceleration import ATTENTION_BACKENDS
+    from src.models.fp8_packed import pack_projections, unpack_projections
     from src.plumbing.config import FP8_RECIPES
 
     transformer = worker.pipes.edit.transformer
@@ -642,8 +638,12 @@ def measure_levers(worker: Worker, names: list[str], record: dict, out_dir: Path
         attention, compiled, recipe, batched, packed = LEVERS[name]
         keep = None if recipe is None else recipes[recipe]
         uncompile(transformer)
-        if (keep, packed) != precision:
-            print(f"{name}: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated before setting precision", flush=True)
+        if precision is not None and keep is not None and precision[0] == keep and precision[1] != packed:
+            # The same FP8 linears, only (un)packed: no round trip through bf16, which ran out
+            # of memory on the H100 (80 GB) going back from FP8 (2026-12-05).
+            (pack_projections if packed else unpack_projections)(transformer)
+            precision = (keep, packed)
+        elif (keep, packed) != precision:
             set_precision(transformer, keep, worker.pipes.named_weights, worker.pipes.device, packed)
             precision = (keep, packed)
         transformer.set_attention_backend(ATTENTION_BACKENDS[attention])
