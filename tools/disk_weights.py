@@ -16,8 +16,8 @@ The Lightning files (tools/bench.py's random rank-64 LoRA) go where the worker l
 and, in the bf16 snapshot, the tensors it takes by key. The bf16 weights of the quantized
 linears are left as holes (sparse files: the header and size as published, no disk blocks):
 the bf16 edit set and its FP8 cache together (72 GB) do not fit the device's 64 GiB disk.
-Only the Lightning fuse reads those holes (as zeros, from no disk): its 27 GB of reading is
-missing from such a start, and docs/performance.md says so. `--precision bf16` afterwards
+Only the FP8 Lightning fuse reads those holes: they read as zeros, which fail its check against
+the FP8 cache, so a `PRELOAD=…,lightning` FP8 start cannot run from this layout. `--precision bf16` afterwards
 fills the holes in place and removes the FP8 cache: the full bf16 snapshot, 58 GB; `--precision
 fp8` over a bf16 layout punches the holes (fallocate) and writes the FP8 cache.
 
