@@ -28,21 +28,31 @@ def test_the_stage_clock_keeps_the_text_encoders_signature_for_stock_captioning(
     assert report["text_encoder"] > 0 and report["transformer"] > 0 and report["vae_decode"] > 0
 
 
-def test_levers_move_between_fp8_recipes_and_back_to_the_bf16_weights(hf_home):
-    """`--levers` measures every recipe in one run: the block linears go back to their bf16
-    values (the named random weights) between recipes, so each recipe quantizes the same weights."""
+def named_transformer(hf_home):
+    """The tiny edit transformer in bf16 with the bench's named random weights written in,
+    those weights, and a copy of its state."""
     import torch
     from diffusers import QwenImageTransformer2DModel
 
-    from src.models.fp8 import Fp8Linear
-    from src.plumbing.config import FP8_RECIPES
-    from tools.bench import NamedRandomWeights, set_precision
+    from tools.bench import NamedRandomWeights
 
     folder = next((hf_home / "hub" / "models--Qwen--Qwen-Image-Edit-2511" / "snapshots").iterdir()) / "transformer"
     transformer = QwenImageTransformer2DModel.from_pretrained(folder, torch_dtype=torch.bfloat16).eval()
     named = NamedRandomWeights(transformer, device="cpu")
     named.write_into(transformer)
-    original = {name: value.clone() for name, value in transformer.state_dict().items()}
+    return transformer, named, {name: value.clone() for name, value in transformer.state_dict().items()}
+
+
+def test_levers_move_between_fp8_recipes_and_back_to_the_bf16_weights(hf_home):
+    """`--levers` measures every recipe in one run: the block linears go back to their bf16
+    values (the named random weights) between recipes, so each recipe quantizes the same weights."""
+    import torch
+
+    from src.models.fp8 import Fp8Linear
+    from src.plumbing.config import FP8_RECIPES
+    from tools.bench import set_precision
+
+    transformer, named, original = named_transformer(hf_home)
     blocks = len(transformer.transformer_blocks)
     for recipe in ("sglang", "all", "vllm-omni", "modulation"):
         set_precision(transformer, FP8_RECIPES[recipe], named, torch.device("cpu"))
@@ -58,18 +68,13 @@ def test_levers_pack_and_unpack_the_projections_between_levers(hf_home):
     """A packed lever (FP8_PACK_QKV) and the next unpacked one quantize the same weights:
     set_precision unpacks first, so packed and unpacked levers run in any order."""
     import torch
-    from diffusers import QwenImageTransformer2DModel
 
     from src.models.fp8 import Fp8Linear
     from src.models.fp8_packed import PackedFp8Linear
     from src.plumbing.config import FP8_RECIPES
-    from tools.bench import LEVERS, PACKED_SUFFIX, NamedRandomWeights, set_precision
+    from tools.bench import LEVERS, PACKED_SUFFIX, set_precision
 
-    folder = next((hf_home / "hub" / "models--Qwen--Qwen-Image-Edit-2511" / "snapshots").iterdir()) / "transformer"
-    transformer = QwenImageTransformer2DModel.from_pretrained(folder, torch_dtype=torch.bfloat16).eval()
-    named = NamedRandomWeights(transformer, device="cpu")
-    named.write_into(transformer)
-    original = {name: value.clone() for name, value in transformer.state_dict().items()}
+    transformer, named, original = named_transformer(hf_home)
     blocks = len(transformer.transformer_blocks)
     set_precision(transformer, FP8_RECIPES["sglang"], named, torch.device("cpu"))
     unpacked = {name: value.clone() for name, value in transformer.state_dict().items()}
