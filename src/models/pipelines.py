@@ -26,8 +26,8 @@ from diffusers import QwenImageEditPlusPipeline, QwenImageLayeredPipeline
 
 from src.models import (captioning, fp8, fp8_cache, fp8_loras, fp8_packed, image_vae, lora_branches, memory,
                         memory_plan, upstream_fixes, weights)
-from src.models.early_read import EarlyRead, edit_folders, layered_folders
 from src.models.acceleration import accelerate, check_supported, enable_context_parallel
+from src.models.early_read import EarlyRead, edit_folders, layered_folders
 from src.models.lora_switch import LoraSwitch
 from src.models.loras import FusedLoras
 from src.models.shared_components import SHARED_COMPONENTS, own_components
