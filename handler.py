@@ -14,7 +14,6 @@ import runpod
 
 from src.job.redaction import RedactingFilter
 from src.plumbing.config import ConfigError, Settings
-from src.serving.deadline import JobGuard
 
 log = logging.getLogger("worker")
 
@@ -53,7 +52,6 @@ def main() -> None:
     try:
         log_level = log_level_from_env(os.environ)
         settings = Settings.from_env(os.environ)
-        guard = JobGuard(settings.job_timeout_s)
     except ConfigError as exc:
         start_failed(str(exc))
     # force: importing runpod already configured the root logger (INFO, in rp_upload),
@@ -89,36 +87,50 @@ def main() -> None:
         except Exception as exc:
             start_failed(f"DOWNLOAD_MODELS=missing: {type(exc).__name__}: {exc}")
 
+    # 3. WEIGHTS_PREFETCH: the weights the load will read start going into the page cache now, so
+    #    they are read while the libraries below import (src/models/early_read.py imports no torch).
+    #    Only an optimization: where it cannot start, the load reads them itself.
+    from src.models.early_read import read_at_start
+
+    try:
+        early_read = read_at_start(settings)
+    except Exception as exc:
+        log.warning("weights read-ahead not started before the imports (%s: %s)", type(exc).__name__, exc)
+        early_read = None
+
     import diffusers
     import transformers
 
     import torch
 
     from src.models.weights import ModelNotFound
+    from src.serving.deadline import JobGuard
     from src.serving.parallel import Leader, ParallelPlan, StartFailed
     from src.serving.worker import Worker  # imports torch and diffusers: after logging is set up
+
+    guard = JobGuard(settings.job_timeout_s)
 
     # Their per-call notices (e.g. "guidance_scale is ignored") would repeat on every job.
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
 
-    # 3. Load and warm up: on several GPUs, one process per GPU (src/serving/parallel.py).
-    #    A start that cannot serve exits non-zero with one line.
+    # 4. Load and warm up: on several GPUs, one process per GPU (src/serving/parallel.py), the
+    #    read-ahead in this one. A start that cannot serve exits non-zero with one line.
     try:
         plan = ParallelPlan.from_env(os.environ, torch.cuda.device_count())
         if plan.enabled:
-            leader = Leader.launch(settings, plan)
+            leader = Leader.launch(settings, plan, early_read)
             atexit.register(leader.shutdown)
             worker, run_job = leader.worker, leader.handle
         else:
-            worker = Worker.start(settings)
+            worker = Worker.start(settings, early_read)
             run_job = worker.handle
     except (ConfigError, ModelNotFound, StartFailed) as exc:
         start_failed(str(exc))
     except Exception as exc:
         start_failed(f"{type(exc).__name__}: {exc}")
 
-    # 4. Serve, each job under JOB_TIMEOUT_S (the Layered pipeline may load during a job).
+    # 5. Serve, each job under JOB_TIMEOUT_S (the Layered pipeline may load during a job).
     def handle(job: dict) -> dict:
         for pipeline in loaded_pipelines(worker):
             guard.watch(pipeline)

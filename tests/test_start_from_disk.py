@@ -44,8 +44,13 @@ def test_the_written_layout_starts_the_worker_from_disk_in_fp8_then_bf16(hf_home
                                    "seconds": start["fp8_loads"][0]["seconds"],
                                    "bytes_read": start["fp8_loads"][0]["bytes_read"]}]
     ahead = [report for report in start["weights_read"]["reports"] if report["how"] == "read-ahead"]
-    # The read-ahead leaves the transformer to the FP8 cache: the text encoder's and VAE's files.
-    assert sum(report["bytes"] for report in ahead) == weight_bytes(snapshot / "text_encoder", snapshot / "vae")
+    # The read-ahead reads the FP8 cache instead of the transformer, beside the text encoder's and
+    # VAE's files, and begins before handler.py imports torch (src/models/early_read.py).
+    cache_bytes = sum(path.stat().st_size for path in (home / "qwen-fp8").rglob("fp8-*.safetensors"))
+    assert cache_bytes > 0
+    assert sum(report["bytes"] for report in ahead) == weight_bytes(snapshot / "text_encoder",
+                                                                    snapshot / "vae") + cache_bytes
+    assert start["read_began_s"] < start["torch_import_began_s"]
     assert start["stages_s"]["read"] > 0 and start["ready_s"] >= start["stages_s"]["load"]
     assert start["settings"] == {"QUANTIZE": "fp8", "DEVICE": "cpu", "PRELOAD": "edit"}
     assert start["compile_cache"] == "off"
@@ -56,6 +61,8 @@ def test_the_written_layout_starts_the_worker_from_disk_in_fp8_then_bf16(hf_home
     start = start_from_disk(home, tmp_path / "out", "bf16")
     assert "error" not in start, start
     assert start["fp8_loads"] == []
+    assert start["read_began_s"] < start["torch_import_began_s"]
+    # Each file read once: the load took the early read over.
     assert start["weights_read"]["bytes"] == weight_bytes(*(snapshot / name for name in
                                                             ("transformer", "text_encoder", "vae")))
     assert json.loads((home / LAYOUT_FILE).read_text())["precision"] == "bf16"

@@ -7,23 +7,27 @@ Worker.start: the weights read from HF_HOME, prepared, warmed up, the LoRAs prep
 stops where it would start serving: runpod.serverless.start is replaced by a function
 that notes the time (ready) and returns (where the runpod package is missing, as on the
 GPU machine, a stand-in module gives main() the two names it uses). Nothing else is replaced; the timings come from
-wrappers that call through:
+wrappers that call through, put in place as main() imports the modules (an import hook), so
+this probe imports nothing heavy before main() does:
 
-- `read`: the wall-clock span in which weight files were being read during the load: the
-  read-ahead (WEIGHTS_PREFETCH, weights.prefetch on its thread) and the FP8 cache's loads
-  (fp8_cache.load_transformer), their intervals joined. It is part of `load` and overlaps
-  building and moving the models.
+- `read`: the wall-clock span in which weight files were being read: the read-ahead
+  (WEIGHTS_PREFETCH, read_ahead.prefetch on its thread; handler.py begins it before the
+  imports, src/models/early_read.py) and the FP8 cache's loads (fp8_cache.load_transformer),
+  their intervals joined. It overlaps `imports` (the early read) and `load` (building and
+  moving the models); `read_began_s` and `torch_import_began_s` say where it began.
 - `quantize_move`: seconds inside Pipelines.prepare (FP8 quantization, placement on the
   GPU), also part of `load`.
 - the worker's own `startup_s` (load, warmup, loras, ...) as it logs them, and `imports`:
   from the process's start (START_BENCH_T0, set by the parent) to Worker.start.
-- bytes this process read from disk (/proc/self/io read_bytes, all threads) during the
-  load and after it (the LoRA preparation reads the published weights under FP8).
+- bytes this process read from disk (/proc/self/io read_bytes, all threads) before the load
+  (the early read), during it and after it (the LoRA preparation reads the published weights under FP8).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.abc
+import importlib.util
 import json
 import os
 import sys
@@ -56,6 +60,33 @@ def joined_length(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+class ImportWatch(importlib.abc.MetaPathFinder):
+    """Calls `on_import(name)` as module `name` begins importing (before its code runs) and
+    `after_import(name)` once it has."""
+
+    def __init__(self, names: tuple[str, ...], on_import, after_import):
+        self.names, self.on_import, self.after_import = set(names), on_import, after_import
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in self.names:
+            return None
+        self.names.discard(fullname)
+        self.on_import(fullname)
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            sys.meta_path.insert(0, self)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            self.after_import(fullname)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
 class StartProbe:
     """The wrappers' records of one start."""
 
@@ -67,6 +98,7 @@ class StartProbe:
         self.worker_start_at: float | None = None
         self.load_span: tuple[float, float] | None = None
         self.io: dict[str, int] = {}
+        self.torch_import_at: float | None = None
         self.worker = None
         self.ready_at: float | None = None
         self.sdk = "runpod"
@@ -80,14 +112,11 @@ class StartProbe:
             runpod.serverless = types.SimpleNamespace()
             self.sdk = "stand-in: the runpod package is not installed (its import time is not in `imports`)"
 
-        from src.models import fp8_cache, weights
-        from src.models.pipelines import Pipelines
-        from src.serving.worker import Worker
+        from src.models import read_ahead  # no torch: handler.py reads ahead before importing it
 
         probe = self
-        prefetch, load_transformer = weights.prefetch, fp8_cache.load_transformer
-        prepare, load = Pipelines.prepare, Pipelines.load
-        start = Worker.start.__func__
+        prefetch = read_ahead.prefetch
+        self.io["start"] = disk_read_bytes()
 
         def timed_prefetch(files):
             begin = time.time()
@@ -95,6 +124,30 @@ class StartProbe:
             probe.reads.append((begin, time.time()))
             probe.read_reports.append({"how": "read-ahead", **report})
             return report
+
+        def ready(config):  # where handler.py would start serving
+            probe.ready_at = time.time()
+            probe.io["ready"] = disk_read_bytes()
+
+        def noted(name):
+            if name == "torch":
+                probe.torch_import_at = time.time()
+
+        read_ahead.prefetch = timed_prefetch
+        runpod.serverless.start = ready
+        sys.meta_path.insert(0, ImportWatch(("torch", "src.serving.worker"), noted,
+                                            lambda name: name == "src.serving.worker" and self.install_load()))
+
+    def install_load(self) -> None:
+        """The wrappers of the load, once handler.main() has imported the worker."""
+        from src.models import fp8_cache
+        from src.models.pipelines import Pipelines
+        from src.serving.worker import Worker
+
+        probe = self
+        load_transformer = fp8_cache.load_transformer
+        prepare, load = Pipelines.prepare, Pipelines.load
+        start = Worker.start.__func__
 
         def timed_cache_load(*args, **kwargs):
             begin = time.time()
@@ -120,20 +173,14 @@ class StartProbe:
                 probe.load_span = (begin, time.time())
                 probe.io["after_load"] = disk_read_bytes()
 
-        def noted_start(cls, settings):
+        def noted_start(cls, settings, *args, **kwargs):
             probe.worker_start_at = time.time()
-            probe.worker = start(cls, settings)
+            probe.worker = start(cls, settings, *args, **kwargs)
             return probe.worker
 
-        def ready(config):  # where handler.py would start serving
-            probe.ready_at = time.time()
-            probe.io["ready"] = disk_read_bytes()
-
-        weights.prefetch = timed_prefetch
         fp8_cache.load_transformer = timed_cache_load
         Pipelines.prepare, Pipelines.load = timed_prepare, timed_load
         Worker.start = classmethod(noted_start)
-        runpod.serverless.start = ready
 
     def result(self) -> dict:
         worker = self.worker
@@ -144,7 +191,8 @@ class StartProbe:
                   "read": round(joined_length(self.reads), 1) if self.reads else None,
                   "quantize_move": round(self.prepare_s, 1)}
         stages.update({names.get(key, key): value for key, value in startup.items()})
-        gb = {"load": (self.io["after_load"] - self.io["before_load"]) / 1e9,
+        gb = {"before_load": (self.io["before_load"] - self.io["start"]) / 1e9,
+              "load": (self.io["after_load"] - self.io["before_load"]) / 1e9,
               "after_load": (self.io["ready"] - self.io["after_load"]) / 1e9}
         read_bytes = sum(report.get("bytes", 0) for report in self.read_reports if not report.get("skipped"))
         import torch
@@ -154,6 +202,8 @@ class StartProbe:
         pipes = worker.pipes
         return {"gpu": device_name(pipes.device), "torch": torch.__version__,
                 "ready_s": round(self.ready_at - self.t0, 1), "stages_s": stages,
+                "read_began_s": round(min(self.reads)[0] - self.t0, 2) if self.reads else None,
+                "torch_import_began_s": round(self.torch_import_at - self.t0, 2) if self.torch_import_at else None,
                 "disk_read_gb": {key: round(value, 2) for key, value in gb.items()},
                 "weights_read": {"bytes": read_bytes, "reports": self.read_reports,
                                  "gb_per_s": round(read_bytes / 1e9 / joined_length(self.reads), 2)

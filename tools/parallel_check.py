@@ -67,6 +67,15 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s rank0 %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {"HF_HOME": args.hf_home, "DEVICE": args.device, "PARALLEL": str(args.ranks),
+           "LORA_CACHE_DIR": str(out / "lora-cache"),
+           "ALLOW_PRIVATE_URLS": "true"}  # its jobs' buckets are on loopback
+    settings = Settings.from_env(env)
+    from src.models.early_read import read_at_start
+
+    early_read = read_at_start(settings)  # as handler.py: begun before the imports, read by rank 0 alone
     import diffusers
     import torch
     import transformers
@@ -76,25 +85,20 @@ def main() -> int:
 
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    env = {"HF_HOME": args.hf_home, "DEVICE": args.device, "PARALLEL": str(args.ranks),
-           "LORA_CACHE_DIR": str(out / "lora-cache"),
-           "ALLOW_PRIVATE_URLS": "true"}  # its jobs' buckets are on loopback
-    settings = Settings.from_env(env)
     plan = ParallelPlan.from_env(env, torch.cuda.device_count())
     report: dict = {"ranks": plan.world_size, "device_type": plan.device_type, "jobs": {}}
 
     start = time.perf_counter()
     try:
-        leader = Leader.launch(settings, plan) if plan.enabled else None
+        leader = Leader.launch(settings, plan, early_read) if plan.enabled else None
     except StartFailed as exc:
         print(f"start failed: {exc}", file=sys.stderr)
         return 2
-    worker = leader.worker if leader else Worker.start(settings)
+    worker = leader.worker if leader else Worker.start(settings, early_read)
     handle = leader.handle if leader else worker.handle
     report["start_s"] = round(time.perf_counter() - start, 2)
     report["startup_s"] = {stage: round(seconds, 2) for stage, seconds in worker.startup_s.items()}
+    report["rank0_prefetched"] = worker.pipes.prefetched
     seen: dict = {}
     watch_tokens(worker.pipes.edit.transformer, seen)
 
@@ -129,6 +133,8 @@ def main() -> int:
         "bad input refused": "num_inference_steps" in report["jobs"]["bad_input"].get("error", ""),
         "the next job ran, with the same bytes": images.get("edit_again") == images.get("edit") is not None,
         "other ranks exited with 0": all(code == 0 for code in report["follower_exit_codes"]),
+        # WEIGHTS_PREFETCH (on by default): one read, the early one, which rank 0's load took over.
+        "rank 0's load took the early read over": len(worker.pipes.prefetched) == (early_read is not None),
     }
     if plan.enabled and seen:
         # Ulysses: each rank's attention gets its share of the tokens (the first ranks

@@ -21,7 +21,8 @@ the HF cache, on local disk) the process is `tools/handler_start.py`: handler.py
 start with HF_HOME there, stopped where it would start serving. Before each start the
 layout's files and the compile cache's are dropped from the page cache (fsync, then
 posix_fadvise DONTNEED per file): the weights come off the disk. `stages_s.read` is the
-span the weight files were being read in (within `load`, overlapping `quantize_move`).
+span the weight files were being read in: from handler.py's early read-ahead, during the
+imports, to the load's last read (overlapping `imports`, `load` and `quantize_move`).
 
 Writes `<out>/<gpu>-<date>-<label>.json` with a list `starts` of {label, settings,
 compile_cache, ready_s, stages_s}.

@@ -44,12 +44,13 @@ from pathlib import Path
 import torch
 
 from src.models import fp8, weights
+from src.models.early_read import FP8_MANIFEST, fp8_revision_folder
 from src.models.weights import locate  # which snapshot the worker loads: refs/main, offline
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # the folder's layout and manifest; part of the recipe
-MANIFEST = "manifest.json"
+MANIFEST = FP8_MANIFEST  # named where the early read-ahead finds the cache without torch
 SHARD_PREFIX = "fp8-"
 # Shards of about this size: several files read in parallel, and a build holds one linear at a time.
 SHARD_BYTES = 2 * 1000**3
@@ -74,7 +75,7 @@ def recipe_id(spec: dict) -> str:
 
 
 def cache_folder(root: Path, repo_id: str, revision: str, spec: dict) -> Path:
-    return root / repo_id.replace("/", "--") / revision / recipe_id(spec)
+    return fp8_revision_folder(root, repo_id, revision) / recipe_id(spec)
 
 
 # -- The transformer without weights -----------------------------------------------------------
@@ -175,8 +176,8 @@ def find(root: Path, repo_id: str, revision: str, spec: dict,
 
 def _what_is_there(root: Path, repo_id: str, revision: str, spec: dict) -> str:
     """What caches of `repo_id` there are instead, for the log line."""
-    repo = root / repo_id.replace("/", "--")
-    here = repo / revision
+    here = fp8_revision_folder(root, repo_id, revision)
+    repo = here.parent
     others = sorted(p.name for p in here.iterdir() if p.is_dir()) if here.is_dir() else []
     if others:
         recipes = []

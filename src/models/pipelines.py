@@ -27,6 +27,7 @@ from diffusers import QwenImageEditPlusPipeline, QwenImageLayeredPipeline
 from src.models import (captioning, fp8, fp8_cache, fp8_loras, fp8_packed, image_vae, lora_branches, memory,
                         memory_plan, upstream_fixes, weights)
 from src.models.acceleration import accelerate, check_supported, enable_context_parallel
+from src.models.early_read import EarlyRead, edit_folders, layered_folders
 from src.models.lora_switch import LoraSwitch
 from src.models.loras import FusedLoras
 from src.models.shared_components import SHARED_COMPONENTS, own_components
@@ -59,8 +60,10 @@ def device_name(device: torch.device) -> str:
 class Pipelines:
     """The edit pipeline, loaded at start, and the Layered pipeline, at start or on first use."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, early_read: EarlyRead | None = None):
         self.settings = settings
+        # The start's read-ahead begun before the imports (src/models/early_read.py), taken over by reading_ahead.
+        self.early_read = early_read
         self.device = resolve_device(settings.device)
         check_supported(settings.quantize, self.device)  # before minutes of loading
         self.dtype = dtype_for(self.device)
@@ -102,7 +105,7 @@ class Pipelines:
         log.info("loading %s@%s onto %s (%s)", self.edit_ref.repo_id, self.edit_ref.revision[:12],
                  self.device, self.dtype)
         cache = self.fp8_cache_for(self.edit_ref)
-        with self.reading_ahead(*self.weight_folders(self.edit_ref.path, ("transformer",) if cache else ())):
+        with self.reading_ahead("edit", *edit_folders(self.edit_ref.path, cache is not None)):
             self.edit = self.load_edit()
             self.arrange_memory()
             self.prepare(self.edit)  # the copies to the GPU, while later files are still being read
@@ -111,21 +114,22 @@ class Pipelines:
         return time.perf_counter() - start
 
     @contextmanager
-    def reading_ahead(self, *folders: Path) -> Iterator[None]:
+    def reading_ahead(self, pipeline: str, *folders: Path) -> Iterator[None]:
         """WEIGHTS_PREFETCH: the weight files in `folders` read on a background thread while
-        the body loads them, and waited for at its end (not after a failure)."""
-        reading = (weights.read_ahead(weights.weight_files(*folders))
-                   if weights.should_prefetch(self.settings.weights_prefetch, self.settings.hf_home) else None)
+        the body loads them, and waited for at its end (not after a failure). Where the start's
+        early read has `pipeline`'s files under way, its read is taken over and only the files
+        it lacks are read here: no file is read twice, and `prefetched` holds each read's report."""
+        if not weights.should_prefetch(self.settings.weights_prefetch, self.settings.hf_home):
+            yield
+            return
+        early = self.early_read.take(pipeline) if self.early_read is not None else None
+        readings = [early[1]] if early is not None else []
+        already = set(early[0]) if early is not None else set()
+        rest = [path for path in weights.weight_files(*folders) if path not in already]
+        if rest or early is None:
+            readings.append(weights.read_ahead(rest))
         yield
-        if reading is not None:
-            self.prefetched.append(reading.result())
-
-    @staticmethod
-    def weight_folders(snapshot: Path, leave_out: tuple[str, ...]) -> tuple[Path, ...]:
-        """What the read-ahead reads of `snapshot`: all of it, or its folders but `leave_out`."""
-        if not leave_out:
-            return (snapshot,)
-        return tuple(path for path in sorted(snapshot.iterdir()) if path.is_dir() and path.name not in leave_out)
+        self.prefetched.extend(reading.result() for reading in readings)
 
     def fp8_cache_for(self, ref: ModelRef) -> fp8_cache.Cache | None:
         """The FP8 cache of `ref`'s transformer when QUANTIZE=fp8, FP8_CACHE=on and one matches
@@ -231,9 +235,8 @@ class Pipelines:
                 self.swap.leave(self.edit.transformer)
             # Its own text encoder, unless it differs from the edit model's, is not read either.
             cache = self.fp8_cache_for(self.layered_ref)
-            folders = ("transformer", "vae") + (("text_encoder",) if own_text_encoder else ())
-            folders = folders[1:] if cache else folders
-            with self.reading_ahead(*(self.layered_ref.path / folder for folder in folders)):
+            with self.reading_ahead("layered", *layered_folders(self.layered_ref.path, own_text_encoder,
+                                                                cache is not None)):
                 layered = self.load_layered()
                 self.prepare(layered, text_encoder_placed=not own_text_encoder)
             # Empty prompts are captioned by CAPTION_DECODER whenever Layered is loaded (at start

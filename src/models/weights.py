@@ -1,175 +1,32 @@
-"""Reading the weight files ahead of diffusers' memory-mapped loads (`WEIGHTS_PREFETCH`).
+"""Tensors read by key from safetensors files (`stored_tensors`, `read_tensors`), without
+memory-mapping, in large reads on a few threads. The FP8 cache (src/models/fp8_cache.py) takes
+the transformer's unquantized tensors from the snapshot this way, never touching the bytes of
+the block linears it has in FP8; the same reads give a touched linear's bf16 original back
+from the snapshot.
 
-diffusers and transformers load safetensors through mmap: every tensor copied to the
-GPU faults its pages in, a few at a time, in the order the model asks for them. On a
-local disk that costs 1.3x a plain read (docs/performance.md); on network storage (a RunPod
-network volume) each fault is a round trip. Prefetching reads every weight file front
-to back in large chunks, several files at once, into the page cache, on a background
-thread while the loader runs: the loader's mmap reads then find their pages in memory,
-and its copies to the GPU overlap the reading of later files. On by default: on the
-H100's local disk it took a cold start from 1.28x to 1.15x a plain read (docs/performance.md),
-and on network storage it replaces page faults with large parallel reads. `auto` keeps
-it to network filesystems. Skipped when the files would not fit in available memory
-(the page cache would drop them again).
-
-Also here: tensors read by key from safetensors files (`stored_tensors`, `read_tensors`),
-without memory-mapping, in large reads on a few threads. The FP8 cache (src/models/fp8_cache.py)
-takes the transformer's unquantized tensors from the snapshot this way, never touching the
-bytes of the block linears it has in FP8; the same reads give a touched linear's bf16
-original back from the snapshot.
-
-And first of all, where those files are: `locate` finds a model's snapshot in the HF cache
-(its refs/main), offline, for the loader, the FP8 cache and LoRAs named by repo id.
+Also offered here, from their torch-free homes (the start's early read-ahead runs before torch
+is imported): where a model's files are (`locate`, src/models/snapshots.py) and the read-ahead
+of weight files into the page cache (`WEIGHTS_PREFETCH`, src/models/read_ahead.py).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import struct
-import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import torch
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
-log = logging.getLogger(__name__)
-
-CHUNK_BYTES = 64 * 1024**2
-PARALLEL_FILES = 4  # network filesystems serve several streams faster than one
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
-# Filesystem types (as /proc/mounts names them) whose reads go over a network.
-NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "lustre", "9p", "fuse", "beegfs",
-                       "gpfs", "wekafs")
-
-
-class ModelNotFound(RuntimeError):
-    pass
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    repo_id: str
-    revision: str
-    path: Path
-
-    def describe(self) -> dict:
-        return {"id": self.repo_id, "revision": self.revision}
-
-
-def locate(repo_id: str, hf_home: Path) -> ModelRef:
-    """The cached snapshot of `repo_id` (its refs/main), without touching the network."""
-    cache_dir = hf_home / "hub"
-    try:
-        path = Path(snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True))
-    except IncompleteSnapshotError as exc:
-        # The cache's listing of the repo names files this snapshot lacks: Layered's text
-        # encoder, tokenizer and processor are left out on purpose where they are the edit
-        # model's (src/models/shared_components.py). A file that is really missing fails the load
-        # that needs it, naming it.
-        log.info("%s: the cached snapshot lacks files its listing names; using it as it is", repo_id)
-        path = Path(exc.snapshot_path)
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
-        raise ModelNotFound(
-            f"model {repo_id} is not in the Hugging Face cache at {cache_dir}; "
-            f"fetch it with: python tools/download_models.py --hf-home {hf_home}, or start with DOWNLOAD_MODELS=missing"
-        ) from None
-    return ModelRef(repo_id=repo_id, revision=path.name, path=path)
-
-
-def filesystem_of(path: Path, mounts: str) -> str:
-    """The type of the filesystem holding `path`, from /proc/mounts' text (longest mount point wins)."""
-    best, best_type = "", ""
-    target = str(path.resolve())
-    for line in mounts.splitlines():
-        fields = line.split()
-        if len(fields) < 3:
-            continue
-        mount_point = fields[1].replace("\\040", " ")
-        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
-        if inside and len(mount_point) > len(best):
-            best, best_type = mount_point, fields[2]
-    return best_type
-
-
-def is_network(filesystem: str) -> bool:
-    return filesystem.split(".")[0] in NETWORK_FILESYSTEMS
-
-
-def should_prefetch(setting: str, hf_home: Path, mounts: str | None = None) -> bool:
-    if setting != "auto":
-        return setting == "on"
-    if mounts is None:
-        try:
-            mounts = Path("/proc/mounts").read_text()
-        except OSError:
-            return False
-    return is_network(filesystem_of(hf_home, mounts))
-
-
-def weight_files(*folders: Path) -> list[Path]:
-    return sorted({path.resolve() for folder in folders for path in folder.rglob("*")
-                   if path.name.endswith(WEIGHT_SUFFIXES) and path.is_file()})
-
-
-def available_memory_bytes() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def prefetch(files: list[Path]) -> dict:
-    """Read `files` into the page cache, several at a time. Returns what was done."""
-    total = sum(path.stat().st_size for path in files)
-    available = available_memory_bytes()
-    if available is not None and total > 0.9 * available:
-        log.info("weights prefetch skipped: %.1f GB of files, %.1f GB of memory available", total / 1e9,
-                 available / 1e9)
-        return {"files": len(files), "bytes": total, "skipped": "not enough memory"}
-    start = time.perf_counter()
-    with ThreadPoolExecutor(PARALLEL_FILES) as pool:
-        read = sum(pool.map(read_through, files))
-    seconds = time.perf_counter() - start
-    log.info("weights prefetched: %d files, %.1f GB in %.1f s (%.2f GB/s)", len(files), read / 1e9, seconds,
-             read / 1e9 / max(seconds, 1e-9))
-    return {"files": len(files), "bytes": read, "seconds": round(seconds, 2)}
-
-
-def read_ahead(files: list[Path]) -> Future:
-    """`prefetch(files)` on a background thread; the Future gives its report. A daemon
-    thread, so a start that fails meanwhile exits without waiting for the reading."""
-    reading: Future = Future()
-
-    def run() -> None:
-        try:
-            reading.set_result(prefetch(files))
-        except BaseException as exc:  # handed to whoever waits on the Future
-            reading.set_exception(exc)
-
-    threading.Thread(target=run, name="weights-read-ahead", daemon=True).start()
-    return reading
-
-
-def read_through(path: Path) -> int:
-    buffer = bytearray(CHUNK_BYTES)
-    total = 0
-    with open(path, "rb", buffering=0) as file:
-        while count := file.readinto(buffer):
-            total += count
-    return total
-
+from src.models.read_ahead import (CHUNK_BYTES, NETWORK_FILESYSTEMS, PARALLEL_FILES,  # noqa: F401
+                                   WEIGHT_SUFFIXES, available_memory_bytes, filesystem_of, is_network, prefetch,
+                                   read_ahead, read_through, should_prefetch, weight_files)
+from src.models.snapshots import ModelNotFound, ModelRef, locate  # noqa: F401
 
 # -- Tensors by key from safetensors files ---------------------------------------------------------
 

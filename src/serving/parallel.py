@@ -58,6 +58,7 @@ import torch.distributed as dist
 
 from src.job.schema import InputError, SEED_LIMIT, parse_request
 from src.models.acceleration import enable_context_parallel
+from src.models.early_read import EarlyRead
 from src.plumbing.config import ConfigError, Settings
 from src.serving.worker import Worker
 
@@ -200,9 +201,10 @@ def parallelize(pipes, ranks: Ranks) -> None:
 # ----------------------------------------------------------------------------
 # Start-up on every rank, the job loop of ranks 1..N-1, and rank 0's side.
 
-def start_worker(settings: Settings, ranks: Ranks):
-    """Load, parallelize and warm up, in lockstep. Raises StartFailed naming the rank."""
-    worker, errors = ranks.lockstep(lambda: Worker.start(dataclasses.replace(settings, warmup=False)))
+def start_worker(settings: Settings, ranks: Ranks, early_read: EarlyRead | None = None):
+    """Load, parallelize and warm up, in lockstep. Raises StartFailed naming the rank.
+    `early_read`: rank 0's read-ahead of the weights, begun by handler.py before the imports."""
+    worker, errors = ranks.lockstep(lambda: Worker.start(dataclasses.replace(settings, warmup=False), early_read))
     _raise_first(errors, "load")
     parallelize(worker.pipes, ranks)
     # From here on `Pipelines.accelerate` parallelizes a Layered pipeline that loads
@@ -237,7 +239,9 @@ def _follower_main(rank: int, plan: ParallelPlan, settings: Settings, port: int)
     transformers.utils.logging.set_verbosity_error()
     ranks = Ranks.join(rank, plan, port)
     try:
-        worker = start_worker(dataclasses.replace(settings, bucket=None), ranks)
+        # The weights are read ahead once, by rank 0 (handler.py's early read, or its later
+        # read-ahead): every rank's load finds them in the one page cache of this host.
+        worker = start_worker(dataclasses.replace(settings, bucket=None, weights_prefetch="off"), ranks)
     except StartFailed as exc:
         log.error("%s", exc)
         sys.exit(1)
@@ -265,8 +269,9 @@ class Leader:
     followers: list = field(default_factory=list)
 
     @classmethod
-    def launch(cls, settings: Settings, plan: ParallelPlan) -> "Leader":
-        """Spawn ranks 1..N-1, join them as rank 0, and start the worker on all ranks."""
+    def launch(cls, settings: Settings, plan: ParallelPlan, early_read: EarlyRead | None = None) -> "Leader":
+        """Spawn ranks 1..N-1, join them as rank 0, and start the worker on all ranks (rank 0
+        taking over `early_read`, handler.py's read-ahead of the weights)."""
         os.environ.update(NCCL_ENV)  # inherited by the spawned ranks
         port = _free_port()
         context = multiprocessing.get_context("spawn")
@@ -277,7 +282,7 @@ class Leader:
             process.start()
         ranks = Ranks.join(0, plan, port)
         try:
-            worker = start_worker(settings, ranks)
+            worker = start_worker(settings, ranks, early_read)
         except StartFailed:
             _stop(followers)
             ranks.close()

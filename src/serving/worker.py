@@ -22,6 +22,7 @@ from src.job.codec import decode_image, open_image
 from src.job.schema import InputError, JobRequest, SEED_LIMIT, error_text, parse_request
 from src.models import compile_cache, fp8_loras, image_vae, memory_plan
 from src.models.compile_meter import CompileMeter
+from src.models.early_read import EarlyRead
 from src.models.loras import LoraLibrary, adapters_for, lightning_scheduler
 from src.models.memory import HostMemoryError
 from src.models.pipelines import Pipelines, device_name
@@ -76,9 +77,10 @@ class Worker:
     compile_meter: CompileMeter = field(default_factory=CompileMeter)
 
     @classmethod
-    def start(cls, settings: Settings) -> "Worker":
-        """Load the models and warm them up: the first job pays neither."""
-        pipes = Pipelines(settings)
+    def start(cls, settings: Settings, early_read: EarlyRead | None = None) -> "Worker":
+        """Load the models and warm them up: the first job pays neither. `early_read`: the
+        weights' read-ahead handler.py began before the imports (src/models/early_read.py)."""
+        pipes = Pipelines(settings, early_read)
         load_s = pipes.load()
         worker = cls(settings, pipes, price_for(device_name(pipes.device), settings.gpu_price_per_hour),
                      loras=LoraLibrary(type(pipes.edit), pipes.edit.transformer, settings.edit_model),

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from src.models import fp8_cache, weights
+from src.models.early_read import read_at_start, start_files
 from src.models.fp8 import FP8_RECIPES, MODULATION_LINEARS, RECIPE_VERSION, Fp8Linear, quantize_blocks
 from src.models.weights import locate
 from src.plumbing.config import Settings
@@ -260,6 +261,35 @@ def test_a_worker_with_the_cache_gives_the_pixels_of_one_that_quantizes_at_start
         assert "error" not in got, got
         assert len(got["images"]) == len(want["images"]) > 0
         assert all(np.array_equal(a, b) for a, b in zip(pixels(got), pixels(want)))
+
+
+def test_the_early_read_takes_the_caches_files_for_the_transformers(worker_env, cache_root, quantizing_worker):
+    """handler.py's early read (src/models/early_read.py) reads each FP8 cache instead of the bf16
+    transformer it stands for; the load takes it over, reading nothing again, with the same pixels."""
+    settings = Settings.from_env({**worker_env, "QUANTIZE": "fp8", "PRELOAD": "edit,layered",
+                                  "FP8_CACHE_DIR": str(cache_root)})
+    edit, layered = (locate(repo, settings.hf_home) for repo in (EDIT_REPO, LAYERED_REPO))
+
+    def cache_files(ref):
+        return sorted(cache_root.glob(f"{ref.repo_id.replace('/', '--')}/{ref.revision}/*/{fp8_cache.SHARD_PREFIX}*"))
+
+    early = read_at_start(settings)
+    assert {name: files for name, (files, _) in early.readings.items()} == {
+        "edit": cache_files(edit) + weights.weight_files(edit.path / "text_encoder", edit.path / "vae"),
+        "layered": cache_files(layered) + weights.weight_files(layered.path / "vae")}
+    assert all(cache_files(ref) for ref in (edit, layered))
+    worker = Worker.start(settings, early)
+    assert [entry["cache"] for entry in worker.pipes.fp8_loads] == [True, True]
+    assert [report["bytes"] for report in worker.pipes.prefetched] == [
+        sum(path.stat().st_size for path in files) for files in
+        (cache_files(edit) + weights.weight_files(edit.path / "text_encoder", edit.path / "vae"),
+         cache_files(layered) + weights.weight_files(layered.path / "vae"))]
+    got = worker.handle({"id": "early", "input": JOBS[0]})
+    assert np.array_equal(pixels(got)[0], pixels(quantizing_worker.handle({"id": "quantized", "input": JOBS[0]}))[0])
+    # A cache of another recipe is not the load's: the early read takes the bf16 transformer.
+    other = Settings.from_env({**worker_env, "QUANTIZE": "fp8", "FP8_CACHE_DIR": str(cache_root),
+                               "FP8_KEEP_BF16": ",".join(MODULATION_LINEARS)})
+    assert start_files(other) == {"edit": weights.weight_files(edit.path)}
 
 
 def test_a_cache_of_another_recipe_is_not_loaded(worker_env, cache_root, caplog):

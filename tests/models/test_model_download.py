@@ -115,6 +115,9 @@ def test_an_empty_hf_home_is_filled_before_the_worker_loads(first_start, hub):
         assert re.search(rf"model {re.escape(repo_id)} missing from HF_HOME; downloading \(\d+\.\d [MG]B\)", log)
     # Downloaded before the pipelines load, and only then.
     assert log.index("missing from HF_HOME") < log.index(f"loading {EDIT_REPO}@")
+    # The weights' early read-ahead (handler.py) begins once the last file is in, on what arrived.
+    last_fetched = log.rindex(f"{DEFAULT_LIGHTNING_REPO}: ")
+    assert last_fetched < log.index("reading the weights ahead while the libraries import: edit\n")
     assert asked_at_start > asked_before
     # Layered's text encoder, tokenizer and processor are the edit model's files: borrowed, not fetched.
     layered = snapshot(home, LAYERED_REPO)

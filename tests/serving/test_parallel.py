@@ -166,6 +166,9 @@ def test_two_cpu_ranks_serve_jobs_like_one_pipeline_and_shut_down(hf_home, lora_
         "(BUCKET_* env or the job's r2)")
     assert report["follower_exit_codes"] == [0]
     assert not any(_alive(pid) for pid in report["follower_pids"])
+    # The weights are read ahead once, by rank 0 (its early read): rank 1's load finds them cached.
+    prefetched = [line for line in done.stderr.splitlines() if "weights prefetched" in line]
+    assert len(prefetched) == 1 and " rank0 " in prefetched[0], prefetched
 
     # The same job through diffusers on one process.
     path = snapshot_download("Qwen/Qwen-Image-Edit-2511", cache_dir=hf_home / "hub", local_files_only=True)

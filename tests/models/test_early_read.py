@@ -1,0 +1,68 @@
+"""handler.py's early read-ahead (src/models/early_read.py): it imports no torch, reads what the
+start's load would read ahead and nothing else, the load takes it over without reading a file
+again, and the worker serves the same pixels as one that reads nothing ahead. On the tiny models (CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from src.models.early_read import read_at_start, start_files
+from src.models.pipelines import Pipelines
+from src.models.read_ahead import weight_files
+from src.models.snapshots import locate
+from src.plumbing.config import Settings
+from src.serving.worker import Worker
+from tests.conftest import REPO_ROOT, edit_hat, edited_pixels
+
+# Imports handler.py and runs the early read as main() does, then says whether torch got imported.
+EARLY_READ = """
+import json, os, sys
+import handler
+from src.models.early_read import read_at_start
+from src.plumbing.config import Settings
+early = read_at_start(Settings.from_env(os.environ))
+reports = {name: reading.result() for name, (files, reading) in early.readings.items()}
+print(json.dumps({"torch": "torch" in sys.modules, "reports": reports}))
+"""
+
+
+def test_the_early_read_imports_no_torch_and_reads_what_the_load_reads_ahead(hf_home):
+    env = {"HF_HOME": str(hf_home), "DEVICE": "cpu", "PRELOAD": "edit,layered", "WEIGHTS_PREFETCH": "on"}
+    done = subprocess.run([sys.executable, "-c", EARLY_READ], cwd=REPO_ROOT, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, timeout=120, check=True)
+    early = json.loads(done.stdout.splitlines()[-1])
+    assert early["torch"] is False
+    # The load's own read-ahead, without an early read: the same files per pipeline.
+    pipes = Pipelines(Settings.from_env(env))
+    pipes.load()
+    assert [(report["files"], report["bytes"]) for report in early["reports"].values()] == [
+        (report["files"], report["bytes"]) for report in pipes.prefetched]
+    assert list(early["reports"]) == ["edit", "layered"] and all(report["bytes"] > 0 for report in pipes.prefetched)
+
+
+def test_a_worker_that_read_early_serves_the_pixels_of_one_that_read_nothing_ahead(worker_env):
+    on = Settings.from_env({**worker_env, "WEIGHTS_PREFETCH": "on", "WARMUP": "false"})
+    off = Settings.from_env({**worker_env, "WEIGHTS_PREFETCH": "off", "WARMUP": "false"})
+    assert read_at_start(off) is None  # `off` reads nothing early
+    early = read_at_start(on)
+    [(files, _)] = early.readings.values()
+    assert files == weight_files(locate(on.edit_model, on.hf_home).path)
+    reading = Worker.start(on, early)
+    quiet = Worker.start(off, read_at_start(off))
+    assert early.readings == {}  # taken over by the load
+    [report] = reading.pipes.prefetched  # the early read's: the load read no file again
+    assert report["bytes"] == sum(path.stat().st_size for path in files) > 0
+    assert quiet.pipes.prefetched == []
+    assert np.array_equal(edited_pixels(edit_hat(reading, "early")), edited_pixels(edit_hat(quiet, "off")))
+
+
+def test_a_missing_model_is_left_to_the_load(hf_home, tmp_path):
+    assert read_at_start(Settings.from_env({"HF_HOME": str(tmp_path), "DEVICE": "cpu"})) is None
+    files = start_files(Settings.from_env({"HF_HOME": str(hf_home), "DEVICE": "cpu", "PRELOAD": "edit,layered",
+                                           "LAYERED_MODEL": "Qwen/Qwen-Image-Layered-Missing"}))
+    assert list(files) == ["edit"] and files["edit"]
