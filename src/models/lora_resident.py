@@ -227,9 +227,8 @@ def _hold_on_device(pipeline, fused_loras, adapters: list, identity: tuple, pin:
     """The FP8 fuse's values (`FusedLoras.fused_linears`, the same values `apply` writes)
     made straight into one device block; its CPU copy waits for its first release
     (`PointedSet.release`), the CPU memory for it checked now. The layers are never
-    written, so no originals are saved or put back: on the H200 the full Lightning set
-    (720 linears) took 1.0 s here against 9.7 s of fusing in place, copying out and page-
-    locking (docs/performance.md)."""
+    written, so no originals are saved or put back, and nothing is copied out or page-locked
+    at start (docs/performance.md has the times)."""
     size = sum(HostBlock.sizes(parameters))
     available = weights.available_memory_bytes()
     if available is not None and size > available - HOST_MARGIN_BYTES:
