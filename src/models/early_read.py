@@ -24,12 +24,13 @@ from pathlib import Path
 from src.models.read_ahead import read_ahead_in_turn, should_prefetch, weight_files
 from src.models.shared_components import own_components
 from src.models.snapshots import ModelNotFound, ModelRef, locate
-from src.plumbing.config import BLOCK_LINEARS, FP8_CACHE_FOLDER, Settings
+from src.plumbing.config import BLOCK_LINEARS, FP8_CACHE_FOLDER, RECIPE_VERSION, Settings
 
 log = logging.getLogger(__name__)
 
 TRANSFORMER = "transformer"
 FP8_MANIFEST = "manifest.json"
+FP8_CACHE_FORMAT = 1  # the FP8 cache folder's layout and manifest; part of its recipe
 # The dtype an FP8 cache was built from is the worker's (bf16 on CUDA, float32 on the CPU).
 FP8_CACHE_DTYPES = {"cuda": ("bfloat16",), "cpu": ("float32",), "auto": ("bfloat16", "float32")}
 
@@ -53,6 +54,13 @@ def fp8_revision_folder(root: Path, repo_id: str, revision: str) -> Path:
     return root / repo_id.replace("/", "--") / revision
 
 
+def fp8_cache_recipe(keep, dtype: str) -> dict:
+    """What decides an FP8 cache's bytes (src/models/fp8_cache.py): how (RECIPE_VERSION), which
+    linears (BLOCK_LINEARS less `keep`), from which dtype (`bfloat16`, `float32`)."""
+    return {"format": FP8_CACHE_FORMAT, "quantization": RECIPE_VERSION,
+            "quantized": sorted(set(BLOCK_LINEARS) - set(keep)), "dtype": dtype}
+
+
 def fp8_cache_files(settings: Settings, ref: ModelRef) -> list[Path] | None:
     """The files of the FP8 cache the load will take `ref`'s transformer from, judged from the
     manifests (fp8_cache.find checks the tensors at load). None: no cache fits, the load
@@ -60,16 +68,16 @@ def fp8_cache_files(settings: Settings, ref: ModelRef) -> list[Path] | None:
     if settings.quantize != "fp8" or not settings.fp8_cache:
         return None
     root = settings.fp8_cache_dir or settings.hf_home / FP8_CACHE_FOLDER
-    quantized = sorted(set(BLOCK_LINEARS) - set(settings.fp8_keep_bf16))
-    dtypes = FP8_CACHE_DTYPES.get(settings.device, FP8_CACHE_DTYPES["auto"])
+    recipes = [fp8_cache_recipe(settings.fp8_keep_bf16, dtype)
+               for dtype in FP8_CACHE_DTYPES.get(settings.device, FP8_CACHE_DTYPES["auto"])]
     fitting = []
     folder = fp8_revision_folder(root, ref.repo_id, ref.revision)
     for recipe_folder in sorted(folder.iterdir()) if folder.is_dir() else ():
         try:
             manifest = json.loads((recipe_folder / FP8_MANIFEST).read_text())
-            recipe, files = manifest["recipe"], manifest["files"]
+            files = manifest["files"]
             fits = (manifest["repo_id"], manifest["revision"]) == (ref.repo_id, ref.revision) \
-                and recipe["quantized"] == quantized and recipe["dtype"] in dtypes
+                and manifest["recipe"] in recipes
             paths = [recipe_folder / name for name in sorted(files)]
             whole = all(path.is_file() and path.stat().st_size == files[path.name] for path in paths)
         except (OSError, ValueError, KeyError, TypeError):

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 # The recipes are re-exported: callers of fp8 name them from here.
-from src.plumbing.config import BLOCK_LINEARS, DEFAULT_FP8_KEEP_BF16, FP8_RECIPES, MODULATION_LINEARS  # noqa: F401
+from src.plumbing.config import (BLOCK_LINEARS, DEFAULT_FP8_KEEP_BF16, FP8_RECIPES,  # noqa: F401
+                                 MODULATION_LINEARS, RECIPE_VERSION)
 
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448.0
 # A row of zeros keeps a finite scale (and quantizes to zeros).
@@ -27,13 +28,6 @@ MIN_SCALE = 1e-12
 # Hopper's faster FP8 accumulation (as torchao's and most FP8 inference stacks use); its
 # effect is inside the deviation docs/performance.md reports.
 FAST_ACCUMULATION = True
-# Names how `rowwise_fp8` and `Fp8Linear` store a weight (e4m3 values, one float32 scale per
-# output row from the row's absolute max, MIN_SCALE floor, scales as a (1, out) row). The FP8
-# cache (src/models/fp8_cache.py) keys its files by it: change it whenever either changes, and caches
-# written the old way are ignored instead of loaded wrong (tests/models/test_fp8_cache.py pins it to
-# the quantization's output). FAST_ACCUMULATION is not part of it: it changes the matmul, not
-# what is stored.
-RECIPE_VERSION = "e4m3-rowwise-amax-v2"
 # FP8_PACK_QKV (src/models/fp8_packed.py): the packed module's name under a block's `attn`,
 # and the three linears it packs, as diffusers' QwenDoubleStreamAttnProcessor2_0 calls
 # them: the image stream's, then the text stream's.

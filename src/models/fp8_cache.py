@@ -44,12 +44,12 @@ from pathlib import Path
 import torch
 
 from src.models import fp8, weights
-from src.models.early_read import FP8_MANIFEST, fp8_revision_folder
+from src.models.early_read import FP8_CACHE_FORMAT as FORMAT  # the manifest's "format"
+from src.models.early_read import FP8_MANIFEST, fp8_cache_recipe, fp8_revision_folder
 from src.models.weights import locate  # which snapshot the worker loads: refs/main, offline
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # the folder's layout and manifest; part of the recipe
 MANIFEST = FP8_MANIFEST  # named where the early read-ahead finds the cache without torch
 SHARD_PREFIX = "fp8-"
 # Shards of about this size: several files read in parallel, and a build holds one linear at a time.
@@ -65,9 +65,8 @@ class CacheUnusable(RuntimeError):
 
 
 def recipe(keep: Iterable[str], dtype: torch.dtype) -> dict:
-    """What decides the cached bytes: how (fp8.RECIPE_VERSION), which linears, from which dtype."""
-    return {"format": FORMAT, "quantization": fp8.RECIPE_VERSION,
-            "quantized": sorted(set(fp8.BLOCK_LINEARS) - set(keep)), "dtype": str(dtype).removeprefix("torch.")}
+    """What decides the cached bytes (`early_read.fp8_cache_recipe`, which judges caches without torch)."""
+    return fp8_cache_recipe(keep, str(dtype).removeprefix("torch."))
 
 
 def recipe_id(spec: dict) -> str:

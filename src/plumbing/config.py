@@ -42,6 +42,14 @@ DEFAULT_MAX_LAYER_EDITS = 4
 DEFAULT_MAX_PROMPTS = 8
 # How an empty decompose prompt's caption is decoded (src/models/captioning.py).
 CAPTION_DECODERS = ("auto", "stock", "eager", "graphed", "compiled")
+# Names how `rowwise_fp8` and `Fp8Linear` (src/models/fp8.py) store a weight (e4m3 values, one
+# float32 scale per output row from the row's absolute max, MIN_SCALE floor, scales as a (1, out)
+# row). The FP8 cache (src/models/fp8_cache.py) keys its files by it: change it whenever either
+# changes, and caches written the old way are ignored instead of loaded wrong
+# (tests/models/test_fp8_cache.py pins it to the quantization's output). FAST_ACCUMULATION is not
+# part of it: it changes the matmul, not what is stored. Here, not in fp8, so that the start's
+# early read (src/models/early_read.py) judges caches without importing torch.
+RECIPE_VERSION = "e4m3-rowwise-amax-v2"
 # The 14 linears of a Qwen-Image transformer block, by their names inside the block: the
 # names FP8_KEEP_BF16 takes (src/models/fp8.py quantizes the others). Kept here, not in fp8,
 # so that the settings import nothing from the models (docs/architecture.md).

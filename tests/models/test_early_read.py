@@ -11,7 +11,8 @@ import sys
 
 import numpy as np
 
-from src.models.early_read import read_at_start, start_files
+from src.models.early_read import (FP8_MANIFEST, fp8_cache_files, fp8_cache_recipe, fp8_revision_folder,
+                                   read_at_start, start_files)
 from src.models.pipelines import Pipelines
 from src.models.read_ahead import weight_files
 from src.models.snapshots import locate
@@ -66,3 +67,24 @@ def test_a_missing_model_is_left_to_the_load(hf_home, tmp_path):
     files = start_files(Settings.from_env({"HF_HOME": str(hf_home), "DEVICE": "cpu", "PRELOAD": "edit,layered",
                                            "LAYERED_MODEL": "Qwen/Qwen-Image-Layered-Missing"}))
     assert list(files) == ["edit"] and files["edit"]
+
+
+def test_the_early_read_leaves_a_cache_of_another_quantization_unread(hf_home, tmp_path):
+    """A cache whose manifest names another way of quantizing (an older RECIPE_VERSION) is not the
+    load's (fp8_cache.find ignores it): the early read takes the bf16 transformer instead."""
+    settings = Settings.from_env({"HF_HOME": str(hf_home), "DEVICE": "cpu", "QUANTIZE": "fp8",
+                                  "FP8_CACHE_DIR": str(tmp_path)})
+    edit = locate(settings.edit_model, settings.hf_home)
+    folder = fp8_revision_folder(tmp_path, edit.repo_id, edit.revision) / "a-recipe"
+    folder.mkdir(parents=True)
+    (folder / "shard-0.safetensors").write_bytes(bytes(64))
+
+    def manifest(recipe: dict) -> None:
+        (folder / FP8_MANIFEST).write_text(json.dumps({"repo_id": edit.repo_id, "revision": edit.revision,
+                                                       "recipe": recipe, "files": {"shard-0.safetensors": 64}}))
+
+    manifest(fp8_cache_recipe(settings.fp8_keep_bf16, "float32"))
+    assert fp8_cache_files(settings, edit) == [folder / "shard-0.safetensors"]
+    manifest({**fp8_cache_recipe(settings.fp8_keep_bf16, "float32"), "quantization": "e4m3-rowwise-amax-v1"})
+    assert fp8_cache_files(settings, edit) is None
+    assert start_files(settings) == {"edit": weight_files(edit.path)}
