@@ -528,11 +528,14 @@ def error_text(message: str) -> str:
     return _bounded(redact(message))
 
 
-_NESTED_MODELS = {model.__name__: model for model in (BucketOverride, LoraRequest, LayerEdit)}
+# The job's nested objects, by the key that holds them; each error about one names its keys.
+_NESTED_BY_KEY = {"r2": BucketOverride, "loras": LoraRequest, "edits": LayerEdit, "split": LayerSplit}
+_NESTED_MODELS = {model.__name__: model for model in _NESTED_BY_KEY.values()}
 _NESTED_EXAMPLES = {"BucketOverride": '{"endpoint_url": "https://...", "access_key_id": "...", '
                                       '"secret_access_key": "...", "bucket_name": "..."}',
                     "LoraRequest": '{"source": "owner/name", "scale": 0.8}',
-                    "LayerEdit": '{"layer": 1, "prompt": "make it red"}'}
+                    "LayerEdit": '{"layer": 1, "prompt": "make it red"}',
+                    "LayerSplit": '{"layer": 1, "layers": 3}'}
 
 
 def _describe(error: dict) -> str:
@@ -544,8 +547,7 @@ def _describe(error: dict) -> str:
     parts = error["loc"]
     loc = _loc_text(parts)
     if error["type"] == "extra_forbidden":
-        nested = {"r2": BucketOverride, "loras": LoraRequest, "edits": LayerEdit, "split": LayerSplit}
-        model = nested.get(parts[0], JobRequest) if len(parts) > 1 else JobRequest
+        model = _NESTED_BY_KEY.get(parts[0], JobRequest) if len(parts) > 1 else JobRequest
         return f"{loc}: unknown key; allowed keys: {', '.join(model.model_fields)}"
     if error["type"] == "missing":
         return f"{loc}: required"
@@ -580,6 +582,7 @@ _LIST_TEXTS = {
     "layers_base64": "must be a list of base64 strings, one per layer",
     "loras": 'must be a list of objects, one per LoRA, e.g. [{"source": "owner/name", "scale": 0.8}]',
     "edits": 'must be a list of objects, one per layer edit, e.g. [{"layer": 1, "prompt": "make it red"}]',
+    "split": 'must be a list of objects, one per layer to decompose again, e.g. [{"layer": 1, "layers": 3}]',
 }
 # Strict types: a number or a boolean sent as a string says how to send it.
 _STRICT_HINTS = {"int_type": " (send a JSON number, not a string)", "float_type": " (send a JSON number, not a string)",

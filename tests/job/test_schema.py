@@ -95,6 +95,10 @@ def test_errors_name_the_key_the_value_and_what_is_allowed(job_input, expected):
      '"bucket_name": "..."}'),
     ({"operation": "decompose", "image_base64": "aGVsbG8=", "edits": [3]}, "edits[0]: must be an object with the "
      "keys layer, prompt,"),
+    ({"operation": "decompose", "image_base64": "aGVsbG8=", "split": [None]}, "split[0]: must be an object with the "
+     'keys layer, layers, prompt, e.g. {"layer": 1, "layers": 3}; got None'),
+    ({"operation": "decompose", "image_base64": "aGVsbG8=", "split": "x"}, "split: must be a list of objects, one per "
+     "layer to decompose again"),
     ({**BASE, "loras": "owner/name"}, 'loras: must be a list of objects, one per LoRA, e.g. [{"source": '
      '"owner/name", "scale": 0.8}]; got \'owner/name\''),
     ({**BASE, "images_base64": "aGVsbG8="}, "images_base64: must be a list of base64 strings, one per extra image, "
