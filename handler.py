@@ -10,8 +10,6 @@ import os
 import sys
 from typing import Mapping, NoReturn
 
-import runpod
-
 from src.job.redaction import RedactingFilter
 from src.plumbing.config import ConfigError, Settings
 
@@ -28,6 +26,8 @@ MAX_START_ERROR_CHARS = 600
 def progress_sender(job: dict):
     """Progress goes to RunPod's job stream when running there; locally to the log."""
     if os.environ.get("RUNPOD_WEBHOOK_POST_STREAM"):
+        import runpod  # imported by main() before the first job
+
         return lambda update: runpod.serverless.progress_update(job, update)
     return lambda update: log.info("job %s: step %s of %s", job.get("id"), update["step"], update["of"])
 
@@ -54,8 +54,8 @@ def main() -> None:
         settings = Settings.from_env(os.environ)
     except ConfigError as exc:
         start_failed(str(exc))
-    # force: importing runpod already configured the root logger (INFO, in rp_upload),
-    # which would make this call, and so LOG_LEVEL, a no-op.
+    # force: whoever imported the runpod SDK before main() (tools/handler_start.py) has had the root
+    # logger configured by it (INFO, in rp_upload), which would make this call, and LOG_LEVEL, a no-op.
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     # Whatever logs a job's URL (an exception's message, a traceback), its secret parts stay out.
     for handler in logging.getLogger().handlers:
@@ -66,10 +66,6 @@ def main() -> None:
         logging.getLogger(library).setLevel(max(logging.INFO, logging.getLevelName(log_level)))
     for library in CHATTY_LOGGERS:
         logging.getLogger(library).setLevel(max(logging.WARNING, logging.getLevelName(log_level)))
-    if not {"RUNPOD_LOG_LEVEL", "RUNPOD_DEBUG_LEVEL"} & os.environ.keys():
-        # The SDK's default level, DEBUG, logs every job's whole output: presigned URLs,
-        # which let anyone who reads the log fetch the images, and inline base64.
-        runpod.RunPodLogger().set_level("INFO")
     # Weights never come from the network at job time. huggingface_hub reads this when first
     # imported (below, by the download or by diffusers), so it is set before either.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -97,6 +93,14 @@ def main() -> None:
     except Exception as exc:
         log.warning("weights read-ahead not started before the imports (%s: %s)", type(exc).__name__, exc)
         early_read = None
+
+    # The runpod SDK's import (about 2 s) is the first of the heavy ones, so after the read began.
+    import runpod
+
+    if not {"RUNPOD_LOG_LEVEL", "RUNPOD_DEBUG_LEVEL"} & os.environ.keys():
+        # The SDK's default level, DEBUG, logs every job's whole output: presigned URLs,
+        # which let anyone who reads the log fetch the images, and inline base64.
+        runpod.RunPodLogger().set_level("INFO")
 
     import diffusers
     import transformers

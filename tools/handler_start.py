@@ -4,9 +4,9 @@
 
 Runs `handler.main()` as RunPod runs it (the settings from the environment, the imports,
 Worker.start: the weights read from HF_HOME, prepared, warmed up, the LoRAs prepared) and
-stops where it would start serving: runpod.serverless.start is replaced by a function
-that notes the time (ready) and returns (where the runpod package is missing, as on the
-GPU machine, a stand-in module gives main() the two names it uses). Nothing else is replaced; the timings come from
+stops where it would start serving: runpod.serverless.start is replaced, once main() has
+imported the SDK, by a function that notes the time (ready) and returns (where the runpod
+package is missing, as on the GPU machine, a stand-in module gives main() the two names it uses). Nothing else is replaced; the timings come from
 wrappers that call through, put in place as main() imports the modules (an import hook), so
 this probe imports nothing heavy before main() does:
 
@@ -104,12 +104,11 @@ class StartProbe:
         self.sdk = "runpod"
 
     def install(self) -> None:
-        try:
-            import runpod
-        except ImportError:  # the GPU machine has no RunPod SDK: a stand-in for the two names main() uses
-            runpod = sys.modules["runpod"] = types.ModuleType("runpod")
-            runpod.RunPodLogger = type("RunPodLogger", (), {"set_level": lambda self, level: None})
-            runpod.serverless = types.SimpleNamespace()
+        if importlib.util.find_spec("runpod") is None:  # the GPU machine has no RunPod SDK:
+            # a stand-in for the two names main() uses
+            stand_in = sys.modules["runpod"] = types.ModuleType("runpod")
+            stand_in.RunPodLogger = type("RunPodLogger", (), {"set_level": lambda self, level: None})
+            stand_in.serverless = types.SimpleNamespace(start=self.ready)
             self.sdk = "stand-in: the runpod package is not installed (its import time is not in `imports`)"
 
         from src.models import read_ahead  # no torch: handler.py reads ahead before importing it
@@ -125,18 +124,23 @@ class StartProbe:
             probe.read_reports.append({"how": "read-ahead", **report})
             return report
 
-        def ready(config):  # where handler.py would start serving
-            probe.ready_at = time.time()
-            probe.io["ready"] = disk_read_bytes()
-
         def noted(name):
             if name == "torch":
                 probe.torch_import_at = time.time()
 
+        def imported(name):
+            if name == "src.serving.worker":
+                self.install_load()
+            elif name == "runpod":
+                sys.modules["runpod"].serverless.start = self.ready
+
         read_ahead.prefetch = timed_prefetch
-        runpod.serverless.start = ready
-        sys.meta_path.insert(0, ImportWatch(("torch", "src.serving.worker"), noted,
-                                            lambda name: name == "src.serving.worker" and self.install_load()))
+        sys.meta_path.insert(0, ImportWatch(("torch", "runpod", "src.serving.worker"), noted, imported))
+
+    def ready(self, config) -> None:
+        """Stands in for runpod.serverless.start: where handler.py would start serving."""
+        self.ready_at = time.time()
+        self.io["ready"] = disk_read_bytes()
 
     def install_load(self) -> None:
         """The wrappers of the load, once handler.main() has imported the worker."""

@@ -20,7 +20,8 @@ from src.plumbing.config import Settings
 from src.serving.worker import Worker
 from tests.conftest import REPO_ROOT, edit_hat, edited_pixels
 
-# Imports handler.py and runs the early read as main() does, then says whether torch got imported.
+# Imports handler.py and runs the early read as main() does, then says whether torch or the runpod
+# SDK (the heavy imports main() makes after the read began) got imported.
 EARLY_READ = """
 import json, os, sys
 import handler
@@ -28,7 +29,7 @@ from src.models.early_read import read_at_start
 from src.plumbing.config import Settings
 early = read_at_start(Settings.from_env(os.environ))
 reports = {name: reading.result() for name, (files, reading) in early.readings.items()}
-print(json.dumps({"torch": "torch" in sys.modules, "reports": reports}))
+print(json.dumps({"torch": "torch" in sys.modules, "runpod": "runpod" in sys.modules, "reports": reports}))
 """
 
 
@@ -37,7 +38,7 @@ def test_the_early_read_imports_no_torch_and_reads_what_the_load_reads_ahead(hf_
     done = subprocess.run([sys.executable, "-c", EARLY_READ], cwd=REPO_ROOT, capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, timeout=120, check=True)
     early = json.loads(done.stdout.splitlines()[-1])
-    assert early["torch"] is False
+    assert early["torch"] is False and early["runpod"] is False
     # The load's own read-ahead, without an early read: the same files per pipeline.
     pipes = Pipelines(Settings.from_env(env))
     pipes.load()
