@@ -4,7 +4,7 @@ they touch, y = base(x) + scale * B(A(x)), for `torch.nn.Linear` and `Fp8Linear`
 Switching a set on or off then copies a few hundred MB of adapter weights instead of
 fusing into (and later restoring) the layers' weights; the base weights are never
 written, so the base model stays exact. Each job pays the branches' matmuls instead
-(README, LoRAs: the measured cost per pass).
+(docs/loras.md: the measured cost per pass).
 
 Every linear of the transformer blocks gets the branch at start, by changing its class
 to a subclass of its own (`torch.nn.Linear` or `Fp8Linear`) whose forward adds the branch

@@ -109,7 +109,7 @@ class Settings:
     max_loras: int = 3
     # LoRA sets not held ready run unfused (src/models/lora_branches.py) until this many consecutive
     # jobs have asked for the same set; that job fuses it (1: fuse at once; 0: never fuse a
-    # set that can run unfused). README, LoRAs, says why 16.
+    # set that can run unfused). docs/loras.md says why 16.
     lora_fuse_after: int = 16
     # With COMPILE=true, the rank every unfused branch is padded to (one compiled shape for
     # all sets); a set of higher rank on some linear is fused instead.
