@@ -115,7 +115,8 @@ class Settings:
     # all sets); a set of higher rank on some linear is fused instead.
     lora_branch_rank: int = 64
     # With PRELOAD naming lightning: which preset's fused weights are made at start and held
-    # in CPU memory beside the base weights (switching is then a copy); 0: none.
+    # ready beside the base weights, on the GPU or in CPU memory (src/models/lora_resident.py);
+    # 0: none.
     lightning_resident_steps: int = 4
     max_layer_edits: int = DEFAULT_MAX_LAYER_EDITS
     max_prompts: int = DEFAULT_MAX_PROMPTS
