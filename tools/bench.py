@@ -640,7 +640,7 @@ def measure_levers(worker: Worker, names: list[str], record: dict, out_dir: Path
         uncompile(transformer)
         if precision is not None and keep is not None and precision[0] == keep and precision[1] != packed:
             # The same FP8 linears, only (un)packed: no round trip through bf16, which ran out
-            # of memory on the H100 (80 GB) going back from FP8 (2026-12-05).
+            # of memory on an 80 GB card going back from FP8 (docs/performance.md, Q/K/V packed).
             (pack_projections if packed else unpack_projections)(transformer)
             precision = (keep, packed)
         elif (keep, packed) != precision:
