@@ -12,8 +12,7 @@ values; nothing can be downloaded on the GPU machine).
     QUANTIZE=fp8 COMPILE=true python tools/bench.py --cases nocfg4,lightning4,lightning4_again,nocfg4 --breakdown
     python tools/bench.py --cases lightning_fp8_deviation --label lightning-fp8-deviation
     CAPTION_DECODER=graphed python tools/bench.py --cases decompose,decompose_caption --label caption-graphed
-    QUANTIZE=fp8 COMPILE=true python tools/bench.py --cases lora_switching --published-on-disk /tmp/published \
-        --label lora-switching
+    QUANTIZE=fp8 COMPILE=true python tools/bench.py --cases lora_switching --published-on-disk /tmp/published         --label lora-switching
 
 Each case runs `Worker.handle` (decode, pipeline, encode; no bucket) with the settings
 the environment gives (COMPILE, ATTENTION_BACKEND, QUANTIZE, MEMORY_MODE, CAPTION_DECODER, as the worker
@@ -24,33 +23,8 @@ MEMORY_MODE to `auto`) and records the per-stage times, the memory levers a job 
 seconds per transformer pass, useful TFLOP/s and its share of the card's bf16 peak, and
 peak GPU memory. Writes `<out>/<gpu>-<date>-<label>.json`.
 
-Under QUANTIZE=fp8, Lightning cases fuse into the "published" bf16 weights (src/models/fp8_loras.py):
-here the block linears are a function of their names (`NamedRandomWeights`), regenerated on
-the GPU when the fuse asks, so no reading is timed; `--published-on-disk` writes them as a
-sharded snapshot instead, read back cold, as the worker reads its snapshot.
-`lightning_fp8_deviation` (a bf16 run) compares one edit pass with the Lightning LoRA fused
-in bf16 against the same under FP8.
-
-`lora_switching` (src/models/lora_switch.py) starts as `PRELOAD=edit,lightning` does (the 4-step
-Lightning set fused once and held ready: on the GPU where the memory plan has room, else in
-CPU memory) and measures: seconds per edit
-pass for the base model, Lightning held ready (fused), Lightning unfused and a small custom
-LoRA unfused (rank 16 on the attention's q, k, v and out projections); each switch both
-ways (held ready in and out, unfused on and off, and the on-the-spot fuse and restore that
-every switch cost before); and GPU seconds per job of alternating sequences (Lightning,
-base, …; custom LoRA, base, …) against the same jobs run in dedicated runs; and the pass
-outputs: Lightning unfused against fused (rounding only), beside the LoRA's own effect.
-`COMPILE=true python tools/bench.py --cases lora_switching --label lora-switching-bf16` runs it in bf16.
-
-`--levers` replays the edit transformer's pass at 1024x1024 with one reference image
-under each lever and their combination: seconds per pass, first-call time (compile),
-and the output's deviation from stock diffusers (relative L2 error, cosine similarity);
-and one true-CFG step (the prompt's and the negative prompt's passes, one after the other
-or as one batch of two with CFG_BATCH's levers), each output against stock's. The FP8
-levers name their recipe (FP8_RECIPES); the block linears go back to their bf16 values
-between recipes, so the levers run in any order. A `*_packed` lever (FP8_PACK_QKV) is also
-compared bit for bit with its unpacked twin when that ran before it; `--profile` adds each
-lever's kernels by GPU time over one pass.
+What the Lightning, `lora_switching` and `--levers` cases measure, and how: docs/performance.md,
+"The bench's cases".
 """
 
 from __future__ import annotations
@@ -640,7 +614,7 @@ def measure_levers(worker: Worker, names: list[str], record: dict, out_dir: Path
         uncompile(transformer)
         if precision is not None and keep is not None and precision[0] == keep and precision[1] != packed:
             # The same FP8 linears, only (un)packed: no round trip through bf16, which ran out
-            # of memory on the H100 (80 GB) going back from FP8 (2026-12-05).
+            # of memory on an 80 GB card going back from FP8 (docs/performance.md, Q/K/V packed).
             (pack_projections if packed else unpack_projections)(transformer)
             precision = (keep, packed)
         elif (keep, packed) != precision:

@@ -1,51 +1,19 @@
 #!/usr/bin/env python
 """Write tiny random LoRA files for the tiny Qwen-Image-Edit-2511 model.
 
-The tiny edit transformer written by ``tools/make_tiny_models.py`` is read from
-the hub cache (its module names and shapes), and deterministic rank-4 random
-LoRAs are written for it, one per key format the worker meets::
-
-    DIR/tiny_lora_diffusers.safetensors       transformer.transformer_blocks.0.attn.to_q.lora_A.weight (diffusers/PEFT)
-    DIR/tiny_lora_aitoolkit.safetensors       diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight (ai-toolkit)
-    DIR/tiny_lightning_4step.safetensors      transformer_blocks.0.attn.to_q.lora_down.weight + .alpha (lightx2v)
-    DIR/tiny_lightning_8step.safetensors      the same format, other weights
-    DIR/tiny_lora_wrong_model.safetensors     transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight (Flux)
-    DIR/tiny_lora_wrong_shapes.safetensors    the right names with the real model's 3072-wide shapes
-    DIR/tiny_lora_sdxl_kohya.safetensors      lora_unet_down_blocks_1_..._to_q.lora_down.weight + .alpha (SDXL, kohya)
-    DIR/tiny_lora_sdxl_diffusers.safetensors  unet.down_blocks.1....to_q.lora_A.weight (SDXL, diffusers)
-    DIR/not_a_lora.safetensors                model.embed.weight (no LoRA at all)
-
-and, with ``--hf-home``, the Lightning files also as the hub-cache repo
-``lightx2v/Qwen-Image-Edit-2511-Lightning`` under their real file names::
-
-    HF_HOME/hub/models--lightx2v--Qwen-Image-Edit-2511-Lightning/refs/main -> <hash>
-    HF_HOME/hub/models--lightx2v--Qwen-Image-Edit-2511-Lightning/snapshots/<hash>/
-        Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors  (= tiny_lightning_4step)
-        Qwen-Image-Edit-2511-Lightning-4steps-V1.0-fp32.safetensors  (same values in float32)
-        Qwen-Image-Edit-2511-Lightning-8steps-V1.0-bf16.safetensors  (= tiny_lightning_8step)
-        Qwen-Image-Edit-2511-Lightning-8steps-V1.0-fp32.safetensors
+The tiny edit transformer written by ``tools/make_tiny_models.py`` is read from the hub cache
+(its module names and shapes), and deterministic rank-4 random LoRAs are written for it to DIR,
+one per key format the worker meets and some it must refuse; with ``--hf-home``, the Lightning
+files also as the hub-cache repo ``lightx2v/Qwen-Image-Edit-2511-Lightning`` under their real
+file names.
 
 Usage::
 
     python tools/make_tiny_loras.py --out DIR [--hf-home HF_HOME]
 
-How each file behaves with diffusers 0.42.1 + peft 0.21.2
-(``QwenImageEditPlusPipeline.load_lora_weights``):
-
-* diffusers / ai-toolkit: load; both hold the same tensors (all 14 Linear layers
-  of every transformer block, no alpha), so they give identical images.
-* Lightning: loads; diffusers' ``_convert_non_diffusers_qwen_lora_to_diffusers``
-  folds ``alpha / rank`` (here 0.5 / 4, the real files' 8 / 64 ratio) into the
-  weights. It targets the 12 attention and MLP Linear layers of each block, as
-  the real files do (not img_mod / txt_mod).
-* wrong_model, wrong_shapes, sdxl_kohya: raise (peft ``NoMatchingPeftModuleError``,
-  ``RuntimeError`` size mismatch, ``NoMatchingPeftModuleError``).
-* sdxl_diffusers: **loads without error and changes nothing** (diffusers only logs
-  a warning that no keys have the ``transformer`` prefix).
-* not_a_lora: ``ValueError`` "Invalid LoRA checkpoint...".
-
-Every LoRA changes the tiny model's output visibly (the weights are large on
-purpose). Output is deterministic: re-running gives byte-identical files.
+Every LoRA changes the tiny model's output visibly (the weights are large on purpose). Output
+is deterministic: re-running gives byte-identical files. Each file, and how diffusers loads it:
+docs/testing.md, "The tiny LoRAs".
 """
 
 from __future__ import annotations

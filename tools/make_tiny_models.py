@@ -1,45 +1,17 @@
 #!/usr/bin/env python
 """Write tiny random-weight Qwen image models into a Hugging Face hub cache.
 
-The worker loads ``Qwen/Qwen-Image-Edit-2511`` (``QwenImageEditPlusPipeline``)
-and ``Qwen/Qwen-Image-Layered`` (``QwenImageLayeredPipeline``) by repo id.
-For tests on a CPU box without network access, this script writes
-architecturally valid but minuscule versions of both repos into the standard
-hub-cache layout::
-
-    DIR/hub/models--Qwen--Qwen-Image-Edit-2511/refs/main          -> <hash>
-    DIR/hub/models--Qwen--Qwen-Image-Edit-2511/snapshots/<hash>/  -> pipeline folder
-
-so that the production loading code runs unchanged with
-``HF_HOME=DIR HF_HUB_OFFLINE=1``.
+Architecturally valid but minuscule versions of ``Qwen/Qwen-Image-Edit-2511`` and
+``Qwen/Qwen-Image-Layered``, in the standard hub-cache layout (``DIR/hub/models--<org>--<name>/``
+with ``refs/main`` and ``snapshots/<hash>/``), so that the production loading code runs
+unchanged with ``HF_HOME=DIR HF_HUB_OFFLINE=1`` on a CPU box without network access.
 
 Usage::
 
     python tools/make_tiny_models.py --hf-home DIR
 
-Output is deterministic (fixed seeds, fixed snapshot hashes); re-running over
-an existing DIR replaces the snapshots.
-
-Design notes (why the sizes are what they are):
-
-* Tokenizer: byte-level BPE without merges (256 byte tokens) plus the real
-  Qwen2.5-VL added tokens at their real ids (151643...). The text encoder
-  vocabulary therefore stays at the real 152064 entries; the hidden size is
-  kept at 16 so the embedding is small. Byte-level tokens make prompts longer
-  than with the real tokenizer, which keeps the edit pipeline's "drop the
-  first 64 template tokens" logic valid.
-* Text encoder: greedy decoding after a newline is rigged to emit
-  ``<|im_end|>`` (see ``_rig_eos_after_newline``) so that
-  ``QwenImageLayeredPipeline``'s automatic captioning
-  (``generate(max_new_tokens=512)`` after "...assistant\\n") stops at once.
-* Vision tower: the processor caps images at ``VL_MAX_PIXELS`` so the
-  384x384 condition image becomes a handful of patches.
-* VAE: the spatial compression stays at the real 8x (three down-samplings),
-  because the pipelines round sizes to multiples of ``2 * vae_scale_factor``;
-  channels are the minimum (2) and there are no extra residual blocks,
-  because the Edit Plus pipeline always VAE-encodes inputs at ~1024x1024.
-  Its conv biases are zeroed so that outputs depend visibly on the latents.
-* Transformer: one block; its cost is small next to the VAE at these sizes.
+Output is deterministic (fixed seeds, fixed snapshot hashes); re-running over an existing DIR
+replaces the snapshots. Why each size is what it is: docs/testing.md, "The tiny models".
 """
 
 from __future__ import annotations

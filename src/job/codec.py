@@ -28,9 +28,8 @@ _STANDARD_ONLY = re.compile(r"[+/]")
 _URL_SAFE_ONLY = re.compile(r"[-_]")
 _URL_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
 # PNG compression level (PNG_COMPRESS_LEVEL): the worker pays for encoding in GPU
-# seconds. PNG is lossless at every level. On three 1024x1024 photos (scikit-image's
-# retina crop, astronaut and motorcycle upscaled) level 1 took 60-116 ms, level 3 94-163 ms
-# and PIL's default 6 302-525 ms; level 1's files were 4-9% larger than 3's, 11-23% than 6's.
+# seconds, and PNG is lossless at every level, so the fastest level measured wins over a
+# few percent of bytes (docs/performance.md, "Levers for the 4-step job").
 PNG_COMPRESS_LEVEL = 1
 
 
@@ -61,7 +60,7 @@ def _decode_base64(payload: str, key: str) -> bytes:
     encoders are common clients), whitespace ignored, '=' padding optional since
     base64url usually leaves it out. A mix of the two alphabets, padding anywhere but
     at the end, or a length no byte string encodes to is refused."""
-    try:  # most clients send canonical standard base64: one C pass, about 8x faster than the checks below
+    try:  # most clients send canonical standard base64: one C pass, far faster than the checks below
         raw = binascii.a2b_base64(payload, strict_mode=True)
         # strict_mode still takes '=' padding after a whole group ("aGVs===="): the length tells.
         if len(raw) == len(payload) // 4 * 3 - (len(payload) - len(payload.rstrip("="))):

@@ -3,18 +3,13 @@ the check that the device can run FP8 (`src/models/fp8.py` does the quantizing).
 multi-GPU worker (PARALLEL), the transformer's side of context parallelism
 (`enable_context_parallel`); src/serving/parallel.py runs the ranks.
 
-All are switches (`QUANTIZE`, `ATTENTION_BACKEND`, `COMPILE`), off by default: another
-kernel sums in another order, and FP8 rounds every weight and activation, so outputs
-change, and a change is only turned on once its deviation on the real weights is known.
-`tools/bench.py --levers` measures each alone on the full-size transformer; docs/performance.md
-quotes the figures. On the CPU (tests, demo) the attention kernel and compile do not apply, so
-the fidelity tests compare against stock diffusers bit for bit; FP8 runs there too (slowly),
-so its job path is tested.
-
-Regional compile (diffusers' `compile_repeated_blocks`) compiles one transformer block
-and reuses it for all 60, so compiling costs seconds, not minutes. It compiles with
-dynamic shapes: every output size and reference count then runs the same compiled
-code, and the warm-up at start compiles it once, so no job pays for it.
+Invariants: all are switches (`QUANTIZE`, `ATTENTION_BACKEND`, `COMPILE`), off by default,
+because another kernel sums in another order and FP8 rounds, so outputs change; one is turned
+on only once its deviation on the real weights is known (docs/performance.md). On the CPU the
+attention kernel and compile do not apply, so the fidelity tests compare against stock
+diffusers bit for bit; FP8 runs there too. Regional compile (`compile_repeated_blocks`)
+compiles one block with dynamic shapes and reuses it for all 60: every output size and
+reference count runs the same compiled code, compiled once at the warm-up.
 """
 
 from __future__ import annotations

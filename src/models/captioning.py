@@ -1,64 +1,20 @@
 """The caption of an empty decompose prompt, decoded faster than diffusers' `generate`
 (CAPTION_DECODER; the default makes diffusers' own forward calls, without `generate`).
 
-With an empty prompt, `QwenImageLayeredPipeline` (diffusers 0.42.1) first captions the
-image: `get_image_caption` gives the processor's whole output (the caption instruction
-and the image, resized to the job's resolution bucket) to the Qwen2.5-VL 7B text
-encoder's `generate(max_new_tokens=512)` and decodes the new tokens. The authors' demo
-calls the pipeline that way, so 512 is their cap too; it stays (register row 25: the
-prompt encoding keeps 512 tokens, so a longer caption could not reach the transformer).
+With an empty prompt, `QwenImageLayeredPipeline` first captions the image with the text
+encoder's greedy `generate(max_new_tokens=512)`; the cap is the authors' and stays (register
+row 25). Decoders: `stock` (diffusers' own `get_image_caption`), `eager` (the default: the
+forward calls `generate` makes, the same dynamic KV cache and greedy choice, without its
+per-step bookkeeping), `graphed` (a static KV cache and the whole step recorded once as a CUDA
+graph at the warm-up), `compiled` (`graphed`, the step compiled by inductor first) and `auto`
+(`compiled` with `COMPILE=true` on CUDA, else `eager`).
 
-Where the time goes. In transformers 5.23 a decoding step of the multimodal prompt does
-no vision or position work: the vision tower and `get_rope_index` run once, in the
-prefill, and each later step feeds one token at positions advanced by one, as for text.
-Profiled on the CPU with the tiny models (a 1,043-token prompt, 40 steps), a multimodal
-step ran 614 torch operations and a text-only one 597 (the difference: growing
-`mm_token_type_ids` and slicing positions). So a step's cost is the eager step itself:
-on the GPU a long row of small kernels launched one by one from Python (28 layers, then
-`generate`'s own bookkeeping and a host sync to test for the end). Issue 15 measured 23.4
-ms a token for a text prompt, where reading the 15 GiB of weights at the H200's bandwidth
-takes about 3 ms. `tools/caption_bench.py` measures the stock path (multimodal and
-text-only) and each decoder below on the GPU.
-
-Decoders (`CAPTION_DECODER`). On the H200 (full-size random weights, 512 tokens;
-bench/results/nvidia-h200-2026-12-01-caption.json) stock took 38.3 s, `eager` 13.3,
-`graphed` 4.4 and `compiled` 3.2. On the tiny models every decoder gives stock's tokens.
-On the GPU stock does not reproduce itself: two runs of the same caption have different
-logits from the 4th or 5th step and different tokens from the 18th or 68th, while the
-prefill is bitwise equal (tools/caption_bench.py --agreement, …-caption-agreement*.json).
-Fed stock's tokens, `eager` picks another token at 5 of 160 steps, each where stock's top
-two tie within 0.0625; `graphed` at 18 and `compiled` at 13:
-- `stock`: diffusers' own `get_image_caption`, nothing installed.
-- `eager` (the default): the forward calls `generate` makes, with the same inputs, the
-  same dynamic KV cache and the same greedy choice, without `generate`'s per-step
-  bookkeeping: the same computation (bitwise on the CPU, the same prefill on the GPU), so
-  its captions vary as stock's own do. It runs in every memory mode (streamed text
-  encoder included).
-- `graphed`: a static KV cache (prompt and caption in one preallocated buffer) and the
-  whole decoding step (forward, greedy choice, next position) recorded once as a CUDA
-  graph: one replay per token, no Python, and a host sync only every `STOP_CHECK_EVERY`
-  tokens to look for the end. The prefill stays the eager one above. Attention then reads
-  the fixed-length buffer under a mask, another kernel than over the grown cache, so
-  near-ties flip about three times as often as stock's own; it reproduces itself exactly.
-  A switch.
-- `compiled`: `graphed` with the step compiled by inductor first (fused kernels; the
-  compile runs at the warm-up).
-- `auto`: `compiled` with `COMPILE=true` on CUDA (already a switch that trades exactness
-  for speed), else `eager`.
-The graph is recorded at the warm-up (start, Layered preloaded, text encoder on the GPU);
-elsewhere (Layered loaded by a job, `WARMUP=false`, a streamed text encoder, a prompt
-longer than the static buffer) captions decode eagerly. On the CPU the static decoders
-run their step without a graph (tests).
-
-Greedy only: a generation config that samples (or asks for logits processors this does
-not reproduce) is captioned by diffusers' own `get_image_caption`. Two sampling configs
-are greedy in effect and decoded here: `top_k=1` (one token survives), the form Qwen2-VL's
-Instruct config has, and a temperature of at most `GREEDY_TEMPERATURE` (the form of
-Qwen2.5-VL-Instruct derivatives' configs, `temperature=1e-06`): a token then beats the top
-one with a chance above e^-40 only when its score lies within 40 times the temperature of
-the top score (4e-5 at 1e-6), while bf16 logits between 8 and 32 lie 0.06 to 0.125 apart:
-only at such a near-tie does the stock path pick at random, where this picks the top one.
-`repetition_penalty` is applied as transformers applies it.
+Invariants: on the CPU every decoder gives stock's tokens (tests). Greedy only: a generation
+config that samples is captioned by diffusers' own code, except the two forms greedy in effect
+(`top_k=1`, a temperature of at most `GREEDY_TEMPERATURE`). Where no graph was recorded (Layered
+loaded by a job, `WARMUP=false`, a streamed text encoder, a prompt longer than the static
+buffer) captions decode eagerly. Why, and what each decoder costs and agrees with on the GPU:
+docs/performance.md, "Caption decoding".
 """
 
 from __future__ import annotations
@@ -90,7 +46,7 @@ REPRODUCED_SETTINGS = frozenset({
     "pad_token_id", "use_cache", "output_attentions", "output_hidden_states", "max_length",
     "_from_model_config", "transformers_version",
 })
-# A sampling temperature at or below this is greedy in effect (module doc).
+# A sampling temperature at or below this is greedy in effect (docs/performance.md, Caption decoding).
 GREEDY_TEMPERATURE = 1e-5
 WARMUP_IMAGE_SIZE = 64
 WARMUP_NEW_TOKENS = 8

@@ -1,25 +1,18 @@
 """CFG_BATCH: true CFG's two transformer passes of a step as one batch of two.
 
-With true CFG the edit pipeline calls its transformer twice per step, on the same latents
-and timestep: with the prompt's text states, then with the negative prompt's.
-`cfg_batched(pipeline)` makes the first call run both as one batch of two and answers the
-second from the half it kept. The text streams are padded to the longer one and the
-padding is masked with `encoder_hidden_states_mask`, the transformer's own input for it:
-padded text keys are left out of the joint attention, the text positions (RoPE) start at
-the same place for both, and every other operation is per token. So each half is its own
-pass up to rounding (another batch size for the matmuls, a masked attention sum), not a
-different computation; tests/models/test_cfg_batch.py compares it with stock diffusers.
+With true CFG the edit pipeline calls its transformer twice per step, on the same latents and
+timestep: with the prompt's text states, then the negative prompt's. `cfg_batched(pipeline)`
+makes the first call run both as one batch of two, the text streams padded to the longer and
+the padding masked with `encoder_hidden_states_mask` (the transformer's own input for it), and
+answers the second call from the half it kept. Off by default: slower on the H200
+(docs/performance.md, CFG as one batch of two).
 
-The pair is found from the pipeline's own calls, never from call order alone: within the
-pipeline call, `encode_prompt` runs for the prompt and then the negative prompt
-(QwenImageEditPlusPipeline.__call__), and a transformer call with the first's states is
-batched only when the second exists; the second call is answered only with the same
-latents object, the same timestep and the second's states. Any other call (no negative
-prompt, true CFG off, a batch of more than one, Layered's extra timestep conditioning) runs
-as it would without the switch. The worker asks for the batch only where the memory plan
-has room for both samples (src/models/memory_plan.py `cfg_pair`). Off by default: on the
-H200 the padding mask moves the attention off SDPA's fast unmasked kernel and a step gets
-slower (`tools/bench.py --levers`, docs/performance.md).
+Invariants: each half is its own pass up to rounding (another batch size, a masked attention
+sum; tests/models/test_cfg_batch.py). The pair is found from the pipeline's own calls
+(`encode_prompt` for the prompt, then the negative prompt), never from call order alone: the
+second call is answered only with the same latents object, timestep and the second's states;
+any other call runs as without the switch. The worker asks for the batch only where the memory
+plan has room for both samples (src/models/memory_plan.py `cfg_pair`).
 """
 
 from __future__ import annotations

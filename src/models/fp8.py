@@ -42,7 +42,7 @@ def rowwise_fp8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = rows.abs().amax(dim=-1, keepdim=True).float()
     # Times the reciprocal, not divided: torch's CUDA kernels divide by a scalar as a multiply
     # by its reciprocal and the CPU's divide exactly, so scales differed by an ulp between a
-    # cache written on the CPU and a start on the GPU (tools/load_bench.py, 2026-12-01); a
+    # cache written on the CPU and a start on the GPU (docs/performance.md, the FP8 cache); a
     # multiply rounds the same on both (register row 27).
     scale = amax.clamp(min=MIN_SCALE) * (1.0 / E4M3_MAX)
     values = (rows.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)

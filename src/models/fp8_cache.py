@@ -1,29 +1,20 @@
 """FP8_CACHE: the transformer's FP8 block linears written once, loaded directly at start.
 
-With QUANTIZE=fp8 a start would read the 41 GB bf16 transformer and quantize its block
-linears. `build` (tools/download_models.py --fp8) writes each quantized linear's e4m3
-weight and float32 row scales once; `load_transformer` then builds the transformer's
-skeleton without weights (on the meta device, as diffusers' own loader does), reads the FP8
-linears from the cache and every other tensor (embedders, norms, biases, the output
-projection, the linears FP8_KEEP_BF16 keeps) from the snapshot by key. The bf16 weights of
-the quantized linears are never read (docs/performance.md gives the bytes of each recipe).
+`build` (tools/download_models.py --fp8) writes each quantized linear's e4m3 weight and
+float32 row scales once, under FP8_CACHE_DIR as `<org>--<name>/<revision>/<recipe id>/`
+(`fp8-NNNNN.safetensors` shards and `manifest.json`; never inside the snapshot, which a RunPod
+cached model may hold read-only). `load_transformer` builds the transformer's skeleton on the
+meta device, reads the FP8 linears from the cache and every other tensor from the snapshot by
+key: the bf16 weights of the quantized linears are never read.
 
-Where: FP8_CACHE_DIR (default HF_HOME/qwen-fp8), then `<org>--<name>/<revision>/<recipe id>/`,
-holding `fp8-NNNNN.safetensors` shards and `manifest.json`. Not inside the snapshot: a RunPod
-cached model may be read-only, and huggingface_hub owns that tree. The recipe id hashes how
-the weights were quantized (fp8.RECIPE_VERSION), which linears were (BLOCK_LINEARS less
-FP8_KEEP_BF16), and the dtype they were cast to first (the worker's: bf16 on CUDA, float32
-on the CPU). A cache is used only when its manifest names this snapshot's revision and this
-recipe, every file has the size the manifest gives, and every header holds the tensors this
-skeleton's FP8 linears need with their dtypes and shapes; else the worker quantizes at start
-as before and logs why. File contents are not hashed at load (that would read them twice):
-the shards are written into a temporary folder renamed into place after the manifest, so a
-build cut short leaves no cache, and a truncated file fails the size check.
-
-Bit for bit the same as quantizing at start: the build casts each stored weight to the dtype
-the worker loads it in and quantizes it with the same `Fp8Linear` (on the CPU; the GPU gives
-the same bits since recipe v2: tools/fp8_device_check.py found them equal on the H200, and
-tools/load_bench.py compares the whole full-size model).
+Invariants: the recipe id hashes the quantization (fp8.RECIPE_VERSION), which linears are FP8
+(BLOCK_LINEARS less FP8_KEEP_BF16) and the dtype cast to first. A cache is used only when its
+manifest names this revision and recipe, every file has the manifest's size and every header
+holds the tensors this skeleton's FP8 linears need, with their dtypes and shapes; else the
+worker quantizes at start and logs why. Contents are not hashed at load (that would read them
+twice); a build writes into a temporary folder renamed into place after the manifest, so a
+build cut short leaves no cache. Loaded, the transformer is bit for bit the one quantized at
+start (the same cast and `Fp8Linear`). Bytes, times, the CPU/GPU check: docs/performance.md.
 """
 
 from __future__ import annotations

@@ -1,20 +1,16 @@
 """LoRAs under QUANTIZE=fp8: each touched linear fused in bf16 from the published
 weights, then quantized, and put back exactly afterwards.
 
-diffusers' LoRA loading (PEFT) only wraps `torch.nn.Linear`, and an `Fp8Linear` holds
-e4m3 values that cannot take a LoRA's small delta: lightx2v ship their 2511 Lightning
-LoRA pre-fused into an FP8 checkpoint because the LoRA applied on top of FP8 weights
-draws line artifacts (docs/upstream-register.md, row 24; row 29: that is the unscaled
-downcast, and the unfused branches are the scaled case). So, per linear the adapters
-touch: the published bf16 weight (read by name from the snapshot, `PublishedWeights`),
-plus each adapter's delta computed as PEFT's merge computes it (`lora_delta`), then
-quantized row-wise as at load (`fp8.rowwise_fp8`) and copied into the existing
-parameters. In-place copies keep the compiled blocks valid (no recompile). The linears
-kept in bf16 (FP8_KEEP_BF16) take the same deltas on their live weights.
+PEFT only wraps `torch.nn.Linear`, and an `Fp8Linear`'s e4m3 values cannot take a LoRA's
+small delta (a LoRA on plainly downcast FP8 weights draws line artifacts: register rows 24 and
+29). So, per linear the adapters touch: the published bf16 weight (read by name from the
+snapshot, `PublishedWeights`) plus each adapter's delta as PEFT's merge computes it
+(`lora_delta`), quantized row-wise as at load (`fp8.rowwise_fp8`) and copied into the existing
+parameters; the linears kept in bf16 (FP8_KEEP_BF16) take the same deltas on their live weights.
 
-Before a linear changes, what it holds is copied to CPU memory (e4m3 values and row
-scales, or the bf16 weight), and `restore` copies it back: the base model is
-bit-identical after any LoRA job.
+Invariants: in-place copies keep the compiled blocks valid (no recompile). Before a linear
+changes, what it holds (e4m3 values and row scales, or the bf16 weight) is copied to CPU
+memory, and `restore` copies it back: the base model is bit-identical after any LoRA job.
 """
 
 from __future__ import annotations

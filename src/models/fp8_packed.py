@@ -1,27 +1,18 @@
 """FP8_PACK_QKV: each attention's three projections of one stream as one FP8 matmul.
 
-In every block the image stream's `to_q`/`to_k`/`to_v` read the same tensor, and so do the
-text stream's `add_q_proj`/`add_k_proj`/`add_v_proj`. Packed (`pack_projections`), each
-triple's e4m3 weights are stacked along the output (each row keeps its own values and its
-own float32 scale, as `Fp8Linear` made them), the input is quantized once per call (the
-per-token scales the three would each have computed, equal) and multiplied once. Every
-output element is the same rescaled dot product as before; only the matmul's shape
-changes (SGLang PR 37123 does this with per-output-channel scales for Qwen-Image, pixel-
-exact after 50 steps; requantizing the three to one scale was not: docs/upstream-register.md).
+The image stream's `to_q`/`to_k`/`to_v` read the same tensor, and so do the text stream's
+`add_q_proj`/`add_k_proj`/`add_v_proj`. Packed (`pack_projections`), each triple's e4m3 weights
+are stacked along the output, each row keeping its own values and float32 scale; the input is
+quantized once per call and multiplied once. Packing runs once the block linears are FP8
+(quantized at start or loaded from the FP8 cache), on whatever device they are on.
 
-diffusers' attention processor calls the three linears one after another on the same
-tensor, so they stay modules under their own names (`ProjectionView`): the first call runs
-the packed matmul and holds its output until the other two have taken their columns
-(strided views, no copy), then lets it go. A view called on another tensor computes its
-own rows only. A view's `weight`, `weight_scale` and `bias` are views of the packed
-tensors' rows, read at each access: the FP8 LoRA fuse (src/models/fp8_loras.py) writes
-into them in place, LoRA branches (src/models/lora_branches.py) wrap the views like any
-linear, and whatever re-points the packed parameters (the transformer swap's page-locked
-twin) re-points the views with them. The packed module is the one that owns parameters
-(`attn.packed_qkv`, `attn.packed_added_qkv`), so each byte is held once.
-
-Packing runs once the block linears are FP8 (quantized at start, or loaded from the FP8
-cache, whose files keep the three linears' names), on whatever device they are on.
+Invariants: every output element is the same rescaled dot product as unpacked (bit for bit on
+the CPU). The three linears stay modules under their own names (`ProjectionView`): the first
+call runs the packed matmul and holds its output until the other two take their columns
+(strided views, no copy); a view called on another tensor computes its own rows only; a view's
+`weight`, `weight_scale` and `bias` are views of the packed rows, read at each access, so the
+FP8 LoRA fuse, LoRA branches and the transformer swap work through them. The packed module
+owns the parameters (`attn.packed_qkv`, `attn.packed_added_qkv`): each byte is held once.
 """
 
 from __future__ import annotations

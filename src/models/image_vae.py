@@ -1,21 +1,17 @@
 """The Qwen VAE on still images, without its video feature cache.
 
-The Qwen-Image VAE is a causal video VAE. diffusers' `_encode` and `_decode` run every
-causal convolution with a feature cache that keeps a copy of the convolution's input for
-the frames that follow. An image is one frame: no frame follows, the copies are never
-read, yet all of them stay allocated until the call ends, at full resolution. That is
-most of a decode's memory (bench/results, `tools/vae_memory.py`).
+The Qwen-Image VAE is a causal video VAE: diffusers' `_encode` and `_decode` keep a copy of
+every causal convolution's input for the frames that follow, all of it allocated until the call
+ends. An image is one frame, so those copies are never read, yet they are most of a decode's
+memory (docs/memory.md). For a single frame, or a batch of single frames (a decomposition's
+layers), the encoder and decoder run here without the cache.
 
-For a single frame the encoder and decoder run here without the cache. The first frame
-of a cached run reads nothing from the cache (each entry is still empty when its
-convolution runs, so it zero-pads, and the temporal up- and downsamplers skip their
-time convolution), so without it the same convolutions run on the same inputs: the
-same latents and pixels, bit for bit (tests/models/test_image_vae.py). A batch of single
-frames (the layers of a decomposition) runs the same way, as one batch. Several frames of
-one video and VAE tiling keep diffusers' own path.
-
-`saving_memory` turns on, for one job, the levers that cost pixels: they run only where
-the job would not fit otherwise (src/models/memory_plan.py).
+Invariants: the same latents and pixels as diffusers', bit for bit (the first frame of a cached
+run reads nothing from the cache: each entry is still empty, so it zero-pads, and the temporal
+up- and downsamplers skip their time convolution; tests/models/test_image_vae.py). Several
+frames of one video and VAE tiling keep diffusers' own path. `saving_memory` turns on, for one
+job, the levers that cost pixels, only where the job would not fit otherwise
+(src/models/memory_plan.py).
 """
 
 from __future__ import annotations

@@ -1,24 +1,17 @@
 """LoRA adapters run unfused: beside the base weights, as a side branch of each linear
 they touch, y = base(x) + scale * B(A(x)), for `torch.nn.Linear` and `Fp8Linear` alike.
 
-Switching a set on or off then copies a few hundred MB of adapter weights instead of
-fusing into (and later restoring) the layers' weights; the base weights are never
-written, so the base model stays exact. Each job pays the branches' matmuls instead
-(README, LoRAs: the measured cost per pass).
+A switch copies a few hundred MB of adapter weights instead of fusing and restoring; each
+pass pays the branches' matmuls (docs/loras.md). Every block linear gets the branch at start
+by changing its class to a subclass of its own whose forward adds the branch when
+`lora_branch_on` is set, so names, parameters and state dict stay as they are.
 
-Every linear of the transformer blocks gets the branch at start, by changing its class
-to a subclass of its own (`torch.nn.Linear` or `Fp8Linear`) whose forward adds the branch
-when `lora_branch_on` is set: names, parameters and state dict stay as they are (PEFT and
-the fusing code see the same linears). Two layouts:
-
-- exact (eager): each adapter's own A and B at its own rank, scaled after, as PEFT's
-  unfused `lora.Linear.forward` computes them: the same output as diffusers'
-  `load_lora_weights` + `set_adapters` without fusing, bit for bit.
-- padded (`COMPILE=true`): one (rank, in) and one (out, rank) buffer per linear, allocated
-  at start, the set's adapters copied in along the rank with their scales folded into B
-  and the rest left zero; every linear's branch on while any set is. The compiled blocks
-  then see one structure and one shape for every set: the warm-up compiles it once, and
-  no switch recompiles. Padding adds exact zeros; folding the scale rounds once more.
+Invariants: the base weights are never written, so the base model stays exact. Two layouts:
+exact (eager: each adapter at its own rank, as PEFT's unfused `lora.Linear.forward`, bit for
+bit diffusers' `load_lora_weights` + `set_adapters` without fusing) and padded (`COMPILE=true`:
+one buffer pair per linear at `LORA_BRANCH_RANK`, scales folded into B, zeros elsewhere, so
+every set runs the same compiled blocks and no switch recompiles; padding adds exact zeros,
+folding the scale rounds once more).
 """
 
 from __future__ import annotations

@@ -1,21 +1,17 @@
-"""One adapter set held ready: its fused weights made once (at start) and kept beside
-the base values of the same layers, so switching between the set and the base model needs
-no re-read of published weights, no re-fuse and (shapes and dtypes unchanged) no
-recompile. Two places to hold it, chosen at start:
+"""One adapter set held ready: its fused weights made once (at start) and kept beside the base
+values of the same layers, so switching between the set and the base model needs no re-read,
+no re-fuse and (shapes and dtypes unchanged) no recompile. Two places, chosen at start:
 
-    on the device  (`PointedSet`) where the memory plan can keep one more copy of the
-                   touched layers and still run every edit without memory levers: the
-                   layers are pointed at the fused copy and back (`tensor.data`), a switch
-                   of about a millisecond that moves no bytes. A job that needs the room (the
-                   largest decompositions) has the copy released first; the next job of the
-                   set stages it again from its page-locked CPU copy (`lora` time).
-    in CPU memory  (`CopiedSet`) else: both copies (fused and base) in page-locked blocks
-                   of their exact size, copied in place either way at the host link's speed
+    on the device  (`PointedSet`) where the memory plan keeps room for one more copy of the
+                   touched layers: the layers are pointed at the fused copy and back
+                   (`tensor.data`), moving no bytes; a job that needs the room has the copy
+                   released first, and the set's next job restages it from a page-locked copy.
+    in CPU memory  (`CopiedSet`) else: fused and base copies in page-locked blocks of their
+                   exact size, copied in place either way at the host link's speed.
 
-The fused values are exactly those of an on-the-spot fuse (`FusedLoras.apply` makes
-them); the base values are the layers' own, kept (device) or copied back bit for bit
-(CPU). The full-coverage Lightning file touches 720 linears: 13.6 GB under FP8 (e4m3
-values and row scales) or 27.2 GB in bf16, per copy.
+Invariants: the fused values are exactly an on-the-spot fuse's (`FusedLoras.apply` makes
+them); the base values are the layers' own, kept (device) or copied back bit for bit (CPU).
+Sizes and switch times: docs/loras.md, docs/performance.md (LoRA switches).
 """
 
 from __future__ import annotations

@@ -1,24 +1,15 @@
 """Where a LoRA file comes from: a path on the volume, a repo in the HF cache, or an
 https/S3 URL downloaded into a size-capped cache on the volume.
 
-The cache serves many callers, so a job gets a cached file only where its own fetch
-would have got the same bytes. An http(s) file is found by its whole URL, query string
-included (a presigned URL is its own credential). An s3:// object is asked for with a
-HEAD through the job's own client on every use, and its file is named by the endpoint,
-the URL and the ETag and size that HEAD answered: a job without access fails at the
-HEAD, with the error it would get were nothing cached, and learns nothing else. No
-error is cached. Each download, the HEAD included, ends within LORA_DOWNLOAD_TIMEOUT_S.
-
-Every failure is a `LoraError` (or, for an http(s) URL, a `url_fetch.FetchError` or
-`url_guard.UrlRefused`) that names the job key (`loras[i].source`) and the source, never
-a credential or a presigned query string.
-
-Paths stay inside their roots: a volume path (and its `weight_name`) must lie under one of
-LORA_ROOTS both as written and once its links are followed; a repo's `weight_name` under
-its cached snapshot as written, and in the repo's own cache folder (its snapshots and the
-blobs they link to) once followed. Whether a path is inside is decided without looking
-outside the roots, so the refusal reads the same for a path outside that exists and one
-that does not.
+Invariants. A job gets a cached file only where its own fetch would get the same bytes: an
+http(s) file by its whole URL, query string included; an s3:// object after a HEAD through the
+job's own client on every use, its file named by the endpoint, URL, ETag and size (a job
+without access fails at the HEAD as if nothing were cached). No error is cached; each
+download, the HEAD included, ends within LORA_DOWNLOAD_TIMEOUT_S. Every failure names the job
+key (`loras[i].source`) and the source, never a credential or a presigned query string. A
+volume path must lie under LORA_ROOTS as written and with its links followed, a repo's file in
+its cached snapshot and the repo's own cache folder; the refusal reads the same whether or
+not the path outside exists. Why the cache shares what it shares: docs/loras.md.
 """
 
 from __future__ import annotations

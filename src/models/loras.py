@@ -276,8 +276,8 @@ class FusedLoras:
         for name, module in transformer.named_modules():
             base_layer = getattr(module, "base_layer", None)
             if base_layer is not None and hasattr(module, "lora_A"):
-                # Pageable memory: with pinned copies, fusing the full-coverage Lightning LoRA
-                # took 38 s on the H100 bench, against 30 s pageable (one run each).
+                # Pageable memory: pinned copies made the fuse slower (docs/performance.md,
+                # LoRA switches).
                 self._originals[name] = base_layer.weight.detach().to("cpu", copy=True)
 
 

@@ -1,24 +1,16 @@
 """Which jobs fit the GPU: each job's activation memory, estimated from its shape before
 any GPU work, against what the worker has beside its weights.
 
-A job runs in stages one after another (text encoder, VAE encode, transformer passes,
-VAE decode), and its peak is the largest stage. Each stage's memory grows with one
-measure of the job: transformer tokens, decoded or encoded pixels. The figures are the
-worker's own job path measured on an H200 (`tools/bench.py --breakdown`, the schema's
-corners: bench/results/nvidia-h200-2026-12-01-corners-multi.json), with a safety factor.
-
-Where a job does not fit, two levers that change pixels a little are tried, the one
-that changes them least first, and the job says which ran (`memory_levers`):
-- `layers_one_at_a_time`: a decomposition's layers VAE-decoded one by one instead of in
-  one batch (up to 3 of 255 levels, mean 0.05, on the H200: tools/vae_memory.py);
-- `vae_tiling`: the VAE decodes in overlapping tiles (diffusers' tiling; up to 36
-  levels on random weights, mean 2).
-A job that still does not fit is refused with the limit in force and what would fit.
-
-`configure` picks, at start, the memory mode (MEMORY_MODE=auto) and whether the two
-transformers swap (TRANSFORMER_SWAP=auto): the fastest arrangement that serves every job
-the schema accepts without streaming the transformers; where none does, the fastest that
-serves every edit, and decompositions at the corners are refused with what fits.
+A job runs in stages one after another (text encoder, VAE encode, transformer passes, VAE
+decode), and its peak is the largest stage; each stage grows with one measure of the job
+(transformer tokens, decoded or encoded pixels), at rates measured on the worker's own job
+path with a safety factor (docs/memory.md). Where a job does not fit, the levers that change
+pixels a little are tried, least change first (`layers_one_at_a_time`, then `vae_tiling`), and
+the job says which ran (`memory_levers`); a job that still does not fit is refused with the
+limit in force and what would fit. `configure` picks, at start, the memory mode
+(MEMORY_MODE=auto) and whether the transformers swap (TRANSFORMER_SWAP=auto): the fastest
+arrangement that serves every job without streaming the transformers, else the fastest that
+serves every edit.
 """
 
 from __future__ import annotations
@@ -30,17 +22,14 @@ from src.job.schema import InputError, JobRequest, MAX_LAYERS, SIZE_MAX, SIZE_MI
 
 GIB = 1024**3
 MP = 1_000_000
-# Measured, bytes per unit (H200, bench/results/nvidia-h200-2026-12-01-corners-multi.json and
-# -corners-fp8.json): the transformer in bf16 0.82 GiB at 8.7k tokens, 2.83 at 28.7k, 4.27 at
-# 49.2k, about 0.1 GiB per 1000 tokens; under FP8 (activations quantized per token beside
-# their bf16 copies) 3.43 at 20.5k, 4.8 at 28.7k, 7.65 at 49.2k, at most 0.17 per 1000.
+# Bytes per unit, each the largest rate measured on the worker's job path (docs/memory.md,
+# "The measured rates"); under FP8 activations are quantized per token beside their bf16 copies.
 TRANSFORMER_BYTES_PER_TOKEN = {"none": 0.1 * GIB / 1000, "fp8": 0.17 * GIB / 1000}
-# VAE decode without the feature cache (src/models/image_vae.py): 2.07 GiB at 1.05 MP, 8.26 at
-# 4.19 MP, 8.09 for 10 layers of 0.41 MP, 18.4 for 10 of 1.05 MP: at most 1.97 GiB per MP.
+# VAE decode without the feature cache (src/models/image_vae.py).
 DECODE_BYTES_PER_PIXEL = 1.97 * GIB / MP
-TILED_DECODE_BYTES = 1 * GIB  # 0.3 GiB measured for 2048x2048 (tools/vae_memory.py), with margin
-ENCODE_BYTES_PER_PIXEL = 1.13 * GIB / (1024 * 1024)  # 1.13 GiB for one 1024x1024 reference
-TEXT_ENCODER_BYTES = 0.6 * GIB  # 0.31 with one image, 0.55 with three
+TILED_DECODE_BYTES = 1 * GIB  # the measured tiled decode (docs/memory.md), with margin
+ENCODE_BYTES_PER_PIXEL = 1.13 * GIB / (1024 * 1024)  # as measured for one 1024x1024 reference
+TEXT_ENCODER_BYTES = 0.6 * GIB  # above the measured, with one image and with three
 # Latents, prompt embeddings and the decoded image held between stages.
 HELD_BYTES = int(0.25 * GIB)
 SAFETY = 1.1
@@ -48,7 +37,7 @@ SAFETY = 1.1
 RESERVE_BYTES = 1 * GIB
 # A streamed component's share on the GPU while it runs, one part in use and the next
 # copied in: two of the transformer's 60 blocks; two of the text encoder's largest
-# leaves (its 1.02 GiB embedding table: 13% of its 15.4 GiB).
+# leaves (its embedding table is 13% of it).
 STREAMED_TRANSFORMER_SHARE = 2 / 60
 STREAMED_TEXT_ENCODER_SHARE = 0.14
 # The pipelines' own sizes: an edit's condition images are encoded at about 1 MP each

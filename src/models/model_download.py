@@ -1,36 +1,18 @@
 """Fetching the worker's models into HF_HOME, in the standard Hugging Face cache layout.
 
 Two callers: tools/download_models.py (by hand, on a Pod with the network volume), and a start
-with DOWNLOAD_MODELS=missing (handler.py, before anything loads), which fetches only what the
-cache lacks. Jobs never download: the worker loads with HF_HUB_OFFLINE=1.
+with DOWNLOAD_MODELS=missing (handler.py, before anything loads). Jobs never download: the
+worker loads with HF_HUB_OFFLINE=1. Steps: `plan` (the edit model; Layered without the folders
+it borrows where the hub shows them the same files; the Lightning files), `measure` (the hub's
+listing of main's commit) and `check_space`, then `fetch` each file not yet cached with
+`hf_hub_download` at that commit, logging progress every PROGRESS_EVERY_S.
 
-Steps, the same for both callers:
-  1. what to fetch (`plan`): the edit model; the Layered model without the text encoder,
-     tokenizer and processor where the hub shows them the same files as the edit model's (the
-     worker borrows those, src/models/shared_components.py); the Lightning LoRA files;
-  2. how much (`measure`: the hub's listing of main's commit, nothing downloaded) and whether
-     it fits (`check_space`);
-  3. `fetch`: each file not yet cached, with huggingface_hub's hf_hub_download at that commit,
-     a log line on progress every PROGRESS_EVERY_S, and refs/main written once all are in.
-
-Why not snapshot_download: it caches the commit's whole listing (`trees/<commit>.json`), and
-huggingface_hub 2.4 then refuses offline any snapshot of that commit that lacks a listed file,
-which Layered without its borrowed folders, or two of Lightning's four files, always does: the
-worker's own lookup (`snapshot_download(local_files_only=True)` in src/models/weights.py) would call
-them missing. Files fetched one by one leave no listing; refs/main, written last, marks the
-snapshot whole.
-
-A download cut short keeps the files it finished (huggingface_hub moves each file into the cache
-once it is whole) and has no refs/main yet, so the next start fetches only the rest.
-huggingface_hub resumes a file after a dropped connection within one run, but a file cut by a
-killed process starts again from its beginning; its partial copy (`blobs/<hash>.<random>.incomplete`)
-is deleted by the next fetch once untouched for STALE_PARTIAL_S.
-
-Offline switch. huggingface_hub reads HF_HUB_OFFLINE once, when imported, into
-`huggingface_hub.constants.HF_HUB_OFFLINE`, and its HTTP client refuses every request while that
-constant is true (utils/_http.py checks `constants.is_offline_mode()` before each one). The
-worker runs offline; `hub_online()` lifts the switch for the download alone and puts it back,
-so the loading that follows is offline again (tests/models/test_model_download.py pins this).
+Invariants: files are fetched one by one (not `snapshot_download`, whose cached listing would
+make the offline lookup call a partial snapshot missing) and refs/main is written last, so it
+marks the snapshot whole; a download cut short keeps its finished files and the next start
+fetches the rest; a killed file's partial copy is deleted once older than STALE_PARTIAL_S.
+`hub_online()` lifts the offline switch for the download alone and puts it back. The
+huggingface_hub internals this relies on: docs/upstream-register.md, "Internals relied on".
 """
 
 from __future__ import annotations

@@ -109,13 +109,14 @@ class Settings:
     max_loras: int = 3
     # LoRA sets not held ready run unfused (src/models/lora_branches.py) until this many consecutive
     # jobs have asked for the same set; that job fuses it (1: fuse at once; 0: never fuse a
-    # set that can run unfused). README, LoRAs, says why 16.
+    # set that can run unfused). docs/loras.md says why 16.
     lora_fuse_after: int = 16
     # With COMPILE=true, the rank every unfused branch is padded to (one compiled shape for
     # all sets); a set of higher rank on some linear is fused instead.
     lora_branch_rank: int = 64
     # With PRELOAD naming lightning: which preset's fused weights are made at start and held
-    # in CPU memory beside the base weights (switching is then a copy); 0: none.
+    # ready beside the base weights, on the GPU or in CPU memory (src/models/lora_resident.py);
+    # 0: none.
     lightning_resident_steps: int = 4
     max_layer_edits: int = DEFAULT_MAX_LAYER_EDITS
     max_prompts: int = DEFAULT_MAX_PROMPTS

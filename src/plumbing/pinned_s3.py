@@ -7,39 +7,12 @@ check (DNS rebinding) cannot send the client to loopback or the metadata service
 host name stays everywhere else: in the URL, so in the Host header and the SigV4
 signature; in TLS SNI and certificate verification; in presigned URLs.
 
-What it relies on, read in botocore 1.44.8 and urllib3 2.8.0 (both pinned exactly in
-requirements.txt for this reason), each named here so that an upgrade is checked against
-this list; tests/plumbing/test_storage_pinning.py fails if any of them stops holding:
-
-1. botocore sends every request of a client through `client._endpoint.http_session`
-   (private `BaseClient._endpoint`), a `URLLib3Session` built when the client is. Its
-   urllib3 `PoolManager` (private `URLLib3Session._manager`) creates pools from its
-   public `pool_classes_by_scheme`, which botocore itself sets to
-   `AWSHTTPConnectionPool`/`AWSHTTPSConnectionPool`. We put subclasses of those there,
-   whose connection class is pinned, before the client has opened any pool.
-2. urllib3 opens a connection's socket in `HTTPConnection._new_conn` (private), which
-   `connect()` calls for http and https alike. It is the method urllib3's own SOCKS
-   connection (`urllib3.contrib.socks`) overrides to open the socket elsewhere. Ours
-   opens it with urllib3's public `create_connection` to a checked address; a literal
-   address is never looked up in DNS.
-3. If a later urllib3 opened the socket some other way, `connect()` (public) notices that
-   the peer is not a checked address and closes the connection before any request is
-   sent: the pin fails closed, not open.
-4. The client takes no proxy (`Config(proxies={})`, public): a proxy would resolve the
-   name itself. HTTP_PROXY and HTTPS_PROXY do not apply to a pinned client.
-
-Anything that is not the expected shape at step 1 raises at construction.
-
-The same classes carry `s3_deadline.Watched`, so that a pinned client's requests end
-by their operation's total deadline (src/plumbing/s3_deadline.py); `watch_connections`
-gives a client that is not pinned (the worker's own bucket) that alone, through the
-same step 1.
-
-Not chosen: setting a connection's `_dns_host` (urllib3's `host` property reads it too,
-so the Host header and SNI would become the address); the address in the endpoint URL
-(the signature, the Host header and presigned URLs would carry it); a sender of our own
-behind botocore's public `before-send` event (a copy of `URLLib3Session.send` and its
-error mapping, which `Bucket` classifies, and a second place to resolve CA settings).
+Invariants: anything not of the expected shape raises at construction, and a socket opened
+some other way fails closed (closed before any request); the client takes no proxy. The same
+classes carry `s3_deadline.Watched`; `watch_connections` gives an unpinned client (the worker's
+own bucket) that alone. It relies on four internals of botocore 1.44.8 and urllib3 2.8.0 (pinned
+exactly in requirements.txt), listed with what was not chosen in docs/upstream-register.md,
+"Internals relied on"; tests/plumbing/test_storage_pinning.py fails if any stops holding.
 """
 
 from __future__ import annotations

@@ -9,14 +9,10 @@ at once. The block then raises `TimedOut`, whatever botocore made of the closed
 connection: an error, or a "success" read from a cut answer (http.client takes the end
 of the stream for the end of the headers).
 
-It works through `Watched`, mixed into the connection classes src/plumbing/pinned_s3.py
-installs in a client, and relies on urllib3 2.8.0 (pinned in requirements.txt):
-1. a connection's `connect()` (when it opens) and `request()` run in the thread that
-   makes the botocore call, which also reads the response there;
-2. `connect()` opens the TCP connection and any TLS handshake waiting at most
-   `self.timeout` (CPython bounds a whole TLS handshake by the socket's timeout);
-3. `self.sock` is the connection's socket once it is open.
-A connection used outside any `within` block is not watched. Blocks do not nest.
+Invariants: it works through `Watched`, mixed into the connection classes
+src/plumbing/pinned_s3.py installs in a client, and relies on three behaviours of urllib3 2.8.0
+(pinned in requirements.txt; listed in docs/upstream-register.md, "Internals relied on"). A
+connection used outside any `within` block is not watched. Blocks do not nest.
 """
 
 from __future__ import annotations

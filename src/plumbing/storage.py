@@ -1,19 +1,16 @@
 """Result images to an S3-compatible bucket, handed back as presigned GET URLs.
 
 Works with AWS S3, Cloudflare R2, MinIO and moto (path-style addressing, SigV4).
-An upload counts only once the object reads back whole: each attempt is a PUT and
-then a HEAD that must show the object at the uploaded size, so a URL is never handed
-out for a missing or partly written object. Transient faults (connection errors,
-timeouts, 5xx and throttling answers, an incomplete object) are retried with bounded,
-jittered exponential backoff (`UploadPolicy`); any other error fails at once. Every
-request (a PUT, a HEAD) ends within its policy's time however slowly the server answers
-(src/plumbing/s3_deadline.py), so an upload ends within `UploadPolicy.worst_case_s()`.
-Error texts name the bucket and what went wrong (the S3 error code, the time limit),
-never a credential.
 
-The worker's own bucket (BUCKET_*) is trusted. A job's bucket (`r2`) is not:
-`Bucket.for_job` checks its endpoint's addresses before any connection, and its clients
-connect only to the addresses checked (src/plumbing/pinned_s3.py).
+Invariants: an upload counts only once the object reads back whole (a PUT, then a HEAD that
+must show the uploaded size), so a URL is never handed out for a missing or partly written
+object. Transient faults (connection errors, timeouts, 5xx and throttling, an incomplete
+object) are retried with bounded, jittered exponential backoff (`UploadPolicy`); any other
+error fails at once. Every request ends within its policy's time however slowly the server
+answers (src/plumbing/s3_deadline.py), so an upload ends within `UploadPolicy.worst_case_s()`.
+Errors name the bucket and what went wrong, never a credential. The worker's own bucket
+(BUCKET_*) is trusted; a job's (`r2`) is not: `Bucket.for_job` checks its endpoint's
+addresses first, and its clients connect only to those (src/plumbing/pinned_s3.py).
 """
 
 from __future__ import annotations

@@ -1,26 +1,19 @@
 """Bounded HTTP(S) downloads of job URLs, connecting only to addresses the guard checked.
 
-A job URL is untrusted input, and three things keep its download from hurting the worker:
-
-- SSRF: every hop, the job's URL and each redirect, goes through
-  `url_guard.resolve_checked` before any connection, so neither a URL nor a public URL
-  that redirects can reach the cloud metadata service, loopback or the worker's network.
-- DNS rebinding: the connection goes to the addresses that check returned, never to the
-  name again, so a second DNS answer cannot differ from the checked one. The `Host`
-  header and the TLS certificate are still checked against the name.
-- Bounded time and memory on a GPU worker that bills by the second: a size cap (refused
-  on Content-Length before the body, otherwise cut as the stream passes it), a connect
-  timeout, an idle timeout for each wait on the next bytes, and a total timeout for the
-  whole download, redirects included, that holds even for a server trickling a byte at a
-  time (every socket read waits at most what is left of it).
-
-Bodies are asked for with `Accept-Encoding: identity`, so nothing is decompressed (no
-decompression bombs) and Content-Length counts the bytes that arrive. http.client reads
-no proxy settings from the environment: no proxy is ever used.
-
-Every failure is a `FetchError` or a `url_guard.UrlRefused`, both `InputError`s whose
-message is `<key>: <reason>`, showing the URL as `url_guard.shown` does (no query string,
-no user info: presigned URLs carry credentials there).
+A job URL is untrusted input. Invariants:
+- SSRF: every hop, the job's URL and each redirect, goes through `url_guard.resolve_checked`
+  before any connection, so no URL, nor a redirect, reaches the metadata service, loopback
+  or the worker's network.
+- DNS rebinding: the connection goes to the addresses that check returned, never to the name
+  again; the `Host` header and the TLS certificate are still checked against the name.
+- Bounded time and memory: a size cap (refused on Content-Length before the body, else cut
+  as the stream passes it), a connect timeout, an idle timeout for each wait on the next
+  bytes, and a total timeout for the whole download, redirects included, that holds even for
+  a server trickling a byte at a time (every socket read waits at most what is left of it).
+- Nothing is decompressed (`Accept-Encoding: identity`), so Content-Length counts the bytes
+  that arrive; http.client reads no proxy settings, so no proxy is ever used.
+- Every failure is a `FetchError` or `url_guard.UrlRefused` (`InputError`s, `<key>: <reason>`)
+  showing the URL as `url_guard.shown` does: no query string, no user info.
 """
 
 from __future__ import annotations

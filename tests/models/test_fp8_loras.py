@@ -207,7 +207,7 @@ def test_fp8_lora_jobs_leave_the_base_model_bit_identical(fp8_worker, lora_dir):
 
 @pytest.mark.parametrize("lightning", [4, None], ids=["lightning4", "base_4_steps_no_cfg"])
 def test_fp8_lightning_stays_near_the_unquantized_lightning_job(fp8_worker, worker, lightning, guarantee_figures):
-    """The deviation README quotes for FP8 Lightning on the tiny models (float32 reference),
+    """The deviation docs/loras.md quotes for FP8 Lightning on the tiny models (float32 reference),
     beside FP8's own on the same job shape without the LoRA."""
     job = {"lightning": 4, "num_inference_steps": None} if lightning else {"num_inference_steps": 4,
                                                                            "true_cfg_scale": 1.0}

@@ -1,6 +1,6 @@
 """How LoRA sets switch (src/models/lora_switch.py): unfused branches equal diffusers' own unfused
 LoRA loading, fused equals diffusers' fuse, the two differ by rounding only (the figure
-README quotes); a set fuses after LORA_FUSE_AFTER jobs in a row; the PRELOAD Lightning
+docs/loras.md quotes); a set fuses after LORA_FUSE_AFTER jobs in a row; the PRELOAD Lightning
 set is held ready (beside the weights where the memory plan has room, else in CPU memory)
 and switched in; the base model stays bit-identical through all of it;
 the padded layout (COMPILE=true) swaps sets without recompiling."""
