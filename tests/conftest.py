@@ -22,6 +22,7 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from src.models.snapshots import ref_file  # noqa: E402
 from tools.local_stack import start_api, start_s3  # noqa: E402
 
 TINY_HF_HOME = Path(os.environ.get("TINY_HF_HOME", REPO_ROOT / ".cache" / "hf")).resolve()
@@ -125,7 +126,7 @@ def sample_image(size=(96, 64), mode="RGB", seed=0) -> Image.Image:
 
 @pytest.fixture(scope="session")
 def hf_home() -> Path:
-    marker = TINY_HF_HOME / "hub" / "models--Qwen--Qwen-Image-Edit-2511" / "refs" / "main"
+    marker = ref_file(TINY_HF_HOME, "Qwen/Qwen-Image-Edit-2511")
     if not marker.exists():
         subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "make_tiny_models.py"),
                         "--hf-home", str(TINY_HF_HOME)], check=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 
+from src.models.snapshots import main_snapshot
 from src.plumbing.config import Settings
 from src.serving.worker import Worker
 from tests.conftest import png_b64, sample_image
@@ -36,7 +37,7 @@ def named_transformer(hf_home):
 
     from tools.bench import NamedRandomWeights
 
-    folder = next((hf_home / "hub" / "models--Qwen--Qwen-Image-Edit-2511" / "snapshots").iterdir()) / "transformer"
+    folder = main_snapshot(hf_home, "Qwen/Qwen-Image-Edit-2511") / "transformer"
     transformer = QwenImageTransformer2DModel.from_pretrained(folder, torch_dtype=torch.bfloat16).eval()
     named = NamedRandomWeights(transformer, device="cpu")
     named.write_into(transformer)

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from src.models.snapshots import main_snapshot, repo_folder
 from tests.conftest import REPO_ROOT
 
 
@@ -53,9 +54,9 @@ def test_bad_environment_value(hf_home, env, line):
 def test_corrupt_snapshot_names_the_broken_file(hf_home, tmp_path):
     """A weights file cut short (an interrupted copy onto the volume) stops the start
     with one line naming the file, and no traceback."""
-    repo = "models--Qwen--Qwen-Image-Edit-2511"
-    shutil.copytree(hf_home / "hub" / repo, tmp_path / "hub" / repo)
-    weights = next((tmp_path / "hub" / repo / "snapshots").glob("*/transformer/diffusion_pytorch_model.safetensors"))
+    repo = "Qwen/Qwen-Image-Edit-2511"
+    shutil.copytree(repo_folder(hf_home, repo), repo_folder(tmp_path, repo))
+    weights = main_snapshot(tmp_path, repo) / "transformer" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     done = start({"HF_HOME": str(tmp_path), "DEVICE": "cpu"})
     assert done.returncode != 0

@@ -53,6 +53,7 @@ from src.models.fp8 import BLOCK_LINEARS, MODULATION_LINEARS  # noqa: E402
 from src.models.fp8_loras import PublishedWeights, PublishedWeightsError, touched_linears  # noqa: E402
 from src.models.loras import FusedLoras, LoraLibrary, adapters_for  # noqa: E402
 from src.models.pipelines import Pipelines, device_name  # noqa: E402
+from src.models.snapshots import main_snapshot, write_snapshot  # noqa: E402
 from src.models.weights import ModelRef  # noqa: E402
 from src.plumbing.config import Settings  # noqa: E402
 from src.plumbing.metering import price_for  # noqa: E402
@@ -313,13 +314,12 @@ def write_lightning_lora(hf_home: Path, settings: Settings) -> None:
             tensors[f"{prefix}.lora_down.weight"] = (torch.randn(LIGHTNING_RANK, in_features, generator=generator) * 0.01).bfloat16()
             tensors[f"{prefix}.lora_up.weight"] = (torch.randn(out_features, LIGHTNING_RANK, generator=generator) * 0.01).bfloat16()
             tensors[f"{prefix}.alpha"] = torch.tensor(8.0).bfloat16()
-    repo = hf_home / "hub" / ("models--" + settings.lightning_repo.replace("/", "--"))
-    snapshot = repo / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True, exist_ok=True)
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text("0" * 40)
-    for steps in (4, 8):
-        save_file(tensors, str(snapshot / settings.lightning_files[steps]))
+
+    def fill(snapshot: Path) -> None:
+        for steps in (4, 8):
+            save_file(tensors, str(snapshot / settings.lightning_files[steps]))
+
+    write_snapshot(hf_home, settings.lightning_repo, "0" * 40, fill)
 
 
 CUSTOM_RANK = 16
@@ -871,7 +871,7 @@ def main() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     hf_home = tiny_models(Path(args.tiny_hf_home))
-    tiny_snapshot = next((hf_home / "hub" / "models--Qwen--Qwen-Image-Edit-2511" / "snapshots").iterdir())
+    tiny_snapshot = main_snapshot(hf_home, "Qwen/Qwen-Image-Edit-2511")
     env = {key: value for key, value in os.environ.items() if key in LEVER_SETTINGS}
     if args.levers:  # each lever is set by hand on a stock pipeline
         env = {"COMPILE": "false", "ATTENTION_BACKEND": "sdpa", "QUANTIZE": "none"}  # the environment's would mix in

@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from src.models import captioning  # noqa: E402
+from src.models.snapshots import main_snapshot  # noqa: E402
 from tools.bench import (PROCESSOR_MAX_PIXELS, PROCESSOR_MIN_PIXELS, TEXT_ENCODER_7B, VISION_7B,  # noqa: E402
                          photo_like, random_module, tiny_models)
 from tools.bench_results import write_results  # noqa: E402
@@ -54,7 +55,7 @@ def layered_with_random_text_encoder(tiny_hf_home: Path):
 
     from src.models.vl_processor import load_processor
 
-    snapshot = next((tiny_hf_home / "hub" / "models--Qwen--Qwen-Image-Layered" / "snapshots").iterdir())
+    snapshot = main_snapshot(tiny_hf_home, "Qwen/Qwen-Image-Layered")
     processor = load_processor(str(snapshot))
     processor.image_processor.min_pixels = PROCESSOR_MIN_PIXELS
     processor.image_processor.max_pixels = PROCESSOR_MAX_PIXELS

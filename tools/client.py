@@ -387,7 +387,21 @@ def print_saved(label: str, path: Path, entry: dict, log: Printer = print) -> No
         log(_line("", entry["url"]))
 
 
-# --------------------------------------------------------------------------- entry point helper
+# --------------------------------------------------------------------------- entry point helpers
+def send_and_save(args: argparse.Namespace, build_payload: Callable[[argparse.Namespace], dict],
+                  describe: Callable[[argparse.Namespace], str], save: Callable[[JobResult], object]) -> int:
+    """A client's job from its parsed arguments: sent to the target they name with one line on
+    what it is, then the result's header, what `save` writes, and its footer."""
+    target = target_from_args(args)
+    payload = build_payload(args)
+    print(f"{payload['operation']}: {describe(args)} -> {target.label}")
+    result = run_job(payload, target)
+    print_header(result)
+    save(result)
+    print_footer(result)
+    return 0
+
+
 def run_cli(main: Callable[[], int]) -> None:
     """Run a client's main(): JobError prints one line and exits 1; Ctrl-C exits 130."""
     try:

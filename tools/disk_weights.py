@@ -42,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from src.models import fp8_cache, weights  # noqa: E402
+from src.models.snapshots import main_snapshot, repo_folder  # noqa: E402
 from src.plumbing.config import DEFAULT_FP8_KEEP_BF16, FP8_CACHE_FOLDER, Settings  # noqa: E402
 
 EDIT_REPO = "Qwen/Qwen-Image-Edit-2511"
@@ -55,15 +56,6 @@ SHARD_NAMES = {"diffusers": ("diffusion_pytorch_model", "diffusion_pytorch_model
 COMPONENTS = {"transformer": "diffusers", "text_encoder": "transformers", "vae": "diffusers"}
 
 
-def repo_folder(hf_home: Path, repo_id: str) -> Path:
-    return hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
-
-
-def snapshot_of(hf_home: Path, repo_id: str) -> Path:
-    repo = repo_folder(hf_home, repo_id)
-    return repo / "snapshots" / (repo / "refs" / "main").read_text().strip()
-
-
 def copy_template(template_home: Path, hf_home: Path) -> Path:
     """The tiny edit snapshot's small files (configs, tokenizer, processor, scheduler) at
     the same revision in `hf_home`; its weights and model configs are replaced later."""
@@ -72,7 +64,7 @@ def copy_template(template_home: Path, hf_home: Path) -> Path:
     if target.exists():
         shutil.rmtree(target)
     shutil.copytree(source, target, symlinks=False, ignore=shutil.ignore_patterns("*.safetensors"))
-    return snapshot_of(hf_home, EDIT_REPO)
+    return main_snapshot(hf_home, EDIT_REPO)
 
 
 def built(factory, device: torch.device) -> torch.nn.Module:

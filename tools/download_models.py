@@ -46,6 +46,7 @@ from src.models.model_download import (DEFAULT_MAX_WORKERS, DOWNLOAD_ERRORS, Dow
                                        hub_online, measure, one_line, size_text)
 from src.models.model_download import plan as plan_downloads  # noqa: E402
 from src.models.shared_components import SHARED_COMPONENTS  # noqa: E402
+from src.models.snapshots import hub_cache  # noqa: E402
 
 __all__ = ["borrowed_patterns", "comparison_lines", "main", "needs_comparison", "parse_args", "plan"]
 
@@ -125,7 +126,7 @@ def plan(args: argparse.Namespace, comparison) -> list[Download]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     hf_home = Path(args.hf_home).expanduser()
-    cache_dir = hf_home / "hub"
+    cache_dir = hub_cache(hf_home)
     token = os.environ.get("HF_TOKEN") or None
     print(f"HF_HOME {hf_home}  (cache {cache_dir}; token: {'HF_TOKEN' if token else 'none / hf auth login'})")
     try:
@@ -150,7 +151,7 @@ def _download(args: argparse.Namespace, hf_home: Path, cache_dir: Path, token: s
         print("\n".join(comparison_lines(comparison, args.edit_model, args.layered_model)))
 
     # 2. Sizes first, so a too-small volume fails now rather than 40 GB in.
-    sized = measure(plan(args, comparison), cache_dir, token)
+    sized = measure(plan(args, comparison), hf_home, token)
     for item in sized:
         skipped = f"; skipping {', '.join(item.download.ignore_patterns)}" if item.download.ignore_patterns else ""
         print(f"{item.download.name:<9} {item.download.repo_id}: {len(item.files)} files, "
@@ -158,11 +159,11 @@ def _download(args: argparse.Namespace, hf_home: Path, cache_dir: Path, token: s
     print(f"to download: {size_text(sum(item.pending_bytes for item in sized))}")
     if args.dry_run:
         return 0
-    check_space(sized, cache_dir)
+    check_space(sized, hf_home)
 
     # 3. Download (huggingface_hub shows its progress bars on a terminal), then read each
     #    snapshot back the way the worker will: offline.
-    total_bytes = fetch(sized, cache_dir, token, print, max_workers=args.max_workers)
+    total_bytes = fetch(sized, hf_home, token, print, max_workers=args.max_workers)
     print(f"\ndone: {size_text(total_bytes)} under {cache_dir}")
     if args.fp8:
         write_fp8_caches(args, hf_home)

@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -31,8 +28,10 @@ from safetensors.torch import save_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tools"))
+sys.path.insert(0, str(REPO_ROOT))
 
 from make_tiny_models import EDIT_REPO_ID  # noqa: E402
+from src.models.snapshots import main_snapshot, write_snapshot  # noqa: E402
 
 LIGHTNING_REPO_ID = "lightx2v/Qwen-Image-Edit-2511-Lightning"
 # The real file names (https://huggingface.co/lightx2v/Qwen-Image-Edit-2511-Lightning).
@@ -65,13 +64,12 @@ METADATA = {"format": "pt"}
 
 
 def edit_transformer_path(hf_home: Path) -> Path:
-    repo_dir = hf_home / "hub" / ("models--" + EDIT_REPO_ID.replace("/", "--"))
-    ref = repo_dir / "refs" / "main"
-    if not ref.exists():
+    try:
+        return main_snapshot(hf_home, EDIT_REPO_ID) / "transformer"
+    except FileNotFoundError:
         raise SystemExit(
             f"no tiny {EDIT_REPO_ID} in {hf_home}; run: python tools/make_tiny_models.py --hf-home {hf_home}"
-        )
-    return repo_dir / "snapshots" / ref.read_text().strip() / "transformer"
+        ) from None
 
 
 def block_linears(transformer_path: Path) -> dict[str, tuple[int, int]]:
@@ -168,23 +166,11 @@ def snapshot_hash(repo_id: str) -> str:
 
 def write_lightning_repo(hf_home: Path, files: dict[str, dict[str, torch.Tensor]]) -> Path:
     """Write the Lightning repo into the hub cache like make_tiny_models.write_repo does."""
-    repo_dir = hf_home / "hub" / ("models--" + LIGHTNING_REPO_ID.replace("/", "--"))
-    revision = snapshot_hash(LIGHTNING_REPO_ID)
-    snapshot = repo_dir / "snapshots" / revision
-    (repo_dir / "snapshots").mkdir(parents=True, exist_ok=True)
-    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{revision}.", dir=repo_dir / "snapshots"))
-    staging.chmod(0o755)
-    try:
+    def fill(folder: Path) -> None:
         for name, tensors in files.items():
-            save(tensors, staging / name)
-        if snapshot.exists():
-            shutil.rmtree(snapshot)
-        os.replace(staging, snapshot)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    (repo_dir / "refs" / "main").write_text(revision)
-    return snapshot
+            save(tensors, folder / name)
+
+    return write_snapshot(hf_home, LIGHTNING_REPO_ID, snapshot_hash(LIGHTNING_REPO_ID), fill)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,14 +19,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from src.models.snapshots import write_snapshot  # noqa: E402
 
 EDIT_REPO_ID = "Qwen/Qwen-Image-Edit-2511"
 LAYERED_REPO_ID = "Qwen/Qwen-Image-Layered"
@@ -422,25 +422,8 @@ def snapshot_hash(repo_id: str) -> str:
 
 def write_repo(hf_home: Path, repo_id: str) -> Path:
     """Write one repo into the hub cache, replacing a previous snapshot. Returns the snapshot dir."""
-    repo_dir = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
-    revision = snapshot_hash(repo_id)
-    snapshot = repo_dir / "snapshots" / revision
-    (repo_dir / "snapshots").mkdir(parents=True, exist_ok=True)
-    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
-
-    # Build next to the target and swap in, so an interrupted run never leaves
-    # a half-written snapshot behind.
-    staging = Path(tempfile.mkdtemp(prefix=f".{revision}.", dir=repo_dir / "snapshots"))
-    staging.chmod(0o755)  # mkdtemp makes it private; the cache is shared like a normal one
-    try:
-        write_pipeline_folder(staging, PIPELINES[repo_id])
-        if snapshot.exists():
-            shutil.rmtree(snapshot)
-        os.replace(staging, snapshot)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    (repo_dir / "refs" / "main").write_text(revision)
-    return snapshot
+    return write_snapshot(hf_home, repo_id, snapshot_hash(repo_id),
+                          lambda folder: write_pipeline_folder(folder, PIPELINES[repo_id]))
 
 
 def _dir_size(path: Path) -> int:

@@ -235,14 +235,8 @@ def _save(entry: dict, out_dir: Path, name: str, label: str) -> Cell:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    target = client.target_from_args(args)
-    payload = build_payload(args)
-    print(f"{payload['operation']}: {describe(args)} -> {target.label}")
-    result = client.run_job(payload, target)
-    client.print_header(result)
-    save_outputs(result, Path(args.out), args.sheet_tile)
-    client.print_footer(result)
-    return 0
+    return client.send_and_save(args, build_payload, describe,
+                                lambda result: save_outputs(result, Path(args.out), args.sheet_tile))
 
 
 if __name__ == "__main__":

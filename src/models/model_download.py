@@ -18,11 +18,9 @@ huggingface_hub internals this relies on: docs/upstream-register.md, "Internals 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -39,6 +37,7 @@ from huggingface_hub.utils import (are_progress_bars_disabled, disable_progress_
 from huggingface_hub.utils import httpx  # huggingface_hub's own HTTP client, whatever its package
 
 from src.models.shared_components import SHARED_COMPONENTS, compare_components, hub_file_hashes
+from src.models.snapshots import hub_cache, repo_folder, snapshot_dir, write_ref
 
 if TYPE_CHECKING:
     from src.plumbing.config import Settings
@@ -203,7 +202,7 @@ def _cached_snapshot(repo_id: str, cache_dir: Path) -> Path | None:
 # -- 2. How much --------------------------------------------------------------------------------
 
 
-def measure(downloads: Sequence[Download], cache_dir: Path, token: str | None) -> list[Sized]:
+def measure(downloads: Sequence[Download], hf_home: Path, token: str | None) -> list[Sized]:
     """Each download's files at main's commit, from the hub's listing (nothing downloaded), and
     which of them the cache lacks."""
     api = HfApi()
@@ -217,14 +216,15 @@ def measure(downloads: Sequence[Download], cache_dir: Path, token: str | None) -
         if absent:
             raise DownloadFailed(f"{download.repo_id} has no {', '.join(absent)} at {commit[:12]}")
         wanted = sorted(filter_repo_objects(listed, **download.patterns()))
-        snapshot = snapshot_folder(cache_dir, download.repo_id, commit)
+        snapshot = snapshot_dir(hf_home, download.repo_id, commit)
         files = tuple((path, listed[path]) for path in wanted)
         sized.append(Sized(download, commit, files, tuple(f for f in files if not (snapshot / f[0]).is_file())))
     return sized
 
 
-def check_space(sized: Sequence[Sized], cache_dir: Path) -> None:
+def check_space(sized: Sequence[Sized], hf_home: Path) -> None:
     """A volume too small fails now rather than 40 GB in."""
+    cache_dir = hub_cache(hf_home)
     needed = sum(item.pending_bytes for item in sized)
     free = shutil.disk_usage(cache_dir).free
     if needed > free:
@@ -239,24 +239,25 @@ def size_text(n_bytes: int) -> str:
 # -- 3. Fetch -----------------------------------------------------------------------------------
 
 
-def fetch(sized: Sequence[Sized], cache_dir: Path, token: str | None, report: Callable[[str], None],
+def fetch(sized: Sequence[Sized], hf_home: Path, token: str | None, report: Callable[[str], None],
           max_workers: int = DEFAULT_MAX_WORKERS, progress_every_s: float = PROGRESS_EVERY_S) -> int:
     """Download each item's missing files (those cached are kept), then mark its snapshot whole
     (refs/main). Returns the bytes of the snapshots."""
     total_bytes = 0
     for item in sized:
         repo_id = item.download.repo_id
-        storage = cache_dir / repo_folder(repo_id)
+        storage = repo_folder(hf_home, repo_id)
         freed = remove_stale_partials(storage / "blobs")
         if freed:
             report(f"{repo_id}: removed {size_text(freed)} of partial files an interrupted download left")
         with progress_lines(storage / "blobs", item.pending_bytes, repo_id, report, progress_every_s):
-            _download_files(repo_id, item.commit, [path for path, _ in item.pending], cache_dir, token, max_workers)
-        snapshot = snapshot_folder(cache_dir, repo_id, item.commit)
+            _download_files(repo_id, item.commit, [path for path, _ in item.pending], hub_cache(hf_home), token,
+                            max_workers)
+        snapshot = snapshot_dir(hf_home, repo_id, item.commit)
         absent = [path for path, _ in item.files if not (snapshot / path).is_file()]
         if absent:
             raise DownloadFailed(f"{repo_id}: {len(absent)} files absent after the download, such as {absent[0]}")
-        _write_ref(storage, "main", item.commit)
+        write_ref(hf_home, repo_id, item.commit)
         size = folder_size(snapshot)
         total_bytes += size
         report(f"{repo_id}: {size_text(size)} at {snapshot}")
@@ -278,24 +279,6 @@ def _download_files(repo_id: str, commit: str, paths: Sequence[str], cache_dir: 
             for future in futures:
                 future.cancel()
             raise failed.exception()
-
-
-def _write_ref(storage: Path, ref: str, commit: str) -> None:
-    """refs/<ref> = commit, as huggingface_hub writes it (the cache layout's documented refs/ file),
-    atomically, so a reader never sees half of it."""
-    path = storage / "refs" / ref
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{ref}.{uuid.uuid4().hex[:8]}.tmp")
-    temporary.write_text(commit)
-    os.replace(temporary, path)
-
-
-def repo_folder(repo_id: str) -> str:
-    return f"models--{repo_id.replace('/', '--')}"
-
-
-def snapshot_folder(cache_dir: Path, repo_id: str, commit: str) -> Path:
-    return cache_dir / repo_folder(repo_id) / "snapshots" / commit
 
 
 @contextmanager
@@ -393,7 +376,7 @@ def fetch_missing(settings: "Settings", token: str | None = None,
     volume by default), where the next start finds them."""
     edit_model, layered_model, hf_home = settings.edit_model, settings.layered_model, settings.hf_home
     lightning = (settings.lightning_repo, tuple(settings.lightning_files.values()))
-    cache_dir = hf_home / "hub"
+    cache_dir = hub_cache(hf_home)
     missing = missing_downloads(edit_model, layered_model, lightning, cache_dir)
     if not missing:
         log.info("models: all in HF_HOME (%s); nothing to download", hf_home)
@@ -412,18 +395,18 @@ def fetch_missing(settings: "Settings", token: str | None = None,
                     for line in comparison_lines(comparison, edit_model, layered_model):
                         log.info("%s", line)
                     download = plan(None, layered_model, comparison)[0]
-                item = measure([download], cache_dir, token)[0]
+                item = measure([download], hf_home, token)[0]
                 log.info("model %s missing from HF_HOME; downloading (%s)", download.repo_id,
                          size_text(item.pending_bytes))
                 log.info("%s: %d files, %s in all%s", download.repo_id, len(item.files), size_text(item.total_bytes),
                          f"; skipping {', '.join(download.ignore_patterns)}" if download.ignore_patterns else "")
                 sized.append(item)
             current = "the models"
-            check_space(sized, cache_dir)
+            check_space(sized, hf_home)
             # 3. Download.
             for item in sized:
                 current = item.download.repo_id
-                fetch([item], cache_dir, token, lambda line: log.info("%s", line),
+                fetch([item], hf_home, token, lambda line: log.info("%s", line),
                       progress_every_s=progress_every_s)
     except DownloadFailed as exc:
         raise DownloadFailed(f"DOWNLOAD_MODELS=missing: {exc}") from None

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from src.models import captioning
+from src.models.snapshots import main_snapshot
 from src.plumbing.config import ConfigError, Settings
 from src.serving.worker import Worker
 from tests.conftest import image_from_b64, png_b64, same_pixels, sample_image
@@ -70,7 +71,7 @@ def layered(hf_home):
 
     from src.models.vl_processor import load_processor
 
-    path = next((hf_home / "hub" / "models--Qwen--Qwen-Image-Layered" / "snapshots").iterdir())
+    path = main_snapshot(hf_home, "Qwen/Qwen-Image-Layered")
     pipeline = QwenImageLayeredPipeline.from_pretrained(path, processor=load_processor(path), dtype=torch.float32)
     pipeline.set_progress_bar_config(disable=True)
     talkative(pipeline.text_encoder)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from src.models.cfg_batch import cfg_batched
+from src.models.snapshots import main_snapshot
 from src.plumbing.config import Settings
 from src.serving.worker import Worker
 from tests.conftest import FAST, image_from_b64, png_b64, reference_edit_pipeline, same_pixels, sample_image
@@ -23,7 +24,7 @@ ROUNDING = 1e-5
 
 @pytest.fixture(scope="module")
 def pipeline(hf_home):
-    path = next((hf_home / "hub" / "models--Qwen--Qwen-Image-Edit-2511" / "snapshots").iterdir())
+    path = main_snapshot(hf_home, "Qwen/Qwen-Image-Edit-2511")
     return reference_edit_pipeline(path)
 
 

@@ -10,6 +10,7 @@ import torch
 
 from src.models.fp8 import (BLOCK_LINEARS, DEFAULT_FP8_KEEP_BF16, E4M3_MAX, MODULATION_LINEARS, Fp8Linear,
                             prepared_bytes, quantize_blocks, rowwise_fp8)
+from src.models.snapshots import main_snapshot
 from src.plumbing.config import Settings
 from src.serving.worker import Worker
 from tests.conftest import FAST, direct_edit, image_from_b64, png_b64, reference_edit_pipeline, same_pixels, sample_image
@@ -57,7 +58,7 @@ def test_zero_rows_give_the_bias_and_no_nans():
 def tiny_transformer(hf_home):
     from diffusers import QwenImageTransformer2DModel
 
-    folder = next((hf_home / "hub" / "models--Qwen--Qwen-Image-Edit-2511" / "snapshots").iterdir()) / "transformer"
+    folder = main_snapshot(hf_home, "Qwen/Qwen-Image-Edit-2511") / "transformer"
     return QwenImageTransformer2DModel.from_pretrained(folder)
 
 

@@ -18,17 +18,18 @@ from src.models.fp8 import Fp8Linear, quantize_blocks, rowwise_fp8
 from src.models.fp8_loras import PublishedWeights, PublishedWeightsError, touched_linears
 from src.models.lora_sources import LoraFile
 from src.models.loras import LIGHTNING_SCHEDULER_CONFIG, FusedLoras, LoraLibrary
+from src.models.snapshots import main_snapshot
 from src.plumbing.config import Settings
 from src.serving.worker import Worker
 from tests.conftest import edit_hat, edited_pixels, reference_edit_pipeline, sample_image
 
-EDIT_REPO = "models--Qwen--Qwen-Image-Edit-2511"
+EDIT_REPO = "Qwen/Qwen-Image-Edit-2511"
 LIGHTNING_4 = "Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors"
 
 
 @pytest.fixture(scope="module")
 def snapshot(hf_home) -> Path:
-    return next((hf_home / "hub" / EDIT_REPO / "snapshots").iterdir())
+    return main_snapshot(hf_home, EDIT_REPO)
 
 
 @pytest.fixture(scope="module")

@@ -12,17 +12,18 @@ import torch
 
 from src.models.fp8 import PACKED_PROJECTIONS, Fp8Linear, prepared_bytes, quantize_blocks
 from src.models.fp8_packed import PackedFp8Linear, ProjectionView, pack_projections, unpack_projections
+from src.models.snapshots import main_snapshot
 from src.plumbing.config import DEFAULT_FP8_KEEP_BF16, Settings
 from src.serving.worker import Worker
 from tests.conftest import FAST, edit_hat, edited_pixels, image_from_b64, png_b64, sample_image
 
-EDIT_REPO = "models--Qwen--Qwen-Image-Edit-2511"
+EDIT_REPO = "Qwen/Qwen-Image-Edit-2511"
 
 
 def quantized_transformer(hf_home, dtype=torch.bfloat16, keep=DEFAULT_FP8_KEEP_BF16):
     from diffusers import QwenImageTransformer2DModel
 
-    folder = next((hf_home / "hub" / EDIT_REPO / "snapshots").iterdir()) / "transformer"
+    folder = main_snapshot(hf_home, EDIT_REPO) / "transformer"
     transformer = QwenImageTransformer2DModel.from_pretrained(folder, torch_dtype=dtype).eval()
     quantize_blocks(transformer, torch.device("cpu"), keep=frozenset(keep))
     return transformer

@@ -8,11 +8,12 @@ import torch
 from diffusers import AutoencoderKLQwenImage
 
 from src.models import image_vae
+from src.models.snapshots import main_snapshot
 from tests.conftest import TINY_HF_HOME
 
 
 def snapshot(repo: str):
-    return next((TINY_HF_HOME / "hub" / f"models--Qwen--{repo}" / "snapshots").iterdir())
+    return main_snapshot(TINY_HF_HOME, f"Qwen/{repo}")
 
 
 @pytest.fixture(params=["Qwen-Image-Edit-2511", "Qwen-Image-Layered"])

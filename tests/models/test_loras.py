@@ -16,6 +16,7 @@ import requests
 import torch
 
 from src.models.loras import LIGHTNING_SCHEDULER_CONFIG
+from src.models.snapshots import repo_folder, snapshot_dir, write_ref
 from tests.conftest import image_from_b64, png_b64, reference_edit_pipeline, sample_image
 
 FAST = {"num_inference_steps": 2, "width": 256, "height": 256}
@@ -159,8 +160,7 @@ def test_lora_errors_name_the_key(worker, lora_dir, lora_file_server, tmp_path):
         "first of LORA_ROOTS, which sets the folders LoRAs may be read from); give an absolute path on the volume, "
         "a repo id in the HF cache (owner/name), or an https:// or s3:// URL")
     lightning_repo = worker.settings.lightning_repo
-    held = sorted(path.name for path in (hf_home / "hub" / f"models--{lightning_repo.replace('/', '--')}").glob(
-        "snapshots/*/*.safetensors"))
+    held = sorted(path.name for path in repo_folder(hf_home, lightning_repo).glob("snapshots/*/*.safetensors"))
     no_such_file = edit(worker, loras=[{"source": lightning_repo, "weight_name": "other.safetensors"}])
     assert no_such_file["error"] == (
         f"loras[0].source: '{lightning_repo}' has no file 'other.safetensors' in its cached snapshot (it holds "
@@ -390,13 +390,12 @@ def hub(worker, lora_dir, tmp_path):
     revision = "0123456789abcdef0123456789abcdef01234567"
     snapshots = {}
     for repo in ("owner/style", "owner/other"):
-        folder = hf_home / "hub" / f"models--{repo.replace('/', '--')}"
-        (folder / "refs").mkdir(parents=True)
-        (folder / "refs" / "main").write_text(revision)
-        (folder / "blobs").mkdir()
-        blob = folder / "blobs" / hashlib.sha256(repo.encode()).hexdigest()
+        write_ref(hf_home, repo, revision)
+        blobs = repo_folder(hf_home, repo) / "blobs"
+        blobs.mkdir()
+        blob = blobs / hashlib.sha256(repo.encode()).hexdigest()
         shutil.copy(lora_dir / "tiny_lora_diffusers.safetensors", blob)
-        snapshot = folder / "snapshots" / revision
+        snapshot = snapshot_dir(hf_home, repo, revision)
         (snapshot / "sub").mkdir(parents=True)
         (snapshot / "style.safetensors").symlink_to(Path("..", "..", "blobs", blob.name))
         (snapshot / "sub" / "style.safetensors").symlink_to(Path("..", "..", "..", "blobs", blob.name))

@@ -22,6 +22,7 @@ from huggingface_hub.errors import OfflineModeIsEnabled
 from huggingface_hub.utils import get_session
 
 from src.models.model_download import hub_online, missing_downloads, remove_stale_partials
+from src.models.snapshots import repo_folder
 from src.plumbing.config import DEFAULT_LIGHTNING_FILES, DEFAULT_LIGHTNING_REPO, Settings
 from tests.conftest import FAST, REPO_ROOT, fetch, png_b64, sample_image
 from tests.fake_hf_hub import start_fake_hub
@@ -90,7 +91,8 @@ def runsync(api, job_input: dict) -> dict:
 
 
 def snapshot(hf_home: Path, repo_id: str) -> Path:
-    return next((hf_home / "hub" / f"models--{repo_id.replace('/', '--')}" / "snapshots").iterdir())
+    """The snapshot on disk, whole or not (an interrupted download has no refs/main yet)."""
+    return next((repo_folder(hf_home, repo_id) / "snapshots").iterdir())
 
 
 # -- The worker's start on an empty HF_HOME --------------------------------------------------------
@@ -255,7 +257,7 @@ def test_a_missing_lightning_file_or_model_is_found_offline(hf_home, lora_dir, t
     shutil.rmtree(snapshot(tmp_path, LAYERED_REPO) / "text_encoder")  # borrowed: not missing
     missing = missing_downloads(EDIT_REPO, LAYERED_REPO, LIGHTNING, tmp_path / "hub")
     assert [(d.name, d.allow_patterns) for d in missing] == [("lightning", tuple(sorted(LIGHTNING[1])))]
-    shutil.rmtree(tmp_path / "hub" / "models--Qwen--Qwen-Image-Layered")
+    shutil.rmtree(repo_folder(tmp_path, LAYERED_REPO))
     assert [d.repo_id for d in missing_downloads(EDIT_REPO, LAYERED_REPO, LIGHTNING, tmp_path / "hub")] == [
         LAYERED_REPO, DEFAULT_LIGHTNING_REPO]
     assert len(missing_downloads(EDIT_REPO, LAYERED_REPO, LIGHTNING, tmp_path / "empty")) == 3

@@ -13,6 +13,7 @@ from huggingface_hub.utils import filter_repo_objects
 
 from src.models.shared_components import (SHARED_COMPONENTS, compare_components, hub_file_hashes, own_components,
                                           snapshot_file_hashes)
+from src.models.snapshots import main_snapshot, repo_folder
 from tools.download_models import (borrowed_patterns, comparison_lines, needs_comparison, parse_args,
                                    plan)
 
@@ -172,11 +173,7 @@ def test_a_snapshot_names_its_files_with_the_hubs_hashes(tmp_path):
 
 
 def test_the_tiny_models_share_their_text_encoder_tokenizer_and_processor(hf_home):
-    def snapshot(repo_id: str) -> Path:
-        repo_dir = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
-        return repo_dir / "snapshots" / (repo_dir / "refs" / "main").read_text().strip()
-
-    edit, layered = snapshot(EDIT_REPO), snapshot(LAYERED_REPO)
+    edit, layered = main_snapshot(hf_home, EDIT_REPO), main_snapshot(hf_home, LAYERED_REPO)
     assert all(snapshot_file_hashes(layered, component) for component in SHARED_COMPONENTS)
     assert own_components(edit, layered) == ()
 
@@ -321,7 +318,7 @@ def test_the_worker_loads_layereds_own_processor_when_its_files_differ(hf_home, 
 
     copy = tmp_path / "hf"
     shutil.copytree(hf_home / "hub", copy / "hub", symlinks=True)
-    layered = next((copy / "hub" / "models--Qwen--Qwen-Image-Layered" / "snapshots").iterdir())
+    layered = main_snapshot(copy, LAYERED_REPO)
     config_path = layered / "processor" / "preprocessor_config.json"
     config = json.loads(config_path.read_text())
     config["max_pixels"] = config["min_pixels"]
@@ -352,8 +349,8 @@ def test_a_layered_snapshot_without_its_borrowed_folders_loads_despite_the_cache
 
     copy = tmp_path / "hf"
     shutil.copytree(hf_home / "hub", copy / "hub", symlinks=True)
-    repo = copy / "hub" / "models--Qwen--Qwen-Image-Layered"
-    snapshot = next((repo / "snapshots").iterdir())
+    repo = repo_folder(copy, LAYERED_REPO)
+    snapshot = main_snapshot(copy, LAYERED_REPO)
     listing = {path.relative_to(snapshot).as_posix(): TreeCacheEntry(size=1, blob_id="0" * 40)
                for path in snapshot.rglob("*") if path.is_file()}
     write_tree_cache(str(repo), snapshot.name, listing)
