@@ -3,11 +3,11 @@ worker's price table (src/plumbing/gpu_prices.json).
 
     python tools/card_tables.py        # prints the markdown tables
 
-Measured: job totals (`timings_ms.total`) on the H200 with its memory capped as the class's card
-would have it (`tools/bench.py --gpu-memory-gib`); the start is `build_s + warmup_s +
+Measured: job totals (`timings_ms.total`) on the H200, or on an H100 80GB where a row says so,
+with its memory capped as the class's card would have it (`tools/bench.py --gpu-memory-gib`); the start is `build_s + warmup_s +
 loras_prepare_s` (random weights built in memory, so no read, and no imports). Estimated, and labelled
-so wherever printed: the time on another card, the H200's time scaled by the datasheets' dense
-bf16 TFLOP/s (989 against the card's), a switch's host-to-device copy rescaled by the host link,
+so wherever printed: the time on another card, the measured time scaled by the datasheets' dense
+bf16 TFLOP/s (989 for both the H200 and the H100 SXM, against the card's), a switch's host-to-device copy rescaled by the host link,
 and in `offload` (the transformer streamed each pass) never faster than the transformer's bytes
 over the link for each pass. Cost: those seconds times the card's flex per-second price.
 """
@@ -20,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+H100 = "nvidia-h100-80gb-hbm3"  # the results files of the H100 80GB runs
 PRICES = ROOT / "src" / "plumbing" / "gpu_prices.json"
 
 H200_BF16_TFLOPS = 989.0  # NVIDIA's H100/H200 SXM datasheets, dense (1,979 with sparsity)
@@ -55,13 +56,22 @@ class Row:
     card_class: str
     setting: str  # "bf16" or "fp8"
     job: str
-    file: str  # the label part of bench/results/nvidia-h200-<file>.json
+    file: str  # the date and label part of bench/results/<gpu>-<file>.json
     cases: tuple[tuple[int, str], ...] = ()
     note: str = ""
+    gpu: str = "nvidia-h200"  # the results file's prefix: the card it was measured on
+
+    @property
+    def stem(self) -> str:
+        return f"{self.gpu}-{self.file}"
+
+    @property
+    def measured_on(self) -> str:
+        return "H100" if self.gpu.startswith("nvidia-h100") else "H200"
 
 
-def load(file: str) -> dict:
-    return json.loads((RESULTS / f"nvidia-h200-{file}.json").read_text())
+def load(row: Row) -> dict:
+    return json.loads((RESULTS / f"{row.stem}.json").read_text())
 
 
 class Refused(Exception):
@@ -70,12 +80,12 @@ class Refused(Exception):
 
 def measured_cases(row: Row) -> list[dict]:
     """The row's cases from its file, each checked to be the case named; Refused where one did not run."""
-    cases = load(row.file)["cases"]
+    cases = load(row)["cases"]
     picked = []
     for index, name in row.cases:
         case = cases[index]
         if case["case"] != name:
-            raise ValueError(f"{row.file} case {index} is {case['case']}; the row wants {name}")
+            raise ValueError(f"{row.stem} case {index} is {case['case']}; the row wants {name}")
         if "error" in case:
             raise Refused(case["error"])
         picked.append(case)
@@ -83,7 +93,7 @@ def measured_cases(row: Row) -> list[dict]:
 
 
 def estimate_case(case: dict, card: Card, precision: str, streamed: bool) -> float:
-    """Seconds this job would take on `card`: the H200's time without the switch scaled by bf16
+    """Seconds this job would take on `card`: the measured time without the switch scaled by bf16
     TFLOP/s, the switch's bytes over the card's link; streamed, at least the transformer's bytes
     over the link per pass. An estimate, never a measurement."""
     timings = {key: value / 1000 for key, value in case["timings_ms"].items()}
@@ -95,9 +105,9 @@ def estimate_case(case: dict, card: Card, precision: str, streamed: bool) -> flo
 
 
 def seconds(row: Row) -> float:
-    """The measured H200 seconds of a row: its jobs' totals, or the start."""
+    """The measured seconds of a row: its jobs' totals, or the start."""
     if not row.cases:
-        results = load(row.file)  # the worker's own stages (the bench's set-up around them left out)
+        results = load(row)  # the worker's own stages (the bench's set-up around them left out)
         return results["build_s"] + results["warmup_s"] + results["loras_prepare_s"]
     return sum(case["timings_ms"]["total"] / 1000 for case in measured_cases(row))
 
@@ -109,7 +119,7 @@ def estimate(row: Row, card: Card) -> float | None:
         return None
     if not row.cases:
         return seconds(row) * H200_BF16_TFLOPS / card.bf16_tflops
-    streamed = load(row.file).get("memory_mode") == "offload"
+    streamed = load(row).get("memory_mode") == "offload"
     return sum(estimate_case(case, card, precision, streamed) for case in measured_cases(row))
 
 
@@ -128,24 +138,24 @@ def markdown(rows: list[Row]) -> str:
     table = prices()
     out = []
     for name, (cap, cards) in CLASSES.items():
-        out.append(f"### {name} (H200 capped at {cap} GiB)\n")
+        out.append(f"### {name} (capped at {cap} GiB)\n")
         heads = " | ".join(f"{card.short}: est. s, $ per job" for card in cards)
-        out.append(f"| job | setting | H200 at {cap} GiB, measured | {heads} | file (`bench/results/nvidia-h200-…`) |")
+        out.append(f"| job | setting | measured at {cap} GiB | {heads} | file (`bench/results/…`) |")
         out.append("|" + "---|" * (4 + len(cards)))
         for row in (row for row in rows if row.card_class == name):
             setting = "`QUANTIZE=fp8 COMPILE=true`" if row.setting == "fp8" else "bf16 (defaults)"
-            note = f" ({row.note})" if row.note else ""
+            note = f" ({row.measured_on}; {row.note})" if row.note else f" ({row.measured_on})"
             try:
                 measured, cells = f"{seconds(row):.2f} s", " | ".join(cell(row, card, table) for card in cards)
             except Refused as refusal:
                 measured, cells = f"refused: {str(refusal).split(';')[0]}", " | ".join("refused" for _ in cards)
-            out.append(f"| {row.job} | {setting} | {measured}{note} | {cells} | `{row.file}` |")
+            out.append(f"| {row.job} | {setting} | {measured}{note} | {cells} | `{row.stem}` |")
         out.append("")
     return "\n".join(out)
 
 
 ROWS: list[Row] = [
-    # 80 GB class: bf16 at 79 GiB (`resident`, the transformers swap)
+    # 80 GB class, bf16 at 79 GiB on the H200 (`resident`, the transformers swap)
     Row("80 GB", "bf16", "edit, 40 steps, true CFG", "2026-12-05-cards-bf16-79", ((0, "edit"),)),
     Row("80 GB", "bf16", "edit, 4 steps, no CFG", "2026-12-04-swap-pinned-79", ((0, "nocfg4"),),
         "before the 12-04 merges"),
@@ -156,29 +166,44 @@ ROWS: list[Row] = [
     Row("80 GB", "bf16", "edit/decompose pair (4-step edit after a decomposition, then a decomposition)",
         "2026-12-04-swap-pinned-79", ((2, "nocfg4"), (3, "decompose")), "two switches; before the 12-04 merges"),
     Row("80 GB", "bf16", "start (`PRELOAD=edit`; build, warm-up; no read)", "2026-12-05-cards-bf16-79"),
-    # 80 GB class under FP8 + compile: no run at the 79 GiB cap with the default recipe yet
-    Row("80 GB", "fp8", "edit, 40 steps, true CFG", "2026-12-04-fp8-default-recipe-jobs", ((2, "edit"),),
-        "uncapped, both resident; default recipe; before the 12-04 merges"),
-    Row("80 GB", "fp8", "edit, 4 steps, no CFG", "2026-12-04-fp8-default-recipe-jobs", ((1, "nocfg4"),),
-        "uncapped, second job; default recipe; before the 12-04 merges"),
-    Row("80 GB", "fp8", "Lightning, 4 steps (unfused)", "2026-12-01-fp8-4step-png", ((2, "lightning4_again"),),
-        "uncapped; modulation recipe; 2026-12-01"),
-    # 48 GB class: bf16 at 44 GiB (`text_offload`, the transformers swap)
+    # 80 GB class under FP8 + compile: the H100 80GB itself, uncapped (`resident`, the transformers swap)
+    Row("80 GB", "fp8", "edit, 40 steps, true CFG", "2026-12-05-cards-fp8-80", ((0, "edit"),), "uncapped", H100),
+    Row("80 GB", "fp8", "edit, 4 steps, no CFG", "2026-12-05-cards-fp8-80", ((1, "nocfg4"),), "uncapped", H100),
+    Row("80 GB", "fp8", "Lightning, 4 steps (first Lightning job: unfused)", "2026-12-05-cards-fp8-80",
+        ((2, "lightning4"),), "uncapped", H100),
+    Row("80 GB", "fp8", "decompose 640, 4 layers, 50 steps", "2026-12-05-cards-fp8-80", ((3, "decompose"),),
+        "uncapped; after an edit: 0.68 s of it the switch", H100),
+    Row("80 GB", "fp8", "edit/decompose pair (a decomposition after an edit, then a 4-step edit)",
+        "2026-12-05-cards-fp8-80", ((3, "decompose"), (4, "nocfg4")), "uncapped; two switches", H100),
+    Row("80 GB", "fp8", "start (edit and Layered built; warm-up, LoRA branches; no read)", "2026-12-05-cards-fp8-80",
+        note="uncapped", gpu=H100),
+    # 48 GB class, bf16 at 44 GiB (`text_offload`, the transformers swap)
+    Row("48 GB", "bf16", "edit, 40 steps, true CFG", "2026-12-05-cards-bf16-44", ((3, "edit"),),
+        "after a decomposition: 1.21 s of it the switch", H100),
     Row("48 GB", "bf16", "edit, 4 steps, no CFG", "2026-12-04-swap-bf16-44-merged", ((0, "nocfg4"),)),
+    Row("48 GB", "bf16", "Lightning, 4 steps (first Lightning job: unfused)", "2026-12-05-cards-bf16-44",
+        ((1, "lightning4"),), gpu=H100),
+    Row("48 GB", "bf16", "decompose 640, 4 layers, 50 steps", "2026-12-05-cards-bf16-44", ((2, "decompose"),),
+        "after an edit: 0.98 s of it the switch", H100),
     Row("48 GB", "bf16", "edit/decompose pair, the decomposition 10 layers at 640, 2 steps",
         "2026-12-04-swap-bf16-44-merged", ((1, "decompose640_10"), (2, "nocfg4")), "two switches"),
     Row("48 GB", "bf16", "start (Layered built before the warm-up; no read)", "2026-12-04-swap-bf16-44-merged"),
     # 48 GB class under FP8 + compile at 44 GiB (`text_offload`, swap)
-    Row("48 GB", "fp8", "edit, 4 steps, no CFG", "2026-12-04-swap-pinned-fp8-44", ((0, "nocfg4"),),
-        "modulation recipe; before the 12-04 merges"),
+    Row("48 GB", "fp8", "edit, 40 steps, true CFG", "2026-12-05-cards-fp8-44", ((2, "edit"),), gpu=H100),
+    Row("48 GB", "fp8", "edit, 4 steps, no CFG", "2026-12-05-cards-fp8-44", ((0, "nocfg4"),), gpu=H100),
+    Row("48 GB", "fp8", "Lightning, 4 steps (first Lightning job: unfused)", "2026-12-05-cards-fp8-44",
+        ((1, "lightning4"),), gpu=H100),
     Row("48 GB", "fp8", "decompose 640, 4 layers, 50 steps", "2026-12-04-swap-pinned-fp8-44", ((3, "decompose"),),
         "after an edit: 0.61 s of it the switch; modulation recipe; before the 12-04 merges"),
     Row("48 GB", "fp8", "edit/decompose pair (4-step edit after a decomposition, then a decomposition)",
         "2026-12-04-swap-pinned-fp8-44", ((2, "nocfg4"), (3, "decompose")),
         "two switches; modulation recipe; before the 12-04 merges"),
-    Row("48 GB", "fp8", "start (Layered built before the warm-up; no read)", "2026-12-04-swap-pinned-fp8-44",
-        note="modulation recipe; before the 12-04 merges"),
-    # 24 GB class: bf16 at 22 GiB (`offload`); only the memory corners were run there (FP8 fails the start)
+    Row("48 GB", "fp8", "start (edit built; warm-up, LoRA branches; no read)", "2026-12-05-cards-fp8-44", gpu=H100),
+    # 24 GB class, bf16 at 22 GiB (`offload`: the transformer streamed; FP8 fails the start there)
+    Row("24 GB", "bf16", "edit, 40 steps, true CFG", "2026-12-05-cards-bf16-22-edit", ((0, "edit"),), gpu=H100),
+    Row("24 GB", "bf16", "edit, 4 steps, no CFG", "2026-12-05-cards-bf16-22", ((0, "nocfg4"),), gpu=H100),
+    Row("24 GB", "bf16", "decompose 640, 4 layers, 50 steps", "2026-12-05-cards-bf16-22", ((1, "decompose"),),
+        gpu=H100),
     Row("24 GB", "bf16", "edit 2048x2048, 2 steps, true CFG (a memory corner)", "2026-12-01-corners-22gib",
         ((2, "edit2048"),), "2026-12-01, before the 12-04 merges"),
     Row("24 GB", "bf16", "decompose 640, 10 layers, 2 steps (a memory corner)", "2026-12-01-corners-22gib",
