@@ -43,10 +43,6 @@ def start_failed(reason: str) -> NoReturn:
     sys.exit(f"start failed: {' '.join(reason.split())[:MAX_START_ERROR_CHARS]}")
 
 
-def loaded_pipelines(worker) -> list:
-    return [worker.pipes.edit] + ([worker.pipes.layered()] if worker.pipes.layered_loaded else [])
-
-
 def main() -> None:
     # 1. The environment, before the heavy imports: a bad value stops the start in seconds.
     try:
@@ -136,7 +132,7 @@ def main() -> None:
 
     # 5. Serve, each job under JOB_TIMEOUT_S (the Layered pipeline may load during a job).
     def handle(job: dict) -> dict:
-        for pipeline in loaded_pipelines(worker):
+        for pipeline in worker.host.loaded_pipelines():
             guard.watch(pipeline)
         return guard.run(lambda: run_job(job, progress_sender(job)))
 

@@ -14,7 +14,7 @@ from tools.bench import StageClock
 
 def test_the_stage_clock_keeps_the_text_encoders_signature_for_stock_captioning(worker_env):
     worker = Worker.start(Settings.from_env({**worker_env, "PRELOAD": "edit,layered", "CAPTION_DECODER": "stock"}))
-    pipeline = worker.pipes.layered()
+    pipeline = worker.host.layered()
     unwrapped = inspect.signature(pipeline.text_encoder.forward)
     clock = StageClock()
     clock.attach(pipeline)

@@ -15,7 +15,7 @@ this probe imports nothing heavy before main() does:
   imports, src/models/early_read.py) and the FP8 cache's loads (fp8_cache.load_transformer),
   their intervals joined. It overlaps `imports` (the early read) and `load` (building and
   moving the models); `read_began_s` and `torch_import_began_s` say where it began.
-- `quantize_move`: seconds inside Pipelines.prepare (FP8 quantization, placement on the
+- `quantize_move`: seconds inside ModelHost.prepare (FP8 quantization, placement on the
   GPU), also part of `load`.
 - the worker's own `startup_s` (load, warmup, loras, ...) as it logs them, and `imports`:
   from the process's start (START_BENCH_T0, set by the parent) to Worker.start.
@@ -145,12 +145,12 @@ class StartProbe:
     def install_load(self) -> None:
         """The wrappers of the load, once handler.main() has imported the worker."""
         from src.models import fp8_cache
-        from src.models.pipelines import Pipelines
+        from src.models.host import ModelHost
         from src.serving.worker import Worker
 
         probe = self
         load_transformer = fp8_cache.load_transformer
-        prepare, load = Pipelines.prepare, Pipelines.load
+        prepare, load = ModelHost.prepare, ModelHost.load
         start = Worker.start.__func__
 
         def timed_cache_load(*args, **kwargs):
@@ -183,7 +183,7 @@ class StartProbe:
             return probe.worker
 
         fp8_cache.load_transformer = timed_cache_load
-        Pipelines.prepare, Pipelines.load = timed_prepare, timed_load
+        ModelHost.prepare, ModelHost.load = timed_prepare, timed_load
         Worker.start = classmethod(noted_start)
 
     def result(self) -> dict:
@@ -201,10 +201,10 @@ class StartProbe:
         read_bytes = sum(report.get("bytes", 0) for report in self.read_reports if not report.get("skipped"))
         import torch
 
-        from src.models.pipelines import device_name
+        from src.models.host import device_name
 
-        pipes = worker.pipes
-        return {"gpu": device_name(pipes.device), "torch": torch.__version__,
+        host = worker.host
+        return {"gpu": device_name(host.device), "torch": torch.__version__,
                 "ready_s": round(self.ready_at - self.t0, 1), "stages_s": stages,
                 "read_began_s": round(min(self.reads)[0] - self.t0, 2) if self.reads else None,
                 "torch_import_began_s": round(self.torch_import_at - self.t0, 2) if self.torch_import_at else None,
@@ -212,9 +212,9 @@ class StartProbe:
                 "weights_read": {"bytes": read_bytes, "reports": self.read_reports,
                                  "gb_per_s": round(read_bytes / 1e9 / joined_length(self.reads), 2)
                                  if self.reads else None},
-                "compile_cache": worker.compile_cache_state, "memory_mode": pipes.memory_mode,
-                "swap_transformers": pipes.swap_transformers, "preload": sorted(worker.settings.preload),
-                "fp8_loads": pipes.fp8_loads, "runpod_sdk": self.sdk}
+                "compile_cache": worker.compile_cache_state, "memory_mode": host.memory_mode,
+                "swap_transformers": host.swap_transformers, "preload": sorted(worker.settings.preload),
+                "fp8_loads": host.fp8_loads, "runpod_sdk": self.sdk}
 
 
 def main() -> None:

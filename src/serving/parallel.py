@@ -57,7 +57,6 @@ import torch
 import torch.distributed as dist
 
 from src.job.schema import InputError, SEED_LIMIT, parse_request
-from src.models.acceleration import enable_context_parallel
 from src.models.early_read import EarlyRead
 from src.plumbing.config import ConfigError, Settings
 from src.serving.worker import Worker
@@ -191,25 +190,18 @@ class Ranks:
             dist.destroy_process_group()
 
 
-def parallelize(pipes, ranks: Ranks) -> None:
-    """Every loaded transformer (edit, and Layered when loaded)."""
-    enable_context_parallel(pipes.edit.transformer, ranks)
-    if pipes.layered_loaded:
-        enable_context_parallel(pipes.layered().transformer, ranks)
-
-
 # ----------------------------------------------------------------------------
 # Start-up on every rank, the job loop of ranks 1..N-1, and rank 0's side.
 
 def start_worker(settings: Settings, ranks: Ranks, early_read: EarlyRead | None = None):
     """Load, parallelize and warm up, in lockstep. Raises StartFailed naming the rank.
     `early_read`: rank 0's read-ahead of the weights, begun by handler.py before the imports."""
-    worker, errors = ranks.lockstep(lambda: Worker.start(dataclasses.replace(settings, warmup=False), early_read))
+    worker, errors = ranks.lockstep(lambda: Worker.start(dataclasses.replace(settings, warmup=False), early_read,
+                                                         ranks))
     _raise_first(errors, "load")
-    parallelize(worker.pipes, ranks)
-    # From here on `Pipelines.accelerate` parallelizes a Layered pipeline that loads
-    # during a job, as it loads, on every rank.
-    worker.pipes.ranks = ranks
+    # Collective, so only once every rank has loaded; from here on a Layered pipeline that
+    # loads during a job runs under it too, on every rank.
+    worker.host.start_parallel()
     if settings.warmup:
         _, errors = ranks.lockstep(lambda: worker.startup_s.__setitem__("warmup", worker.warm_up()))
         _raise_first(errors, "warm-up")

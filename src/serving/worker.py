@@ -13,19 +13,18 @@ import secrets
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
 from src.job.codec import decode_image, open_image
 from src.job.schema import InputError, JobRequest, SEED_LIMIT, error_text, parse_request
-from src.models import compile_cache, fp8_loras, image_vae, memory_plan
+from src.models import compile_cache
 from src.models.compile_meter import CompileMeter
 from src.models.early_read import EarlyRead
 from src.models.loras import LoraLibrary, adapters_for, lightning_scheduler
-from src.models.memory import HostMemoryError
-from src.models.pipelines import Pipelines, device_name
+from src.models.host import ModelHost, device_name
 from src.plumbing.config import BucketConfig, ConfigError, Settings
 from src.plumbing.metering import Price, StageTimer, price_for
 from src.plumbing.storage import Bucket, StorageError, UploadPolicy
@@ -64,7 +63,7 @@ def _no_progress(update: dict) -> None:
 @dataclass
 class Worker:
     settings: Settings
-    pipes: Pipelines
+    host: ModelHost
     price: Price
     startup_s: dict[str, float] = field(default_factory=dict)
     # The start-up load is reported once, in the first job's timings.
@@ -77,13 +76,14 @@ class Worker:
     compile_meter: CompileMeter = field(default_factory=CompileMeter)
 
     @classmethod
-    def start(cls, settings: Settings, early_read: EarlyRead | None = None) -> "Worker":
+    def start(cls, settings: Settings, early_read: EarlyRead | None = None, ranks=None) -> "Worker":
         """Load the models and warm them up: the first job pays neither. `early_read`: the
-        weights' read-ahead handler.py began before the imports (src/models/early_read.py)."""
-        pipes = Pipelines(settings, early_read)
-        load_s = pipes.load()
-        worker = cls(settings, pipes, price_for(device_name(pipes.device), settings.gpu_price_per_hour),
-                     loras=LoraLibrary(type(pipes.edit), pipes.edit.transformer, settings.edit_model),
+        weights' read-ahead handler.py began before the imports (src/models/early_read.py);
+        `ranks`: a multi-GPU worker's (src/serving/parallel.py)."""
+        host = ModelHost(settings, early_read, ranks)
+        load_s = host.load()
+        worker = cls(settings, host, price_for(device_name(host.device), settings.gpu_price_per_hour),
+                     loras=LoraLibrary(type(host.edit), host.edit.transformer, settings.edit_model),
                      stops=StopChannel.from_sdk())
         worker.get_ready(load_s)
         return worker
@@ -95,23 +95,16 @@ class Worker:
         warm pass's compile figures to `compile_meter` (src/models/compile_meter.py).
         tools/bench.py runs this on its own models; `lora_branches=False` leaves the base
         blocks alone (its lever measurements)."""
-        settings, pipes = self.settings, self.pipes
+        settings, host = self.settings, self.host
         if "lightning" in settings.preload:
             start = time.perf_counter()
             for steps in (4, 8):
-                adapters = adapters_for(JobRequest(image_base64="", prompt="-", lightning=steps), settings,
-                                        self.loras)
-                if settings.quantize == "fp8":  # the weights its fuse reads: there, or the start fails
-                    try:
-                        pipes.edit_published_weights().check(
-                            fp8_loras.touched_linears(pipes.edit.transformer, adapters))
-                    except fp8_loras.PublishedWeightsError as exc:
-                        raise ConfigError(f"PRELOAD: lightning: {exc}") from None
+                host.check_lightning_fusable(self._lightning(steps))  # the weights its fuse reads (FP8)
             load_s += time.perf_counter() - start
         self.startup_s["load"] = self.unreported_load_s = load_s
         if lora_branches:
             start = time.perf_counter()
-            self.install_lora_branches()  # before the warm-up compiles the blocks with them
+            host.install_lora_branches()  # before the warm-up compiles the blocks with them
             self.startup_s["lora_branches"] = time.perf_counter() - start
         key = self.compile_cache_key()
         if key is not None:  # before anything compiles
@@ -131,24 +124,20 @@ class Worker:
     def compile_cache_key(self) -> compile_cache.CacheKey | None:
         """What the compiled blocks depend on (src/models/compile_cache.py), where COMPILE=true
         compiles them (CUDA) and COMPILE_CACHE_DIR is not off."""
-        settings, pipes = self.settings, self.pipes
-        if not (settings.compile and settings.compile_cache_dir and pipes.device.type == "cuda"):
+        settings, host = self.settings, self.host
+        if not (settings.compile and settings.compile_cache_dir and host.device.type == "cuda"):
             return None
-        models = [f"{ref.repo_id}@{ref.revision}" for ref in (pipes.edit_ref, pipes.layered_ref) if ref is not None]
+        models = [f"{ref.repo_id}@{ref.revision}" for ref in (host.edit_ref, host.layered_ref) if ref is not None]
         return compile_cache.CacheKey.for_setup(
-            device_name(pipes.device), torch.cuda.get_device_capability(pipes.device), models,
+            device_name(host.device), torch.cuda.get_device_capability(host.device), models,
             {"quantize": settings.quantize, "fp8_keep_bf16": sorted(settings.fp8_keep_bf16),
              "attention_backend": settings.attention_backend, "lora_branch_rank": settings.lora_branch_rank,
              "caption_decoder": settings.caption_decoder, "preload": sorted(settings.preload),
-             "memory_mode": pipes.memory_mode, "swap": pipes.swap_transformers})
+             "memory_mode": host.memory_mode, "swap": host.swap_transformers})
 
-    def install_lora_branches(self) -> None:
-        """The unfused LoRA branches on the edit transformer's block linears (src/models/lora_branches.py):
-        padded to LORA_BRANCH_RANK under compile, so every set runs one compiled structure.
-        Not where LoRA jobs are refused (MEMORY_MODE offload)."""
-        if self.pipes.memory_mode != "offload":
-            padded = self.settings.lora_branch_rank if self.settings.compile else None
-            self.pipes.loras.install_branches(self.pipes.edit.transformer, self.pipes.dtype, padded)
+    def _lightning(self, steps: int) -> list:
+        """The adapters of the PRELOAD Lightning preset of `steps` steps."""
+        return adapters_for(JobRequest(image_base64="", prompt="-", lightning=steps), self.settings, self.loras)
 
     def prepare_loras(self) -> float:
         """Before serving: with PRELOAD naming lightning, the LIGHTNING_RESIDENT_STEPS preset
@@ -157,37 +146,26 @@ class Worker:
         only structure the base pass has not compiled), so no LoRA job compiles. Returns
         seconds taken."""
         start = time.perf_counter()
-        settings, switch = self.settings, self.pipes.loras
+        settings, host = self.settings, self.host
         steps = settings.lightning_resident_steps
-        if "lightning" in settings.preload and steps and self.pipes.memory_mode != "offload":
-            adapters = adapters_for(JobRequest(image_base64="", prompt="-", lightning=steps), settings, self.loras)
-            pipeline = self.pipes.for_operation("edit")
-            try:
-                switch.hold_ready(pipeline, adapters, pin=self.pipes.device.type == "cuda",
-                                  reserve_device=self.pipes.reserve_for_weights)
-            except (fp8_loras.PublishedWeightsError, HostMemoryError) as exc:
-                raise ConfigError(f"PRELOAD: lightning (LIGHTNING_RESIDENT_STEPS={steps}): {exc}; "
-                                  "set LIGHTNING_RESIDENT_STEPS=0 to run it unfused instead") from None
+        if "lightning" in settings.preload and steps and host.memory_mode != "offload":
+            host.hold_lightning_ready(self._lightning(steps))
             self.startup_s["lora_hold"] = time.perf_counter() - start
             # No warm pass with the set held ready: it changes the layers' values only (same
             # shapes, dtypes and modules), and such a pass compiled nothing on the H200
             # (0 graphs, cold and warm compile cache; docs/performance.md), so the base pass
             # covers its jobs.
-        if settings.warmup and switch.branches is not None and switch.branches.padded_rank is not None:
-            switch.apply(self.pipes.for_operation("edit"), [])
-            switch.branches.activate_empty()  # zeros: the same output, the branched blocks compiled
-            try:
+        if settings.warmup and host.lora_branches_padded:
+            with host.empty_lora_branches():  # zeros: the same output, the branched blocks compiled
                 self._warm_edit("edit, the LoRA branches on")
-            finally:
-                switch.branches.deactivate()
-        switch.apply(self.pipes.for_operation("edit"), [])
+        host.use_base_weights()
         return time.perf_counter() - start
 
     def _warm_edit(self, name: str = "edit") -> None:
         grey = Image.new("RGB", (WARMUP_IMAGE_SIZE, WARMUP_IMAGE_SIZE), (128, 128, 128))
         request = JobRequest(image_base64="", prompt="test", num_inference_steps=WARMUP_STEPS,
                              width=WARMUP_OUTPUT_SIDE, height=WARMUP_OUTPUT_SIDE)
-        pipeline = self.pipes.for_operation("edit")
+        pipeline = self.host.for_operation("edit")
         with self._metered(name):
             operations.edit(pipeline, request, [grey], seed=0, progress=_no_progress)
 
@@ -206,20 +184,20 @@ class Worker:
         the device: with the transformers swapping, the warm-up moves one of them at most, and
         ends with the edit transformer in place for the LoRA preparation and the first edit."""
         start = time.perf_counter()
-        layered_first = self.pipes.layered_loaded and self.pipes.needs_loading("edit")
+        layered_first = self.host.layered_loaded and self.host.needs_loading("edit")
         if layered_first:
             self._warm_decompose()
         self._warm_edit()
-        if self.pipes.layered_loaded and not layered_first:
+        if self.host.layered_loaded and not layered_first:
             self._warm_decompose()
         return time.perf_counter() - start
 
     def _warm_decompose(self) -> None:
-        layered = self.pipes.for_operation("decompose")
+        layered = self.host.for_operation("decompose")
         # A graphed captioning decoder (CAPTION_DECODER) records, and compiles, its step now.
-        if self.pipes.captioner is not None:
+        if self.host.captioner is not None:
             with self._metered("caption decoder"):
-                self.pipes.captioner.warm_up(self.pipes.device)
+                self.host.captioner.warm_up(self.host.device)
         grey = Image.new("RGB", (WARMUP_IMAGE_SIZE, WARMUP_IMAGE_SIZE), (128, 128, 128))
         request = JobRequest(operation="decompose", image_base64="", prompt="test", num_inference_steps=WARMUP_STEPS,
                              layers=2)
@@ -292,7 +270,7 @@ class Worker:
         try:
             named, results, stack = self._infer(request, images, seed, adapters, levers, timer, progress)
         except torch.OutOfMemoryError:
-            strongest = memory_plan.lever_choices(request.operation)[-1]
+            strongest = self.host.strongest_levers(request.operation)
             log.warning("job %s: CUDA out of memory with levers %s; retrying once with %s", job_id,
                         list(levers) or "none", list(strongest))
             torch.cuda.empty_cache()
@@ -325,25 +303,12 @@ class Worker:
     def _memory_levers(self, request: JobRequest, images: list[Image.Image]) -> tuple[str, ...]:
         """The memory levers this job needs on this GPU (src/models/memory_plan.py), or InputError
         with the limit in force when none makes it fit."""
-        if self.pipes.plan is None:
-            return ()
-        shape = memory_plan.shape_for(request, [image.size for image in images])
-        if request.operation == "decompose":
-            # A split of more sub-layers than the job's layers can be what does not fit.
-            key = "split" if shape.sub_layers and self.pipes.plan.fits(replace(shape, sub_layers=0)) else "layers"
-        elif request.width or request.height:
-            key = "width" if request.width else "height"
-        else:
-            key = request.image_sources[-1][0]
-        return self.pipes.levers_for(shape, key)
+        return self.host.memory_levers(request, [image.size for image in images])
 
     def _batches_cfg(self, request: JobRequest, images: list[Image.Image], levers: tuple[str, ...]) -> bool:
         """CFG_BATCH for this job: its CFG steps run two samples at once, so only where the
         memory plan has room for them (src/models/memory_plan.py `cfg_pair`); else as usual."""
-        if not self.settings.cfg_batch or self.pipes.plan is None:
-            return self.settings.cfg_batch
-        shape = memory_plan.shape_for(request, [image.size for image in images])
-        return self.pipes.plan.fits_cfg_batch(shape, levers, self.pipes.loras.device_copy_bytes())
+        return self.host.batches_cfg(request, [image.size for image in images], levers)
 
     def _infer(self, request: JobRequest, images: list[Image.Image], seed: int, adapters: list,
                levers: tuple[str, ...], timer: StageTimer, progress: ProgressFn):
@@ -351,7 +316,7 @@ class Worker:
         cfg_batch = self._batches_cfg(request, images, levers)
         pipeline = self._ready_pipeline(request.operation, adapters, timer)
         scheduler = lightning_scheduler(pipeline.scheduler) if request.lightning else None
-        with timer.stage("inference"), image_vae.saving_memory(pipeline.vae, levers):
+        with timer.stage("inference"), self.host.saving_memory(pipeline, levers):
             if request.operation != "decompose":
                 results = operations.edit(pipeline, request, images, seed, progress, scheduler,
                                           cfg_batch=cfg_batch)
@@ -399,7 +364,7 @@ class Worker:
                      if isinstance(request.prompt, list) else [("prompt", request.prompt)])
             texts = [*named, ("negative_prompt", request.negative_prompt)]
         for key, text in texts:
-            count = len(self.pipes.edit.tokenizer(text).input_ids)
+            count = self.host.prompt_tokens(text)
             if count > MAX_EDIT_PROMPT_TOKENS:
                 raise InputError(f"{key}: {count} tokens; at most {MAX_EDIT_PROMPT_TOKENS} (the edit model's text "
                                  "positions); shorten it")
@@ -409,7 +374,7 @@ class Worker:
         if not (request.lightning or request.loras):
             return
         key = "lightning" if request.lightning else "loras"
-        if self.pipes.memory_mode == "offload":
+        if self.host.memory_mode == "offload":
             raise InputError(f"{key}: LoRAs fuse into the transformer's weights on the GPU, and this worker "
                              "streams them from CPU memory (MEMORY_MODE offload); use a GPU that holds the "
                              "transformer (resident or text_offload)")
@@ -429,7 +394,7 @@ class Worker:
             return {}
         pipeline = self._ready_pipeline("edit", [], timer)  # layer edits run on the base model
         edited = {}
-        with timer.stage("inference"), image_vae.saving_memory(pipeline.vae, levers):
+        with timer.stage("inference"), self.host.saving_memory(pipeline, levers):
             for i, edit in enumerate(request.edits):
                 stage = f"edits[{i}]"
                 edited[edit.layer] = operations.edit_layer(
@@ -442,12 +407,11 @@ class Worker:
         """The pipeline that runs `operation`, ready for it: Layered loaded on its first job
         and, on a GPU too small for both transformers, this one back from CPU memory (timed
         as `load`); for edits, exactly `adapters` applied (switching sets timed as `lora`)."""
-        with timer.stage("load") if self.pipes.needs_loading(operation) else contextlib.nullcontext():
-            pipeline = self.pipes.for_operation(operation)
+        with timer.stage("load") if self.host.needs_loading(operation) else contextlib.nullcontext():
+            pipeline = self.host.for_operation(operation)
         if operation != "decompose":  # the set held ready, unfused or fused (src/models/lora_switch.py)
-            loras = self.pipes.loras
-            with timer.stage("lora") if loras.needs_change(adapters) else contextlib.nullcontext():
-                loras.apply(pipeline, adapters)
+            with timer.stage("lora") if self.host.needs_lora_change(adapters) else contextlib.nullcontext():
+                self.host.apply_loras(pipeline, adapters)
         return pipeline
 
     def _run_composite(self, job_id: str, request: JobRequest, timer: StageTimer) -> dict:
@@ -516,7 +480,7 @@ class Worker:
     def _respond(self, request: JobRequest, seed: int, entries: list[dict], warnings: list[str],
                  timer: StageTimer, adapters: list, archive: dict | None = None,
                  matte: str | None = None) -> dict:
-        model = self.pipes.layered_ref if request.operation == "decompose" else self.pipes.edit_ref
+        model = self.host.layered_ref if request.operation == "decompose" else self.host.edit_ref
         output: dict = {
             "success": True,
             "operation": request.operation,

@@ -88,7 +88,7 @@ def test_a_worker_with_cfg_batch_serves_the_stock_images(worker_env, worker):
     batched_worker = Worker.start(Settings.from_env({**worker_env, "CFG_BATCH": "true"}))
     job = {"image_base64": png_b64(sample_image()), "prompt": ["a red hat", "a blue scarf on the right"],
            "num_images": 2, "seed": 5, "return_base64": True, **FAST}
-    blocks = BlockCalls(batched_worker.pipes.edit)
+    blocks = BlockCalls(batched_worker.host.edit)
     got = batched_worker.handle({"id": "cfg-batch", "input": job})
     blocks.handle.remove()
     want = worker.handle({"id": "stock", "input": job})

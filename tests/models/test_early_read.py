@@ -13,7 +13,7 @@ import numpy as np
 
 from src.models.early_read import (FP8_MANIFEST, fp8_cache_files, fp8_cache_recipe, fp8_revision_folder,
                                    read_at_start, start_files)
-from src.models.pipelines import Pipelines
+from src.models.host import ModelHost
 from src.models.read_ahead import weight_files
 from src.models.snapshots import locate
 from src.plumbing.config import Settings
@@ -40,11 +40,11 @@ def test_the_early_read_imports_no_torch_and_reads_what_the_load_reads_ahead(hf_
     early = json.loads(done.stdout.splitlines()[-1])
     assert early["torch"] is False and early["runpod"] is False
     # The load's own read-ahead, without an early read: the same files per pipeline.
-    pipes = Pipelines(Settings.from_env(env))
-    pipes.load()
+    host = ModelHost(Settings.from_env(env))
+    host.load()
     assert [(report["files"], report["bytes"]) for report in early["reports"].values()] == [
-        (report["files"], report["bytes"]) for report in pipes.prefetched]
-    assert list(early["reports"]) == ["edit", "layered"] and all(report["bytes"] > 0 for report in pipes.prefetched)
+        (report["files"], report["bytes"]) for report in host.prefetched]
+    assert list(early["reports"]) == ["edit", "layered"] and all(report["bytes"] > 0 for report in host.prefetched)
 
 
 def test_a_worker_that_read_early_serves_the_pixels_of_one_that_read_nothing_ahead(worker_env):
@@ -57,9 +57,9 @@ def test_a_worker_that_read_early_serves_the_pixels_of_one_that_read_nothing_ahe
     reading = Worker.start(on, early)
     quiet = Worker.start(off, read_at_start(off))
     assert early.readings == {}  # taken over by the load
-    [report] = reading.pipes.prefetched  # the early read's: the load read no file again
+    [report] = reading.host.prefetched  # the early read's: the load read no file again
     assert report["bytes"] == sum(path.stat().st_size for path in files) > 0
-    assert quiet.pipes.prefetched == []
+    assert quiet.host.prefetched == []
     assert np.array_equal(edited_pixels(edit_hat(reading, "early")), edited_pixels(edit_hat(quiet, "off")))
 
 

@@ -121,7 +121,7 @@ def pixels(entry: dict) -> np.ndarray:
     job("width", "height", operation="decompose", layers=2),
 ], ids=["edit", "decompose"])
 def test_fp8_jobs_stay_near_the_unquantized_images(fp8_worker, worker, request_input, guarantee_figures):
-    for pipeline in (fp8_worker.pipes.edit, fp8_worker.pipes.layered()):
+    for pipeline in (fp8_worker.host.edit, fp8_worker.host.layered()):
         assert block_linears(pipeline.transformer, torch.nn.Linear) == set(DEFAULT_FP8_KEEP_BF16)
     quantized = fp8_worker.handle({"id": "fp8", "input": request_input})
     reference = worker.handle({"id": "full", "input": request_input})
@@ -139,7 +139,7 @@ def test_fp8_jobs_stay_near_the_unquantized_images(fp8_worker, worker, request_i
 def test_fp8_edit_equals_the_pipeline_with_quantized_blocks_called_directly(fp8_worker):
     """FP8 is the only change: diffusers' pipeline, its blocks quantized the same way and
     called directly, gives the worker's pixels."""
-    pipeline = reference_edit_pipeline(fp8_worker.pipes.edit_ref.path)
+    pipeline = reference_edit_pipeline(fp8_worker.host.edit_ref.path)
     quantize_blocks(pipeline.transformer, torch.device("cpu"))
     source = sample_image()
     out = fp8_worker.handle({"id": "fp8-fidelity", "input": {**job(), "seed": 1234}})

@@ -150,10 +150,10 @@ def unpacked_pixels(fp8_env, lora_dir) -> list[np.ndarray]:
 def test_packed_worker_gives_the_unpacked_workers_pixels_and_keeps_its_base_exact(fp8_env, lora_dir, unpacked_pixels,
                                                                                   plan, held):
     worker = Worker.start(Settings.from_env({**fp8_env, "FP8_PACK_QKV": "on", **plan}))
-    transformer = worker.pipes.edit.transformer
+    transformer = worker.host.edit.transformer
     assert sum(isinstance(m, PackedFp8Linear) for m in transformer.modules()) == 2 * len(transformer.transformer_blocks)
-    assert any(isinstance(m, PackedFp8Linear) for m in worker.pipes.layered().transformer.modules())
-    assert worker.pipes.loras.resident.where == held
+    assert any(isinstance(m, PackedFp8Linear) for m in worker.host.layered().transformer.modules())
+    assert worker.host.loras.resident.where == held
     base = {name: tensor.clone() for name, tensor in transformer.state_dict().items()}
     got = jobs(worker, lora_dir)
     assert len(got) == len(unpacked_pixels)
