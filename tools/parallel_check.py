@@ -85,7 +85,7 @@ def main() -> int:
 
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
-    plan = ParallelPlan.from_env(env, torch.cuda.device_count())
+    plan = ParallelPlan.for_settings(settings, torch.cuda.device_count())
     report: dict = {"ranks": plan.world_size, "device_type": plan.device_type, "jobs": {}}
 
     start = time.perf_counter()

@@ -51,7 +51,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -63,7 +63,6 @@ from src.serving.worker import Worker
 
 log = logging.getLogger(__name__)
 
-MAX_RANKS = 16
 # A collective inside a job (Ulysses all-to-all, a vote) that waits this long means a
 # rank is lost: NCCL then tears the process down and RunPod replaces the worker.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
@@ -104,22 +103,15 @@ class ParallelPlan:
         return "cpu:gloo,cuda:nccl" if self.device_type == "cuda" else "gloo"
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str], cuda_devices: int) -> "ParallelPlan":
-        """PARALLEL and DEVICE; `cuda_devices` is `torch.cuda.device_count()`."""
-        raw = env.get("PARALLEL", "").strip().lower() or "off"
-        on_cpu = env.get("DEVICE", "").strip().lower() == "cpu" or cuda_devices == 0
+    def for_settings(cls, settings: Settings, cuda_devices: int) -> "ParallelPlan":
+        """PARALLEL and DEVICE (checked by Settings); `cuda_devices` is `torch.cuda.device_count()`."""
+        on_cpu = settings.device == "cpu" or cuda_devices == 0
         device_type = "cpu" if on_cpu else "cuda"
-        if raw == "off":
+        if settings.parallel == "off":
             return cls(1, device_type)
-        if raw == "auto":
+        if settings.parallel == "auto":
             return cls(1 if on_cpu else max(cuda_devices, 1), device_type)
-        try:
-            ranks = int(raw)
-        except ValueError:
-            raise ConfigError(f"PARALLEL: {raw!r} is not allowed; allowed: auto, off or a number of "
-                              f"GPUs, 1 to {MAX_RANKS}") from None
-        if not 1 <= ranks <= MAX_RANKS:
-            raise ConfigError(f"PARALLEL: {ranks} is out of range; allowed: 1 to {MAX_RANKS}")
+        ranks = int(settings.parallel)
         if not on_cpu and ranks > cuda_devices:
             raise ConfigError(f"PARALLEL: {ranks} ranks but {cuda_devices} GPUs are visible")
         return cls(ranks, device_type)
