@@ -97,7 +97,7 @@ def main() -> None:
     from src.models.weights import ModelNotFound
     from src.serving.deadline import JobGuard
     from src.serving.parallel import Leader, ParallelPlan, StartFailed
-    from src.serving.worker import Worker  # imports torch and diffusers: after logging is set up
+    from src.serving.startup import start_worker  # imports torch and diffusers: after logging is set up
 
     guard = JobGuard(settings.job_timeout_s)
 
@@ -114,7 +114,7 @@ def main() -> None:
             atexit.register(leader.shutdown)
             worker, run_job = leader.worker, leader.handle
         else:
-            worker = Worker.start(settings, early_read)
+            worker = start_worker(settings, early_read)
             run_job = worker.handle
     except (ConfigError, ModelNotFound, StartFailed) as exc:
         start_failed(str(exc))

@@ -77,11 +77,12 @@ from tools.bench_results import write_results  # noqa: E402
 from src.job.schema import JobRequest  # noqa: E402
 from src.models.fp8 import BLOCK_LINEARS, MODULATION_LINEARS  # noqa: E402
 from src.models.fp8_loras import PublishedWeights, PublishedWeightsError, touched_linears  # noqa: E402
-from src.models.loras import FusedLoras, LoraLibrary, adapters_for  # noqa: E402
+from src.models.loras import FusedLoras, adapters_for  # noqa: E402
 from src.models.host import ModelHost, device_name  # noqa: E402
 from src.models.weights import ModelRef  # noqa: E402
 from src.plumbing.config import Settings  # noqa: E402
 from src.plumbing.metering import price_for  # noqa: E402
+from src.serving.startup import get_ready  # noqa: E402
 from src.serving.worker import Worker  # noqa: E402
 
 # Qwen2.5-VL-7B-Instruct, the text encoder of every Qwen-Image model (its config.json).
@@ -449,7 +450,7 @@ class KwargsCatcher:
 def transformer_inputs(worker: Worker, transformer, images: int) -> dict:
     """The kwargs of the edit transformer's pass in a 1024x1024 job with `images` references."""
     catcher = KwargsCatcher(transformer)
-    # 2 steps: with 1, the models' scheduler gives a NaN timestep (see src/serving/worker.py).
+    # 2 steps: with 1, the models' scheduler gives a NaN timestep (see src/serving/response.py).
     run_case(worker, f"capture{images}", dict(operation="edit", images=images, num_inference_steps=2,
                                               true_cfg_scale=1.0), PassCounter())
     catcher.handle.remove()
@@ -929,11 +930,10 @@ def main() -> None:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(args.gpu_memory_gib * 2**30 / total)
         memory_cap = {"gib": args.gpu_memory_gib}
-    worker = Worker(settings, host, price_for(device_name(host.device), None),
-                    loras=LoraLibrary(type(host.edit), host.edit.transformer, settings.edit_model))
-    # As Worker.start after its load: branches, compile cache, warm-up, LoRA set held ready, cache saved.
+    worker = Worker(settings, host, price_for(device_name(host.device), None), loras=host.lora_library())
+    # As start_worker after its load: branches, compile cache, warm-up, LoRA set held ready, cache saved.
     # The levers measure the base pass, and re-quantize linears the branches would hold.
-    worker.get_ready(lora_branches=not args.levers)
+    get_ready(worker, lora_branches=not args.levers)
     warmup_s, loras_s = worker.startup_s.get("warmup", 0.0), worker.startup_s["loras"]
     save_s = worker.startup_s.get("compile_cache_save", 0.0)
     ready_at = time.time()

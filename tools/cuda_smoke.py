@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from src.job.codec import png_base64  # noqa: E402
 from src.plumbing.config import Settings  # noqa: E402
 from src.serving.worker import Worker  # noqa: E402
+from src.serving.startup import start_worker  # noqa: E402
 
 
 def main() -> None:
@@ -39,7 +40,7 @@ def main() -> None:
     subprocess.run([sys.executable, "tools/make_tiny_loras.py", "--out", str(Path(args.hf_home) / "loras"),
                     "--hf-home", args.hf_home], check=True)  # the Lightning files, in the HF cache
 
-    worker = Worker.start(Settings.from_env({"HF_HOME": args.hf_home, "DEVICE": "cuda",
+    worker = start_worker(Settings.from_env({"HF_HOME": args.hf_home, "DEVICE": "cuda",
                                              "PRELOAD": "edit,layered", "TRANSFORMER_SWAP": "always"}))
     host = worker.host
     source = Image.linear_gradient("L").resize((96, 64)).convert("RGB")
@@ -87,7 +88,7 @@ def main() -> None:
 
     def fresh_worker(**env) -> Worker:  # the tiny models: the earlier workers may stay
         torch.cuda.reset_peak_memory_stats()
-        return Worker.start(Settings.from_env({"HF_HOME": args.hf_home, "DEVICE": "cuda", **env}))
+        return start_worker(Settings.from_env({"HF_HOME": args.hf_home, "DEVICE": "cuda", **env}))
 
     report["memory_modes"] = {}
     for mode in ("text_offload", "offload"):

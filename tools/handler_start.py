@@ -3,7 +3,7 @@
     START_BENCH_T0=<time> HF_HOME=/tmp/hf-disk python tools/handler_start.py --out start.json
 
 Runs `handler.main()` as RunPod runs it (the settings from the environment, the imports,
-Worker.start: the weights read from HF_HOME, prepared, warmed up, the LoRAs prepared) and
+start_worker: the weights read from HF_HOME, prepared, warmed up, the LoRAs prepared) and
 stops where it would start serving: runpod.serverless.start is replaced, once main() has
 imported the SDK, by a function that notes the time (ready) and returns (where the runpod
 package is missing, as on the GPU machine, a stand-in module gives main() the two names it uses). Nothing else is replaced; the timings come from
@@ -18,7 +18,7 @@ this probe imports nothing heavy before main() does:
 - `quantize_move`: seconds inside ModelHost.prepare (FP8 quantization, placement on the
   GPU), also part of `load`.
 - the worker's own `startup_s` (load, warmup, loras, ...) as it logs them, and `imports`:
-  from the process's start (START_BENCH_T0, set by the parent) to Worker.start.
+  from the process's start (START_BENCH_T0, set by the parent) to start_worker.
 - bytes this process read from disk (/proc/self/io read_bytes, all threads) before the load
   (the early read), during it and after it (the LoRA preparation reads the published weights under FP8).
 """
@@ -129,13 +129,13 @@ class StartProbe:
                 probe.torch_import_at = time.time()
 
         def imported(name):
-            if name == "src.serving.worker":
+            if name == "src.serving.startup":
                 self.install_load()
             elif name == "runpod":
                 sys.modules["runpod"].serverless.start = self.ready
 
         read_ahead.prefetch = timed_prefetch
-        sys.meta_path.insert(0, ImportWatch(("torch", "runpod", "src.serving.worker"), noted, imported))
+        sys.meta_path.insert(0, ImportWatch(("torch", "runpod", "src.serving.startup"), noted, imported))
 
     def ready(self, config) -> None:
         """Stands in for runpod.serverless.start: where handler.py would start serving."""
@@ -146,12 +146,12 @@ class StartProbe:
         """The wrappers of the load, once handler.main() has imported the worker."""
         from src.models import fp8_cache
         from src.models.host import ModelHost
-        from src.serving.worker import Worker
+        from src.serving import startup
 
         probe = self
         load_transformer = fp8_cache.load_transformer
         prepare, load = ModelHost.prepare, ModelHost.load
-        start = Worker.start.__func__
+        start = startup.start_worker
 
         def timed_cache_load(*args, **kwargs):
             begin = time.time()
@@ -177,14 +177,14 @@ class StartProbe:
                 probe.load_span = (begin, time.time())
                 probe.io["after_load"] = disk_read_bytes()
 
-        def noted_start(cls, settings, *args, **kwargs):
+        def noted_start(settings, *args, **kwargs):
             probe.worker_start_at = time.time()
-            probe.worker = start(cls, settings, *args, **kwargs)
+            probe.worker = start(settings, *args, **kwargs)
             return probe.worker
 
         fp8_cache.load_transformer = timed_cache_load
         ModelHost.prepare, ModelHost.load = timed_prepare, timed_load
-        Worker.start = classmethod(noted_start)
+        startup.start_worker = noted_start
 
     def result(self) -> dict:
         worker = self.worker

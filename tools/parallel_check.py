@@ -81,7 +81,7 @@ def main() -> int:
     import transformers
 
     from src.serving.parallel import Leader, ParallelPlan, StartFailed
-    from src.serving.worker import Worker
+    from src.serving.startup import start_worker
 
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
@@ -94,7 +94,7 @@ def main() -> int:
     except StartFailed as exc:
         print(f"start failed: {exc}", file=sys.stderr)
         return 2
-    worker = leader.worker if leader else Worker.start(settings, early_read)
+    worker = leader.worker if leader else start_worker(settings, early_read)
     handle = leader.handle if leader else worker.handle
     report["start_s"] = round(time.perf_counter() - start, 2)
     report["startup_s"] = {stage: round(seconds, 2) for stage, seconds in worker.startup_s.items()}

@@ -1,14 +1,13 @@
-"""Loading the diffusers pipelines from the Hugging Face cache, offline.
+"""The model host: the one face `src/serving/` meets for the models.
 
-Weights are never downloaded here: a model missing from HF_HOME stops the start
-with an error naming the repo id and the cache path. The Layered pipeline borrows
-the edit pipeline's text encoder, tokenizer and processor where its repository holds
-the same files (src/models/shared_components.py), so the 7B text encoder is resident once;
-a component whose files differ is loaded from Layered's own snapshot.
-
-With QUANTIZE=fp8 and a matching FP8 cache (src/models/fp8_cache.py), a transformer's FP8 block
-linears come from the cache and the rest of it from the snapshot by key: its bf16 block
-linears are not read at all, by the loader or by the read-ahead.
+It loads the diffusers pipelines from the HF cache, offline (a model missing from HF_HOME
+stops the start with an error naming the repo id and the cache path), and keeps them ready:
+which transformer is on the device, the memory mode, plan and levers, the LoRA branches and
+the set held ready, the FP8 published-weights check, and context parallelism across the
+ranks it is given. The Layered pipeline borrows the edit pipeline's text encoder, tokenizer
+and processor where its repository holds the same files (src/models/shared_components.py),
+so the 7B text encoder is resident once. With QUANTIZE=fp8 and a matching FP8 cache
+(src/models/fp8_cache.py), a transformer's bf16 block linears are not read at all.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from src.models import (captioning, fp8, fp8_cache, fp8_loras, fp8_packed, image
 from src.models.acceleration import ParallelRanks, accelerate, check_supported, enable_context_parallel
 from src.models.early_read import EarlyRead, edit_folders, layered_folders
 from src.models.lora_switch import LoraSwitch
-from src.models.loras import FusedLoras
+from src.models.loras import FusedLoras, LoraLibrary
 from src.models.memory import HostMemoryError
 from src.models.shared_components import SHARED_COMPONENTS, own_components
 from src.models.transformer_swap import TransformerSwap, host_room_for_twins
@@ -380,6 +379,10 @@ class ModelHost:
 
     # ------------------------------------------------------------------
     # LoRAs: the branches, the set held ready, and each job's set.
+
+    def lora_library(self) -> LoraLibrary:
+        """Where jobs' LoRA files are found and checked against the edit transformer (src/models/loras.py)."""
+        return LoraLibrary(type(self.edit), self.edit.transformer, self.settings.edit_model)
 
     def install_lora_branches(self) -> None:
         """The unfused LoRA branches on the edit transformer's block linears (src/models/lora_branches.py):

@@ -59,7 +59,7 @@ import torch.distributed as dist
 from src.job.schema import InputError, SEED_LIMIT, parse_request
 from src.models.early_read import EarlyRead
 from src.plumbing.config import ConfigError, Settings
-from src.serving.worker import Worker
+from src.serving.startup import start_worker, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -185,17 +185,17 @@ class Ranks:
 # ----------------------------------------------------------------------------
 # Start-up on every rank, the job loop of ranks 1..N-1, and rank 0's side.
 
-def start_worker(settings: Settings, ranks: Ranks, early_read: EarlyRead | None = None):
+def start_on_ranks(settings: Settings, ranks: Ranks, early_read: EarlyRead | None = None):
     """Load, parallelize and warm up, in lockstep. Raises StartFailed naming the rank.
     `early_read`: rank 0's read-ahead of the weights, begun by handler.py before the imports."""
-    worker, errors = ranks.lockstep(lambda: Worker.start(dataclasses.replace(settings, warmup=False), early_read,
-                                                         ranks))
+    unwarmed = dataclasses.replace(settings, warmup=False)
+    worker, errors = ranks.lockstep(lambda: start_worker(unwarmed, early_read, ranks))
     _raise_first(errors, "load")
     # Collective, so only once every rank has loaded; from here on a Layered pipeline that
     # loads during a job runs under it too, on every rank.
     worker.host.start_parallel()
     if settings.warmup:
-        _, errors = ranks.lockstep(lambda: worker.startup_s.__setitem__("warmup", worker.warm_up()))
+        _, errors = ranks.lockstep(lambda: warm_up(worker))
         _raise_first(errors, "warm-up")
     return worker
 
@@ -225,7 +225,7 @@ def _follower_main(rank: int, plan: ParallelPlan, settings: Settings, port: int)
     try:
         # The weights are read ahead once, by rank 0 (handler.py's early read, or its later
         # read-ahead): every rank's load finds them in the one page cache of this host.
-        worker = start_worker(dataclasses.replace(settings, bucket=None, weights_prefetch="off"), ranks)
+        worker = start_on_ranks(dataclasses.replace(settings, bucket=None, weights_prefetch="off"), ranks)
     except StartFailed as exc:
         log.error("%s", exc)
         sys.exit(1)
@@ -266,7 +266,7 @@ class Leader:
             process.start()
         ranks = Ranks.join(0, plan, port)
         try:
-            worker = start_worker(settings, ranks, early_read)
+            worker = start_on_ranks(settings, ranks, early_read)
         except StartFailed:
             _stop(followers)
             ranks.close()

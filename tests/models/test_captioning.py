@@ -18,7 +18,7 @@ from PIL import Image
 
 from src.models import captioning
 from src.plumbing.config import ConfigError, Settings
-from src.serving.worker import Worker
+from src.serving.startup import start_worker
 from tests.conftest import image_from_b64, png_b64, same_pixels, sample_image
 
 IM_END = 151645  # <|im_end|>, the caption's end
@@ -229,7 +229,7 @@ def test_stock_captioning_is_diffusers_own(layered):
 @pytest.fixture(scope="module", params=["resident", "text_offload"])
 def caption_worker(request, worker_env):
     """A worker with Layered preloaded and CAPTION_DECODER=graphed, its text encoder made talkative."""
-    worker = Worker.start(Settings.from_env({**worker_env, "PRELOAD": "edit,layered", "CAPTION_DECODER": "graphed",
+    worker = start_worker(Settings.from_env({**worker_env, "PRELOAD": "edit,layered", "CAPTION_DECODER": "graphed",
                                              "MEMORY_MODE": request.param}))
     talkative(worker.host.layered().text_encoder)
     return worker
@@ -284,7 +284,7 @@ def test_a_decompose_job_with_an_empty_prompt_equals_the_pipeline_called_directl
 def test_layered_loaded_by_a_job_captions_with_the_configured_decoder(worker_env):
     """Not only a preloaded Layered: the one a decompose job loads gets CAPTION_DECODER too
     (`auto` on the CPU: eager)."""
-    worker = Worker.start(Settings.from_env({**worker_env, "WARMUP": "false"}))
+    worker = start_worker(Settings.from_env({**worker_env, "WARMUP": "false"}))
     assert not worker.host.layered_loaded and worker.host.captioner is None
     pipeline = worker.host.for_operation("decompose")  # what a decompose job does first
     assert pipeline.get_image_caption.__self__ is worker.host.captioner

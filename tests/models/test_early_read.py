@@ -17,7 +17,7 @@ from src.models.host import ModelHost
 from src.models.read_ahead import weight_files
 from src.models.snapshots import locate
 from src.plumbing.config import Settings
-from src.serving.worker import Worker
+from src.serving.startup import start_worker
 from tests.conftest import REPO_ROOT, edit_hat, edited_pixels
 
 # Imports handler.py and runs the early read as main() does, then says whether torch or the runpod
@@ -54,8 +54,8 @@ def test_a_worker_that_read_early_serves_the_pixels_of_one_that_read_nothing_ahe
     early = read_at_start(on)
     [(files, _)] = early.readings.values()
     assert files == weight_files(locate(on.edit_model, on.hf_home).path)
-    reading = Worker.start(on, early)
-    quiet = Worker.start(off, read_at_start(off))
+    reading = start_worker(on, early)
+    quiet = start_worker(off, read_at_start(off))
     assert early.readings == {}  # taken over by the load
     [report] = reading.host.prefetched  # the early read's: the load read no file again
     assert report["bytes"] == sum(path.stat().st_size for path in files) > 0

@@ -11,7 +11,7 @@ import torch
 from src.models.fp8 import (BLOCK_LINEARS, DEFAULT_FP8_KEEP_BF16, E4M3_MAX, MODULATION_LINEARS, Fp8Linear,
                             prepared_bytes, quantize_blocks, rowwise_fp8)
 from src.plumbing.config import Settings
-from src.serving.worker import Worker
+from src.serving.startup import start_worker
 from tests.conftest import FAST, direct_edit, image_from_b64, png_b64, reference_edit_pipeline, same_pixels, sample_image
 
 # e4m3 keeps 3 mantissa bits: rounding moves a value by at most 2**-4 of itself, or, near
@@ -102,7 +102,7 @@ def test_prepared_bytes_are_the_quantized_transformers_bytes(hf_home):
 
 @pytest.fixture(scope="module")
 def fp8_worker(worker_env):
-    return Worker.start(Settings.from_env({**worker_env, "QUANTIZE": "fp8", "PRELOAD": "edit,layered"}))
+    return start_worker(Settings.from_env({**worker_env, "QUANTIZE": "fp8", "PRELOAD": "edit,layered"}))
 
 
 def job(*leave_out: str, **extra) -> dict:

@@ -23,7 +23,7 @@ from src.models.early_read import read_at_start, start_files
 from src.models.fp8 import FP8_RECIPES, MODULATION_LINEARS, RECIPE_VERSION, Fp8Linear, quantize_blocks
 from src.models.weights import locate
 from src.plumbing.config import Settings
-from src.serving.worker import Worker
+from src.serving.startup import start_worker
 from tests.conftest import FAST, REPO_ROOT, image_from_b64, png_b64, sample_image
 from tests.fake_hf_hub import start_fake_hub
 
@@ -219,13 +219,13 @@ def cache_root(hf_home, tmp_path_factory):
 
 
 def fp8_worker(worker_env, cache_dir, **extra):
-    return Worker.start(Settings.from_env({**worker_env, "QUANTIZE": "fp8", "PRELOAD": "edit,layered",
+    return start_worker(Settings.from_env({**worker_env, "QUANTIZE": "fp8", "PRELOAD": "edit,layered",
                                            "FP8_CACHE_DIR": str(cache_dir), **extra}))
 
 
 @pytest.fixture(scope="module")
 def quantizing_worker(worker_env):
-    return Worker.start(Settings.from_env({**worker_env, "QUANTIZE": "fp8", "PRELOAD": "edit,layered",
+    return start_worker(Settings.from_env({**worker_env, "QUANTIZE": "fp8", "PRELOAD": "edit,layered",
                                            "FP8_CACHE": "off"}))
 
 
@@ -278,7 +278,7 @@ def test_the_early_read_takes_the_caches_files_for_the_transformers(worker_env, 
         "edit": cache_files(edit) + weights.weight_files(edit.path / "text_encoder", edit.path / "vae"),
         "layered": cache_files(layered) + weights.weight_files(layered.path / "vae")}
     assert all(cache_files(ref) for ref in (edit, layered))
-    worker = Worker.start(settings, early)
+    worker = start_worker(settings, early)
     assert [entry["cache"] for entry in worker.host.fp8_loads] == [True, True]
     assert [report["bytes"] for report in worker.host.prefetched] == [
         sum(path.stat().st_size for path in files) for files in

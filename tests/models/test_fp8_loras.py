@@ -19,7 +19,7 @@ from src.models.fp8_loras import PublishedWeights, PublishedWeightsError, touche
 from src.models.lora_sources import LoraFile
 from src.models.loras import LIGHTNING_SCHEDULER_CONFIG, FusedLoras, LoraLibrary
 from src.plumbing.config import Settings
-from src.serving.worker import Worker
+from src.serving.startup import start_worker
 from tests.conftest import edit_hat, edited_pixels, reference_edit_pipeline, sample_image
 
 EDIT_REPO = "models--Qwen--Qwen-Image-Edit-2511"
@@ -158,7 +158,7 @@ def test_published_weights_read_sharded_and_single_file_snapshots(tmp_path):
 @pytest.fixture(scope="module")
 def fp8_worker(worker_env):
     """An FP8 worker with the Lightning files read and checked at start (PRELOAD)."""
-    return Worker.start(Settings.from_env({**worker_env, "QUANTIZE": "fp8", "PRELOAD": "edit,lightning"}))
+    return start_worker(Settings.from_env({**worker_env, "QUANTIZE": "fp8", "PRELOAD": "edit,lightning"}))
 
 
 def edit(worker, **extra) -> dict:
@@ -225,7 +225,7 @@ def test_fp8_set_held_on_the_device_is_fused_there_and_gives_the_in_place_fuses_
     the held values are those the in-place fuse writes, bit for bit, the Lightning job's
     image is the host-held worker's, the base comes back exact, and a release (copied out
     first) and a stage again give the same image."""
-    held = Worker.start(Settings.from_env({**worker_env, "QUANTIZE": "fp8", "PRELOAD": "edit,lightning",
+    held = start_worker(Settings.from_env({**worker_env, "QUANTIZE": "fp8", "PRELOAD": "edit,lightning",
                                            "GPU_MEMORY_GIB": "400", "WARMUP": "false"}))
     switch, transformer = held.host.loras, held.host.edit.transformer
     assert switch.resident.where == "device" and fp8_worker.host.loras.resident.where == "host"

@@ -14,7 +14,7 @@ import torch
 from src.models import memory_plan
 from src.models.lora_branches import LoraBranches
 from src.plumbing.config import ConfigError, Settings
-from src.serving.worker import Worker
+from src.serving.startup import start_worker
 from tests.conftest import edit_hat, edited_pixels, reference_edit_pipeline, sample_image
 
 CUSTOM = "tiny_lora_diffusers.safetensors"
@@ -23,7 +23,7 @@ CUSTOM = "tiny_lora_diffusers.safetensors"
 @pytest.fixture(scope="module")
 def switching_worker(worker_env):
     """Fuses a set on its third job in a row; Lightning 4 held ready from the start."""
-    return Worker.start(Settings.from_env({**worker_env, "PRELOAD": "edit,lightning", "LORA_FUSE_AFTER": "3"}))
+    return start_worker(Settings.from_env({**worker_env, "PRELOAD": "edit,lightning", "LORA_FUSE_AFTER": "3"}))
 
 
 def edit(worker, **extra) -> dict:
@@ -100,7 +100,7 @@ def test_the_preloaded_lightning_set_is_held_ready_and_equals_the_fused_one(swit
 def test_with_room_in_the_plan_the_set_is_held_beside_the_weights_and_switched_by_pointing(worker_env, hf_home):
     """A plan with room (GPU_MEMORY_GIB, tiny weights): the fused copy stays on the device
     and a switch points the layers at it and back; the base weights never move."""
-    worker = Worker.start(Settings.from_env({**worker_env, "PRELOAD": "edit,lightning", "GPU_MEMORY_GIB": "400",
+    worker = start_worker(Settings.from_env({**worker_env, "PRELOAD": "edit,lightning", "GPU_MEMORY_GIB": "400",
                                              "WARMUP": "false"}))
     switch = worker.host.loras
     assert switch.resident.where == "device"
@@ -114,12 +114,12 @@ def test_a_job_that_needs_the_room_has_the_device_copy_released_first_and_the_se
     """A budget where the largest decomposition fits only without the held copy beside it:
     that job runs as it is (no lever) after the copy is released, edits never release it,
     and the next Lightning job stages it again, with the same image."""
-    probe = Worker.start(Settings.from_env({**worker_env, "PRELOAD": "edit,lightning", "GPU_MEMORY_GIB": "400",
+    probe = start_worker(Settings.from_env({**worker_env, "PRELOAD": "edit,lightning", "GPU_MEMORY_GIB": "400",
                                             "WARMUP": "false"}))
     held, plan = probe.host.loras.device_copy_bytes(), probe.host.plan
     fixed = 400 * memory_plan.GIB - plan.budget_bytes  # the weights and the reserve
     capacity = fixed + plan.job_bytes(memory_plan.LARGEST_DECOMPOSE) + held // 2
-    worker = Worker.start(Settings.from_env({**worker_env, "PRELOAD": "edit,lightning", "WARMUP": "false",
+    worker = start_worker(Settings.from_env({**worker_env, "PRELOAD": "edit,lightning", "WARMUP": "false",
                                              "GPU_MEMORY_GIB": repr(capacity / memory_plan.GIB)}))
     switch, host = worker.host.loras, worker.host
     assert switch.device_copy_bytes() == held
@@ -137,7 +137,7 @@ def test_a_job_that_needs_the_room_has_the_device_copy_released_first_and_the_se
 
 def test_without_room_for_every_edit_the_set_stays_in_cpu_memory(worker_env):
     """A plan the extra copy would squeeze (the largest edit would need a lever): CPU memory."""
-    worker = Worker.start(Settings.from_env({**worker_env, "PRELOAD": "edit,lightning", "GPU_MEMORY_GIB": "6.5",
+    worker = start_worker(Settings.from_env({**worker_env, "PRELOAD": "edit,lightning", "GPU_MEMORY_GIB": "6.5",
                                              "WARMUP": "false"}))
     assert worker.host.loras.resident.where == "host"
 

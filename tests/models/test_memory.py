@@ -9,7 +9,7 @@ import torch
 
 from src.models import fp8, memory, memory_plan
 from src.plumbing.config import Settings
-from src.serving.worker import Worker
+from src.serving.startup import start_worker
 from tests.conftest import FAST, image_from_b64, png_b64, sample_image
 
 GIB = memory.GIB
@@ -83,7 +83,7 @@ def test_a_forced_mode_is_kept_whatever_the_memory():
 def streamed_worker(request, worker_env):
     from diffusers.hooks.group_offloading import _is_group_offload_enabled
 
-    worker = Worker.start(Settings.from_env({**worker_env, "MEMORY_MODE": request.param, "PRELOAD": "edit,layered"}))
+    worker = start_worker(Settings.from_env({**worker_env, "MEMORY_MODE": request.param, "PRELOAD": "edit,layered"}))
     assert worker.host.memory_mode == request.param
     streamed = {"text_encoder": True, "vae": False, "transformer": request.param == "offload"}
     for pipeline in (worker.host.edit, worker.host.layered()):

@@ -15,6 +15,7 @@ from src.models import memory_plan
 from src.models.memory_plan import GIB, JobShape, MemoryPlan, need_bytes, shape_for
 from src.plumbing.config import Settings
 from src.serving.worker import Worker
+from src.serving.startup import start_worker
 from tests.conftest import fetch, png_b64, reference_edit_pipeline, same_pixels, sample_image
 
 # Peak GPU memory above the weights, bf16, through the worker's job path on an H200
@@ -150,7 +151,7 @@ def test_streamed_models_count_in_their_stage():
 def small_gpu_worker(worker_env):
     """A worker planning for a 6.5 GiB GPU (GPU_MEMORY_GIB) on the CPU: 2048x2048 edits
     need tiling, decompositions at 1024 fit only with fewer layers."""
-    worker = Worker.start(Settings.from_env({**worker_env, "GPU_MEMORY_GIB": "6.5", "WARMUP": "false"}))
+    worker = start_worker(Settings.from_env({**worker_env, "GPU_MEMORY_GIB": "6.5", "WARMUP": "false"}))
     assert worker.host.plan is not None
     return worker
 

@@ -15,6 +15,7 @@ from src.models import fp8
 from src.models.transformer_swap import HOST_MARGIN_BYTES, host_room_for_twins
 from src.plumbing.config import Settings
 from src.serving.worker import Worker
+from src.serving.startup import start_worker
 from tests.conftest import FAST, image_from_b64, png_b64, sample_image
 
 CUSTOM = "tiny_lora_diffusers.safetensors"
@@ -26,7 +27,7 @@ def started(worker_env, swap: str) -> Worker:
     # to uint8) would fail this start.
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        return Worker.start(Settings.from_env({**worker_env, "PRELOAD": "edit,layered", "TRANSFORMER_SWAP": swap,
+        return start_worker(Settings.from_env({**worker_env, "PRELOAD": "edit,layered", "TRANSFORMER_SWAP": swap,
                                                "LORA_FUSE_AFTER": "1"}))
 
 
