@@ -8,14 +8,13 @@ import atexit
 import logging
 import os
 import sys
-from typing import Mapping, NoReturn
+from typing import NoReturn
 
 from src.job.redaction import RedactingFilter
 from src.plumbing.config import ConfigError, Settings
 
 log = logging.getLogger("worker")
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 CREDENTIAL_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3")
 # huggingface_hub's HTTP client logs every request at INFO: a model download is a line per file.
 CHATTY_LOGGERS = ("httpx", "httpx2")
@@ -32,40 +31,28 @@ def progress_sender(job: dict):
     return lambda update: log.info("job %s: step %s of %s", job.get("id"), update["step"], update["of"])
 
 
-def log_level_from_env(env: Mapping[str, str]) -> str:
-    level = env.get("LOG_LEVEL", "").strip().upper() or "INFO"
-    if level not in LOG_LEVELS:
-        raise ConfigError(f"LOG_LEVEL: {level!r} is not allowed; allowed: {', '.join(LOG_LEVELS)}")
-    return level
-
-
 def start_failed(reason: str) -> NoReturn:
     sys.exit(f"start failed: {' '.join(reason.split())[:MAX_START_ERROR_CHARS]}")
-
-
-def loaded_pipelines(worker) -> list:
-    return [worker.pipes.edit] + ([worker.pipes.layered()] if worker.pipes.layered_loaded else [])
 
 
 def main() -> None:
     # 1. The environment, before the heavy imports: a bad value stops the start in seconds.
     try:
-        log_level = log_level_from_env(os.environ)
         settings = Settings.from_env(os.environ)
     except ConfigError as exc:
         start_failed(str(exc))
     # force: whoever imported the runpod SDK before main() (tools/handler_start.py) has had the root
     # logger configured by it (INFO, in rp_upload), which would make this call, and LOG_LEVEL, a no-op.
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     # Whatever logs a job's URL (an exception's message, a traceback), its secret parts stay out.
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter())
     # At DEBUG these log signed request headers (access key ids), presigned URLs and
     # request bodies: they stay at INFO or above whatever LOG_LEVEL says.
     for library in CREDENTIAL_LOGGERS:
-        logging.getLogger(library).setLevel(max(logging.INFO, logging.getLevelName(log_level)))
+        logging.getLogger(library).setLevel(max(logging.INFO, logging.getLevelName(settings.log_level)))
     for library in CHATTY_LOGGERS:
-        logging.getLogger(library).setLevel(max(logging.WARNING, logging.getLevelName(log_level)))
+        logging.getLogger(library).setLevel(max(logging.WARNING, logging.getLevelName(settings.log_level)))
     # Weights never come from the network at job time. huggingface_hub reads this when first
     # imported (below, by the download or by diffusers), so it is set before either.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -110,7 +97,7 @@ def main() -> None:
     from src.models.weights import ModelNotFound
     from src.serving.deadline import JobGuard
     from src.serving.parallel import Leader, ParallelPlan, StartFailed
-    from src.serving.worker import Worker  # imports torch and diffusers: after logging is set up
+    from src.serving.startup import start_worker  # imports torch and diffusers: after logging is set up
 
     guard = JobGuard(settings.job_timeout_s)
 
@@ -121,13 +108,13 @@ def main() -> None:
     # 4. Load and warm up: on several GPUs, one process per GPU (src/serving/parallel.py), the
     #    read-ahead in this one. A start that cannot serve exits non-zero with one line.
     try:
-        plan = ParallelPlan.from_env(os.environ, torch.cuda.device_count())
+        plan = ParallelPlan.for_settings(settings, torch.cuda.device_count())
         if plan.enabled:
             leader = Leader.launch(settings, plan, early_read)
             atexit.register(leader.shutdown)
             worker, run_job = leader.worker, leader.handle
         else:
-            worker = Worker.start(settings, early_read)
+            worker = start_worker(settings, early_read)
             run_job = worker.handle
     except (ConfigError, ModelNotFound, StartFailed) as exc:
         start_failed(str(exc))
@@ -136,7 +123,7 @@ def main() -> None:
 
     # 5. Serve, each job under JOB_TIMEOUT_S (the Layered pipeline may load during a job).
     def handle(job: dict) -> dict:
-        for pipeline in loaded_pipelines(worker):
+        for pipeline in worker.host.loaded_pipelines():
             guard.watch(pipeline)
         return guard.run(lambda: run_job(job, progress_sender(job)))
 

@@ -200,9 +200,9 @@ def worker_env(hf_home, lora_dir, s3, tmp_path_factory) -> dict[str, str]:
 def worker(worker_env):
     """The worker in this process, started the way handler.py starts it."""
     from src.plumbing.config import Settings
-    from src.serving.worker import Worker
+    from src.serving.startup import start_worker
 
-    return Worker.start(Settings.from_env(worker_env))
+    return start_worker(Settings.from_env(worker_env))
 
 
 @pytest.fixture(scope="session")

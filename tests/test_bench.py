@@ -8,14 +8,14 @@ import inspect
 
 from src.models.snapshots import main_snapshot
 from src.plumbing.config import Settings
-from src.serving.worker import Worker
+from src.serving.startup import start_worker
 from tests.conftest import png_b64, sample_image
 from tools.bench import StageClock
 
 
 def test_the_stage_clock_keeps_the_text_encoders_signature_for_stock_captioning(worker_env):
-    worker = Worker.start(Settings.from_env({**worker_env, "PRELOAD": "edit,layered", "CAPTION_DECODER": "stock"}))
-    pipeline = worker.pipes.layered()
+    worker = start_worker(Settings.from_env({**worker_env, "PRELOAD": "edit,layered", "CAPTION_DECODER": "stock"}))
+    pipeline = worker.host.layered()
     unwrapped = inspect.signature(pipeline.text_encoder.forward)
     clock = StageClock()
     clock.attach(pipeline)

@@ -51,12 +51,13 @@ from tools.bench_results import write_results  # noqa: E402
 from src.job.schema import JobRequest  # noqa: E402
 from src.models.fp8 import BLOCK_LINEARS, MODULATION_LINEARS  # noqa: E402
 from src.models.fp8_loras import PublishedWeights, PublishedWeightsError, touched_linears  # noqa: E402
-from src.models.loras import FusedLoras, LoraLibrary, adapters_for  # noqa: E402
-from src.models.pipelines import Pipelines, device_name  # noqa: E402
+from src.models.loras import FusedLoras, adapters_for  # noqa: E402
+from src.models.host import ModelHost, device_name  # noqa: E402
 from src.models.snapshots import main_snapshot, write_snapshot  # noqa: E402
 from src.models.weights import ModelRef  # noqa: E402
 from src.plumbing.config import Settings  # noqa: E402
 from src.plumbing.metering import price_for  # noqa: E402
+from src.serving.startup import get_ready  # noqa: E402
 from src.serving.worker import Worker  # noqa: E402
 
 # Qwen2.5-VL-7B-Instruct, the text encoder of every Qwen-Image model (its config.json).
@@ -139,8 +140,8 @@ class NamedRandomWeights:
         return folder
 
 
-class RandomFullSizePipelines(Pipelines):
-    """`Pipelines` whose models are full-size and random, built in memory; the job path
+class RandomFullSizeHost(ModelHost):
+    """`ModelHost` whose models are full-size and random, built in memory; the job path
     (for_operation, swapping, LoRA fusing) is the worker's own."""
 
     def __init__(self, settings: Settings, tiny_snapshot: Path, published_folder: Path | None = None):
@@ -423,7 +424,7 @@ class KwargsCatcher:
 def transformer_inputs(worker: Worker, transformer, images: int) -> dict:
     """The kwargs of the edit transformer's pass in a 1024x1024 job with `images` references."""
     catcher = KwargsCatcher(transformer)
-    # 2 steps: with 1, the models' scheduler gives a NaN timestep (see src/serving/worker.py).
+    # 2 steps: with 1, the models' scheduler gives a NaN timestep (see src/serving/response.py).
     run_case(worker, f"capture{images}", dict(operation="edit", images=images, num_inference_steps=2,
                                               true_cfg_scale=1.0), PassCounter())
     catcher.handle.remove()
@@ -598,7 +599,7 @@ def measure_levers(worker: Worker, names: list[str], record: dict, out_dir: Path
     from src.models.fp8_packed import pack_projections, unpack_projections
     from src.plumbing.config import FP8_RECIPES
 
-    transformer = worker.pipes.edit.transformer
+    transformer = worker.host.edit.transformer
     one, two = transformer_inputs(worker, transformer, 1), transformer_inputs(worker, transformer, 2)
     cond, uncond = cfg_pair_inputs(worker, transformer)
     results = record.setdefault("levers", [])
@@ -618,7 +619,7 @@ def measure_levers(worker: Worker, names: list[str], record: dict, out_dir: Path
             (pack_projections if packed else unpack_projections)(transformer)
             precision = (keep, packed)
         elif (keep, packed) != precision:
-            set_precision(transformer, keep, worker.pipes.named_weights, worker.pipes.device, packed)
+            set_precision(transformer, keep, worker.host.named_weights, worker.host.device, packed)
             precision = (keep, packed)
         transformer.set_attention_backend(ATTENTION_BACKENDS[attention])
         if compiled:
@@ -666,7 +667,7 @@ def measure_levers(worker: Worker, names: list[str], record: dict, out_dir: Path
 def compile_deviation(worker: Worker) -> dict:
     """The compiled edit transformer's output against the same code run eagerly
     (torch.compiler's force_eager stance), on one 1024x1024 pass with one reference."""
-    transformer = worker.pipes.for_operation("edit").transformer
+    transformer = worker.host.for_operation("edit").transformer
     kwargs = {**transformer_inputs(worker, transformer, 1), "return_dict": False}
     with torch.inference_mode():
         compiled = transformer(**kwargs)[0].float()
@@ -684,10 +685,10 @@ def lightning_fp8_deviation(worker: Worker) -> dict:
     it runs last."""
     from src.models.fp8 import quantize_blocks
 
-    pipes, settings = worker.pipes, worker.settings
+    host, settings = worker.host, worker.settings
     if settings.quantize != "none":
         return {"error": "lightning_fp8_deviation needs a bf16 run (QUANTIZE unset)"}
-    pipeline = pipes.for_operation("edit")
+    pipeline = host.for_operation("edit")
     transformer = pipeline.transformer
     kwargs = {**transformer_inputs(worker, transformer, 1), "return_dict": False}
     adapters = adapters_for(JobRequest(image_base64="", prompt="-", lightning=4), settings, worker.loras)
@@ -704,17 +705,17 @@ def lightning_fp8_deviation(worker: Worker) -> dict:
         return round(time.perf_counter() - start, 2)
 
     base_bf16 = one_pass()
-    bf16_fuse_s = timed_fuse(pipes.fused_loras)
+    bf16_fuse_s = timed_fuse(host.fused_loras)
     lora_bf16 = one_pass()
-    pipes.fused_loras.apply(pipeline, [])  # the exact base again, then quantized as at load
+    host.fused_loras.apply(pipeline, [])  # the exact base again, then quantized as at load
     uncompile(transformer)
-    quantize_blocks(transformer, pipes.device, keep=settings.fp8_keep_bf16)
+    quantize_blocks(transformer, host.device, keep=settings.fp8_keep_bf16)
     if settings.compile:
         transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
     base_fp8 = one_pass()
     touched = {name: transformer.get_submodule(name) for name in touched_linears(transformer, adapters)}
     before = {name: [p.detach().cpu() for p in module.parameters()] for name, module in touched.items()}
-    fp8_fused = FusedLoras(pipes.edit_published_weights, pipes.dtype)
+    fp8_fused = FusedLoras(host.edit_published_weights, host.dtype)
     fp8_fuse_s = timed_fuse(fp8_fused)
     lora_fp8 = one_pass()
     fp8_fused.apply(pipeline, [])
@@ -739,8 +740,8 @@ def lora_switching(worker: Worker, repeats: int = 3) -> dict:
     """Per-pass costs, switch costs and alternating sequences (see the module docstring).
     Needs the start `main` gives it (PRELOAD=edit,lightning: the 4-step set held ready)."""
 
-    pipes, settings, switch = worker.pipes, worker.settings, worker.pipes.loras
-    pipeline = pipes.for_operation("edit")
+    host, settings, switch = worker.host, worker.settings, worker.host.loras
+    pipeline = host.for_operation("edit")
     transformer = pipeline.transformer
     lightning = adapters_for(JobRequest(image_base64="", prompt="-", lightning=4), settings, worker.loras)
     custom_source = str(Path(settings.lora_roots[0]) / "custom_rank16_attention.safetensors")
@@ -780,9 +781,9 @@ def lora_switching(worker: Worker, repeats: int = 3) -> dict:
         switches[f"{name}_off_s"] = timed(switch.branches.deactivate)
     passes["base_again"] = per_pass("base_again")
     # Before: the on-the-spot fuse (published weights read from the snapshot under FP8) and restore.
-    switches["lightning_fuse_on_the_spot_s"] = timed(lambda: pipes.fused_loras.apply(pipeline, lightning))
+    switches["lightning_fuse_on_the_spot_s"] = timed(lambda: host.fused_loras.apply(pipeline, lightning))
     passes["lightning_fused_on_the_spot"] = per_pass("lightning_fused_on_the_spot")
-    switches["lightning_restore_s"] = timed(lambda: pipes.fused_loras.apply(pipeline, []))
+    switches["lightning_restore_s"] = timed(lambda: host.fused_loras.apply(pipeline, []))
     record["s_per_pass"], record["switch_s"] = passes, switches
     # Unfused against fused: rounding only (in bf16 the fused weight is rounded once more;
     # under FP8 the fused delta is quantized, the branch's is not), beside the LoRA's own effect.
@@ -893,21 +894,20 @@ def main() -> None:
     if any(name.startswith(("lightning", "lora")) for name in names) or "lightning" in settings.preload:
         write_lightning_lora(hf_home, settings)
 
-    pipes = RandomFullSizePipelines(settings, tiny_snapshot, args.published_on_disk)
-    build_s = pipes.load()
+    host = RandomFullSizeHost(settings, tiny_snapshot, args.published_on_disk)
+    build_s = host.load()
     if any(CASES[name]["operation"] == "decompose" for name in cases):
-        pipes.layered()  # as PRELOAD=edit,layered: built before the warm-up, which then covers it
+        host.layered()  # as PRELOAD=edit,layered: built before the warm-up, which then covers it
     torch.cuda.empty_cache()
     memory_cap = None
     if args.gpu_memory_gib:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(args.gpu_memory_gib * 2**30 / total)
         memory_cap = {"gib": args.gpu_memory_gib}
-    worker = Worker(settings, pipes, price_for(device_name(pipes.device), None),
-                    loras=LoraLibrary(type(pipes.edit), pipes.edit.transformer, settings.edit_model))
-    # As Worker.start after its load: branches, compile cache, warm-up, LoRA set held ready, cache saved.
+    worker = Worker(settings, host, price_for(device_name(host.device), None), loras=host.lora_library())
+    # As start_worker after its load: branches, compile cache, warm-up, LoRA set held ready, cache saved.
     # The levers measure the base pass, and re-quantize linears the branches would hold.
-    worker.get_ready(lora_branches=not args.levers)
+    get_ready(worker, lora_branches=not args.levers)
     warmup_s, loras_s = worker.startup_s.get("warmup", 0.0), worker.startup_s["loras"]
     save_s = worker.startup_s.get("compile_cache_save", 0.0)
     ready_at = time.time()
@@ -918,12 +918,12 @@ def main() -> None:
                             "quantize": settings.quantize, "fp8_keep_bf16": sorted(settings.fp8_keep_bf16),
                             "fp8_pack_qkv": settings.fp8_pack_qkv,
                             "cfg_batch": settings.cfg_batch,
-                            "memory_mode": pipes.memory_mode},
-               "memory_cap": memory_cap, "memory_mode": pipes.memory_mode,
-               "swap_transformers": pipes.swap_transformers,
-               "swap_page_locked": pipes.swap_transformers and pipes.swap.use_twins,
-               "swap_moves_at_start": pipes.swap.moves_in,
-               "memory_plan": pipes.plan.limits() if pipes.plan else None,
+                            "memory_mode": host.memory_mode},
+               "memory_cap": memory_cap, "memory_mode": host.memory_mode,
+               "swap_transformers": host.swap_transformers,
+               "swap_page_locked": host.swap_transformers and host.swap.use_twins,
+               "swap_moves_at_start": host.swap.moves_in,
+               "memory_plan": host.plan.limits() if host.plan else None,
                "build_s": round(build_s, 1), "warmup_s": round(warmup_s, 1), "loras_prepare_s": round(loras_s, 1),
                "compile_cache": worker.compile_cache_state, "compile_cache_save_s": round(save_s, 1),
                "startup_s": {stage: round(seconds, 2) for stage, seconds in worker.startup_s.items()},
@@ -939,7 +939,7 @@ def main() -> None:
         return
     counter = PassCounter()
     clock = StageClock() if args.breakdown else None
-    handles = [pipes.edit.transformer.register_forward_pre_hook(counter.hook, with_kwargs=True)]
+    handles = [host.edit.transformer.register_forward_pre_hook(counter.hook, with_kwargs=True)]
     results["cases"] = []
     for name in names:
         if name in SPECIAL_CASES:
@@ -949,9 +949,9 @@ def main() -> None:
             write_results(results, Path(args.out))
             continue
         if CASES[name]["operation"] == "decompose" and len(handles) == 1:
-            handles.append(pipes.layered().transformer.register_forward_pre_hook(counter.hook, with_kwargs=True))
+            handles.append(host.layered().transformer.register_forward_pre_hook(counter.hook, with_kwargs=True))
         if clock:
-            clock.attach(pipes.layered() if CASES[name]["operation"] == "decompose" else pipes.edit)
+            clock.attach(host.layered() if CASES[name]["operation"] == "decompose" else host.edit)
         result = run_case(worker, name, CASES[name], counter, clock)
         results["cases"].append(result)
         print(json.dumps(result), flush=True)

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from src.job.codec import png_base64  # noqa: E402
 from src.plumbing.config import Settings  # noqa: E402
 from src.serving.worker import Worker  # noqa: E402
+from src.serving.startup import start_worker  # noqa: E402
 
 
 def main() -> None:
@@ -39,16 +40,16 @@ def main() -> None:
     subprocess.run([sys.executable, "tools/make_tiny_loras.py", "--out", str(Path(args.hf_home) / "loras"),
                     "--hf-home", args.hf_home], check=True)  # the Lightning files, in the HF cache
 
-    worker = Worker.start(Settings.from_env({"HF_HOME": args.hf_home, "DEVICE": "cuda",
+    worker = start_worker(Settings.from_env({"HF_HOME": args.hf_home, "DEVICE": "cuda",
                                              "PRELOAD": "edit,layered", "TRANSFORMER_SWAP": "always"}))
-    pipes = worker.pipes
+    host = worker.host
     source = Image.linear_gradient("L").resize((96, 64)).convert("RGB")
     report: dict = {"device": torch.cuda.get_device_name(), "startup_s": worker.startup_s, "jobs": []}
 
     def job(name: str, **job_input) -> dict:
         out = worker.handle({"id": name, "input": job_input})
         assert "error" not in out, out
-        placement = {"edit": str(pipes.edit.transformer.device), "layered": str(pipes.layered().transformer.device)}
+        placement = {"edit": str(host.edit.transformer.device), "layered": str(host.layered().transformer.device)}
         report["jobs"].append({"job": name, "timings_ms": out["timings_ms"], "transformers": placement})
         return out
 
@@ -57,12 +58,12 @@ def main() -> None:
     decompose_input = dict(operation="decompose", image_base64=png_base64(source), prompt="a scene", layers=2,
                            num_inference_steps=2, seed=3, return_base64=True)
     edit = job("edit", **edit_input)
-    assert pipes.edit.transformer.device.type == "cuda" and pipes.layered().transformer.device.type == "cpu"
+    assert host.edit.transformer.device.type == "cuda" and host.layered().transformer.device.type == "cpu"
     decompose = job("decompose", **decompose_input)
-    assert pipes.layered().transformer.device.type == "cuda" and pipes.edit.transformer.device.type == "cpu"
+    assert host.layered().transformer.device.type == "cuda" and host.edit.transformer.device.type == "cpu"
     again = job("edit-again", operation="edit", image_base64=png_base64(source), prompt="x", seed=3,
                 return_base64=True, num_inference_steps=2, width=256, height=256)
-    assert pipes.edit.transformer.device.type == "cuda"
+    assert host.edit.transformer.device.type == "cuda"
     several_input = {**edit_input, "prompt": ["x", "y"], "num_images": 2}
     several = job("several", **several_input)
     singles = [job(f"single-{k}", **{**edit_input, "prompt": several_input["prompt"][entry["prompt_index"]],
@@ -73,13 +74,13 @@ def main() -> None:
     job("edit-multi", operation="edit_multi", image_base64=png_base64(source), images_base64=[png_base64(source)],
         prompt="x", seed=3, num_inference_steps=2, width=256, height=256)
 
-    direct = pipes.edit(image=[source], prompt="x", negative_prompt=" ", true_cfg_scale=4.0, guidance_scale=1.0,
+    direct = host.edit(image=[source], prompt="x", negative_prompt=" ", true_cfg_scale=4.0, guidance_scale=1.0,
                         num_inference_steps=2, width=256, height=256,
                         generator=torch.Generator("cpu").manual_seed(3)).images[0]
     got = Image.open(io.BytesIO(base64.b64decode(edit["edited_image_base64"]))).convert("RGB")
     report["fidelity_equal"] = got.tobytes() == direct.tobytes()
     report["repeat_equal"] = edit["edited_image_base64"] == again["edited_image_base64"]
-    report["dtype"] = str(pipes.edit.transformer.dtype)
+    report["dtype"] = str(host.edit.transformer.dtype)
 
     def images(out: dict) -> list[str]:
         assert "error" not in out, out
@@ -87,7 +88,7 @@ def main() -> None:
 
     def fresh_worker(**env) -> Worker:  # the tiny models: the earlier workers may stay
         torch.cuda.reset_peak_memory_stats()
-        return Worker.start(Settings.from_env({"HF_HOME": args.hf_home, "DEVICE": "cuda", **env}))
+        return start_worker(Settings.from_env({"HF_HOME": args.hf_home, "DEVICE": "cuda", **env}))
 
     report["memory_modes"] = {}
     for mode in ("text_offload", "offload"):
@@ -107,7 +108,7 @@ def main() -> None:
     base_after = images(held.handle({"id": "held-base-again", "input": edit_input}))
     fused = fresh_worker(LIGHTNING_RESIDENT_STEPS="0", LORA_FUSE_AFTER="1")
     report["lightning_held_ready"] = {
-        "held_on": held.pipes.loras.resident.where,
+        "held_on": held.host.loras.resident.where,
         "lightning_equal_fused_on_the_spot": lightning == images(fused.handle({"id": "fused", "input": lightning_input})),
         "base_equal_after_switching_back": base_after == base_before,
         "base_equal_bf16_edit": base_before == images(edit)}

@@ -3,7 +3,7 @@
     START_BENCH_T0=<time> HF_HOME=/tmp/hf-disk python tools/handler_start.py --out start.json
 
 Runs `handler.main()` as RunPod runs it (the settings from the environment, the imports,
-Worker.start: the weights read from HF_HOME, prepared, warmed up, the LoRAs prepared) and
+start_worker: the weights read from HF_HOME, prepared, warmed up, the LoRAs prepared) and
 stops where it would start serving: runpod.serverless.start is replaced, once main() has
 imported the SDK, by a function that notes the time (ready) and returns (where the runpod
 package is missing, as on the GPU machine, a stand-in module gives main() the two names it uses). Nothing else is replaced; the timings come from
@@ -15,10 +15,10 @@ this probe imports nothing heavy before main() does:
   imports, src/models/early_read.py) and the FP8 cache's loads (fp8_cache.load_transformer),
   their intervals joined. It overlaps `imports` (the early read) and `load` (building and
   moving the models); `read_began_s` and `torch_import_began_s` say where it began.
-- `quantize_move`: seconds inside Pipelines.prepare (FP8 quantization, placement on the
+- `quantize_move`: seconds inside ModelHost.prepare (FP8 quantization, placement on the
   GPU), also part of `load`.
 - the worker's own `startup_s` (load, warmup, loras, ...) as it logs them, and `imports`:
-  from the process's start (START_BENCH_T0, set by the parent) to Worker.start.
+  from the process's start (START_BENCH_T0, set by the parent) to start_worker.
 - bytes this process read from disk (/proc/self/io read_bytes, all threads) before the load
   (the early read), during it and after it (the LoRA preparation reads the published weights under FP8).
 """
@@ -129,13 +129,13 @@ class StartProbe:
                 probe.torch_import_at = time.time()
 
         def imported(name):
-            if name == "src.serving.worker":
+            if name == "src.serving.startup":
                 self.install_load()
             elif name == "runpod":
                 sys.modules["runpod"].serverless.start = self.ready
 
         read_ahead.prefetch = timed_prefetch
-        sys.meta_path.insert(0, ImportWatch(("torch", "runpod", "src.serving.worker"), noted, imported))
+        sys.meta_path.insert(0, ImportWatch(("torch", "runpod", "src.serving.startup"), noted, imported))
 
     def ready(self, config) -> None:
         """Stands in for runpod.serverless.start: where handler.py would start serving."""
@@ -145,13 +145,13 @@ class StartProbe:
     def install_load(self) -> None:
         """The wrappers of the load, once handler.main() has imported the worker."""
         from src.models import fp8_cache
-        from src.models.pipelines import Pipelines
-        from src.serving.worker import Worker
+        from src.models.host import ModelHost
+        from src.serving import startup
 
         probe = self
         load_transformer = fp8_cache.load_transformer
-        prepare, load = Pipelines.prepare, Pipelines.load
-        start = Worker.start.__func__
+        prepare, load = ModelHost.prepare, ModelHost.load
+        start = startup.start_worker
 
         def timed_cache_load(*args, **kwargs):
             begin = time.time()
@@ -177,14 +177,14 @@ class StartProbe:
                 probe.load_span = (begin, time.time())
                 probe.io["after_load"] = disk_read_bytes()
 
-        def noted_start(cls, settings, *args, **kwargs):
+        def noted_start(settings, *args, **kwargs):
             probe.worker_start_at = time.time()
-            probe.worker = start(cls, settings, *args, **kwargs)
+            probe.worker = start(settings, *args, **kwargs)
             return probe.worker
 
         fp8_cache.load_transformer = timed_cache_load
-        Pipelines.prepare, Pipelines.load = timed_prepare, timed_load
-        Worker.start = classmethod(noted_start)
+        ModelHost.prepare, ModelHost.load = timed_prepare, timed_load
+        startup.start_worker = noted_start
 
     def result(self) -> dict:
         worker = self.worker
@@ -201,10 +201,10 @@ class StartProbe:
         read_bytes = sum(report.get("bytes", 0) for report in self.read_reports if not report.get("skipped"))
         import torch
 
-        from src.models.pipelines import device_name
+        from src.models.host import device_name
 
-        pipes = worker.pipes
-        return {"gpu": device_name(pipes.device), "torch": torch.__version__,
+        host = worker.host
+        return {"gpu": device_name(host.device), "torch": torch.__version__,
                 "ready_s": round(self.ready_at - self.t0, 1), "stages_s": stages,
                 "read_began_s": round(min(self.reads)[0] - self.t0, 2) if self.reads else None,
                 "torch_import_began_s": round(self.torch_import_at - self.t0, 2) if self.torch_import_at else None,
@@ -212,9 +212,9 @@ class StartProbe:
                 "weights_read": {"bytes": read_bytes, "reports": self.read_reports,
                                  "gb_per_s": round(read_bytes / 1e9 / joined_length(self.reads), 2)
                                  if self.reads else None},
-                "compile_cache": worker.compile_cache_state, "memory_mode": pipes.memory_mode,
-                "swap_transformers": pipes.swap_transformers, "preload": sorted(worker.settings.preload),
-                "fp8_loads": pipes.fp8_loads, "runpod_sdk": self.sdk}
+                "compile_cache": worker.compile_cache_state, "memory_mode": host.memory_mode,
+                "swap_transformers": host.swap_transformers, "preload": sorted(worker.settings.preload),
+                "fp8_loads": host.fp8_loads, "runpod_sdk": self.sdk}
 
 
 def main() -> None:

@@ -148,7 +148,7 @@ def main() -> None:
 
     keep = frozenset(fp8.DEFAULT_FP8_KEEP_BF16)  # FP8_KEEP_BF16's default
 
-    def quantizing_load():  # the worker's QUANTIZE=fp8 start without a cache (src/models/pipelines.py prepare)
+    def quantizing_load():  # the worker's QUANTIZE=fp8 start without a cache (src/models/host.py prepare)
         reading = read_ahead(weight_files(folder))
         model = load()
         fp8.quantize_blocks(model, torch.device("cuda"), keep=keep)

@@ -81,11 +81,11 @@ def main() -> int:
     import transformers
 
     from src.serving.parallel import Leader, ParallelPlan, StartFailed
-    from src.serving.worker import Worker
+    from src.serving.startup import start_worker
 
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
-    plan = ParallelPlan.from_env(env, torch.cuda.device_count())
+    plan = ParallelPlan.for_settings(settings, torch.cuda.device_count())
     report: dict = {"ranks": plan.world_size, "device_type": plan.device_type, "jobs": {}}
 
     start = time.perf_counter()
@@ -94,13 +94,13 @@ def main() -> int:
     except StartFailed as exc:
         print(f"start failed: {exc}", file=sys.stderr)
         return 2
-    worker = leader.worker if leader else Worker.start(settings, early_read)
+    worker = leader.worker if leader else start_worker(settings, early_read)
     handle = leader.handle if leader else worker.handle
     report["start_s"] = round(time.perf_counter() - start, 2)
     report["startup_s"] = {stage: round(seconds, 2) for stage, seconds in worker.startup_s.items()}
-    report["rank0_prefetched"] = worker.pipes.prefetched
+    report["rank0_prefetched"] = worker.host.prefetched
     seen: dict = {}
-    watch_tokens(worker.pipes.edit.transformer, seen)
+    watch_tokens(worker.host.edit.transformer, seen)
 
     source = input_image()
     source.save(out / "input.png")
@@ -134,7 +134,7 @@ def main() -> int:
         "the next job ran, with the same bytes": images.get("edit_again") == images.get("edit") is not None,
         "other ranks exited with 0": all(code == 0 for code in report["follower_exit_codes"]),
         # WEIGHTS_PREFETCH (on by default): one read, the early one, which rank 0's load took over.
-        "rank 0's load took the early read over": len(worker.pipes.prefetched) == (early_read is not None),
+        "rank 0's load took the early read over": len(worker.host.prefetched) == (early_read is not None),
     }
     if plan.enabled and seen:
         # Ulysses: each rank's attention gets its share of the tokens (the first ranks

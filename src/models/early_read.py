@@ -4,9 +4,9 @@ handler.py starts it right after the settings (and DOWNLOAD_MODELS=missing's dow
 weight files go into the page cache while Python imports torch, diffusers and transformers; the
 load then finds their pages in memory. `WEIGHTS_PREFETCH` decides, as for every read-ahead.
 It reads, per pipeline PRELOAD names and in the order the load takes them, the files
-`Pipelines` would read ahead itself (the same folder rules: `edit_folders`, `layered_folders`),
+`ModelHost` would read ahead itself (the same folder rules: `edit_folders`, `layered_folders`),
 with one change: under QUANTIZE=fp8 with a cache of the transformer, the FP8 cache's files.
-`Pipelines` takes each pipeline's Future over and reads only what it lacks.
+`ModelHost` takes each pipeline's Future over and reads only what it lacks.
 
 Invariants: no torch (a test imports this and handler.py and checks); a model or file that is
 not there is left out without error (the load's ModelNotFound reports it); when unsure which

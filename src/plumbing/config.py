@@ -71,6 +71,8 @@ FP8_RECIPES = {
 }
 # The default keeps at least what SGLang's validated recipe keeps.
 DEFAULT_FP8_KEEP_BF16 = FP8_RECIPES["sglang"]
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MAX_PARALLEL_RANKS = 16  # PARALLEL's largest number of GPUs (src/serving/parallel.py)
 
 
 class ConfigError(ValueError):
@@ -91,6 +93,10 @@ class BucketConfig:
 @dataclass(frozen=True)
 class Settings:
     hf_home: Path
+    log_level: str = "INFO"
+    # "off", "auto" (every visible GPU, when there are two or more) or a number of GPUs, 1 to
+    # MAX_PARALLEL_RANKS; src/serving/parallel.py checks it against the GPUs it sees.
+    parallel: str = "off"
     edit_model: str = DEFAULT_EDIT_MODEL
     layered_model: str = DEFAULT_LAYERED_MODEL
     preload: frozenset[str] = frozenset({"edit"})
@@ -173,6 +179,8 @@ class Settings:
         hf_home = default_hf_home(env)
         settings = cls(
             hf_home=hf_home,
+            log_level=_log_level(reader),
+            parallel=_parallel(reader),
             edit_model=reader.text("EDIT_MODEL", DEFAULT_EDIT_MODEL),
             layered_model=reader.text("LAYERED_MODEL", DEFAULT_LAYERED_MODEL),
             preload=reader.names("PRELOAD", "edit", PRELOADABLE),
@@ -248,6 +256,28 @@ def default_hf_home(env: Mapping[str, str]) -> Path:
     if RUNPOD_VOLUME.is_dir():
         return RUNPOD_VOLUME / ".cache" / "huggingface"
     return Path.home() / ".cache" / "huggingface"
+
+
+def _log_level(reader: "_EnvReader") -> str:
+    level = reader.text("LOG_LEVEL", "INFO").upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"LOG_LEVEL: {level!r} is not allowed; allowed: {', '.join(LOG_LEVELS)}")
+    return level
+
+
+def _parallel(reader: "_EnvReader") -> str:
+    """PARALLEL: `off`, `auto`, or a number of GPUs (as its digits)."""
+    raw = reader.text("PARALLEL", "off").lower()
+    if raw in ("off", "auto"):
+        return raw
+    try:
+        ranks = int(raw)
+    except ValueError:
+        raise ConfigError(f"PARALLEL: {raw!r} is not allowed; allowed: auto, off or a number of "
+                          f"GPUs, 1 to {MAX_PARALLEL_RANKS}") from None
+    if not 1 <= ranks <= MAX_PARALLEL_RANKS:
+        raise ConfigError(f"PARALLEL: {ranks} is out of range; allowed: 1 to {MAX_PARALLEL_RANKS}")
+    return str(ranks)
 
 
 def _optional_folder(value: str) -> Path | None:

@@ -143,7 +143,7 @@ def _ora_stack(stack: ElementTree.Element, layers: ArchiveStack) -> None:
             ElementTree.SubElement(stack, "layer", name=name, src=f"data/{name}.png", **placement)
 
 
-def describe(data: bytes, fmt: str, *, layer_count: int, size: tuple[int, int], bucket: Bucket | None,
+def store_archive(data: bytes, fmt: str, *, layer_count: int, size: tuple[int, int], bucket: Bucket | None,
              image_entries: list[dict], inline: bool, max_inline_bytes: int) -> tuple[dict, list[str]]:
     """Store the archive next to the job's images (same folder, named `layers.<fmt>`) and
     describe it; inline as base64 when asked and it fits with the images already inline.

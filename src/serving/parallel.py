@@ -51,20 +51,18 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
 from src.job.schema import InputError, SEED_LIMIT, parse_request
-from src.models.acceleration import enable_context_parallel
 from src.models.early_read import EarlyRead
 from src.plumbing.config import ConfigError, Settings
-from src.serving.worker import Worker
+from src.serving.startup import start_worker, warm_up
 
 log = logging.getLogger(__name__)
 
-MAX_RANKS = 16
 # A collective inside a job (Ulysses all-to-all, a vote) that waits this long means a
 # rank is lost: NCCL then tears the process down and RunPod replaces the worker.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
@@ -105,22 +103,15 @@ class ParallelPlan:
         return "cpu:gloo,cuda:nccl" if self.device_type == "cuda" else "gloo"
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str], cuda_devices: int) -> "ParallelPlan":
-        """PARALLEL and DEVICE; `cuda_devices` is `torch.cuda.device_count()`."""
-        raw = env.get("PARALLEL", "").strip().lower() or "off"
-        on_cpu = env.get("DEVICE", "").strip().lower() == "cpu" or cuda_devices == 0
+    def for_settings(cls, settings: Settings, cuda_devices: int) -> "ParallelPlan":
+        """PARALLEL and DEVICE (checked by Settings); `cuda_devices` is `torch.cuda.device_count()`."""
+        on_cpu = settings.device == "cpu" or cuda_devices == 0
         device_type = "cpu" if on_cpu else "cuda"
-        if raw == "off":
+        if settings.parallel == "off":
             return cls(1, device_type)
-        if raw == "auto":
+        if settings.parallel == "auto":
             return cls(1 if on_cpu else max(cuda_devices, 1), device_type)
-        try:
-            ranks = int(raw)
-        except ValueError:
-            raise ConfigError(f"PARALLEL: {raw!r} is not allowed; allowed: auto, off or a number of "
-                              f"GPUs, 1 to {MAX_RANKS}") from None
-        if not 1 <= ranks <= MAX_RANKS:
-            raise ConfigError(f"PARALLEL: {ranks} is out of range; allowed: 1 to {MAX_RANKS}")
+        ranks = int(settings.parallel)
         if not on_cpu and ranks > cuda_devices:
             raise ConfigError(f"PARALLEL: {ranks} ranks but {cuda_devices} GPUs are visible")
         return cls(ranks, device_type)
@@ -191,27 +182,20 @@ class Ranks:
             dist.destroy_process_group()
 
 
-def parallelize(pipes, ranks: Ranks) -> None:
-    """Every loaded transformer (edit, and Layered when loaded)."""
-    enable_context_parallel(pipes.edit.transformer, ranks)
-    if pipes.layered_loaded:
-        enable_context_parallel(pipes.layered().transformer, ranks)
-
-
 # ----------------------------------------------------------------------------
 # Start-up on every rank, the job loop of ranks 1..N-1, and rank 0's side.
 
-def start_worker(settings: Settings, ranks: Ranks, early_read: EarlyRead | None = None):
+def start_on_ranks(settings: Settings, ranks: Ranks, early_read: EarlyRead | None = None):
     """Load, parallelize and warm up, in lockstep. Raises StartFailed naming the rank.
     `early_read`: rank 0's read-ahead of the weights, begun by handler.py before the imports."""
-    worker, errors = ranks.lockstep(lambda: Worker.start(dataclasses.replace(settings, warmup=False), early_read))
+    unwarmed = dataclasses.replace(settings, warmup=False)
+    worker, errors = ranks.lockstep(lambda: start_worker(unwarmed, early_read, ranks))
     _raise_first(errors, "load")
-    parallelize(worker.pipes, ranks)
-    # From here on `Pipelines.accelerate` parallelizes a Layered pipeline that loads
-    # during a job, as it loads, on every rank.
-    worker.pipes.ranks = ranks
+    # Collective, so only once every rank has loaded; from here on a Layered pipeline that
+    # loads during a job runs under it too, on every rank.
+    worker.host.start_parallel()
     if settings.warmup:
-        _, errors = ranks.lockstep(lambda: worker.startup_s.__setitem__("warmup", worker.warm_up()))
+        _, errors = ranks.lockstep(lambda: warm_up(worker))
         _raise_first(errors, "warm-up")
     return worker
 
@@ -241,7 +225,7 @@ def _follower_main(rank: int, plan: ParallelPlan, settings: Settings, port: int)
     try:
         # The weights are read ahead once, by rank 0 (handler.py's early read, or its later
         # read-ahead): every rank's load finds them in the one page cache of this host.
-        worker = start_worker(dataclasses.replace(settings, bucket=None, weights_prefetch="off"), ranks)
+        worker = start_on_ranks(dataclasses.replace(settings, bucket=None, weights_prefetch="off"), ranks)
     except StartFailed as exc:
         log.error("%s", exc)
         sys.exit(1)
@@ -282,7 +266,7 @@ class Leader:
             process.start()
         ranks = Ranks.join(0, plan, port)
         try:
-            worker = start_worker(settings, ranks, early_read)
+            worker = start_on_ranks(settings, ranks, early_read)
         except StartFailed:
             _stop(followers)
             ranks.close()

@@ -56,7 +56,7 @@ def check_inline_size(encoded: list[tuple[str, Image.Image, bytes]], max_inline_
     return sum((len(data) + 2) // 3 * 4 for _, _, data in encoded) <= max_inline_bytes
 
 
-def describe(encoded: list[tuple[str, Image.Image, bytes]], fmt: str, *, bucket: Bucket | None,
+def store_images(encoded: list[tuple[str, Image.Image, bytes]], fmt: str, *, bucket: Bucket | None,
              prefix: str, job_id: str, inline: bool, max_inline_bytes: int) -> tuple[list[dict], list[str]]:
     """Upload (when a bucket is given) and build the entries. Returns (entries, warnings)."""
     warnings: list[str] = []

@@ -1,5 +1,6 @@
 """One job, start to finish: parse, decode, run, encode, store, respond.
 
+The worker is made ready by src/serving/startup.py and answers through src/serving/response.py.
 Everything that can be wrong with a job's input is found before the GPU is used.
 Every failure becomes `{"error": "<key>: <reason>"}` and the worker stays ready for
 the next job; CUDA out-of-memory also asks RunPod for a fresh worker.
@@ -10,61 +11,49 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
 from src.job.codec import decode_image, open_image
 from src.job.schema import InputError, JobRequest, SEED_LIMIT, error_text, parse_request
-from src.models import compile_cache, fp8_loras, image_vae, memory_plan
 from src.models.compile_meter import CompileMeter
-from src.models.early_read import EarlyRead
+from src.models.host import ModelHost
 from src.models.loras import LoraLibrary, adapters_for, lightning_scheduler
-from src.models.memory import HostMemoryError
-from src.models.pipelines import Pipelines, device_name
-from src.plumbing.config import BucketConfig, ConfigError, Settings
-from src.plumbing.metering import Price, StageTimer, price_for
-from src.plumbing.storage import Bucket, StorageError, UploadPolicy
+from src.plumbing.config import Settings
+from src.plumbing.metering import Price, StageTimer
+from src.plumbing.storage import StorageError
 from src.plumbing.url_fetch import FetchLimits, fetch_bytes
-from src.serving import archives, operations
-from src.serving.layers import LayerStack, check_edit_count, check_same_size, describe_layers, edit_seed
+from src.serving import operations, response
+from src.serving.layers import LayerStack, check_edit_count, check_same_size, edit_seed
 from src.serving.operations import ProgressFn
-from src.serving.results import OutputTooLarge, describe, encode_all
+from src.serving.results import OutputTooLarge
 from src.serving.stops import JobStopped, StopChannel
 
 log = logging.getLogger(__name__)
 
-WARMUP_IMAGE_SIZE = 64  # the orchestrators' health-check shape: 64x64 grey, "test", 1 step
-WARMUP_OUTPUT_SIDE = 256
-# Two steps, not the health checks' one: with one step the models' scheduler divides 0 by 0
-# (ONE_STEP_WARNING) and numpy warns at every start, which reads as a fault; a second step of
-# 256x256 costs little beside compiling, and the warm-up then makes a real image.
-WARMUP_STEPS = 2
 # diffusers' Qwen transformer has 4096 text rope positions, starting after the output's
 # largest half-side in patches (64 at 2048 px), and the edit pipeline never truncates its
 # prompt: a longer text sequence fails inside the transformer (docs/upstream-register.md,
 # row 16). The condition images' vision tokens (about 190 each, three at most) and the
 # template take about 600 of them, so an edit prompt of this many tokens always fits.
 MAX_EDIT_PROMPT_TOKENS = 3000
-# diffusers' FlowMatchEulerDiscreteScheduler with the models' shift_terminal=0.02 divides
-# 0 by 0 for a single step, so a 1-step image is black. Served as the pipeline gives it
-# (health checks use 1 step), with this note.
-ONE_STEP_WARNING = ("num_inference_steps: with 1 step the models' scheduler (shift_terminal) yields NaN "
-                    "and a black image; use 2 or more for a real image")
 
 
-def _no_progress(update: dict) -> None:
+def no_progress(update: dict) -> None:
     pass
 
 
 @dataclass
 class Worker:
+    """A started worker (src/serving/startup.py): its models, settings and price, and what its
+    start did. `handle` runs one job."""
+
     settings: Settings
-    pipes: Pipelines
+    host: ModelHost
     price: Price
     startup_s: dict[str, float] = field(default_factory=dict)
     # The start-up load is reported once, in the first job's timings.
@@ -76,158 +65,7 @@ class Worker:
     # The start's warm passes, each with what torch.compile did in it (logged; tools/bench.py writes them).
     compile_meter: CompileMeter = field(default_factory=CompileMeter)
 
-    @classmethod
-    def start(cls, settings: Settings, early_read: EarlyRead | None = None) -> "Worker":
-        """Load the models and warm them up: the first job pays neither. `early_read`: the
-        weights' read-ahead handler.py began before the imports (src/models/early_read.py)."""
-        pipes = Pipelines(settings, early_read)
-        load_s = pipes.load()
-        worker = cls(settings, pipes, price_for(device_name(pipes.device), settings.gpu_price_per_hour),
-                     loras=LoraLibrary(type(pipes.edit), pipes.edit.transformer, settings.edit_model),
-                     stops=StopChannel.from_sdk())
-        worker.get_ready(load_s)
-        return worker
-
-    def get_ready(self, load_s: float = 0.0, lora_branches: bool = True) -> None:
-        """Everything between loading the models and the first job: the Lightning files
-        checked, the LoRA branches installed, the compile cache loaded, the warm-up, the LoRA
-        set held ready, the compile cache saved. Each stage's seconds go to `startup_s`, each
-        warm pass's compile figures to `compile_meter` (src/models/compile_meter.py).
-        tools/bench.py runs this on its own models; `lora_branches=False` leaves the base
-        blocks alone (its lever measurements)."""
-        settings, pipes = self.settings, self.pipes
-        if "lightning" in settings.preload:
-            start = time.perf_counter()
-            for steps in (4, 8):
-                adapters = adapters_for(JobRequest(image_base64="", prompt="-", lightning=steps), settings,
-                                        self.loras)
-                if settings.quantize == "fp8":  # the weights its fuse reads: there, or the start fails
-                    try:
-                        pipes.edit_published_weights().check(
-                            fp8_loras.touched_linears(pipes.edit.transformer, adapters))
-                    except fp8_loras.PublishedWeightsError as exc:
-                        raise ConfigError(f"PRELOAD: lightning: {exc}") from None
-            load_s += time.perf_counter() - start
-        self.startup_s["load"] = self.unreported_load_s = load_s
-        if lora_branches:
-            start = time.perf_counter()
-            self.install_lora_branches()  # before the warm-up compiles the blocks with them
-            self.startup_s["lora_branches"] = time.perf_counter() - start
-        key = self.compile_cache_key()
-        if key is not None:  # before anything compiles
-            start = time.perf_counter()
-            self.compile_cache_state = compile_cache.load(settings.compile_cache_dir, key)
-            self.startup_s["compile_cache_load"] = time.perf_counter() - start
-        if settings.warmup:
-            self.startup_s["warmup"] = self.warm_up()
-        self.startup_s["loras"] = self.prepare_loras()
-        if key is not None and self.compile_cache_state == "cold" and settings.warmup:
-            start = time.perf_counter()
-            compile_cache.save(settings.compile_cache_dir, key)
-            self.startup_s["compile_cache_save"] = time.perf_counter() - start
-        log.info("ready on %s: %s", self.price.gpu,
-                 ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in self.startup_s.items()))
-
-    def compile_cache_key(self) -> compile_cache.CacheKey | None:
-        """What the compiled blocks depend on (src/models/compile_cache.py), where COMPILE=true
-        compiles them (CUDA) and COMPILE_CACHE_DIR is not off."""
-        settings, pipes = self.settings, self.pipes
-        if not (settings.compile and settings.compile_cache_dir and pipes.device.type == "cuda"):
-            return None
-        models = [f"{ref.repo_id}@{ref.revision}" for ref in (pipes.edit_ref, pipes.layered_ref) if ref is not None]
-        return compile_cache.CacheKey.for_setup(
-            device_name(pipes.device), torch.cuda.get_device_capability(pipes.device), models,
-            {"quantize": settings.quantize, "fp8_keep_bf16": sorted(settings.fp8_keep_bf16),
-             "attention_backend": settings.attention_backend, "lora_branch_rank": settings.lora_branch_rank,
-             "caption_decoder": settings.caption_decoder, "preload": sorted(settings.preload),
-             "memory_mode": pipes.memory_mode, "swap": pipes.swap_transformers})
-
-    def install_lora_branches(self) -> None:
-        """The unfused LoRA branches on the edit transformer's block linears (src/models/lora_branches.py):
-        padded to LORA_BRANCH_RANK under compile, so every set runs one compiled structure.
-        Not where LoRA jobs are refused (MEMORY_MODE offload)."""
-        if self.pipes.memory_mode != "offload":
-            padded = self.settings.lora_branch_rank if self.settings.compile else None
-            self.pipes.loras.install_branches(self.pipes.edit.transformer, self.pipes.dtype, padded)
-
-    def prepare_loras(self) -> float:
-        """Before serving: with PRELOAD naming lightning, the LIGHTNING_RESIDENT_STEPS preset
-        fused once and held ready (src/models/lora_resident.py: on the GPU where the memory plan has
-        room, else in CPU memory); with the warm-up, one edit pass with the branches on (the
-        only structure the base pass has not compiled), so no LoRA job compiles. Returns
-        seconds taken."""
-        start = time.perf_counter()
-        settings, switch = self.settings, self.pipes.loras
-        steps = settings.lightning_resident_steps
-        if "lightning" in settings.preload and steps and self.pipes.memory_mode != "offload":
-            adapters = adapters_for(JobRequest(image_base64="", prompt="-", lightning=steps), settings, self.loras)
-            pipeline = self.pipes.for_operation("edit")
-            try:
-                switch.hold_ready(pipeline, adapters, pin=self.pipes.device.type == "cuda",
-                                  reserve_device=self.pipes.reserve_for_weights)
-            except (fp8_loras.PublishedWeightsError, HostMemoryError) as exc:
-                raise ConfigError(f"PRELOAD: lightning (LIGHTNING_RESIDENT_STEPS={steps}): {exc}; "
-                                  "set LIGHTNING_RESIDENT_STEPS=0 to run it unfused instead") from None
-            self.startup_s["lora_hold"] = time.perf_counter() - start
-            # No warm pass with the set held ready: it changes the layers' values only (same
-            # shapes, dtypes and modules), and such a pass compiled nothing on the H200
-            # (0 graphs, cold and warm compile cache; docs/performance.md), so the base pass
-            # covers its jobs.
-        if settings.warmup and switch.branches is not None and switch.branches.padded_rank is not None:
-            switch.apply(self.pipes.for_operation("edit"), [])
-            switch.branches.activate_empty()  # zeros: the same output, the branched blocks compiled
-            try:
-                self._warm_edit("edit, the LoRA branches on")
-            finally:
-                switch.branches.deactivate()
-        switch.apply(self.pipes.for_operation("edit"), [])
-        return time.perf_counter() - start
-
-    def _warm_edit(self, name: str = "edit") -> None:
-        grey = Image.new("RGB", (WARMUP_IMAGE_SIZE, WARMUP_IMAGE_SIZE), (128, 128, 128))
-        request = JobRequest(image_base64="", prompt="test", num_inference_steps=WARMUP_STEPS,
-                             width=WARMUP_OUTPUT_SIDE, height=WARMUP_OUTPUT_SIDE)
-        pipeline = self.pipes.for_operation("edit")
-        with self._metered(name):
-            operations.edit(pipeline, request, [grey], seed=0, progress=_no_progress)
-
-    @contextlib.contextmanager
-    def _metered(self, name: str):
-        """One warm pass as a span of `compile_meter`, logged with what it compiled."""
-        with self.compile_meter.span(name) as span:
-            yield
-        main = ", ".join(f"{phase} {span.phases_s[phase]:.1f} s" for phase in CompileMeter.MAIN_PHASES
-                         if phase in span.phases_s)
-        log.info("warm pass (%s): %.1f s, %d graphs compiled%s", name, span.seconds, span.graphs,
-                 f" ({main})" if main else "")
-
-    def warm_up(self) -> float:
-        """A short run of each loaded pipeline, Layered first where its transformer is the one on
-        the device: with the transformers swapping, the warm-up moves one of them at most, and
-        ends with the edit transformer in place for the LoRA preparation and the first edit."""
-        start = time.perf_counter()
-        layered_first = self.pipes.layered_loaded and self.pipes.needs_loading("edit")
-        if layered_first:
-            self._warm_decompose()
-        self._warm_edit()
-        if self.pipes.layered_loaded and not layered_first:
-            self._warm_decompose()
-        return time.perf_counter() - start
-
-    def _warm_decompose(self) -> None:
-        layered = self.pipes.for_operation("decompose")
-        # A graphed captioning decoder (CAPTION_DECODER) records, and compiles, its step now.
-        if self.pipes.captioner is not None:
-            with self._metered("caption decoder"):
-                self.pipes.captioner.warm_up(self.pipes.device)
-        grey = Image.new("RGB", (WARMUP_IMAGE_SIZE, WARMUP_IMAGE_SIZE), (128, 128, 128))
-        request = JobRequest(operation="decompose", image_base64="", prompt="test", num_inference_steps=WARMUP_STEPS,
-                             layers=2)
-        with self._metered("decompose"):
-            operations.decompose(layered, request, grey, seed=0, progress=_no_progress)
-
-    # ------------------------------------------------------------------
-    def handle(self, job: dict, progress: ProgressFn = _no_progress) -> dict:
+    def handle(self, job: dict, progress: ProgressFn = no_progress) -> dict:
         timer = StageTimer()
         job_id = str(job.get("id") or uuid.uuid4())
         try:
@@ -275,10 +113,10 @@ class Worker:
         self._check_prompt_count(request)
         self._check_edit_prompt_tokens(request)
         self._check_loras_allowed(request)
-        bucket = self._bucket_for(request)
+        bucket = response.bucket_for(request, self.settings)
         images = self._input_images(request, timer)
         _check_alpha_format(request, images)
-        levers = self._memory_levers(request, images)  # refuses a job this GPU cannot hold
+        levers = self.host.memory_levers(request, [image.size for image in images])  # or InputError: too big
         seed = request.seed if request.seed is not None else secrets.randbelow(SEED_LIMIT)
         with timer.stage("lora_resolve"):  # files read and checked on the CPU; URLs downloaded once
             adapters = adapters_for(request, self.settings, self.loras,
@@ -292,7 +130,7 @@ class Worker:
         try:
             named, results, stack = self._infer(request, images, seed, adapters, levers, timer, progress)
         except torch.OutOfMemoryError:
-            strongest = memory_plan.lever_choices(request.operation)[-1]
+            strongest = self.host.strongest_levers(request.operation)
             log.warning("job %s: CUDA out of memory with levers %s; retrying once with %s", job_id,
                         list(levers) or "none", list(strongest))
             torch.cuda.empty_cache()
@@ -300,58 +138,32 @@ class Worker:
             named, results, stack = self._infer(request, images, seed, adapters, levers, timer, progress)
 
         # 3. Encode, store, respond.
-        entries, warnings = self._store(named, request, bucket, job_id, timer)
-        warnings += _lever_warnings(levers, retried)
+        entries, warnings = response.encode_and_store(named, request, bucket, job_id, timer, self.settings)
+        warnings += response.lever_warnings(levers, retried)
         if request.operation != "decompose":
             for entry, result in zip(entries, results):
                 entry.update(prompt_index=result.prompt_index, seed=result.seed)
         archive = None
         if request.archive:
-            archive, archive_warnings = self._store_archive(stack, request, bucket, entries, timer)
+            archive, archive_warnings = response.archive_and_store(stack, request, bucket, entries, timer,
+                                                                   self.settings)
             warnings += archive_warnings
-        if request.use_fp8 is not None and request.use_fp8 != (self.settings.quantize == "fp8"):
-            warnings.append(f"use_fp8: accepted for compatibility; this worker's precision is set by its "
-                            f"QUANTIZE setting ({self.settings.quantize}: "
-                            f"{'FP8' if self.settings.quantize == 'fp8' else 'the published bf16 weights'})")
-        if request.steps == 1:
-            warnings.append(ONE_STEP_WARNING)
-        warnings += [f"edits[{i}].{ONE_STEP_WARNING}" for i, edit in enumerate(request.edits) if edit.steps == 1]
-        output = self._respond(request, seed, entries, warnings, timer, adapters, archive,
-                               _matte_used(request, images))
+        warnings += response.request_warnings(request, self.settings.quantize)
+        model = self.host.layered_ref if request.operation == "decompose" else self.host.edit_ref
+        output = response.job_output(request, seed, model.describe(), entries, adapters, self.settings.lightning_repo,
+                                     archive, _matte_used(request, images))
+        output = response.finish(output, timer, self.price, warnings, self._take_start_load_s())
         if levers:
             output["memory_levers"] = list(levers)
         return output
 
-    def _memory_levers(self, request: JobRequest, images: list[Image.Image]) -> tuple[str, ...]:
-        """The memory levers this job needs on this GPU (src/models/memory_plan.py), or InputError
-        with the limit in force when none makes it fit."""
-        if self.pipes.plan is None:
-            return ()
-        shape = memory_plan.shape_for(request, [image.size for image in images])
-        if request.operation == "decompose":
-            # A split of more sub-layers than the job's layers can be what does not fit.
-            key = "split" if shape.sub_layers and self.pipes.plan.fits(replace(shape, sub_layers=0)) else "layers"
-        elif request.width or request.height:
-            key = "width" if request.width else "height"
-        else:
-            key = request.image_sources[-1][0]
-        return self.pipes.levers_for(shape, key)
-
-    def _batches_cfg(self, request: JobRequest, images: list[Image.Image], levers: tuple[str, ...]) -> bool:
-        """CFG_BATCH for this job: its CFG steps run two samples at once, so only where the
-        memory plan has room for them (src/models/memory_plan.py `cfg_pair`); else as usual."""
-        if not self.settings.cfg_batch or self.pipes.plan is None:
-            return self.settings.cfg_batch
-        shape = memory_plan.shape_for(request, [image.size for image in images])
-        return self.pipes.plan.fits_cfg_batch(shape, levers, self.pipes.loras.device_copy_bytes())
-
     def _infer(self, request: JobRequest, images: list[Image.Image], seed: int, adapters: list,
                levers: tuple[str, ...], timer: StageTimer, progress: ProgressFn):
         """The job's pipeline calls: (named images, edit results or None, layer stack or None)."""
-        cfg_batch = self._batches_cfg(request, images, levers)
+        cfg_batch = self.host.batches_cfg(request, [image.size for image in images], levers)  # CFG_BATCH, if room
         pipeline = self._ready_pipeline(request.operation, adapters, timer)
         scheduler = lightning_scheduler(pipeline.scheduler) if request.lightning else None
-        with timer.stage("inference"), image_vae.saving_memory(pipeline.vae, levers):
+        with timer.stage("inference"), self.host.saving_memory(pipeline, levers):
             if request.operation != "decompose":
                 results = operations.edit(pipeline, request, images, seed, progress, scheduler,
                                           cfg_batch=cfg_batch)
@@ -399,7 +211,7 @@ class Worker:
                      if isinstance(request.prompt, list) else [("prompt", request.prompt)])
             texts = [*named, ("negative_prompt", request.negative_prompt)]
         for key, text in texts:
-            count = len(self.pipes.edit.tokenizer(text).input_ids)
+            count = self.host.prompt_tokens(text)
             if count > MAX_EDIT_PROMPT_TOKENS:
                 raise InputError(f"{key}: {count} tokens; at most {MAX_EDIT_PROMPT_TOKENS} (the edit model's text "
                                  "positions); shorten it")
@@ -409,7 +221,7 @@ class Worker:
         if not (request.lightning or request.loras):
             return
         key = "lightning" if request.lightning else "loras"
-        if self.pipes.memory_mode == "offload":
+        if self.host.memory_mode == "offload":
             raise InputError(f"{key}: LoRAs fuse into the transformer's weights on the GPU, and this worker "
                              "streams them from CPU memory (MEMORY_MODE offload); use a GPU that holds the "
                              "transformer (resident or text_offload)")
@@ -429,7 +241,7 @@ class Worker:
             return {}
         pipeline = self._ready_pipeline("edit", [], timer)  # layer edits run on the base model
         edited = {}
-        with timer.stage("inference"), image_vae.saving_memory(pipeline.vae, levers):
+        with timer.stage("inference"), self.host.saving_memory(pipeline, levers):
             for i, edit in enumerate(request.edits):
                 stage = f"edits[{i}]"
                 edited[edit.layer] = operations.edit_layer(
@@ -442,12 +254,11 @@ class Worker:
         """The pipeline that runs `operation`, ready for it: Layered loaded on its first job
         and, on a GPU too small for both transformers, this one back from CPU memory (timed
         as `load`); for edits, exactly `adapters` applied (switching sets timed as `lora`)."""
-        with timer.stage("load") if self.pipes.needs_loading(operation) else contextlib.nullcontext():
-            pipeline = self.pipes.for_operation(operation)
+        with timer.stage("load") if self.host.needs_loading(operation) else contextlib.nullcontext():
+            pipeline = self.host.for_operation(operation)
         if operation != "decompose":  # the set held ready, unfused or fused (src/models/lora_switch.py)
-            loras = self.pipes.loras
-            with timer.stage("lora") if loras.needs_change(adapters) else contextlib.nullcontext():
-                loras.apply(pipeline, adapters)
+            with timer.stage("lora") if self.host.needs_lora_change(adapters) else contextlib.nullcontext():
+                self.host.apply_loras(pipeline, adapters)
         return pipeline
 
     def _run_composite(self, job_id: str, request: JobRequest, timer: StageTimer) -> dict:
@@ -458,117 +269,24 @@ class Worker:
                                    self.settings.max_image_pixels).convert("RGBA")
                       for i, data in enumerate(request.layers_base64)]
         check_same_size(layers)
-        bucket = self._bucket_for(request)
+        bucket = response.bucket_for(request, self.settings)
         stack = LayerStack(layers)
         with timer.stage("composite"):
             composite = stack.final_composite
-        entries, warnings = self._store([("composite", composite)], request, bucket, job_id, timer)
-        output: dict = {"success": True, "operation": "composite", "images": entries, "composite": entries[0],
-                        "image_size": [composite.width, composite.height]}
+        entries, warnings = response.encode_and_store([("composite", composite)], request, bucket, job_id, timer,
+                                                      self.settings)
+        archive = None
         if request.archive:
-            output["archive"], archive_warnings = self._store_archive(stack, request, bucket, entries, timer)
+            archive, archive_warnings = response.archive_and_store(stack, request, bucket, entries, timer,
+                                                                   self.settings)
             warnings += archive_warnings
-        timings = timer.report()
-        output.update(timings_ms=timings, inference_time_ms=0, cost=self.price.cost(timer.elapsed_s()))
-        output["cost_usd"] = output["cost"]["usd"]
-        if warnings:
-            output["warnings"] = warnings
-        return output
+        return response.finish(response.composite_output(entries, composite.size, archive), timer, self.price,
+                               warnings)
 
-    def _store(self, named: list[tuple[str, Image.Image]], request: JobRequest, bucket: Bucket | None,
-               job_id: str, timer: StageTimer) -> tuple[list[dict], list[str]]:
-        with timer.stage("encode"):
-            encoded = encode_all(named, request.output_format, request.output_quality,
-                                 self.settings.png_compress_level)
-        with timer.stage("upload"):
-            return describe(
-                encoded, request.output_format, bucket=bucket, prefix=self.settings.bucket_prefix,
-                job_id=job_id, inline=request.wants_base64 or bucket is None,
-                max_inline_bytes=self.settings.max_inline_bytes,
-            )
-
-    def _store_archive(self, stack: LayerStack, request: JobRequest, bucket: Bucket | None,
-                       entries: list[dict], timer: StageTimer) -> tuple[dict, list[str]]:
-        """The final stack (split layers as groups of their sub-layers) and its composite in
-        one file, next to the images. Returns the output's `archive` entry and warnings."""
-        composite = stack.archived_composite
-        with timer.stage("archive"):
-            data = archives.build(request.archive, stack.archived(), composite, self.settings.png_compress_level)
-        with timer.stage("upload"):
-            return archives.describe(
-                data, request.archive, layer_count=stack.archived_layer_count, size=composite.size, bucket=bucket,
-                image_entries=entries, inline=request.wants_base64 or bucket is None,
-                max_inline_bytes=self.settings.max_inline_bytes)
-
-    def _bucket_for(self, request: JobRequest) -> Bucket | None:
-        policy = UploadPolicy.from_settings(self.settings)
-        if request.r2 is not None:
-            r2 = request.r2
-            config = BucketConfig(bucket_name=r2.bucket_name, access_key_id=r2.access_key_id,
-                                  secret_access_key=r2.secret_access_key.get_secret_value(),
-                                  endpoint_url=r2.endpoint_url, region=r2.region)
-            # A job's endpoint is untrusted: checked by the SSRF guard, its connections pinned.
-            return Bucket.for_job(config, self.settings.presign_expiry_s, policy, self.settings.address_policy)
-        if self.settings.bucket is not None:
-            return Bucket(self.settings.bucket, self.settings.presign_expiry_s, policy)
-        return None
-
-    def _respond(self, request: JobRequest, seed: int, entries: list[dict], warnings: list[str],
-                 timer: StageTimer, adapters: list, archive: dict | None = None,
-                 matte: str | None = None) -> dict:
-        model = self.pipes.layered_ref if request.operation == "decompose" else self.pipes.edit_ref
-        output: dict = {
-            "success": True,
-            "operation": request.operation,
-            "seed": seed,
-            "num_inference_steps": request.steps,
-            "true_cfg_scale": request.cfg_scale,
-            "model": model.describe(),
-            "images": entries,
-        }
-        if request.lightning:
-            output["lightning"] = {"steps": request.lightning, "repo": self.settings.lightning_repo,
-                                   **adapters[0].describe(), "true_cfg_scale": 1.0,
-                                   "scheduler": "FlowMatchEulerDiscreteScheduler, shift 3 (ModelTC/Qwen-Image-Lightning)"}
-        if request.loras:
-            output["loras"] = [adapter.describe() for adapter in adapters[1 if request.lightning else 0:]]
-        if matte is not None:
-            output["matte"] = matte
-        if request.operation == "decompose":
-            output["cfg_normalize"] = request.cfg_normalize
-            output.update(describe_layers(entries, request, seed))
-            if archive is not None:
-                output["archive"] = archive
-        else:
-            first = entries[0]
-            output.update(output_url=first["url"], r2_key=first["key"], image_size=[first["width"], first["height"]])
-            if "base64" in first:
-                output["edited_image_base64"] = first["base64"]
-        timings = timer.report()
-        if self.unreported_load_s is not None:
-            timings["load"] = round(self.unreported_load_s * 1000 + timings.get("load", 0.0), 1)
-            self.unreported_load_s = None
-        output["timings_ms"] = timings
-        output["inference_time_ms"] = int(timings["inference"])
-        output["cost"] = self.price.cost(timer.elapsed_s())
-        output["cost_usd"] = output["cost"]["usd"]
-        if warnings:
-            output["warnings"] = warnings
-        return output
-
-
-# What each memory lever changes, said in the job's warnings when it ran.
-LEVER_NOTES = {
-    "layers_one_at_a_time": "the layers were VAE-decoded one at a time instead of in one batch (pixels may differ "
-                            "by a few levels of 255)",
-    "vae_tiling": "the VAE decoded in overlapping tiles (pixels differ slightly from an untiled decode)",
-}
-
-
-def _lever_warnings(levers: tuple[str, ...], retried: bool) -> list[str]:
-    cause = ("the first attempt ran out of GPU memory and the job was run again" if retried
-             else "the job would not fit this worker's GPU memory otherwise")
-    return [f"memory: {LEVER_NOTES[lever]}: {cause}" for lever in levers]
+    def _take_start_load_s(self) -> float | None:
+        """The start-up load's seconds the first time (they go in its timings), then None."""
+        load_s, self.unreported_load_s = self.unreported_load_s, None
+        return load_s
 
 
 def _result_name(index: int, count: int) -> str:

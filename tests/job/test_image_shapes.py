@@ -75,7 +75,7 @@ def test_composite_runs_no_model_and_takes_any_shape(worker):
 def test_the_edit_pipeline_itself_takes_the_limit_and_fails_one_past_it(worker):
     """The limit is the pipeline's: called directly, diffusers' edit pipeline runs at 279:1
     and raises past it (Qwen2.5-VL's processor, on the ~384x384 condition image)."""
-    pipeline = reference_edit_pipeline(worker.pipes.edit_ref.path)
+    pipeline = reference_edit_pipeline(worker.host.edit_ref.path)
     image = direct_edit(pipeline, [shaped(EDIT_LIMIT)], "x", seed=1, num_inference_steps=1, width=256, height=256)
     assert image.size == (256, 256)
     with pytest.raises(ValueError, match="aspect ratio must be smaller than 200"):

@@ -19,7 +19,7 @@ from PIL import Image
 from src.models import captioning
 from src.models.snapshots import main_snapshot
 from src.plumbing.config import ConfigError, Settings
-from src.serving.worker import Worker
+from src.serving.startup import start_worker
 from tests.conftest import image_from_b64, png_b64, same_pixels, sample_image
 
 IM_END = 151645  # <|im_end|>, the caption's end
@@ -230,9 +230,9 @@ def test_stock_captioning_is_diffusers_own(layered):
 @pytest.fixture(scope="module", params=["resident", "text_offload"])
 def caption_worker(request, worker_env):
     """A worker with Layered preloaded and CAPTION_DECODER=graphed, its text encoder made talkative."""
-    worker = Worker.start(Settings.from_env({**worker_env, "PRELOAD": "edit,layered", "CAPTION_DECODER": "graphed",
+    worker = start_worker(Settings.from_env({**worker_env, "PRELOAD": "edit,layered", "CAPTION_DECODER": "graphed",
                                              "MEMORY_MODE": request.param}))
-    talkative(worker.pipes.layered().text_encoder)
+    talkative(worker.host.layered().text_encoder)
     return worker
 
 
@@ -263,11 +263,11 @@ def diffusers_captioning(pipeline):
 
 
 def test_a_decompose_job_with_an_empty_prompt_equals_the_pipeline_called_directly(caption_worker):
-    pipeline = caption_worker.pipes.layered()
+    pipeline = caption_worker.host.layered()
     installed = pipeline.get_image_caption.__self__
     assert installed.decoder == "graphed"
     # A streamed text encoder decodes eagerly (a graph would skip the streaming hooks).
-    assert (installed.static is not None) == (caption_worker.pipes.memory_mode == "resident")
+    assert (installed.static is not None) == (caption_worker.host.memory_mode == "resident")
     source = sample_image()
     with prompts_encoded(pipeline) as ours:
         out = caption_worker.handle({"id": "caption", "input": {
@@ -285,8 +285,8 @@ def test_a_decompose_job_with_an_empty_prompt_equals_the_pipeline_called_directl
 def test_layered_loaded_by_a_job_captions_with_the_configured_decoder(worker_env):
     """Not only a preloaded Layered: the one a decompose job loads gets CAPTION_DECODER too
     (`auto` on the CPU: eager)."""
-    worker = Worker.start(Settings.from_env({**worker_env, "WARMUP": "false"}))
-    assert not worker.pipes.layered_loaded and worker.pipes.captioner is None
-    pipeline = worker.pipes.for_operation("decompose")  # what a decompose job does first
-    assert pipeline.get_image_caption.__self__ is worker.pipes.captioner
-    assert worker.pipes.captioner.decoder == "eager"
+    worker = start_worker(Settings.from_env({**worker_env, "WARMUP": "false"}))
+    assert not worker.host.layered_loaded and worker.host.captioner is None
+    pipeline = worker.host.for_operation("decompose")  # what a decompose job does first
+    assert pipeline.get_image_caption.__self__ is worker.host.captioner
+    assert worker.host.captioner.decoder == "eager"

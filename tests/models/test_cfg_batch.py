@@ -14,7 +14,7 @@ import torch
 from src.models.cfg_batch import cfg_batched
 from src.models.snapshots import main_snapshot
 from src.plumbing.config import Settings
-from src.serving.worker import Worker
+from src.serving.startup import start_worker
 from tests.conftest import FAST, image_from_b64, png_b64, reference_edit_pipeline, same_pixels, sample_image
 
 # float32 rounding of a pass run in another batch with a masked attention sum: the decoded
@@ -86,10 +86,10 @@ def test_the_setting_is_off_by_default():
 
 
 def test_a_worker_with_cfg_batch_serves_the_stock_images(worker_env, worker):
-    batched_worker = Worker.start(Settings.from_env({**worker_env, "CFG_BATCH": "true"}))
+    batched_worker = start_worker(Settings.from_env({**worker_env, "CFG_BATCH": "true"}))
     job = {"image_base64": png_b64(sample_image()), "prompt": ["a red hat", "a blue scarf on the right"],
            "num_images": 2, "seed": 5, "return_base64": True, **FAST}
-    blocks = BlockCalls(batched_worker.pipes.edit)
+    blocks = BlockCalls(batched_worker.host.edit)
     got = batched_worker.handle({"id": "cfg-batch", "input": job})
     blocks.handle.remove()
     want = worker.handle({"id": "stock", "input": job})

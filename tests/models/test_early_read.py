@@ -13,11 +13,11 @@ import numpy as np
 
 from src.models.early_read import (FP8_MANIFEST, fp8_cache_files, fp8_cache_recipe, fp8_revision_folder,
                                    read_at_start, start_files)
-from src.models.pipelines import Pipelines
+from src.models.host import ModelHost
 from src.models.read_ahead import weight_files
 from src.models.snapshots import locate
 from src.plumbing.config import Settings
-from src.serving.worker import Worker
+from src.serving.startup import start_worker
 from tests.conftest import REPO_ROOT, edit_hat, edited_pixels
 
 # Imports handler.py and runs the early read as main() does, then says whether torch or the runpod
@@ -40,11 +40,11 @@ def test_the_early_read_imports_no_torch_and_reads_what_the_load_reads_ahead(hf_
     early = json.loads(done.stdout.splitlines()[-1])
     assert early["torch"] is False and early["runpod"] is False
     # The load's own read-ahead, without an early read: the same files per pipeline.
-    pipes = Pipelines(Settings.from_env(env))
-    pipes.load()
+    host = ModelHost(Settings.from_env(env))
+    host.load()
     assert [(report["files"], report["bytes"]) for report in early["reports"].values()] == [
-        (report["files"], report["bytes"]) for report in pipes.prefetched]
-    assert list(early["reports"]) == ["edit", "layered"] and all(report["bytes"] > 0 for report in pipes.prefetched)
+        (report["files"], report["bytes"]) for report in host.prefetched]
+    assert list(early["reports"]) == ["edit", "layered"] and all(report["bytes"] > 0 for report in host.prefetched)
 
 
 def test_a_worker_that_read_early_serves_the_pixels_of_one_that_read_nothing_ahead(worker_env):
@@ -54,12 +54,12 @@ def test_a_worker_that_read_early_serves_the_pixels_of_one_that_read_nothing_ahe
     early = read_at_start(on)
     [(files, _)] = early.readings.values()
     assert files == weight_files(locate(on.edit_model, on.hf_home).path)
-    reading = Worker.start(on, early)
-    quiet = Worker.start(off, read_at_start(off))
+    reading = start_worker(on, early)
+    quiet = start_worker(off, read_at_start(off))
     assert early.readings == {}  # taken over by the load
-    [report] = reading.pipes.prefetched  # the early read's: the load read no file again
+    [report] = reading.host.prefetched  # the early read's: the load read no file again
     assert report["bytes"] == sum(path.stat().st_size for path in files) > 0
-    assert quiet.pipes.prefetched == []
+    assert quiet.host.prefetched == []
     assert np.array_equal(edited_pixels(edit_hat(reading, "early")), edited_pixels(edit_hat(quiet, "off")))
 
 

@@ -12,7 +12,7 @@ from src.models.fp8 import (BLOCK_LINEARS, DEFAULT_FP8_KEEP_BF16, E4M3_MAX, MODU
                             prepared_bytes, quantize_blocks, rowwise_fp8)
 from src.models.snapshots import main_snapshot
 from src.plumbing.config import Settings
-from src.serving.worker import Worker
+from src.serving.startup import start_worker
 from tests.conftest import FAST, direct_edit, image_from_b64, png_b64, reference_edit_pipeline, same_pixels, sample_image
 
 # e4m3 keeps 3 mantissa bits: rounding moves a value by at most 2**-4 of itself, or, near
@@ -103,7 +103,7 @@ def test_prepared_bytes_are_the_quantized_transformers_bytes(hf_home):
 
 @pytest.fixture(scope="module")
 def fp8_worker(worker_env):
-    return Worker.start(Settings.from_env({**worker_env, "QUANTIZE": "fp8", "PRELOAD": "edit,layered"}))
+    return start_worker(Settings.from_env({**worker_env, "QUANTIZE": "fp8", "PRELOAD": "edit,layered"}))
 
 
 def job(*leave_out: str, **extra) -> dict:
@@ -122,7 +122,7 @@ def pixels(entry: dict) -> np.ndarray:
     job("width", "height", operation="decompose", layers=2),
 ], ids=["edit", "decompose"])
 def test_fp8_jobs_stay_near_the_unquantized_images(fp8_worker, worker, request_input, guarantee_figures):
-    for pipeline in (fp8_worker.pipes.edit, fp8_worker.pipes.layered()):
+    for pipeline in (fp8_worker.host.edit, fp8_worker.host.layered()):
         assert block_linears(pipeline.transformer, torch.nn.Linear) == set(DEFAULT_FP8_KEEP_BF16)
     quantized = fp8_worker.handle({"id": "fp8", "input": request_input})
     reference = worker.handle({"id": "full", "input": request_input})
@@ -140,7 +140,7 @@ def test_fp8_jobs_stay_near_the_unquantized_images(fp8_worker, worker, request_i
 def test_fp8_edit_equals_the_pipeline_with_quantized_blocks_called_directly(fp8_worker):
     """FP8 is the only change: diffusers' pipeline, its blocks quantized the same way and
     called directly, gives the worker's pixels."""
-    pipeline = reference_edit_pipeline(fp8_worker.pipes.edit_ref.path)
+    pipeline = reference_edit_pipeline(fp8_worker.host.edit_ref.path)
     quantize_blocks(pipeline.transformer, torch.device("cpu"))
     source = sample_image()
     out = fp8_worker.handle({"id": "fp8-fidelity", "input": {**job(), "seed": 1234}})

@@ -23,12 +23,12 @@ from src.models.early_read import read_at_start, start_files
 from src.models.fp8 import FP8_RECIPES, MODULATION_LINEARS, RECIPE_VERSION, Fp8Linear, quantize_blocks
 from src.models.weights import locate
 from src.plumbing.config import Settings
-from src.serving.worker import Worker
+from src.serving.startup import start_worker
 from tests.conftest import FAST, REPO_ROOT, image_from_b64, png_b64, sample_image
 from tests.fake_hf_hub import start_fake_hub
 
 EDIT_REPO, LAYERED_REPO = "Qwen/Qwen-Image-Edit-2511", "Qwen/Qwen-Image-Layered"
-CPU_DTYPE = torch.float32  # src/models/pipelines.py dtype_for: what a CPU worker loads in
+CPU_DTYPE = torch.float32  # src/models/host.py dtype_for: what a CPU worker loads in
 # What fp8.RECIPE_VERSION names: the bytes Fp8Linear stores for a fixed weight. A change to
 # the quantization that leaves RECIPE_VERSION alone fails here: old caches would load wrong.
 PINNED_RECIPE = ("e4m3-rowwise-amax-v2", "606905d7eb172cdea8082685507107d9")
@@ -219,13 +219,13 @@ def cache_root(hf_home, tmp_path_factory):
 
 
 def fp8_worker(worker_env, cache_dir, **extra):
-    return Worker.start(Settings.from_env({**worker_env, "QUANTIZE": "fp8", "PRELOAD": "edit,layered",
+    return start_worker(Settings.from_env({**worker_env, "QUANTIZE": "fp8", "PRELOAD": "edit,layered",
                                            "FP8_CACHE_DIR": str(cache_dir), **extra}))
 
 
 @pytest.fixture(scope="module")
 def quantizing_worker(worker_env):
-    return Worker.start(Settings.from_env({**worker_env, "QUANTIZE": "fp8", "PRELOAD": "edit,layered",
+    return start_worker(Settings.from_env({**worker_env, "QUANTIZE": "fp8", "PRELOAD": "edit,layered",
                                            "FP8_CACHE": "off"}))
 
 
@@ -242,19 +242,19 @@ def pixels(output: dict) -> list[np.ndarray]:
 
 def test_a_worker_with_the_cache_gives_the_pixels_of_one_that_quantizes_at_start(worker_env, cache_root,
                                                                                   quantizing_worker, caplog):
-    with caplog.at_level(logging.INFO, logger="src.models.pipelines"):
+    with caplog.at_level(logging.INFO, logger="src.models.host"):
         worker = fp8_worker(worker_env, cache_root)
-    assert [(entry["model"], entry["cache"]) for entry in worker.pipes.fp8_loads] == [(EDIT_REPO, True),
+    assert [(entry["model"], entry["cache"]) for entry in worker.host.fp8_loads] == [(EDIT_REPO, True),
                                                                                       (LAYERED_REPO, True)]
     assert "FP8 cache: Qwen/Qwen-Image-Edit-2511@" in caplog.text
     # The read-ahead (WEIGHTS_PREFETCH, on) leaves the snapshots' bf16 transformers alone.
-    edit, layered = worker.pipes.edit_ref.path, worker.pipes.layered_ref.path
+    edit, layered = worker.host.edit_ref.path, worker.host.layered_ref.path
     read_ahead = [weights.weight_files(edit / folder) for folder in ("text_encoder", "vae")] + \
              [weights.weight_files(layered / "vae")]
-    assert [report["bytes"] for report in worker.pipes.prefetched] == [
+    assert [report["bytes"] for report in worker.host.prefetched] == [
         sum(path.stat().st_size for files in read_ahead[:2] for path in files),
         sum(path.stat().st_size for path in read_ahead[2])]
-    assert [entry["cache"] for entry in quantizing_worker.pipes.fp8_loads] == []  # FP8_CACHE=off: not even looked
+    assert [entry["cache"] for entry in quantizing_worker.host.fp8_loads] == []  # FP8_CACHE=off: not even looked
     for job in JOBS:
         got = worker.handle({"id": "cached", "input": job})
         want = quantizing_worker.handle({"id": "quantized", "input": job})
@@ -278,9 +278,9 @@ def test_the_early_read_takes_the_caches_files_for_the_transformers(worker_env, 
         "edit": cache_files(edit) + weights.weight_files(edit.path / "text_encoder", edit.path / "vae"),
         "layered": cache_files(layered) + weights.weight_files(layered.path / "vae")}
     assert all(cache_files(ref) for ref in (edit, layered))
-    worker = Worker.start(settings, early)
-    assert [entry["cache"] for entry in worker.pipes.fp8_loads] == [True, True]
-    assert [report["bytes"] for report in worker.pipes.prefetched] == [
+    worker = start_worker(settings, early)
+    assert [entry["cache"] for entry in worker.host.fp8_loads] == [True, True]
+    assert [report["bytes"] for report in worker.host.prefetched] == [
         sum(path.stat().st_size for path in files) for files in
         (cache_files(edit) + weights.weight_files(edit.path / "text_encoder", edit.path / "vae"),
          cache_files(layered) + weights.weight_files(layered.path / "vae"))]
@@ -295,11 +295,11 @@ def test_the_early_read_takes_the_caches_files_for_the_transformers(worker_env, 
 def test_a_cache_of_another_recipe_is_not_loaded(worker_env, cache_root, caplog):
     # cache_root holds the default recipe's caches; a worker keeping fewer linears in bf16
     # (the default before SGLang's recipe) must not load them, and says why.
-    with caplog.at_level(logging.INFO, logger="src.models.pipelines"):
+    with caplog.at_level(logging.INFO, logger="src.models.host"):
         worker = fp8_worker(worker_env, cache_root, PRELOAD="edit", FP8_KEEP_BF16=",".join(MODULATION_LINEARS))
-    assert [entry["cache"] for entry in worker.pipes.fp8_loads] == [False]
+    assert [entry["cache"] for entry in worker.host.fp8_loads] == [False]
     assert "this revision has caches of other recipes" in caplog.text
-    kept = {name.split(".", 2)[2] for name, module in worker.pipes.edit.transformer.named_modules()
+    kept = {name.split(".", 2)[2] for name, module in worker.host.edit.transformer.named_modules()
             if name.startswith("transformer_blocks.") and isinstance(module, torch.nn.Linear)}
     assert kept == set(MODULATION_LINEARS)
     assert "error" not in worker.handle({"id": "other-recipe", "input": JOBS[0]})
@@ -311,9 +311,9 @@ def test_a_damaged_cache_is_logged_and_the_worker_quantizes_at_start(worker_env,
     shutil.copytree(cache_root, damaged)
     for cache in damaged.glob("*/*/*"):
         truncate(cache)
-    with caplog.at_level(logging.INFO, logger="src.models.pipelines"):
+    with caplog.at_level(logging.INFO, logger="src.models.host"):
         worker = fp8_worker(worker_env, damaged, PRELOAD="edit")
-    assert [entry["cache"] for entry in worker.pipes.fp8_loads] == [False]
+    assert [entry["cache"] for entry in worker.host.fp8_loads] == [False]
     assert "FP8 cache not used for Qwen/Qwen-Image-Edit-2511@" in caplog.text
     assert "the manifest says" in caplog.text and "quantizing at start instead" in caplog.text
     got = worker.handle({"id": "damaged", "input": JOBS[0]})

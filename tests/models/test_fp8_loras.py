@@ -20,7 +20,7 @@ from src.models.lora_sources import LoraFile
 from src.models.loras import LIGHTNING_SCHEDULER_CONFIG, FusedLoras, LoraLibrary
 from src.models.snapshots import main_snapshot
 from src.plumbing.config import Settings
-from src.serving.worker import Worker
+from src.serving.startup import start_worker
 from tests.conftest import edit_hat, edited_pixels, reference_edit_pipeline, sample_image
 
 EDIT_REPO = "Qwen/Qwen-Image-Edit-2511"
@@ -159,7 +159,7 @@ def test_published_weights_read_sharded_and_single_file_snapshots(tmp_path):
 @pytest.fixture(scope="module")
 def fp8_worker(worker_env):
     """An FP8 worker with the Lightning files read and checked at start (PRELOAD)."""
-    return Worker.start(Settings.from_env({**worker_env, "QUANTIZE": "fp8", "PRELOAD": "edit,lightning"}))
+    return start_worker(Settings.from_env({**worker_env, "QUANTIZE": "fp8", "PRELOAD": "edit,lightning"}))
 
 
 def edit(worker, **extra) -> dict:
@@ -176,7 +176,7 @@ def test_fp8_lightning_equals_diffusers_fuse_then_quantize_called_directly(fp8_w
 
     out = edit(fp8_worker, lightning=4, num_inference_steps=None)
     assert out["lightning"]["steps"] == 4 and out["timings_ms"]["lora"] > 0
-    pipeline = reference_edit_pipeline(fp8_worker.pipes.edit_ref.path)
+    pipeline = reference_edit_pipeline(fp8_worker.host.edit_ref.path)
     pipeline.load_lora_weights(str(lightning_file), adapter_name="lightning")
     pipeline.fuse_lora(adapter_names=["lightning"], lora_scale=1.0)
     pipeline.unload_lora_weights()
@@ -189,7 +189,7 @@ def test_fp8_lightning_equals_diffusers_fuse_then_quantize_called_directly(fp8_w
 
 
 def test_fp8_lora_jobs_leave_the_base_model_bit_identical(fp8_worker, lora_dir):
-    transformer = fp8_worker.pipes.edit.transformer
+    transformer = fp8_worker.host.edit.transformer
     before_job = edit(fp8_worker)
     base = state(transformer)
     custom = {"source": str(lora_dir / "tiny_lora_diffusers.safetensors"), "scale": 0.8}
@@ -226,16 +226,16 @@ def test_fp8_set_held_on_the_device_is_fused_there_and_gives_the_in_place_fuses_
     the held values are those the in-place fuse writes, bit for bit, the Lightning job's
     image is the host-held worker's, the base comes back exact, and a release (copied out
     first) and a stage again give the same image."""
-    held = Worker.start(Settings.from_env({**worker_env, "QUANTIZE": "fp8", "PRELOAD": "edit,lightning",
+    held = start_worker(Settings.from_env({**worker_env, "QUANTIZE": "fp8", "PRELOAD": "edit,lightning",
                                            "GPU_MEMORY_GIB": "400", "WARMUP": "false"}))
-    switch, transformer = held.pipes.loras, held.pipes.edit.transformer
-    assert switch.resident.where == "device" and fp8_worker.pipes.loras.resident.where == "host"
+    switch, transformer = held.host.loras, held.host.edit.transformer
+    assert switch.resident.where == "device" and fp8_worker.host.loras.resident.where == "host"
     base = state(transformer)
     lightning = edit(held, lightning=4, num_inference_steps=None)
     assert switch.mode == "resident"
     fused_in_place = edit(fp8_worker, lightning=4, num_inference_steps=None)
     assert np.array_equal(pixels(lightning), pixels(fused_in_place))
-    held_values, in_place_values = state(transformer), state(fp8_worker.pipes.edit.transformer)
+    held_values, in_place_values = state(transformer), state(fp8_worker.host.edit.transformer)
     assert all(bitwise_equal(held_values[k], in_place_values[k]) for k in held_values)
     assert any(not bitwise_equal(held_values[k], base[k]) for k in base)  # the set did change weights
     edit(held)
@@ -244,7 +244,7 @@ def test_fp8_set_held_on_the_device_is_fused_there_and_gives_the_in_place_fuses_
     # Released for a job that needs the room: copied out first (its first CPU copy), staged
     # again by the next job of the set, the same image.
     held_bytes = switch.device_copy_bytes()
-    switch.release_device_copy(held.pipes.for_operation("edit"))
+    switch.release_device_copy(held.host.for_operation("edit"))
     assert switch.device_copy_bytes() == 0
     again = edit(held, lightning=4, num_inference_steps=None)
     assert switch.device_copy_bytes() == held_bytes and np.array_equal(pixels(again), pixels(lightning))

@@ -14,7 +14,7 @@ from src.models.fp8 import PACKED_PROJECTIONS, Fp8Linear, prepared_bytes, quanti
 from src.models.fp8_packed import PackedFp8Linear, ProjectionView, pack_projections, unpack_projections
 from src.models.snapshots import main_snapshot
 from src.plumbing.config import DEFAULT_FP8_KEEP_BF16, Settings
-from src.serving.worker import Worker
+from src.serving.startup import start_worker
 from tests.conftest import FAST, edit_hat, edited_pixels, image_from_b64, png_b64, sample_image
 
 EDIT_REPO = "Qwen/Qwen-Image-Edit-2511"
@@ -143,18 +143,18 @@ def fp8_env(worker_env) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def unpacked_pixels(fp8_env, lora_dir) -> list[np.ndarray]:
-    return jobs(Worker.start(Settings.from_env(fp8_env)), lora_dir)
+    return jobs(start_worker(Settings.from_env(fp8_env)), lora_dir)
 
 
 @pytest.mark.parametrize("plan, held", [({}, "host"), ({"GPU_MEMORY_GIB": "400"}, "device")],
                          ids=["held_in_cpu_memory", "held_on_the_device"])
 def test_packed_worker_gives_the_unpacked_workers_pixels_and_keeps_its_base_exact(fp8_env, lora_dir, unpacked_pixels,
                                                                                   plan, held):
-    worker = Worker.start(Settings.from_env({**fp8_env, "FP8_PACK_QKV": "on", **plan}))
-    transformer = worker.pipes.edit.transformer
+    worker = start_worker(Settings.from_env({**fp8_env, "FP8_PACK_QKV": "on", **plan}))
+    transformer = worker.host.edit.transformer
     assert sum(isinstance(m, PackedFp8Linear) for m in transformer.modules()) == 2 * len(transformer.transformer_blocks)
-    assert any(isinstance(m, PackedFp8Linear) for m in worker.pipes.layered().transformer.modules())
-    assert worker.pipes.loras.resident.where == held
+    assert any(isinstance(m, PackedFp8Linear) for m in worker.host.layered().transformer.modules())
+    assert worker.host.loras.resident.where == held
     base = {name: tensor.clone() for name, tensor in transformer.state_dict().items()}
     got = jobs(worker, lora_dir)
     assert len(got) == len(unpacked_pixels)

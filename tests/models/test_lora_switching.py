@@ -14,7 +14,7 @@ import torch
 from src.models import memory_plan
 from src.models.lora_branches import LoraBranches
 from src.plumbing.config import ConfigError, Settings
-from src.serving.worker import Worker
+from src.serving.startup import start_worker
 from tests.conftest import edit_hat, edited_pixels, reference_edit_pipeline, sample_image
 
 CUSTOM = "tiny_lora_diffusers.safetensors"
@@ -23,7 +23,7 @@ CUSTOM = "tiny_lora_diffusers.safetensors"
 @pytest.fixture(scope="module")
 def switching_worker(worker_env):
     """Fuses a set on its third job in a row; Lightning 4 held ready from the start."""
-    return Worker.start(Settings.from_env({**worker_env, "PRELOAD": "edit,lightning", "LORA_FUSE_AFTER": "3"}))
+    return start_worker(Settings.from_env({**worker_env, "PRELOAD": "edit,lightning", "LORA_FUSE_AFTER": "3"}))
 
 
 def edit(worker, **extra) -> dict:
@@ -46,14 +46,14 @@ def state(transformer) -> dict[str, torch.Tensor]:
 
 def test_a_set_runs_unfused_then_fuses_on_its_third_job_and_the_base_comes_back_exact(
         switching_worker, lora_dir, guarantee_figures):
-    worker, switch = switching_worker, switching_worker.pipes.loras
+    worker, switch = switching_worker, switching_worker.host.loras
     base_job = edit(worker)
-    base_state = state(worker.pipes.edit.transformer)
+    base_state = state(worker.host.edit.transformer)
     lora = {"source": str(lora_dir / CUSTOM), "scale": 0.8}
 
     first = edit(worker, loras=[lora])
     assert switch.mode == "unfused" and first["timings_ms"]["lora"] >= 0
-    reference = reference_edit_pipeline(worker.pipes.edit_ref.path)  # diffusers' own unfused LoRA
+    reference = reference_edit_pipeline(worker.host.edit_ref.path)  # diffusers' own unfused LoRA
     reference.load_lora_weights(str(lora_dir / CUSTOM), adapter_name="check")
     reference.set_adapters(["check"], adapter_weights=[0.8])
     assert np.array_equal(pixels(first), direct(reference))
@@ -75,12 +75,12 @@ def test_a_set_runs_unfused_then_fuses_on_its_third_job_and_the_base_comes_back_
     assert switch.mode == "fused" and "lora" not in fourth["timings_ms"]  # stays fused while it keeps coming
     back = edit(worker)
     assert switch.mode == "base" and np.array_equal(pixels(back), pixels(base_job))
-    after = state(worker.pipes.edit.transformer)
+    after = state(worker.host.edit.transformer)
     assert all(torch.equal(after[k], base_state[k]) for k in base_state)
 
 
 def test_another_set_or_a_base_job_between_restarts_the_count(switching_worker, lora_dir):
-    worker, switch = switching_worker, switching_worker.pipes.loras
+    worker, switch = switching_worker, switching_worker.host.loras
     lora = {"source": str(lora_dir / CUSTOM), "scale": 0.5}
     for extra in ({"loras": [lora]}, {"loras": [lora]}, {}, {"loras": [lora]}, {"loras": [{**lora, "scale": 0.6}]},
                   {"loras": [lora]}, {"loras": [lora]}):
@@ -93,40 +93,40 @@ def test_another_set_or_a_base_job_between_restarts_the_count(switching_worker, 
 
 def test_the_preloaded_lightning_set_is_held_ready_and_equals_the_fused_one(switching_worker, hf_home):
     """No memory plan (the CPU without GPU_MEMORY_GIB): held in CPU memory, copied in."""
-    assert switching_worker.pipes.loras.resident.where == "host"
+    assert switching_worker.host.loras.resident.where == "host"
     check_the_held_ready_set(switching_worker, hf_home)
 
 
 def test_with_room_in_the_plan_the_set_is_held_beside_the_weights_and_switched_by_pointing(worker_env, hf_home):
     """A plan with room (GPU_MEMORY_GIB, tiny weights): the fused copy stays on the device
     and a switch points the layers at it and back; the base weights never move."""
-    worker = Worker.start(Settings.from_env({**worker_env, "PRELOAD": "edit,lightning", "GPU_MEMORY_GIB": "400",
+    worker = start_worker(Settings.from_env({**worker_env, "PRELOAD": "edit,lightning", "GPU_MEMORY_GIB": "400",
                                              "WARMUP": "false"}))
-    switch = worker.pipes.loras
+    switch = worker.host.loras
     assert switch.resident.where == "device"
     assert switch.device_copy_bytes() == switch.resident.held_bytes > 0
-    addresses = {name: p.data_ptr() for name, p in worker.pipes.edit.transformer.named_parameters()}
+    addresses = {name: p.data_ptr() for name, p in worker.host.edit.transformer.named_parameters()}
     check_the_held_ready_set(worker, hf_home)
-    assert {name: p.data_ptr() for name, p in worker.pipes.edit.transformer.named_parameters()} == addresses
+    assert {name: p.data_ptr() for name, p in worker.host.edit.transformer.named_parameters()} == addresses
 
 
 def test_a_job_that_needs_the_room_has_the_device_copy_released_first_and_the_set_comes_back(worker_env):
     """A budget where the largest decomposition fits only without the held copy beside it:
     that job runs as it is (no lever) after the copy is released, edits never release it,
     and the next Lightning job stages it again, with the same image."""
-    probe = Worker.start(Settings.from_env({**worker_env, "PRELOAD": "edit,lightning", "GPU_MEMORY_GIB": "400",
+    probe = start_worker(Settings.from_env({**worker_env, "PRELOAD": "edit,lightning", "GPU_MEMORY_GIB": "400",
                                             "WARMUP": "false"}))
-    held, plan = probe.pipes.loras.device_copy_bytes(), probe.pipes.plan
+    held, plan = probe.host.loras.device_copy_bytes(), probe.host.plan
     fixed = 400 * memory_plan.GIB - plan.budget_bytes  # the weights and the reserve
     capacity = fixed + plan.job_bytes(memory_plan.LARGEST_DECOMPOSE) + held // 2
-    worker = Worker.start(Settings.from_env({**worker_env, "PRELOAD": "edit,lightning", "WARMUP": "false",
+    worker = start_worker(Settings.from_env({**worker_env, "PRELOAD": "edit,lightning", "WARMUP": "false",
                                              "GPU_MEMORY_GIB": repr(capacity / memory_plan.GIB)}))
-    switch, pipes = worker.pipes.loras, worker.pipes
+    switch, host = worker.host.loras, worker.host
     assert switch.device_copy_bytes() == held
     lightning = edit(worker, lightning=4, num_inference_steps=None)
     assert switch.mode == "resident"
-    assert pipes.levers_for(memory_plan.LARGEST_EDIT, "width") == () and switch.device_copy_bytes() == held
-    assert pipes.levers_for(memory_plan.LARGEST_DECOMPOSE, "layers") == ()  # as it is, out of the whole budget
+    assert host.levers_for(memory_plan.LARGEST_EDIT, "width") == () and switch.device_copy_bytes() == held
+    assert host.levers_for(memory_plan.LARGEST_DECOMPOSE, "layers") == ()  # as it is, out of the whole budget
     assert switch.device_copy_bytes() == 0 and switch.mode == "base"  # released, the base weights back first
     base = edit(worker)
     again = edit(worker, lightning=4, num_inference_steps=None)
@@ -137,16 +137,16 @@ def test_a_job_that_needs_the_room_has_the_device_copy_released_first_and_the_se
 
 def test_without_room_for_every_edit_the_set_stays_in_cpu_memory(worker_env):
     """A plan the extra copy would squeeze (the largest edit would need a lever): CPU memory."""
-    worker = Worker.start(Settings.from_env({**worker_env, "PRELOAD": "edit,lightning", "GPU_MEMORY_GIB": "6.5",
+    worker = start_worker(Settings.from_env({**worker_env, "PRELOAD": "edit,lightning", "GPU_MEMORY_GIB": "6.5",
                                              "WARMUP": "false"}))
-    assert worker.pipes.loras.resident.where == "host"
+    assert worker.host.loras.resident.where == "host"
 
 
 def check_the_held_ready_set(worker, hf_home) -> None:
-    switch = worker.pipes.loras
+    switch = worker.host.loras
     assert switch.resident is not None and switch.resident.linears > 0
     assert worker.startup_s["loras"] > 0
-    base_state = state(worker.pipes.edit.transformer)
+    base_state = state(worker.host.edit.transformer)
     base_job = edit(worker)
     lightning = edit(worker, lightning=4, num_inference_steps=None)
     assert switch.mode == "resident" and lightning["timings_ms"]["lora"] >= 0
@@ -155,7 +155,7 @@ def check_the_held_ready_set(worker, hf_home) -> None:
 
     from src.models.loras import LIGHTNING_SCHEDULER_CONFIG
 
-    reference = reference_edit_pipeline(worker.pipes.edit_ref.path)
+    reference = reference_edit_pipeline(worker.host.edit_ref.path)
     path = next(hf_home.glob(f"hub/models--lightx2v--*/snapshots/*/{worker.settings.lightning_files[4]}"))
     reference.load_lora_weights(str(path), adapter_name="lightning")
     reference.fuse_lora(adapter_names=["lightning"], lora_scale=1.0)
@@ -166,7 +166,7 @@ def check_the_held_ready_set(worker, hf_home) -> None:
     again = edit(worker, lightning=4, num_inference_steps=None)
     assert np.array_equal(pixels(again), pixels(lightning))
     assert np.array_equal(pixels(edit(worker)), pixels(base_job))
-    after = state(worker.pipes.edit.transformer)
+    after = state(worker.host.edit.transformer)
     assert all(torch.equal(after[k], base_state[k]) for k in base_state)
 
 
@@ -198,7 +198,7 @@ def test_unfused_layouts_and_the_fuse_give_the_same_latents_up_to_rounding(worke
     """Lightning and a custom LoRA together on a fresh float32 pipeline: the exact branches,
     COMPILE=true's padded ones (zeros padding the rank, scales folded into B) and diffusers'
     fuse, compared on the final latents; a set of higher rank than the padding does not fit."""
-    pipeline = reference_edit_pipeline(worker.pipes.edit_ref.path)
+    pipeline = reference_edit_pipeline(worker.host.edit_ref.path)
     base = latents(pipeline)
     chosen = lightning_and_custom(pipeline, lora_dir, hf_home, worker.settings)
     exact = LoraBranches(pipeline.transformer, torch.float32, padded_rank=None)
@@ -235,7 +235,7 @@ def test_the_padded_layout_switches_sets_without_recompiling(worker, lora_dir, h
     switching sets or back to the base compiles nothing more."""
     from torch._dynamo.utils import counters
 
-    pipeline = reference_edit_pipeline(worker.pipes.edit_ref.path)
+    pipeline = reference_edit_pipeline(worker.host.edit_ref.path)
     chosen = lightning_and_custom(pipeline, lora_dir, hf_home, worker.settings)
     branches = LoraBranches(pipeline.transformer, torch.float32, padded_rank=64)
     torch._dynamo.reset()

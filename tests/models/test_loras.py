@@ -43,7 +43,7 @@ def direct(pipeline, steps=2, cfg=4.0) -> bytes:
 def fresh_pipeline(worker):
     """A second edit pipeline loaded by diffusers itself, for the fidelity checks (fresh
     per test: diffusers' own unfuse does not restore weights exactly)."""
-    return reference_edit_pipeline(worker.pipes.edit_ref.path)
+    return reference_edit_pipeline(worker.host.edit_ref.path)
 
 
 def test_lora_changes_the_output_repeats_exactly_and_leaves_the_base_clean(worker, lora_dir):
@@ -186,7 +186,7 @@ def test_url_source_on_a_private_address_is_refused_before_connecting(worker, lo
     worker with the default policy, sharing the loaded pipelines, refuses them."""
     from src.serving.worker import Worker
 
-    strict = Worker(settings=dataclasses.replace(worker.settings, allow_private_urls=False), pipes=worker.pipes,
+    strict = Worker(settings=dataclasses.replace(worker.settings, allow_private_urls=False), host=worker.host,
                     price=worker.price, loras=worker.loras)
     before = lora_file_server.seen()
     refused = edit(strict, loras=[{"source": f"{lora_file_server.url}/tiny_lora_diffusers.safetensors?X-Amz-Signature=secret"}])
@@ -217,7 +217,7 @@ def test_url_source_redirecting_to_a_private_address_is_refused_before_connectin
     threading.Thread(target=first_hop.serve_forever, daemon=True).start()
     settings = dataclasses.replace(worker.settings, allow_private_urls=False,
                                    allowed_private_networks=(ipaddress.ip_network("127.0.0.2/32"),))
-    guarded = Worker(settings=settings, pipes=worker.pipes, price=worker.price, loras=worker.loras)
+    guarded = Worker(settings=settings, host=worker.host, price=worker.price, loras=worker.loras)
     before = lora_file_server.seen()
     try:
         refused = edit(guarded, loras=[{"source": f"http://127.0.0.2:{first_hop.server_port}/style.safetensors"}])

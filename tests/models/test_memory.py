@@ -9,7 +9,7 @@ import torch
 
 from src.models import fp8, memory, memory_plan
 from src.plumbing.config import Settings
-from src.serving.worker import Worker
+from src.serving.startup import start_worker
 from tests.conftest import FAST, image_from_b64, png_b64, sample_image
 
 GIB = memory.GIB
@@ -69,7 +69,7 @@ def test_auto_picks_the_fastest_arrangement_that_serves_every_job(full_size_tran
 def test_fp8_on_a_card_too_small_to_hold_its_transformer_fails_the_start(full_size_transformer):
     arrangement = memory_plan.configure(int(23.1 * GIB), memory_plan.WeightBytes(
         TEXT_ENCODER, fp8.prepared_bytes(full_size_transformer, keep=()), VAE), "fp8")
-    assert arrangement.mode == "offload"  # which Pipelines.arrange_memory refuses with one line
+    assert arrangement.mode == "offload"  # which ModelHost.arrange_memory refuses with one line
 
 
 def test_a_forced_mode_is_kept_whatever_the_memory():
@@ -83,10 +83,10 @@ def test_a_forced_mode_is_kept_whatever_the_memory():
 def streamed_worker(request, worker_env):
     from diffusers.hooks.group_offloading import _is_group_offload_enabled
 
-    worker = Worker.start(Settings.from_env({**worker_env, "MEMORY_MODE": request.param, "PRELOAD": "edit,layered"}))
-    assert worker.pipes.memory_mode == request.param
+    worker = start_worker(Settings.from_env({**worker_env, "MEMORY_MODE": request.param, "PRELOAD": "edit,layered"}))
+    assert worker.host.memory_mode == request.param
     streamed = {"text_encoder": True, "vae": False, "transformer": request.param == "offload"}
-    for pipeline in (worker.pipes.edit, worker.pipes.layered()):
+    for pipeline in (worker.host.edit, worker.host.layered()):
         assert {name: _is_group_offload_enabled(getattr(pipeline, name)) for name in streamed} == streamed
     return worker
 
@@ -116,7 +116,7 @@ def test_loras_run_only_where_the_transformer_is_resident(worker, streamed_worke
     lightning = job(operation="edit", lightning=4)
     del lightning["num_inference_steps"]  # the preset sets it
     out = streamed_worker.handle({"id": "m3", "input": lightning})
-    if streamed_worker.pipes.memory_mode == "offload":
+    if streamed_worker.host.memory_mode == "offload":
         assert out["error"] == ("lightning: LoRAs fuse into the transformer's weights on the GPU, and this "
                                 "worker streams them from CPU memory (MEMORY_MODE offload); use a GPU that "
                                 "holds the transformer (resident or text_offload)")
@@ -129,7 +129,7 @@ def test_weights_gathered_into_one_block_keep_their_values(worker):
     (`memory.pin_exactly`, measured on the GPU by tools/bench.py); the gathering is plain torch."""
     import copy
 
-    encoder = copy.deepcopy(worker.pipes.edit.text_encoder)
+    encoder = copy.deepcopy(worker.host.edit.text_encoder)
     tensors = list(dict.fromkeys([*encoder.parameters(), *encoder.buffers()]))
     before = [tensor.detach().clone() for tensor in tensors]
     ids = torch.tensor([[1, 2, 3, 4]])

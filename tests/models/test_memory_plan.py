@@ -15,6 +15,7 @@ from src.models import memory_plan
 from src.models.memory_plan import GIB, JobShape, MemoryPlan, need_bytes, shape_for
 from src.plumbing.config import Settings
 from src.serving.worker import Worker
+from src.serving.startup import start_worker
 from tests.conftest import fetch, png_b64, reference_edit_pipeline, same_pixels, sample_image
 
 # Peak GPU memory above the weights, bf16, through the worker's job path on an H200
@@ -150,8 +151,8 @@ def test_streamed_models_count_in_their_stage():
 def small_gpu_worker(worker_env):
     """A worker planning for a 6.5 GiB GPU (GPU_MEMORY_GIB) on the CPU: 2048x2048 edits
     need tiling, decompositions at 1024 fit only with fewer layers."""
-    worker = Worker.start(Settings.from_env({**worker_env, "GPU_MEMORY_GIB": "6.5", "WARMUP": "false"}))
-    assert worker.pipes.plan is not None
+    worker = start_worker(Settings.from_env({**worker_env, "GPU_MEMORY_GIB": "6.5", "WARMUP": "false"}))
+    assert worker.host.plan is not None
     return worker
 
 
@@ -166,14 +167,14 @@ def test_a_job_that_needs_a_lever_runs_with_it_and_says_so(small_gpu_worker):
     assert out["memory_levers"] == ["vae_tiling"]
     assert any(w.startswith("memory: the VAE decoded in overlapping tiles") for w in out["warnings"])
     # The image is the pipeline's own with diffusers' VAE tiling on.
-    reference = reference_edit_pipeline(small_gpu_worker.pipes.edit_ref.path)
+    reference = reference_edit_pipeline(small_gpu_worker.host.edit_ref.path)
     reference.vae.enable_tiling()
     expected = reference(image=[source], prompt="x", negative_prompt=" ", true_cfg_scale=4.0, guidance_scale=1.0,
                          num_inference_steps=2, width=2048, height=2048,
                          generator=torch.Generator("cpu").manual_seed(5)).images[0]
     assert same_pixels(fetch(out["output_url"]).convert("RGB"), expected)
     # The levers are off again for the next job.
-    assert not small_gpu_worker.pipes.edit.vae.use_tiling
+    assert not small_gpu_worker.host.edit.vae.use_tiling
     small = run(small_gpu_worker, image_base64=png_b64(source), prompt="x", seed=5, num_inference_steps=2,
                 width=256, height=256)
     assert "memory_levers" not in small and "warnings" not in small
@@ -185,7 +186,7 @@ def test_a_job_that_cannot_fit_is_refused_before_any_gpu_work(small_gpu_worker):
     assert re.fullmatch(r"layers: 10 layers at resolution 1024 need about 6 GiB of GPU memory beyond the weights; "
                         r"this worker has \d GiB \(cpu, \d GiB; memory mode resident, [^)]+\); "
                         r"use at most 9 layers, or resolution 640", out["error"]), out
-    assert not small_gpu_worker.pipes.layered_loaded  # refused before Layered was even loaded
+    assert not small_gpu_worker.host.layered_loaded  # refused before Layered was even loaded
 
 
 def test_a_split_that_cannot_fit_is_refused_naming_split_before_any_gpu_work(small_gpu_worker):
@@ -194,7 +195,7 @@ def test_a_split_that_cannot_fit_is_refused_naming_split_before_any_gpu_work(sma
     assert re.fullmatch(r"split: 3 layers at resolution 1024 and a split into 10 need about 6 GiB of GPU memory "
                         r"beyond the weights; this worker has \d GiB \(cpu, \d GiB; memory mode resident, [^)]+\); "
                         r"split into at most 9 layers, or resolution 640", out["error"]), out
-    assert not small_gpu_worker.pipes.layered_loaded  # refused before Layered was even loaded
+    assert not small_gpu_worker.host.layered_loaded  # refused before Layered was even loaded
 
 
 def test_an_out_of_memory_error_is_retried_once_with_every_lever(worker):
@@ -208,7 +209,7 @@ def test_an_out_of_memory_error_is_retried_once_with_every_lever(worker):
             raised.append(True)
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    handle = worker.pipes.edit.transformer.register_forward_pre_hook(out_of_memory_once, with_kwargs=True)
+    handle = worker.host.edit.transformer.register_forward_pre_hook(out_of_memory_once, with_kwargs=True)
     try:
         out = run(worker, image_base64=png_b64(sample_image()), prompt="x", seed=2, num_inference_steps=2,
                   width=256, height=256)
@@ -225,7 +226,7 @@ def test_a_second_out_of_memory_error_asks_for_a_fresh_worker(worker):
     def always_out_of_memory(module, args, kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    handle = worker.pipes.edit.transformer.register_forward_pre_hook(always_out_of_memory, with_kwargs=True)
+    handle = worker.host.edit.transformer.register_forward_pre_hook(always_out_of_memory, with_kwargs=True)
     try:
         out = run(worker, image_base64=png_b64(sample_image()), prompt="x", num_inference_steps=2,
                   width=256, height=256)

@@ -313,7 +313,7 @@ def test_the_worker_loads_layereds_own_processor_when_its_files_differ(hf_home, 
     import json
     import shutil
 
-    from src.models.pipelines import Pipelines
+    from src.models.host import ModelHost
     from src.plumbing.config import Settings
 
     copy = tmp_path / "hf"
@@ -325,14 +325,14 @@ def test_the_worker_loads_layereds_own_processor_when_its_files_differ(hf_home, 
     config_path.unlink()  # a link into blobs/ in a real cache: replace it, never write through it
     config_path.write_text(json.dumps(config))
 
-    pipes = Pipelines(Settings.from_env({"HF_HOME": str(copy), "HF_HUB_OFFLINE": "1", "DEVICE": "cpu",
+    host = ModelHost(Settings.from_env({"HF_HOME": str(copy), "HF_HUB_OFFLINE": "1", "DEVICE": "cpu",
                                          "WEIGHTS_PREFETCH": "off"}))
-    pipes.load()
-    pipeline = pipes.layered()
-    assert pipes.layered_own_components == ("processor",)
-    assert pipeline.processor is not pipes.edit.processor
+    host.load()
+    pipeline = host.layered()
+    assert host.layered_own_components == ("processor",)
+    assert pipeline.processor is not host.edit.processor
     assert pipeline.processor.image_processor.size["longest_edge"] == config["min_pixels"]
-    assert pipeline.text_encoder is pipes.edit.text_encoder and pipeline.tokenizer is pipes.edit.tokenizer
+    assert pipeline.text_encoder is host.edit.text_encoder and pipeline.tokenizer is host.edit.tokenizer
 
 
 def test_a_layered_snapshot_without_its_borrowed_folders_loads_despite_the_caches_listing(hf_home, tmp_path):
@@ -343,7 +343,7 @@ def test_a_layered_snapshot_without_its_borrowed_folders_loads_despite_the_cache
 
     from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
 
-    from src.models.pipelines import Pipelines
+    from src.models.host import ModelHost
     from src.models.weights import locate
     from src.plumbing.config import Settings
 
@@ -358,7 +358,7 @@ def test_a_layered_snapshot_without_its_borrowed_folders_loads_despite_the_cache
         shutil.rmtree(snapshot / folder, ignore_errors=True)
 
     assert locate("Qwen/Qwen-Image-Layered", copy).path == snapshot
-    pipes = Pipelines(Settings.from_env({"HF_HOME": str(copy), "HF_HUB_OFFLINE": "1", "DEVICE": "cpu",
+    host = ModelHost(Settings.from_env({"HF_HOME": str(copy), "HF_HUB_OFFLINE": "1", "DEVICE": "cpu",
                                          "WEIGHTS_PREFETCH": "off", "PRELOAD": "edit,layered"}))
-    pipes.load()
-    assert pipes.layered().text_encoder is pipes.edit.text_encoder
+    host.load()
+    assert host.layered().text_encoder is host.edit.text_encoder

@@ -15,6 +15,7 @@ from src.models import fp8
 from src.models.transformer_swap import HOST_MARGIN_BYTES, host_room_for_twins
 from src.plumbing.config import Settings
 from src.serving.worker import Worker
+from src.serving.startup import start_worker
 from tests.conftest import FAST, image_from_b64, png_b64, sample_image
 
 CUSTOM = "tiny_lora_diffusers.safetensors"
@@ -26,7 +27,7 @@ def started(worker_env, swap: str) -> Worker:
     # to uint8) would fail this start.
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        return Worker.start(Settings.from_env({**worker_env, "PRELOAD": "edit,layered", "TRANSFORMER_SWAP": swap,
+        return start_worker(Settings.from_env({**worker_env, "PRELOAD": "edit,layered", "TRANSFORMER_SWAP": swap,
                                                "LORA_FUSE_AFTER": "1"}))
 
 
@@ -59,23 +60,23 @@ def points_into(parameters, block: torch.Tensor) -> bool:
 
 
 def test_the_warm_up_moves_one_transformer_and_ends_with_the_edit_one_in_place(swapping_worker):
-    pipes = swapping_worker.pipes
-    assert pipes.swap_transformers and pipes.swap.use_twins
-    assert pipes.swap.moves_in == 1  # Layered warmed where it was loaded, then the edit transformer in
-    assert pipes.transformer_on_device == "edit" and not pipes.needs_loading("edit")
-    layered_twin = pipes.swap.twin_of(pipes.layered().transformer)
-    assert points_into(pipes.layered().transformer.parameters(), layered_twin.host.block)
+    host = swapping_worker.host
+    assert host.swap_transformers and host.swap.use_twins
+    assert host.swap.moves_in == 1  # Layered warmed where it was loaded, then the edit transformer in
+    assert host.transformer_on_device == "edit" and not host.needs_loading("edit")
+    layered_twin = host.swap.twin_of(host.layered().transformer)
+    assert points_into(host.layered().transformer.parameters(), layered_twin.host.block)
 
 
 def test_alternating_jobs_give_the_images_of_a_worker_that_never_swaps(swapping_worker, still_worker, lora_dir):
-    pipes = swapping_worker.pipes
-    edit_transformer, layered_transformer = pipes.edit.transformer, pipes.layered().transformer
-    edit_twin, layered_twin = pipes.swap.twin_of(edit_transformer), pipes.swap.twin_of(layered_transformer)
+    host = swapping_worker.host
+    edit_transformer, layered_transformer = host.edit.transformer, host.layered().transformer
+    edit_twin, layered_twin = host.swap.twin_of(edit_transformer), host.swap.twin_of(layered_transformer)
     copies = {id(twin): twin.host.block.clone() for twin in (edit_twin, layered_twin)}
     lora = {"source": str(lora_dir / CUSTOM), "scale": 0.8}
     jobs = [job("edit", loras=[lora]), job("decompose"), job("edit"), job("decompose"), job("edit", loras=[lora]),
             job("edit")]
-    moves = pipes.swap.moves_in
+    moves = host.swap.moves_in
     for number, payload in enumerate(jobs):
         out = swapping_worker.handle({"id": f"s{number}", "input": payload})
         assert images_of(out) == images_of(still_worker.handle({"id": f"r{number}", "input": payload})), number
@@ -86,8 +87,8 @@ def test_alternating_jobs_give_the_images_of_a_worker_that_never_swaps(swapping_
                                twin.host.block)
         if number:  # (the first job reports the start's load)
             assert ("load" in out["timings_ms"]) == (number in (1, 2, 3, 4))  # the jobs that changed operation
-    assert pipes.swap.moves_in == moves + 4
-    assert pipes.loras.mode == "base"
+    assert host.swap.moves_in == moves + 4
+    assert host.loras.mode == "base"
     for twin in (edit_twin, layered_twin):  # the fused set never reached a CPU copy
         assert torch.equal(twin.host.block, copies[id(twin)])
 

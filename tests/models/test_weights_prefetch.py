@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from src.models import weights
-from src.models.pipelines import Pipelines
+from src.models.host import ModelHost
 from src.plumbing.config import Settings
 
 MOUNTS = """overlay / overlay rw,relatime 0 0
@@ -44,12 +44,12 @@ def test_on_and_off_override_the_filesystem():
 def test_a_prefetching_start_reads_the_files_it_loads(hf_home):
     settings = Settings.from_env({"HF_HOME": str(hf_home), "DEVICE": "cpu", "WEIGHTS_PREFETCH": "on",
                                   "PRELOAD": "edit,layered"})
-    pipes = Pipelines(settings)
-    pipes.load()
-    edit_files = weights.weight_files(pipes.edit_ref.path)
-    layered_files = weights.weight_files(pipes.layered_ref.path / "transformer", pipes.layered_ref.path / "vae")
+    host = ModelHost(settings)
+    host.load()
+    edit_files = weights.weight_files(host.edit_ref.path)
+    layered_files = weights.weight_files(host.layered_ref.path / "transformer", host.layered_ref.path / "vae")
     assert {path.name for path in edit_files} >= {"diffusion_pytorch_model.safetensors", "model.safetensors"}
-    assert [(report["files"], report["bytes"]) for report in pipes.prefetched] == [
+    assert [(report["files"], report["bytes"]) for report in host.prefetched] == [
         (len(files), sum(path.stat().st_size for path in files)) for files in (edit_files, layered_files)]
     # Layered's own text encoder, which the worker never loads, is not read.
     assert all("text_encoder" not in path.parts for path in layered_files)
@@ -58,15 +58,15 @@ def test_a_prefetching_start_reads_the_files_it_loads(hf_home):
 def test_auto_reads_nothing_ahead_off_network_storage(hf_home):
     if weights.should_prefetch("auto", hf_home):
         pytest.skip(f"{hf_home} is on network storage here")
-    pipes = Pipelines(Settings.from_env({"HF_HOME": str(hf_home), "DEVICE": "cpu", "WEIGHTS_PREFETCH": "auto"}))
-    pipes.load()
-    assert pipes.prefetched == []
+    host = ModelHost(Settings.from_env({"HF_HOME": str(hf_home), "DEVICE": "cpu", "WEIGHTS_PREFETCH": "auto"}))
+    host.load()
+    assert host.prefetched == []
 
 
 def test_the_default_reads_ahead_on_any_storage(hf_home):
     """On the H100's local disk the read-ahead took the cold start from 1.28x to 1.15x a
     plain read (docs/performance.md), so it is on unless turned off."""
-    pipes = Pipelines(Settings.from_env({"HF_HOME": str(hf_home), "DEVICE": "cpu"}))
-    pipes.load()
-    edit_files = weights.weight_files(pipes.edit_ref.path)
-    assert [report["bytes"] for report in pipes.prefetched] == [sum(path.stat().st_size for path in edit_files)]
+    host = ModelHost(Settings.from_env({"HF_HOME": str(hf_home), "DEVICE": "cpu"}))
+    host.load()
+    edit_files = weights.weight_files(host.edit_ref.path)
+    assert [report["bytes"] for report in host.prefetched] == [sum(path.stat().st_size for path in edit_files)]

@@ -20,6 +20,13 @@ def test_defaults_from_an_empty_environment():
     assert (settings.compile, settings.attention_backend) == (False, "sdpa")  # stock diffusers: exact outputs
 
 
+def test_log_level_and_parallel_are_settings_too():
+    assert (Settings.from_env({}).log_level, Settings.from_env({}).parallel) == ("INFO", "off")
+    settings = Settings.from_env({"LOG_LEVEL": " debug ", "PARALLEL": "AUTO"})
+    assert (settings.log_level, settings.parallel) == ("DEBUG", "auto")
+    assert Settings.from_env({"PARALLEL": "4"}).parallel == "4"
+
+
 def test_fp8_keeps_sglangs_recipe_in_bf16_unless_told_otherwise():
     # At least what SGLang's validated Qwen-Image-Edit recipe keeps (docs/upstream-register.md, row 18).
     assert Settings.from_env({}).fp8_keep_bf16 == {"img_mod.1", "txt_mod.1", "img_mlp.net.2"}
@@ -64,6 +71,8 @@ def test_bucket_from_runpod_names_keeps_the_secret_out_of_repr():
     ({"MAX_LAYER_EDITS": "11"}, "MAX_LAYER_EDITS: 11 is out of range; allowed: 0 to 10"),
     ({"BUCKET_NAME": "results"}, "BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY must be set too"),
     ({"BUCKET_ENDPOINT_URL": "http://x"}, "BUCKET_ENDPOINT_URL is set but"),
+    ({"LOG_LEVEL": "verbose"}, "LOG_LEVEL: 'VERBOSE' is not allowed; allowed: DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+    ({"PARALLEL": "17"}, "PARALLEL: 17 is out of range; allowed: 1 to 16"),
 ])
 def test_bad_values_fail_with_one_line_naming_the_variable(env, message):
     with pytest.raises(ConfigError) as caught:

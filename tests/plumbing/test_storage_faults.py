@@ -41,7 +41,7 @@ SLACK_S = 0.5  # beyond the deadlines, for a busy 2-core machine
 @pytest.fixture(scope="module")
 def quick_worker(worker) -> Worker:
     """The session's worker, on the same loaded pipelines, with QUICK_UPLOADS."""
-    return Worker(replace(worker.settings, **QUICK_UPLOADS), worker.pipes, worker.price, loras=worker.loras)
+    return Worker(replace(worker.settings, **QUICK_UPLOADS), worker.host, worker.price, loras=worker.loras)
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +219,7 @@ def test_a_trickling_store_ends_each_request_at_its_deadline(s3, fault_proxy, pi
 
 
 def test_a_trickled_upload_fails_the_job_with_the_time_limit(quick_worker, s3, fault_proxy):
-    worker = Worker(replace(quick_worker.settings, upload_attempts=1), quick_worker.pipes, quick_worker.price,
+    worker = Worker(replace(quick_worker.settings, upload_attempts=1), quick_worker.host, quick_worker.price,
                     loras=quick_worker.loras)
     fault_proxy.always(Fault.trickle(TRICKLE_EVERY_S))
     out, _ = run_job(worker, job_r2(fault_proxy.url, s3.bucket))

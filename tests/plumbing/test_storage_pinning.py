@@ -341,7 +341,7 @@ def test_a_connection_that_escapes_the_pin_is_closed_before_any_request(s3):
 # --- (c) and (d): the worker --------------------------------------------------------
 
 def test_worker_refuses_a_job_bucket_on_loopback_and_serves_the_next_job(worker, s3, relays):
-    strict = Worker(settings=dataclasses.replace(worker.settings, allow_private_urls=False), pipes=worker.pipes,
+    strict = Worker(settings=dataclasses.replace(worker.settings, allow_private_urls=False), host=worker.host,
                     price=worker.price, loras=worker.loras)
     relay = relays("127.0.0.1", s3.endpoint_url)
     r2 = job_r2(relay.url(), s3.bucket, secret="job-secret-never-shown")

@@ -105,14 +105,14 @@ def strict_worker(worker):
     """The session's worker (same loaded pipelines) with the SSRF guard on and small limits."""
     settings = dataclasses.replace(worker.settings, allow_private_urls=False, max_image_bytes=SMALL_LIMIT_BYTES,
                                    fetch_timeout_s=TOTAL_TIMEOUT_S)
-    return Worker(settings=settings, pipes=worker.pipes, price=worker.price, loras=worker.loras)
+    return Worker(settings=settings, host=worker.host, price=worker.price, loras=worker.loras)
 
 
 @pytest.fixture
 def limited_worker(worker):
     """Private addresses allowed (the test servers are on loopback), small limits."""
     settings = dataclasses.replace(worker.settings, max_image_bytes=SMALL_LIMIT_BYTES, fetch_timeout_s=TOTAL_TIMEOUT_S)
-    return Worker(settings=settings, pipes=worker.pipes, price=worker.price, loras=worker.loras)
+    return Worker(settings=settings, host=worker.host, price=worker.price, loras=worker.loras)
 
 
 def run(worker: Worker, **job_input) -> dict:
@@ -194,7 +194,7 @@ def test_a_redirect_from_an_allowed_host_to_a_private_one_is_refused(worker, ima
     first_hop = ImageServer(host="127.0.0.2", redirect_to=target)
     settings = dataclasses.replace(worker.settings, allow_private_urls=False,
                                    allowed_private_networks=(ipaddress.ip_network("127.0.0.2/32"),))
-    guarded = Worker(settings=settings, pipes=worker.pipes, price=worker.price, loras=worker.loras)
+    guarded = Worker(settings=settings, host=worker.host, price=worker.price, loras=worker.loras)
     try:
         before = images_server.connections
         out = run(guarded, image_url=f"{first_hop.url}/photo.png", prompt="x", **FAST)

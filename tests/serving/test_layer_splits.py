@@ -35,7 +35,7 @@ def run_job(worker, job_id: str, job_input: dict, progress: list | None = None) 
 def decompose_directly(worker, image: Image.Image, layers: int, prompt: str) -> list[Image.Image]:
     """The Layered pipeline's own output for `image` with the test jobs' settings, called
     the authors' way (as tests/serving/test_worker.py checks the top decomposition)."""
-    return worker.pipes.layered()(image=image.convert("RGBA"), prompt=prompt, negative_prompt=" ",
+    return worker.host.layered()(image=image.convert("RGBA"), prompt=prompt, negative_prompt=" ",
                                   true_cfg_scale=4.0, guidance_scale=1.0, layers=layers, resolution=640,
                                   num_inference_steps=2, cfg_normalize=True, use_en_prompt=True,
                                   generator=torch.Generator("cpu").manual_seed(SEED)).images[0]
@@ -133,7 +133,7 @@ def test_the_job_deadline_covers_the_splits(worker):
     """JOB_TIMEOUT_S (handler.py runs every job under the guard): a job whose time runs out
     during a split stops before the split's next model block, with the timeout error."""
     guard = JobGuard(timeout_s=20)
-    guard.watch(worker.pipes.layered())
+    guard.watch(worker.host.layered())
     started = time.monotonic()
 
     def progress(update: dict) -> None:  # the split's first step ends after the deadline

@@ -83,7 +83,7 @@ def test_a_layer_edit_equals_the_edit_pipeline_called_directly(worker, edited):
     and the edit's settings and no size (the authors' call: about 1 MP at the layer's
     aspect, the size the layer is encoded at), gives the edited RGB; resized to the
     layer's size, it takes the layer's alpha."""
-    pipeline = reference_edit_pipeline(worker.pipes.edit_ref.path)
+    pipeline = reference_edit_pipeline(worker.host.edit_ref.path)
     for edit, seed in ((EDITS[0], SEED), (EDITS[1], EDITS[1]["seed"])):
         layer = edited.images[f"layer_{edit['layer']}"]
         rgb = pipeline(image=[on_matte(layer, AUTHORS_GREEN)], prompt=edit["prompt"],

@@ -62,7 +62,7 @@ def test_num_images_and_prompt_lists_equal_single_jobs_with_consecutive_seeds(wo
 def test_shared_encodings_run_once_per_prompt_and_once_per_reference(worker):
     """Two prompts x two images with true CFG: 2 prompt encodings and 1 negative, not 8;
     one VAE encode per reference image, not one per result."""
-    pipeline = worker.pipes.edit
+    pipeline = worker.host.edit
     text = CallCounter(pipeline.text_encoder)
     vae = CallCounter(pipeline.vae.encoder)
     try:
@@ -110,7 +110,7 @@ def test_lightning_applies_to_every_result(worker):
 
 
 def test_prompt_count_over_the_workers_limit_is_refused_before_any_work(worker):
-    limited = Worker(settings=dataclasses.replace(worker.settings, max_prompts=2), pipes=worker.pipes,
+    limited = Worker(settings=dataclasses.replace(worker.settings, max_prompts=2), host=worker.host,
                      price=worker.price, loras=worker.loras)
     out = run(limited, image_base64=png_b64(sample_image()), prompt=["a", "b", "c"], **FAST)
     assert out == {"error": "prompt: 3 prompts; this worker allows at most 2 per job (MAX_PROMPTS)", "_progress": []}
@@ -131,6 +131,6 @@ def test_bad_counts_are_refused_naming_the_key(worker, job, error):
 
 def test_inline_results_over_the_limit_fail_clearly_without_a_bucket(worker):
     no_bucket = Worker(settings=dataclasses.replace(worker.settings, bucket=None, max_inline_bytes=20_000),
-                       pipes=worker.pipes, price=worker.price, loras=worker.loras)
+                       host=worker.host, price=worker.price, loras=worker.loras)
     out = run(no_bucket, image_base64=png_b64(sample_image()), prompt="x", num_images=4, seed=1, **FAST)
     assert out["error"].startswith("output: ") and "do not fit in RunPod's result limit (20000 bytes" in out["error"]

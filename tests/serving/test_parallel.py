@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from src.plumbing.config import ConfigError
+from src.plumbing.config import ConfigError, Settings
 from src.serving.parallel import ParallelPlan, follower_job
 from tests.conftest import REPO_ROOT, png_b64, reference_edit_pipeline
 from tools.local_stack import free_port
@@ -45,7 +45,7 @@ MAX_DIFFERING_FRACTION = 1e-3
     ({"PARALLEL": "auto", "DEVICE": "cpu"}, 8, ParallelPlan(1, "cpu")),
 ])
 def test_plan_from_env(env, gpus, expected):
-    assert ParallelPlan.from_env(env, cuda_devices=gpus) == expected
+    assert ParallelPlan.for_settings(Settings.from_env(env), cuda_devices=gpus) == expected
 
 
 @pytest.mark.parametrize("value, gpus, message", [
@@ -55,7 +55,7 @@ def test_plan_from_env(env, gpus, expected):
 ])
 def test_bad_plan_fails_at_start(value, gpus, message):
     with pytest.raises(ConfigError) as raised:
-        ParallelPlan.from_env({"PARALLEL": value}, cuda_devices=gpus)
+        ParallelPlan.for_settings(Settings.from_env({"PARALLEL": value}), cuda_devices=gpus)
     assert str(raised.value) == message
 
 

@@ -57,7 +57,7 @@ def image_token_positions(call: dict) -> torch.Tensor:
 def test_both_prompts_of_a_cfg_edit_see_the_image_at_its_3d_positions(worker):
     """diffusers #14194: the text encoder must get the image tokens' (t, h, w) positions,
     not the sequential ones it falls back to without mm_token_type_ids."""
-    calls = TextEncoderCalls(worker.pipes.edit.text_encoder)
+    calls = TextEncoderCalls(worker.host.edit.text_encoder)
     try:
         run(worker, image_base64=png_b64(sample_image()), prompt="a red hat", negative_prompt="blurry",
             true_cfg_scale=4.0, seed=2, **FAST)
@@ -72,7 +72,7 @@ def test_both_prompts_of_a_cfg_edit_see_the_image_at_its_3d_positions(worker):
 
 
 def test_prompt_embeddings_equal_the_text_encoder_called_with_the_processors_whole_output(worker):
-    pipeline = worker.pipes.edit
+    pipeline = worker.host.edit
     image = sample_image((384, 384))
     embeds, _ = pipeline.encode_prompt("a red hat", image=[image], device=torch.device("cpu"))
 
@@ -88,7 +88,7 @@ def test_prompt_embeddings_equal_the_text_encoder_called_with_the_processors_who
 def test_captioning_sees_the_image_at_its_3d_positions(worker):
     """An empty decompose prompt is captioned by `generate` with the processor's whole
     output: checked here, not fixed (it was right already)."""
-    calls = TextEncoderCalls(worker.pipes.layered().text_encoder)
+    calls = TextEncoderCalls(worker.host.layered().text_encoder)
     try:
         run(worker, operation="decompose", image_base64=png_b64(sample_image()), prompt="", layers=2,
             num_inference_steps=2, seed=4)
@@ -114,10 +114,10 @@ def test_decompose_runs_with_the_authors_cfg_normalization(worker):
     out = run(worker, **job)
     assert out["cfg_normalize"] is True
     got = [image_from_b64(entry["base64"]) for entry in out["layers"]]
-    authors = decompose_directly(worker.pipes.layered(), source, 6, cfg_normalize=True, use_en_prompt=True)
+    authors = decompose_directly(worker.host.layered(), source, 6, cfg_normalize=True, use_en_prompt=True)
     assert all(same_pixels(a, b) for a, b in zip(got, authors))
     # The setting changes these layers: diffusers' default gives others, which a job can still ask for.
-    plain = decompose_directly(worker.pipes.layered(), source, 6)
+    plain = decompose_directly(worker.host.layered(), source, 6)
     assert not all(same_pixels(a, b) for a, b in zip(got, plain))
     out = run(worker, **job, cfg_normalize=False)
     assert out["cfg_normalize"] is False
@@ -148,10 +148,10 @@ def test_a_jobs_matte_replaces_the_authors_green(worker):
     source = sample_image(mode="RGBA")
     out = run(worker, image_base64=png_b64(source), prompt="x", seed=9, matte="#FF8000", return_base64=True, **FAST)
     assert out["matte"] == "#ff8000"
-    expected = direct_edit(worker.pipes.edit, [on_matte(source, (255, 128, 0))], "x", 9, num_inference_steps=2,
+    expected = direct_edit(worker.host.edit, [on_matte(source, (255, 128, 0))], "x", 9, num_inference_steps=2,
                            width=256, height=256)
     assert same_pixels(image_from_b64(out["edited_image_base64"]).convert("RGB"), expected)
-    on_green = direct_edit(worker.pipes.edit, [on_matte(source, AUTHORS_GREEN)], "x", 9, num_inference_steps=2,
+    on_green = direct_edit(worker.host.edit, [on_matte(source, AUTHORS_GREEN)], "x", 9, num_inference_steps=2,
                            width=256, height=256)
     assert not same_pixels(expected, on_green)
 

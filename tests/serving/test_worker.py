@@ -47,7 +47,7 @@ def test_edit_stores_the_image_and_reports_timings_cost_and_progress(worker, s3)
 
 def test_edit_equals_the_pipeline_called_directly(worker, hf_home):
     """Fidelity: a separately loaded diffusers pipeline gives the same pixels."""
-    pipeline = reference_edit_pipeline(worker.pipes.edit_ref.path)
+    pipeline = reference_edit_pipeline(worker.host.edit_ref.path)
     source = sample_image()
     out = run(worker, "fidelity-1", operation="edit", image_base64=png_b64(source), prompt="a red hat",
               seed=1234, return_base64=True, **FAST)
@@ -75,7 +75,7 @@ def test_rgba_edit_keeps_the_alpha_resized_to_the_output(worker):
     expected_alpha = source.getchannel("A").resize((384, 256), Image.Resampling.LANCZOS)
     assert result.getchannel("A").tobytes() == expected_alpha.tobytes()
     # The model saw the image on the authors' green; the alpha went back on afterwards.
-    on_green = direct_edit(worker.pipes.edit, [on_matte(source, AUTHORS_GREEN)], "x", 3,
+    on_green = direct_edit(worker.host.edit, [on_matte(source, AUTHORS_GREEN)], "x", 3,
                            num_inference_steps=2, width=384, height=256)
     assert same_pixels(result.convert("RGB"), on_green)
     assert out["matte"] == "#1ed760"
@@ -97,7 +97,7 @@ def test_multi_image_edit_combines_the_images(worker, count):
     assert out["success"] and out["operation"] == "edit_multi"
     # RGBA inputs are flattened onto white before the pipeline sees them.
     flattened = [on_matte(s, (255, 255, 255)) for s in sources]
-    expected = direct_edit(worker.pipes.edit, flattened, "put them together", 5, num_inference_steps=2,
+    expected = direct_edit(worker.host.edit, flattened, "put them together", 5, num_inference_steps=2,
                            width=256, height=256)
     assert same_pixels(image_from_b64(out["edited_image_base64"]), expected)
 
@@ -237,7 +237,7 @@ def test_decompose_returns_rgba_layers_and_their_composite(worker, hf_home):
         composite = Image.alpha_composite(composite, layer)
     assert same_pixels(fetch(out["composite"]["url"]), composite)
     # Fidelity: the layers equal the Layered pipeline's own output.
-    expected = worker.pipes.layered()(image=source.convert("RGBA"), prompt="a scene", negative_prompt=" ",
+    expected = worker.host.layered()(image=source.convert("RGBA"), prompt="a scene", negative_prompt=" ",
                                       true_cfg_scale=4.0, guidance_scale=1.0, layers=3, resolution=640,
                                       num_inference_steps=2, cfg_normalize=True, use_en_prompt=True,
                                       generator=torch.Generator("cpu").manual_seed(11)).images[0]
@@ -245,9 +245,9 @@ def test_decompose_returns_rgba_layers_and_their_composite(worker, hf_home):
 
 
 def test_decompose_shares_the_edit_text_encoder(worker):
-    worker.pipes.layered()
-    assert worker.pipes.layered().text_encoder is worker.pipes.edit.text_encoder
-    assert worker.pipes.layered().processor is worker.pipes.edit.processor
+    worker.host.layered()
+    assert worker.host.layered().text_encoder is worker.host.edit.text_encoder
+    assert worker.host.layered().processor is worker.host.edit.processor
 
 
 def test_decompose_refuses_jpeg_and_extra_images(worker):

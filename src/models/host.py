@@ -1,14 +1,13 @@
-"""Loading the diffusers pipelines from the Hugging Face cache, offline.
+"""The model host: the one face `src/serving/` meets for the models.
 
-Weights are never downloaded here: a model missing from HF_HOME stops the start
-with an error naming the repo id and the cache path. The Layered pipeline borrows
-the edit pipeline's text encoder, tokenizer and processor where its repository holds
-the same files (src/models/shared_components.py), so the 7B text encoder is resident once;
-a component whose files differ is loaded from Layered's own snapshot.
-
-With QUANTIZE=fp8 and a matching FP8 cache (src/models/fp8_cache.py), a transformer's FP8 block
-linears come from the cache and the rest of it from the snapshot by key: its bf16 block
-linears are not read at all, by the loader or by the read-ahead.
+It loads the diffusers pipelines from the HF cache, offline (a model missing from HF_HOME
+stops the start with an error naming the repo id and the cache path), and keeps them ready:
+which transformer is on the device, the memory mode, plan and levers, the LoRA branches and
+the set held ready, the FP8 published-weights check, and context parallelism across the
+ranks it is given. The Layered pipeline borrows the edit pipeline's text encoder, tokenizer
+and processor where its repository holds the same files (src/models/shared_components.py),
+so the 7B text encoder is resident once. With QUANTIZE=fp8 and a matching FP8 cache
+(src/models/fp8_cache.py), a transformer's bf16 block linears are not read at all.
 """
 
 from __future__ import annotations
@@ -24,12 +23,14 @@ from typing import Iterator
 import torch
 from diffusers import QwenImageEditPlusPipeline, QwenImageLayeredPipeline
 
+from src.job.schema import JobRequest
 from src.models import (captioning, fp8, fp8_cache, fp8_loras, fp8_packed, image_vae, lora_branches, memory,
                         memory_plan, upstream_fixes, weights)
-from src.models.acceleration import accelerate, check_supported, enable_context_parallel
+from src.models.acceleration import ParallelRanks, accelerate, check_supported, enable_context_parallel
 from src.models.early_read import EarlyRead, edit_folders, layered_folders
 from src.models.lora_switch import LoraSwitch
-from src.models.loras import FusedLoras
+from src.models.loras import FusedLoras, LoraLibrary
+from src.models.memory import HostMemoryError
 from src.models.shared_components import SHARED_COMPONENTS, own_components
 from src.models.transformer_swap import TransformerSwap, host_room_for_twins
 from src.models.vl_processor import load_processor
@@ -57,10 +58,10 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-class Pipelines:
+class ModelHost:
     """The edit pipeline, loaded at start, and the Layered pipeline, at start or on first use."""
 
-    def __init__(self, settings: Settings, early_read: EarlyRead | None = None):
+    def __init__(self, settings: Settings, early_read: EarlyRead | None = None, ranks: ParallelRanks | None = None):
         self.settings = settings
         # The start's read-ahead begun before the imports (src/models/early_read.py), taken over by reading_ahead.
         self.early_read = early_read
@@ -95,9 +96,11 @@ class Pipelines:
         # How each job's LoRA set runs: held ready, unfused beside the weights, or fused
         # (src/models/lora_switch.py); the worker installs the branches and the resident set at start.
         self.loras = LoraSwitch(self.fused_loras, settings.lora_fuse_after)
-        # The ranks of a multi-GPU worker (src/serving/parallel.py sets them after the start-up
-        # load): a transformer loaded later runs under context parallelism too.
-        self.ranks = None
+        # The ranks of a multi-GPU worker (src/serving/parallel.py). Turning context parallelism on
+        # is collective, so it waits until every rank has loaded (start_parallel); a transformer
+        # loaded after that runs under it as it loads.
+        self.ranks = ranks
+        self.parallel = False
 
     def load(self) -> float:
         """Load what PRELOAD names (the edit pipeline always). Returns seconds taken."""
@@ -333,6 +336,112 @@ class Pipelines:
             self.loras.release_device_copy(self.edit)
         return levers
 
+    def memory_levers(self, request: JobRequest, sizes: list[tuple[int, int]]) -> tuple[str, ...]:
+        """The memory levers `request` (its images of `sizes`) needs on this GPU
+        (src/models/memory_plan.py), or InputError with the limit in force when none makes it fit."""
+        if self.plan is None:
+            return ()
+        shape = memory_plan.shape_for(request, sizes)
+        if request.operation == "decompose":
+            # A split of more sub-layers than the job's layers can be what does not fit.
+            key = "split" if shape.sub_layers and self.plan.fits(replace(shape, sub_layers=0)) else "layers"
+        elif request.width or request.height:
+            key = "width" if request.width else "height"
+        else:
+            key = request.image_sources[-1][0]
+        return self.levers_for(shape, key)
+
+    @staticmethod
+    def strongest_levers(operation: str) -> tuple[str, ...]:
+        """Every memory lever `operation` has: what a job that ran out of memory retries with."""
+        return memory_plan.lever_choices(operation)[-1]
+
+    def batches_cfg(self, request: JobRequest, sizes: list[tuple[int, int]], levers: tuple[str, ...]) -> bool:
+        """CFG_BATCH for this job: its CFG steps run two samples at once, so only where the
+        memory plan has room for them (src/models/memory_plan.py `cfg_pair`); else as usual."""
+        if not self.settings.cfg_batch or self.plan is None:
+            return self.settings.cfg_batch
+        shape = memory_plan.shape_for(request, sizes)
+        return self.plan.fits_cfg_batch(shape, levers, self.loras.device_copy_bytes())
+
+    @staticmethod
+    def saving_memory(pipeline, levers: tuple[str, ...]):
+        """The VAE's memory levers among `levers`, on for the body (src/models/image_vae.py)."""
+        return image_vae.saving_memory(pipeline.vae, levers)
+
+    def prompt_tokens(self, text: str) -> int:
+        """`text`'s length in the edit model's text-encoder tokens."""
+        return len(self.edit.tokenizer(text).input_ids)
+
+    def loaded_pipelines(self) -> list:
+        """The pipelines loaded so far: edit, and Layered once loaded."""
+        return [self.edit] + ([self._layered] if self._layered is not None else [])
+
+    # ------------------------------------------------------------------
+    # LoRAs: the branches, the set held ready, and each job's set.
+
+    def lora_library(self) -> LoraLibrary:
+        """Where jobs' LoRA files are found and checked against the edit transformer (src/models/loras.py)."""
+        return LoraLibrary(type(self.edit), self.edit.transformer, self.settings.edit_model)
+
+    def install_lora_branches(self) -> None:
+        """The unfused LoRA branches on the edit transformer's block linears (src/models/lora_branches.py):
+        padded to LORA_BRANCH_RANK under compile, so every set runs one compiled structure.
+        Not where LoRA jobs are refused (MEMORY_MODE offload)."""
+        if self.memory_mode != "offload":
+            padded = self.settings.lora_branch_rank if self.settings.compile else None
+            self.loras.install_branches(self.edit.transformer, self.dtype, padded)
+
+    def check_lightning_fusable(self, adapters: list) -> None:
+        """Under QUANTIZE=fp8, the published weights the PRELOAD Lightning set `adapters` fuses
+        into are in the snapshot, or the start fails (ConfigError); nothing to check in bf16."""
+        if self.settings.quantize != "fp8":
+            return
+        try:
+            self.edit_published_weights().check(fp8_loras.touched_linears(self.edit.transformer, adapters))
+        except fp8_loras.PublishedWeightsError as exc:
+            raise ConfigError(f"PRELOAD: lightning: {exc}") from None
+
+    def hold_lightning_ready(self, adapters: list) -> None:
+        """The LIGHTNING_RESIDENT_STEPS set fused once and held ready (src/models/lora_resident.py:
+        on the GPU where the memory plan has room, else in CPU memory), or ConfigError."""
+        pipeline = self.for_operation("edit")
+        try:
+            self.loras.hold_ready(pipeline, adapters, pin=self.device.type == "cuda",
+                                  reserve_device=self.reserve_for_weights)
+        except (fp8_loras.PublishedWeightsError, HostMemoryError) as exc:
+            raise ConfigError(f"PRELOAD: lightning (LIGHTNING_RESIDENT_STEPS={self.settings.lightning_resident_steps}):"
+                              f" {exc}; set LIGHTNING_RESIDENT_STEPS=0 to run it unfused instead") from None
+
+    @property
+    def lora_branches_padded(self) -> bool:
+        """Whether the LoRA branches are padded (COMPILE=true): their blocks compile once, warmed empty."""
+        branches = self.loras.branches
+        return branches is not None and branches.padded_rank is not None
+
+    @contextmanager
+    def empty_lora_branches(self) -> Iterator[None]:
+        """The edit pipeline on its base weights with its LoRA branches on at zero: the same
+        output, through the branched blocks (what the warm-up compiles)."""
+        self.use_base_weights()
+        self.loras.branches.activate_empty()
+        try:
+            yield
+        finally:
+            self.loras.branches.deactivate()
+
+    def use_base_weights(self) -> None:
+        """The edit pipeline with no LoRA set applied (a held set stays held)."""
+        self.loras.apply(self.for_operation("edit"), [])
+
+    def needs_lora_change(self, adapters: list) -> bool:
+        """Whether applying `adapters` changes the LoRA set (timed as `lora`)."""
+        return self.loras.needs_change(adapters)
+
+    def apply_loras(self, pipeline, adapters: list) -> None:
+        """Exactly `adapters` on the edit pipeline: held ready, unfused or fused (src/models/lora_switch.py)."""
+        self.loras.apply(pipeline, adapters)
+
     def prepared_bytes(self, transformer: torch.nn.Module) -> int:
         """GPU bytes of a transformer of this shape once prepared (FP8 or not)."""
         if self.settings.quantize == "fp8":
@@ -342,8 +451,16 @@ class Pipelines:
     def accelerate(self, transformer: torch.nn.Module) -> None:
         accelerate(transformer, self.device, attention=self.settings.attention_backend,
                    compile_blocks=self.settings.compile)
-        if self.ranks is not None:
+        if self.parallel:
             enable_context_parallel(transformer, self.ranks)
+
+    def start_parallel(self) -> None:
+        """Context parallelism on every loaded transformer (edit, and Layered when loaded), and
+        on any loaded later. Collective: every rank calls it, once every rank has loaded."""
+        self.parallel = True
+        enable_context_parallel(self.edit.transformer, self.ranks)
+        if self.layered_loaded:
+            enable_context_parallel(self._layered.transformer, self.ranks)
 
     def needs_loading(self, operation: str) -> bool:
         """Whether running `operation` first loads or moves weights (timed as `load`)."""
