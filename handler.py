@@ -58,10 +58,10 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     # 2. DOWNLOAD_MODELS=missing: what HF_HOME lacks is downloaded now, before anything loads and
-    #    before the processes of several GPUs start, so it is fetched once (src/models/model_download.py
+    #    before the processes of several GPUs start, so it is fetched once (src/models/files/download.py
     #    goes online for the download alone).
     if settings.download_models == "missing":
-        from src.models.model_download import DownloadFailed, fetch_missing
+        from src.models.files.download import DownloadFailed, fetch_missing
 
         try:
             fetch_missing(settings, token=os.environ.get("HF_TOKEN") or None)
@@ -71,9 +71,9 @@ def main() -> None:
             start_failed(f"DOWNLOAD_MODELS=missing: {type(exc).__name__}: {exc}")
 
     # 3. WEIGHTS_PREFETCH: the weights the load will read start going into the page cache now, so
-    #    they are read while the libraries below import (src/models/early_read.py imports no torch).
+    #    they are read while the libraries below import (src/models/files/early_read.py imports no torch).
     #    Only an optimization: where it cannot start, the load reads them itself.
-    from src.models.early_read import read_at_start
+    from src.models.files.early_read import read_at_start
 
     try:
         early_read = read_at_start(settings)
@@ -94,7 +94,7 @@ def main() -> None:
 
     import torch
 
-    from src.models.weights import ModelNotFound
+    from src.models.files.tensors import ModelNotFound
     from src.serving.deadline import JobGuard
     from src.serving.parallel import Leader, ParallelPlan, StartFailed
     from src.serving.startup import start_worker  # imports torch and diffusers: after logging is set up

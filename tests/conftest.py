@@ -22,7 +22,7 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from src.models.snapshots import ref_file  # noqa: E402
+from src.models.files.snapshots import ref_file  # noqa: E402
 from tools.local_stack import start_api, start_s3  # noqa: E402
 
 TINY_HF_HOME = Path(os.environ.get("TINY_HF_HOME", REPO_ROOT / ".cache" / "hf")).resolve()

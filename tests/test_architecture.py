@@ -30,8 +30,8 @@ def module_name(path: Path, root: Path) -> str:
 
 def imported_modules(node: ast.Import | ast.ImportFrom, importer: str, is_package: bool,
                      modules: set[str]) -> set[str]:
-    """The modules of ours that one import statement names (`from src.models import fp8` names
-    src.models.fp8; `from src.models.fp8 import Fp8Linear` names src.models.fp8)."""
+    """The modules of ours that one import statement names (`from src.models.fp8 import linear` names
+    src.models.fp8.linear; `from src.models.fp8.linear import Fp8Linear` names src.models.fp8.linear)."""
     if isinstance(node, ast.Import):
         bases = [alias.name for alias in node.names]
         return {base for base in bases if base in modules}
@@ -107,7 +107,7 @@ def find_cycle(graph: Graph) -> list[str] | None:
 def documented_modules(text: str) -> dict[str, set[str]]:
     """docs/architecture.md's table of modules: package -> its modules with a row."""
     documented: dict[str, set[str]] = {}
-    for package, module in re.findall(r"^\| `src/(\w+)/(\w+)\.py` \|", text, flags=re.M):
+    for package, module in re.findall(r"^\| `src/(\w+)/([\w/]+)\.py` \|", text, flags=re.M):
         documented.setdefault(package, set()).add(module)
     return documented
 
@@ -131,7 +131,8 @@ def test_no_module_imports_itself_back():
 
 
 def test_the_architecture_note_names_every_module():
-    on_disk = {package: {path.stem for path in (SRC / package).glob("*.py") if path.stem != "__init__"}
+    on_disk = {package: {path.relative_to(SRC / package).with_suffix("").as_posix()
+                         for path in (SRC / package).rglob("*.py") if path.stem != "__init__"}
                for package in LAYERS}
     assert documented_modules(ARCHITECTURE.read_text()) == on_disk
 
@@ -148,6 +149,28 @@ def flat_names(text: str, modules: set[str], tests: set[str]) -> set[str]:
     dotted = {f"src.{name}" for name in re.findall(r"\bsrc\.(\w+)\b", text) if name in modules}
     test_paths = {f"tests/{name}.py" for name in re.findall(r"\btests/(\w+)\.py\b", text) if name in tests}
     return paths | dotted | test_paths
+
+
+def named_paths_missing(text: str) -> set[str]:
+    """The `src/<package>/….py` paths and `src.<package>.<module>` names in `text` that name no module
+    on disk (a module moved into a sub-package, say src/models/fp8_cache.py after it became fp8/cache.py)."""
+    layers = "|".join(LAYERS)
+    paths = {path for path in re.findall(rf"(?<![\w/])src/(?:{layers})/[\w/]+\.py\b", text)
+             if not (REPO_ROOT / path).is_file()}
+    dotted = {f"src.{package}.{module}" for package, module in re.findall(r"\bsrc\.(\w+)\.(\w+)\b", text)
+              if package in LAYERS and not (SRC / package / f"{module}.py").is_file()
+              and not (SRC / package / module / "__init__.py").is_file()}
+    return paths | dotted
+
+
+def test_no_text_names_a_module_that_is_not_there():
+    missing = {}
+    for pattern in TEXT_FILES:
+        for path in sorted(REPO_ROOT.glob(pattern)):
+            if path.is_file() and path != Path(__file__).resolve() and "__pycache__" not in path.parts:
+                if names := named_paths_missing(path.read_text()):
+                    missing[str(path.relative_to(REPO_ROOT))] = sorted(names)
+    assert missing == {}, "name each module where it lives now"
 
 
 def test_no_text_names_a_module_by_its_flat_path():

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import inspect
 
-from src.models.snapshots import main_snapshot
+from src.models.files.snapshots import main_snapshot
 from src.plumbing.config import Settings
 from src.serving.startup import start_worker
 from tests.conftest import png_b64, sample_image
@@ -49,7 +49,7 @@ def test_levers_move_between_fp8_recipes_and_back_to_the_bf16_weights(hf_home):
     values (the named random weights) between recipes, so each recipe quantizes the same weights."""
     import torch
 
-    from src.models.fp8 import Fp8Linear
+    from src.models.fp8.linear import Fp8Linear
     from src.plumbing.config import FP8_RECIPES
     from tools.bench import set_precision
 
@@ -70,8 +70,8 @@ def test_levers_pack_and_unpack_the_projections_between_levers(hf_home):
     set_precision unpacks first, so packed and unpacked levers run in any order."""
     import torch
 
-    from src.models.fp8 import Fp8Linear
-    from src.models.fp8_packed import PackedFp8Linear
+    from src.models.fp8.linear import Fp8Linear
+    from src.models.fp8.packed import PackedFp8Linear
     from src.plumbing.config import FP8_RECIPES
     from tools.bench import LEVERS, PACKED_SUFFIX, set_precision
 

@@ -45,7 +45,7 @@ def test_the_written_layout_starts_the_worker_from_disk_in_fp8_then_bf16(hf_home
                                    "bytes_read": start["fp8_loads"][0]["bytes_read"]}]
     ahead = [report for report in start["weights_read"]["reports"] if report["how"] == "read-ahead"]
     # The read-ahead reads the FP8 cache instead of the transformer, beside the text encoder's and
-    # VAE's files, and begins before handler.py imports torch (src/models/early_read.py).
+    # VAE's files, and begins before handler.py imports torch (src/models/files/early_read.py).
     cache_bytes = sum(path.stat().st_size for path in (home / "qwen-fp8").rglob("fp8-*.safetensors"))
     assert cache_bytes > 0
     assert sum(report["bytes"] for report in ahead) == weight_bytes(snapshot / "text_encoder",
@@ -93,7 +93,7 @@ def test_the_written_weights_are_the_ones_loaded(hf_home, tmp_path):
     assert all(state[name].abs().sum() > 0 for name in record["holes"]["names"])
 
     # Back to fp8 (the GPU run's order: bf16 first, then its holes punched and the cache written).
-    from src.models import fp8_cache
+    from src.models.fp8 import cache as fp8_cache
 
     again = make_fp8(home, torch.device("cpu"), dtype=torch.float32)
     assert again["holes"]["names"] == record["holes"]["names"]

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from src.models.snapshots import main_snapshot, repo_folder
+from src.models.files.snapshots import main_snapshot, repo_folder
 from tests.conftest import REPO_ROOT
 
 

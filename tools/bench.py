@@ -49,12 +49,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from src.job.codec import png_base64  # noqa: E402
 from tools.bench_results import write_results  # noqa: E402
 from src.job.schema import JobRequest  # noqa: E402
-from src.models.fp8 import BLOCK_LINEARS, MODULATION_LINEARS  # noqa: E402
-from src.models.fp8_loras import PublishedWeights, PublishedWeightsError, touched_linears  # noqa: E402
-from src.models.loras import FusedLoras, adapters_for  # noqa: E402
+from src.models.fp8.linear import BLOCK_LINEARS, MODULATION_LINEARS  # noqa: E402
+from src.models.lora.fp8_fusing import PublishedWeights, PublishedWeightsError, touched_linears  # noqa: E402
+from src.models.lora.adapters import FusedLoras, adapters_for  # noqa: E402
 from src.models.host import ModelHost, device_name  # noqa: E402
-from src.models.snapshots import main_snapshot, write_snapshot  # noqa: E402
-from src.models.weights import ModelRef  # noqa: E402
+from src.models.files.snapshots import main_snapshot, write_snapshot  # noqa: E402
+from src.models.files.tensors import ModelRef  # noqa: E402
 from src.plumbing.config import Settings  # noqa: E402
 from src.plumbing.metering import price_for  # noqa: E402
 from src.serving.startup import get_ready  # noqa: E402
@@ -543,7 +543,7 @@ LEVERS = {  # name: (attention backend, compile, FP8 recipe or None for bf16, CF
     "fp8_compile_modulation": ("sdpa", True, "modulation", False, False),
     "fp8_compile_sglang": ("sdpa", True, "sglang", False, False),
     "fp8_compile_vllm_omni": ("sdpa", True, "vllm-omni", False, False),
-    # Q/K/V packed (src/models/fp8_packed.py); each is also compared with its unpacked twin
+    # Q/K/V packed (src/models/fp8/packed.py); each is also compared with its unpacked twin
     # (the same name without "_packed") when that ran before it.
     "fp8_packed": ("sdpa", False, "default", False, True),
     "fp8_compile_packed": ("sdpa", True, "default", False, True),
@@ -557,8 +557,8 @@ def set_precision(transformer, recipe: tuple[str, ...] | None, named: NamedRando
     """The block linears back in bf16 (the named random weights, the biases kept), then
     quantized keeping `recipe` in bf16 (None: all stay bf16), their Q/K/V packed when
     `packed`. Lets one run measure every recipe, in any order."""
-    from src.models.fp8 import Fp8Linear, quantize_blocks
-    from src.models.fp8_packed import pack_projections, unpack_projections
+    from src.models.fp8.linear import Fp8Linear, quantize_blocks
+    from src.models.fp8.packed import pack_projections, unpack_projections
 
     unpack_projections(transformer)
     with torch.no_grad():
@@ -596,7 +596,7 @@ def measure_levers(worker: Worker, names: list[str], record: dict, out_dir: Path
                    profile: bool = False) -> None:
     """Each lever's figures into `record["levers"]`, written after each (a run cut short keeps them)."""
     from src.models.acceleration import ATTENTION_BACKENDS
-    from src.models.fp8_packed import pack_projections, unpack_projections
+    from src.models.fp8.packed import pack_projections, unpack_projections
     from src.plumbing.config import FP8_RECIPES
 
     transformer = worker.host.edit.transformer
@@ -680,10 +680,10 @@ def compile_deviation(worker: Worker) -> dict:
 def lightning_fp8_deviation(worker: Worker) -> dict:
     """The edit transformer's pass (1024x1024, 1 reference) with the Lightning LoRA fused in
     bf16 by diffusers (the bf16 worker's way) against the same pass under FP8 with the LoRA
-    fused by src/models/fp8_loras.py, beside FP8's own deviation without the LoRA and the LoRA's
+    fused by src/models/lora/fp8_fusing.py, beside FP8's own deviation without the LoRA and the LoRA's
     own effect. Needs a bf16 run (QUANTIZE unset); it quantizes the edit transformer, so
     it runs last."""
-    from src.models.fp8 import quantize_blocks
+    from src.models.fp8.linear import quantize_blocks
 
     host, settings = worker.host, worker.settings
     if settings.quantize != "none":

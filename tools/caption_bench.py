@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from src.models import captioning  # noqa: E402
-from src.models.snapshots import main_snapshot  # noqa: E402
+from src.models.files.snapshots import main_snapshot  # noqa: E402
 from tools.bench import (PROCESSOR_MAX_PIXELS, PROCESSOR_MIN_PIXELS, TEXT_ENCODER_7B, VISION_7B,  # noqa: E402
                          photo_like, random_module, tiny_models)
 from tools.bench_results import write_results  # noqa: E402

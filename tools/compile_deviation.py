@@ -21,7 +21,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from src.models.vl_processor import load_processor  # noqa: E402
-from src.models.weights import locate  # noqa: E402
+from src.models.files.tensors import locate  # noqa: E402
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ random init (finite values: the warm-up runs them) and each shard written on its
 The Lightning files (tools/bench.py's random rank-64 LoRA) go where the worker looks.
 
 `--precision fp8` writes what a QUANTIZE=fp8 start with the FP8 cache reads: the FP8 cache
-(src/models/fp8_cache.py's layout and manifest; quantized on the GPU from the same weights)
+(src/models/fp8/cache.py's layout and manifest; quantized on the GPU from the same weights)
 and, in the bf16 snapshot, the tensors it takes by key. The bf16 weights of the quantized
 linears are left as holes (sparse files: the header and size as published, no disk blocks):
 the bf16 edit set and its FP8 cache together (72 GB) do not fit the device's 64 GiB disk.
@@ -41,8 +41,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from src.models import fp8_cache, weights  # noqa: E402
-from src.models.snapshots import main_snapshot, repo_folder  # noqa: E402
+from src.models.fp8 import cache as fp8_cache# noqa: E402
+from src.models.files import tensors as weights# noqa: E402
+from src.models.files.snapshots import main_snapshot, repo_folder  # noqa: E402
 from src.plumbing.config import DEFAULT_FP8_KEEP_BF16, FP8_CACHE_FOLDER, Settings  # noqa: E402
 
 EDIT_REPO = "Qwen/Qwen-Image-Edit-2511"
@@ -182,7 +183,7 @@ def write_component(folder: Path, kind: str, state: dict[str, torch.Tensor], hol
 
 def quantized_weights(transformer: torch.nn.Module, keep: frozenset[str]) -> list[str]:
     """The block linears' weight names QUANTIZE=fp8 with FP8_KEEP_BF16=`keep` quantizes."""
-    from src.models.fp8 import BLOCK_LINEARS
+    from src.models.fp8.linear import BLOCK_LINEARS
 
     quantized = [layer for layer in BLOCK_LINEARS if layer not in keep]
     return [f"transformer_blocks.{block}.{layer}.weight" for block in range(len(transformer.transformer_blocks))

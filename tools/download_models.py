@@ -16,7 +16,7 @@ where a job's `loras` source `owner/name` (with `weight_name` FILE) finds it; jo
 download from the hub. `--only loras` skips the models.
 
 --fp8 writes, once the snapshots are in, the FP8 cache of each transformer downloaded
-(src/models/fp8_cache.py): its FP8 block linears as a QUANTIZE=fp8 worker quantizes them at start,
+(src/models/fp8/cache.py): its FP8 block linears as a QUANTIZE=fp8 worker quantizes them at start,
 into $FP8_CACHE_DIR (default HF_HOME/qwen-fp8), for the block linears $FP8_KEEP_BF16 does not
 keep (default: all but the modulation). A worker with the same settings then loads them
 instead of reading the bf16 blocks and quantizing (about 14 GB written per transformer; the
@@ -27,8 +27,8 @@ so Layered's text_encoder/, tokenizer/ and processor/ (about 16 GB) need not be 
 only where they are the same files. This tool proves it first: it compares both repositories'
 file hashes from the hub's metadata (nothing downloaded; with --only layered and --dry-run too),
 skips the folders that are the same and downloads Layered's own where they differ, which the
-worker then loads instead (src/models/shared_components.py). --full takes the whole repository.
-The work itself is src/models/model_download.py's, shared with the worker's start.
+worker then loads instead (src/models/files/shared_components.py). --full takes the whole repository.
+The work itself is src/models/files/download.py's, shared with the worker's start.
 """
 
 from __future__ import annotations
@@ -41,12 +41,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from huggingface_hub import HfApi  # noqa: E402
 
-from src.models.model_download import (DEFAULT_MAX_WORKERS, DOWNLOAD_ERRORS, Download, DownloadFailed,  # noqa: E402
+from src.models.files.download import (DEFAULT_MAX_WORKERS, DOWNLOAD_ERRORS, Download, DownloadFailed,  # noqa: E402
                                        borrowed_patterns, check_space, compare_on_hub, comparison_lines, fetch,
                                        hub_online, measure, one_line, size_text)
-from src.models.model_download import plan as plan_downloads  # noqa: E402
-from src.models.shared_components import SHARED_COMPONENTS  # noqa: E402
-from src.models.snapshots import hub_cache  # noqa: E402
+from src.models.files.download import plan as plan_downloads  # noqa: E402
+from src.models.files.shared_components import SHARED_COMPONENTS  # noqa: E402
+from src.models.files.snapshots import hub_cache  # noqa: E402
 
 __all__ = ["borrowed_patterns", "comparison_lines", "main", "needs_comparison", "parse_args", "plan"]
 
@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None = None, env: dict[str, str] | None = None)
     parser.add_argument("--dry-run", action="store_true", help="show what would be downloaded, download nothing")
     parser.add_argument("--fp8", action="store_true",
                         help="then write the FP8 cache of each transformer for QUANTIZE=fp8 workers "
-                             "(src/models/fp8_cache.py)")
+                             "(src/models/fp8/cache.py)")
     parser.add_argument("--fp8-dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="the dtype the worker loads in: bfloat16 on a GPU (default), float32 on the CPU")
     args = parser.parse_args(argv)
@@ -175,8 +175,8 @@ def write_fp8_caches(args: argparse.Namespace, hf_home: Path) -> None:
     """4. The FP8 cache of each transformer just downloaded (torch and diffusers imported only here)."""
     import torch
 
-    from src.models.fp8_cache import CacheUnusable, build_for_models
-    from src.models.weights import ModelNotFound
+    from src.models.fp8.cache import CacheUnusable, build_for_models
+    from src.models.files.tensors import ModelNotFound
     from src.plumbing.config import ConfigError, Settings
 
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from src.models.fp8 import rowwise_fp8  # noqa: E402
+from src.models.fp8.linear import rowwise_fp8  # noqa: E402
 
 SHAPES = [(3072, 3072), (12288, 3072), (3072, 12288), (18432, 3072)]  # q/k/v, MLP in, out, modulation
 

@@ -12,7 +12,7 @@ this probe imports nothing heavy before main() does:
 
 - `read`: the wall-clock span in which weight files were being read: the read-ahead
   (WEIGHTS_PREFETCH, read_ahead.prefetch on its thread; handler.py begins it before the
-  imports, src/models/early_read.py) and the FP8 cache's loads (fp8_cache.load_transformer),
+  imports, src/models/files/early_read.py) and the FP8 cache's loads (fp8_cache.load_transformer),
   their intervals joined. It overlaps `imports` (the early read) and `load` (building and
   moving the models); `read_began_s` and `torch_import_began_s` say where it began.
 - `quantize_move`: seconds inside ModelHost.prepare (FP8 quantization, placement on the
@@ -111,7 +111,7 @@ class StartProbe:
             stand_in.serverless = types.SimpleNamespace(start=self.ready)
             self.sdk = "stand-in: the runpod package is not installed (its import time is not in `imports`)"
 
-        from src.models import read_ahead  # no torch: handler.py reads ahead before importing it
+        from src.models.files import read_ahead# no torch: handler.py reads ahead before importing it
 
         probe = self
         prefetch = read_ahead.prefetch
@@ -144,7 +144,7 @@ class StartProbe:
 
     def install_load(self) -> None:
         """The wrappers of the load, once handler.main() has imported the worker."""
-        from src.models import fp8_cache
+        from src.models.fp8 import cache as fp8_cache
         from src.models.host import ModelHost
         from src.serving import startup
 

@@ -10,13 +10,13 @@ a plain sequential read of the files; diffusers' from_pretrained on the CPU foll
 `.to("cuda")` (safetensors memory-mapped, as the worker loads); the same with
 `disable_mmap=True` (whole shards read sequentially); the same after a prefetch has
 read the files into the page cache first; the worker's way with WEIGHTS_PREFETCH
-(src/models/weights.py: the read-ahead thread running while it loads); and
+(src/models/files/tensors.py: the read-ahead thread running while it loads); and
 `device_map="cuda"` (tensors straight to the GPU). `--runs` picks some of them.
 
 QUANTIZE=fp8's start, two ways (`--runs read,fp8_quantize,fp8_cache --label load-fp8-cache`):
 `fp8_quantize` is today's without a cache (the read-ahead thread, from_pretrained, then
 fp8.quantize_blocks onto the GPU with the default FP8_KEEP_BF16); `fp8_cache` loads through the
-FP8 cache (src/models/fp8_cache.py), which the bench first writes from the saved shards the way
+FP8 cache (src/models/fp8/cache.py), which the bench first writes from the saved shards the way
 tools/download_models.py --fp8 does (on the CPU; `build_s`). Each run records the bytes this
 process read from disk (/proc/self/io read_bytes). After both, every tensor of the two
 transformers is compared bit for bit (`identical`): the CPU-written cache against the GPU's
@@ -37,8 +37,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from src.models import fp8, fp8_cache  # noqa: E402
-from src.models.weights import prefetch, read_ahead, read_through, weight_files  # noqa: E402
+from src.models.fp8 import linear as fp8# noqa: E402
+from src.models.fp8 import cache as fp8_cache# noqa: E402
+from src.models.files.tensors import prefetch, read_ahead, read_through, weight_files  # noqa: E402
 from tools.bench_results import write_results  # noqa: E402
 
 

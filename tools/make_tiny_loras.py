@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO_ROOT / "tools"))
 sys.path.insert(0, str(REPO_ROOT))
 
 from make_tiny_models import EDIT_REPO_ID  # noqa: E402
-from src.models.snapshots import main_snapshot, write_snapshot  # noqa: E402
+from src.models.files.snapshots import main_snapshot, write_snapshot  # noqa: E402
 
 LIGHTNING_REPO_ID = "lightx2v/Qwen-Image-Edit-2511-Lightning"
 # The real file names (https://huggingface.co/lightx2v/Qwen-Image-Edit-2511-Lightning).

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from src.models.snapshots import write_snapshot  # noqa: E402
+from src.models.files.snapshots import write_snapshot  # noqa: E402
 
 EDIT_REPO_ID = "Qwen/Qwen-Image-Edit-2511"
 LAYERED_REPO_ID = "Qwen/Qwen-Image-Layered"

@@ -73,7 +73,7 @@ def main() -> int:
            "LORA_CACHE_DIR": str(out / "lora-cache"),
            "ALLOW_PRIVATE_URLS": "true"}  # its jobs' buckets are on loopback
     settings = Settings.from_env(env)
-    from src.models.early_read import read_at_start
+    from src.models.files.early_read import read_at_start
 
     early_read = read_at_start(settings)  # as handler.py: begun before the imports, read by rank 0 alone
     import diffusers

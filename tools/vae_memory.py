@@ -5,7 +5,7 @@
 Measures, for the edit model's VAE (one frame) and Layered's (N layers, one frame each),
 the peak above the memory held before the call, for the whole call and for each part of
 the decoder (conv_in, the mid block, each up block, conv_out): with diffusers' own path
-(its video feature cache), with `src.models.image_vae.for_images` (no cache), and whether the two
+(its video feature cache), with `src.models.memory.image_vae.for_images` (no cache), and whether the two
 give the same bits; the layers decoded one at a time (`enable_slicing`) and their
 difference from one batch; VAE tiling's peak and its pixel deviation; the encode of one
 reference image both ways; and the mid block's single-head attention (head dim 384)
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from src.models import image_vae  # noqa: E402
+from src.models.memory import image_vae# noqa: E402
 from tools.bench_results import write_results  # noqa: E402
 
 GIB = 2**30

@@ -175,7 +175,7 @@ def _check_path_lengths(text: str) -> None:
 
 def _check_source(source: str) -> str:
     """A LoRA source that a URL, a repo id or a path can be; whether its file exists, stays
-    inside its root and fits the model is found when the job runs (src/models/lora_sources.py)."""
+    inside its root and fits the model is found when the job runs (src/models/lora/sources.py)."""
     _path_bytes(source)
     scheme = _URL_SCHEME.match(source)
     if scheme and source.startswith(("https://", "http://")):

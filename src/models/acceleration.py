@@ -1,5 +1,5 @@
 """Speed levers for the transformers on CUDA: the attention kernel, regional compile, and
-the check that the device can run FP8 (`src/models/fp8.py` does the quantizing). And, on a
+the check that the device can run FP8 (`src/models/fp8/linear.py` does the quantizing). And, on a
 multi-GPU worker (PARALLEL), the transformer's side of context parallelism
 (`enable_context_parallel`); src/serving/parallel.py runs the ranks.
 

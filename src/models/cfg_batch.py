@@ -12,7 +12,7 @@ sum; tests/models/test_cfg_batch.py). The pair is found from the pipeline's own 
 (`encode_prompt` for the prompt, then the negative prompt), never from call order alone: the
 second call is answered only with the same latents object, timestep and the second's states;
 any other call runs as without the switch. The worker asks for the batch only where the memory
-plan has room for both samples (src/models/memory_plan.py `cfg_pair`).
+plan has room for both samples (src/models/memory/plan.py `cfg_pair`).
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ stops the start with an error naming the repo id and the cache path), and keeps 
 which transformer is on the device, the memory mode, plan and levers, the LoRA branches and
 the set held ready, the FP8 published-weights check, and context parallelism across the
 ranks it is given. The Layered pipeline borrows the edit pipeline's text encoder, tokenizer
-and processor where its repository holds the same files (src/models/shared_components.py),
+and processor where its repository holds the same files (src/models/files/shared_components.py),
 so the 7B text encoder is resident once. With QUANTIZE=fp8 and a matching FP8 cache
-(src/models/fp8_cache.py), a transformer's bf16 block linears are not read at all.
+(src/models/fp8/cache.py), a transformer's bf16 block linears are not read at all.
 """
 
 from __future__ import annotations
@@ -24,17 +24,25 @@ import torch
 from diffusers import QwenImageEditPlusPipeline, QwenImageLayeredPipeline
 
 from src.job.schema import JobRequest
-from src.models import (captioning, fp8, fp8_cache, fp8_loras, fp8_packed, image_vae, lora_branches, memory,
-                        memory_plan, upstream_fixes, weights)
+from src.models import captioning, upstream_fixes
+from src.models.fp8 import linear as fp8
+from src.models.fp8 import cache as fp8_cache
+from src.models.lora import fp8_fusing as fp8_loras
+from src.models.fp8 import packed as fp8_packed
+from src.models.memory import image_vae
+from src.models.lora import branches as lora_branches
+from src.models.memory import modes as memory
+from src.models.memory import plan as memory_plan
+from src.models.files import tensors as weights
 from src.models.acceleration import ParallelRanks, accelerate, check_supported, enable_context_parallel
-from src.models.early_read import EarlyRead, edit_folders, layered_folders
-from src.models.lora_switch import LoraSwitch
-from src.models.loras import FusedLoras, LoraLibrary
-from src.models.memory import HostMemoryError
-from src.models.shared_components import SHARED_COMPONENTS, own_components
-from src.models.transformer_swap import TransformerSwap, host_room_for_twins
+from src.models.files.early_read import EarlyRead, edit_folders, layered_folders
+from src.models.lora.switch import LoraSwitch
+from src.models.lora.adapters import FusedLoras, LoraLibrary
+from src.models.memory.modes import HostMemoryError
+from src.models.files.shared_components import SHARED_COMPONENTS, own_components
+from src.models.memory.transformer_swap import TransformerSwap, host_room_for_twins
 from src.models.vl_processor import load_processor
-from src.models.weights import ModelRef, locate
+from src.models.files.tensors import ModelRef, locate
 from src.plumbing.config import FP8_CACHE_FOLDER, ConfigError, Settings
 
 log = logging.getLogger(__name__)
@@ -63,7 +71,7 @@ class ModelHost:
 
     def __init__(self, settings: Settings, early_read: EarlyRead | None = None, ranks: ParallelRanks | None = None):
         self.settings = settings
-        # The start's read-ahead begun before the imports (src/models/early_read.py), taken over by reading_ahead.
+        # The start's read-ahead begun before the imports (src/models/files/early_read.py), taken over by reading_ahead.
         self.early_read = early_read
         self.device = resolve_device(settings.device)
         check_supported(settings.quantize, self.device)  # before minutes of loading
@@ -78,12 +86,12 @@ class ModelHost:
         self.captioner: captioning.Captioner | None = None  # Layered's, when CAPTION_DECODER is not stock
         # Both transformers (2 x 41 GB in bf16) do not fit next to the text encoder on an
         # 80 GB card; then the idle one waits in CPU memory and they trade places per job
-        # (src/models/transformer_swap.py), and `transformer_on_device` names the one on the GPU.
+        # (src/models/memory/transformer_swap.py), and `transformer_on_device` names the one on the GPU.
         self.swap_transformers = settings.transformer_swap == "always"
         self.swap = TransformerSwap(self.device, use_twins=True)  # arrange_memory checks the CPU memory
         self.transformer_on_device = "edit"
         self.memory_mode = "resident"  # load() chooses (MEMORY_MODE)
-        # Which jobs fit beside the weights (src/models/memory_plan.py); None on the CPU unless
+        # Which jobs fit beside the weights (src/models/memory/plan.py); None on the CPU unless
         # GPU_MEMORY_GIB sets a capacity to plan for.
         self.plan: memory_plan.MemoryPlan | None = None
         self.prefetched: list[dict] = []  # what WEIGHTS_PREFETCH read, per pipeline loaded
@@ -94,7 +102,7 @@ class ModelHost:
         # Under FP8, LoRAs fuse into the published bf16 weights, read from the snapshot.
         self.fused_loras = FusedLoras(self.edit_published_weights if settings.quantize == "fp8" else None, self.dtype)
         # How each job's LoRA set runs: held ready, unfused beside the weights, or fused
-        # (src/models/lora_switch.py); the worker installs the branches and the resident set at start.
+        # (src/models/lora/switch.py); the worker installs the branches and the resident set at start.
         self.loras = LoraSwitch(self.fused_loras, settings.lora_fuse_after)
         # The ranks of a multi-GPU worker (src/serving/parallel.py). Turning context parallelism on
         # is collective, so it waits until every rank has loaded (start_parallel); a transformer
@@ -252,7 +260,7 @@ class ModelHost:
 
     def arrange_memory(self) -> None:
         """The memory mode, whether the transformers swap, and the plan of which jobs fit
-        (src/models/memory_plan.py), from the GPU's memory (GPU_MEMORY_GIB, else what it has free
+        (src/models/memory/plan.py), from the GPU's memory (GPU_MEMORY_GIB, else what it has free
         plus what this process holds) and the weights' bytes. On the CPU, auto means
         resident, and jobs are planned only against a GPU_MEMORY_GIB. FP8 needs its
         transformer resident."""
@@ -287,7 +295,7 @@ class ModelHost:
 
     def check_host_room_for_swap(self) -> None:
         """With the transformers swapping: whether CPU memory holds both page-locked copies
-        (src/models/transformer_swap.py) beside a Lightning set held there (PRELOAD=lightning:
+        (src/models/memory/transformer_swap.py) beside a Lightning set held there (PRELOAD=lightning:
         fused and base, counted at every block linear but the modulation ones, as the
         published Lightning files touch), counting the weights the placement will free; else
         the swap copies pageable memory both ways, as one log line says."""
@@ -327,7 +335,7 @@ class ModelHost:
         return True
 
     def levers_for(self, shape: memory_plan.JobShape, key: str) -> tuple[str, ...]:
-        """The memory levers `shape` runs with (or InputError: src/models/memory_plan.py), out
+        """The memory levers `shape` runs with (or InputError: src/models/memory/plan.py), out
         of the whole budget: the held LoRA set's device copy is released first when the job
         would need another lever beside it."""
         levers = self.plan.levers_for(shape, key)
@@ -338,7 +346,7 @@ class ModelHost:
 
     def memory_levers(self, request: JobRequest, sizes: list[tuple[int, int]]) -> tuple[str, ...]:
         """The memory levers `request` (its images of `sizes`) needs on this GPU
-        (src/models/memory_plan.py), or InputError with the limit in force when none makes it fit."""
+        (src/models/memory/plan.py), or InputError with the limit in force when none makes it fit."""
         if self.plan is None:
             return ()
         shape = memory_plan.shape_for(request, sizes)
@@ -358,7 +366,7 @@ class ModelHost:
 
     def batches_cfg(self, request: JobRequest, sizes: list[tuple[int, int]], levers: tuple[str, ...]) -> bool:
         """CFG_BATCH for this job: its CFG steps run two samples at once, so only where the
-        memory plan has room for them (src/models/memory_plan.py `cfg_pair`); else as usual."""
+        memory plan has room for them (src/models/memory/plan.py `cfg_pair`); else as usual."""
         if not self.settings.cfg_batch or self.plan is None:
             return self.settings.cfg_batch
         shape = memory_plan.shape_for(request, sizes)
@@ -366,7 +374,7 @@ class ModelHost:
 
     @staticmethod
     def saving_memory(pipeline, levers: tuple[str, ...]):
-        """The VAE's memory levers among `levers`, on for the body (src/models/image_vae.py)."""
+        """The VAE's memory levers among `levers`, on for the body (src/models/memory/image_vae.py)."""
         return image_vae.saving_memory(pipeline.vae, levers)
 
     def prompt_tokens(self, text: str) -> int:
@@ -381,11 +389,11 @@ class ModelHost:
     # LoRAs: the branches, the set held ready, and each job's set.
 
     def lora_library(self) -> LoraLibrary:
-        """Where jobs' LoRA files are found and checked against the edit transformer (src/models/loras.py)."""
+        """Where jobs' LoRA files are found and checked against the edit transformer (src/models/lora/adapters.py)."""
         return LoraLibrary(type(self.edit), self.edit.transformer, self.settings.edit_model)
 
     def install_lora_branches(self) -> None:
-        """The unfused LoRA branches on the edit transformer's block linears (src/models/lora_branches.py):
+        """The unfused LoRA branches on the edit transformer's block linears (src/models/lora/branches.py):
         padded to LORA_BRANCH_RANK under compile, so every set runs one compiled structure.
         Not where LoRA jobs are refused (MEMORY_MODE offload)."""
         if self.memory_mode != "offload":
@@ -403,7 +411,7 @@ class ModelHost:
             raise ConfigError(f"PRELOAD: lightning: {exc}") from None
 
     def hold_lightning_ready(self, adapters: list) -> None:
-        """The LIGHTNING_RESIDENT_STEPS set fused once and held ready (src/models/lora_resident.py:
+        """The LIGHTNING_RESIDENT_STEPS set fused once and held ready (src/models/lora/resident.py:
         on the GPU where the memory plan has room, else in CPU memory), or ConfigError."""
         pipeline = self.for_operation("edit")
         try:
@@ -439,7 +447,7 @@ class ModelHost:
         return self.loras.needs_change(adapters)
 
     def apply_loras(self, pipeline, adapters: list) -> None:
-        """Exactly `adapters` on the edit pipeline: held ready, unfused or fused (src/models/lora_switch.py)."""
+        """Exactly `adapters` on the edit pipeline: held ready, unfused or fused (src/models/lora/switch.py)."""
         self.loras.apply(pipeline, adapters)
 
     def prepared_bytes(self, transformer: torch.nn.Module) -> int:

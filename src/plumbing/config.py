@@ -42,16 +42,16 @@ DEFAULT_MAX_LAYER_EDITS = 4
 DEFAULT_MAX_PROMPTS = 8
 # How an empty decompose prompt's caption is decoded (src/models/captioning.py).
 CAPTION_DECODERS = ("auto", "stock", "eager", "graphed", "compiled")
-# Names how `rowwise_fp8` and `Fp8Linear` (src/models/fp8.py) store a weight (e4m3 values, one
+# Names how `rowwise_fp8` and `Fp8Linear` (src/models/fp8/linear.py) store a weight (e4m3 values, one
 # float32 scale per output row from the row's absolute max, MIN_SCALE floor, scales as a (1, out)
-# row). The FP8 cache (src/models/fp8_cache.py) keys its files by it: change it whenever either
+# row). The FP8 cache (src/models/fp8/cache.py) keys its files by it: change it whenever either
 # changes, and caches written the old way are ignored instead of loaded wrong
 # (tests/models/test_fp8_cache.py pins it to the quantization's output). FAST_ACCUMULATION is not
 # part of it: it changes the matmul, not what is stored. Here, not in fp8, so that the start's
-# early read (src/models/early_read.py) judges caches without importing torch.
+# early read (src/models/files/early_read.py) judges caches without importing torch.
 RECIPE_VERSION = "e4m3-rowwise-amax-v2"
 # The 14 linears of a Qwen-Image transformer block, by their names inside the block: the
-# names FP8_KEEP_BF16 takes (src/models/fp8.py quantizes the others). Kept here, not in fp8,
+# names FP8_KEEP_BF16 takes (src/models/fp8/linear.py quantizes the others). Kept here, not in fp8,
 # so that the settings import nothing from the models (docs/architecture.md).
 BLOCK_LINEARS = ("img_mod.1", "txt_mod.1", "attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj",
                  "attn.add_k_proj", "attn.add_v_proj", "attn.to_out.0", "attn.to_add_out",
@@ -113,7 +113,7 @@ class Settings:
     lightning_repo: str = DEFAULT_LIGHTNING_REPO
     lightning_files: dict[int, str] = field(default_factory=lambda: dict(DEFAULT_LIGHTNING_FILES))
     max_loras: int = 3
-    # LoRA sets not held ready run unfused (src/models/lora_branches.py) until this many consecutive
+    # LoRA sets not held ready run unfused (src/models/lora/branches.py) until this many consecutive
     # jobs have asked for the same set; that job fuses it (1: fuse at once; 0: never fuse a
     # set that can run unfused). docs/loras.md says why 16.
     lora_fuse_after: int = 16
@@ -121,7 +121,7 @@ class Settings:
     # all sets); a set of higher rank on some linear is fused instead.
     lora_branch_rank: int = 64
     # With PRELOAD naming lightning: which preset's fused weights are made at start and held
-    # ready beside the base weights, on the GPU or in CPU memory (src/models/lora_resident.py);
+    # ready beside the base weights, on the GPU or in CPU memory (src/models/lora/resident.py);
     # 0: none.
     lightning_resident_steps: int = 4
     max_layer_edits: int = DEFAULT_MAX_LAYER_EDITS
@@ -154,10 +154,10 @@ class Settings:
     cfg_batch: bool = False
     fp8_keep_bf16: frozenset[str] = frozenset(DEFAULT_FP8_KEEP_BF16)
     # With QUANTIZE=fp8: each attention's Q/K/V triples (image and text stream) as one FP8
-    # matmul with one activation quantization (src/models/fp8_packed.py).
+    # matmul with one activation quantization (src/models/fp8/packed.py).
     fp8_pack_qkv: bool = False
     # With QUANTIZE=fp8: load the block linears pre-quantized from FP8_CACHE_DIR when a cache
-    # of this snapshot and recipe is there (src/models/fp8_cache.py), instead of reading bf16 and quantizing.
+    # of this snapshot and recipe is there (src/models/fp8/cache.py), instead of reading bf16 and quantizing.
     fp8_cache: bool = True
     fp8_cache_dir: Path | None = None  # None: HF_HOME/qwen-fp8
     memory_mode: str = "auto"

@@ -57,7 +57,7 @@ import torch
 import torch.distributed as dist
 
 from src.job.schema import InputError, SEED_LIMIT, parse_request
-from src.models.early_read import EarlyRead
+from src.models.files.early_read import EarlyRead
 from src.plumbing.config import ConfigError, Settings
 from src.serving.startup import start_worker, warm_up
 

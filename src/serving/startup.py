@@ -20,9 +20,9 @@ from PIL import Image
 from src.job.schema import JobRequest
 from src.models import compile_cache
 from src.models.compile_meter import CompileMeter
-from src.models.early_read import EarlyRead
+from src.models.files.early_read import EarlyRead
 from src.models.host import ModelHost, device_name
-from src.models.loras import adapters_for
+from src.models.lora.adapters import adapters_for
 from src.plumbing.config import Settings
 from src.plumbing.metering import price_for
 from src.serving import operations
@@ -42,7 +42,7 @@ WARMUP_LAYERS = 2
 
 def start_worker(settings: Settings, early_read: EarlyRead | None = None, ranks=None) -> Worker:
     """Load the models and warm them up: the first job pays neither. `early_read`: the
-    weights' read-ahead handler.py began before the imports (src/models/early_read.py);
+    weights' read-ahead handler.py began before the imports (src/models/files/early_read.py);
     `ranks`: a multi-GPU worker's (src/serving/parallel.py)."""
     host = ModelHost(settings, early_read, ranks)
     load_s = host.load()
@@ -106,7 +106,7 @@ def _lightning(worker: Worker, steps: int) -> list:
 
 def prepare_loras(worker: Worker) -> float:
     """Before serving: with PRELOAD naming lightning, the LIGHTNING_RESIDENT_STEPS preset
-    fused once and held ready (src/models/lora_resident.py: on the GPU where the memory plan has
+    fused once and held ready (src/models/lora/resident.py: on the GPU where the memory plan has
     room, else in CPU memory); with the warm-up, one edit pass with the branches on (the
     only structure the base pass has not compiled), so no LoRA job compiles. Returns
     seconds taken."""

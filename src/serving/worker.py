@@ -22,7 +22,7 @@ from src.job.codec import decode_image, open_image
 from src.job.schema import InputError, JobRequest, SEED_LIMIT, error_text, parse_request
 from src.models.compile_meter import CompileMeter
 from src.models.host import ModelHost
-from src.models.loras import LoraLibrary, adapters_for, lightning_scheduler
+from src.models.lora.adapters import LoraLibrary, adapters_for, lightning_scheduler
 from src.plumbing.config import Settings
 from src.plumbing.metering import Price, StageTimer
 from src.plumbing.storage import StorageError
@@ -256,7 +256,7 @@ class Worker:
         as `load`); for edits, exactly `adapters` applied (switching sets timed as `lora`)."""
         with timer.stage("load") if self.host.needs_loading(operation) else contextlib.nullcontext():
             pipeline = self.host.for_operation(operation)
-        if operation != "decompose":  # the set held ready, unfused or fused (src/models/lora_switch.py)
+        if operation != "decompose":  # the set held ready, unfused or fused (src/models/lora/switch.py)
             with timer.stage("lora") if self.host.needs_lora_change(adapters) else contextlib.nullcontext():
                 self.host.apply_loras(pipeline, adapters)
         return pipeline

@@ -93,7 +93,7 @@ def test_the_layered_pipeline_captions_at_the_limit_and_fails_one_past_it(worker
     from diffusers import QwenImageLayeredPipeline
 
     from src.models.vl_processor import load_processor
-    from src.models.weights import locate
+    from src.models.files.tensors import locate
 
     path = str(locate(worker.settings.layered_model, hf_home).path)
     pipeline = QwenImageLayeredPipeline.from_pretrained(path, processor=load_processor(path), dtype=torch.float32)

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from src.models import captioning
-from src.models.snapshots import main_snapshot
+from src.models.files.snapshots import main_snapshot
 from src.plumbing.config import ConfigError, Settings
 from src.serving.startup import start_worker
 from tests.conftest import image_from_b64, png_b64, same_pixels, sample_image

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from src.models.cfg_batch import cfg_batched
-from src.models.snapshots import main_snapshot
+from src.models.files.snapshots import main_snapshot
 from src.plumbing.config import Settings
 from src.serving.startup import start_worker
 from tests.conftest import FAST, image_from_b64, png_b64, reference_edit_pipeline, same_pixels, sample_image

@@ -1,4 +1,4 @@
-"""handler.py's early read-ahead (src/models/early_read.py): it imports no torch, reads what the
+"""handler.py's early read-ahead (src/models/files/early_read.py): it imports no torch, reads what the
 start's load would read ahead and nothing else, the load takes it over without reading a file
 again, and the worker serves the same pixels as one that reads nothing ahead. On the tiny models (CPU)."""
 
@@ -11,11 +11,11 @@ import sys
 
 import numpy as np
 
-from src.models.early_read import (FP8_MANIFEST, fp8_cache_files, fp8_cache_recipe, fp8_revision_folder,
+from src.models.files.early_read import (FP8_MANIFEST, fp8_cache_files, fp8_cache_recipe, fp8_revision_folder,
                                    read_at_start, start_files)
 from src.models.host import ModelHost
-from src.models.read_ahead import weight_files
-from src.models.snapshots import locate
+from src.models.files.read_ahead import weight_files
+from src.models.files.snapshots import locate
 from src.plumbing.config import Settings
 from src.serving.startup import start_worker
 from tests.conftest import REPO_ROOT, edit_hat, edited_pixels
@@ -25,7 +25,7 @@ from tests.conftest import REPO_ROOT, edit_hat, edited_pixels
 EARLY_READ = """
 import json, os, sys
 import handler
-from src.models.early_read import read_at_start
+from src.models.files.early_read import read_at_start
 from src.plumbing.config import Settings
 early = read_at_start(Settings.from_env(os.environ))
 reports = {name: reading.result() for name, (files, reading) in early.readings.items()}

@@ -1,4 +1,4 @@
-"""QUANTIZE=fp8 (src/models/fp8.py): the scaled FP8 linear against the linear it replaces, which
+"""QUANTIZE=fp8 (src/models/fp8/linear.py): the scaled FP8 linear against the linear it replaces, which
 layers are replaced, and the worker's job path with FP8 on the CPU (torch's CPU build
 runs the same scaled matmul as the GPU)."""
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from src.models.fp8 import (BLOCK_LINEARS, DEFAULT_FP8_KEEP_BF16, E4M3_MAX, MODULATION_LINEARS, Fp8Linear,
+from src.models.fp8.linear import (BLOCK_LINEARS, DEFAULT_FP8_KEEP_BF16, E4M3_MAX, MODULATION_LINEARS, Fp8Linear,
                             prepared_bytes, quantize_blocks, rowwise_fp8)
-from src.models.snapshots import main_snapshot
+from src.models.files.snapshots import main_snapshot
 from src.plumbing.config import Settings
 from src.serving.startup import start_worker
 from tests.conftest import FAST, direct_edit, image_from_b64, png_b64, reference_edit_pipeline, same_pixels, sample_image
@@ -64,7 +64,7 @@ def tiny_transformer(hf_home):
 
 def block_linears(transformer, kind) -> set[str]:
     """Names, inside a block, of the linears of type `kind` (or a subclass: the worker gives
-    the edit transformer's linears LoRA branches, src/models/lora_branches.py), over all blocks."""
+    the edit transformer's linears LoRA branches, src/models/lora/branches.py), over all blocks."""
     return {name for block in transformer.transformer_blocks for name, m in block.named_modules()
             if isinstance(m, kind)}
 

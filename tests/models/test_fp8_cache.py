@@ -1,4 +1,4 @@
-"""FP8_CACHE (src/models/fp8_cache.py): the FP8 block linears written once and loaded at start give
+"""FP8_CACHE (src/models/fp8/cache.py): the FP8 block linears written once and loaded at start give
 the same transformer, bit for bit, as quantizing at start, and the same images; a cache of
 another revision or recipe, or a damaged one, is refused with a reason and the worker
 quantizes at start instead. On the tiny models, CPU, float32 (the CPU worker's dtype)."""
@@ -18,10 +18,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from src.models import fp8_cache, weights
-from src.models.early_read import read_at_start, start_files
-from src.models.fp8 import FP8_RECIPES, MODULATION_LINEARS, RECIPE_VERSION, Fp8Linear, quantize_blocks
-from src.models.weights import locate
+from src.models.fp8 import cache as fp8_cache
+from src.models.files import tensors as weights
+from src.models.files.early_read import read_at_start, start_files
+from src.models.fp8.linear import FP8_RECIPES, MODULATION_LINEARS, RECIPE_VERSION, Fp8Linear, quantize_blocks
+from src.models.files.tensors import locate
 from src.plumbing.config import Settings
 from src.serving.startup import start_worker
 from tests.conftest import FAST, REPO_ROOT, image_from_b64, png_b64, sample_image
@@ -264,7 +265,7 @@ def test_a_worker_with_the_cache_gives_the_pixels_of_one_that_quantizes_at_start
 
 
 def test_the_early_read_takes_the_caches_files_for_the_transformers(worker_env, cache_root, quantizing_worker):
-    """handler.py's early read (src/models/early_read.py) reads each FP8 cache instead of the bf16
+    """handler.py's early read (src/models/files/early_read.py) reads each FP8 cache instead of the bf16
     transformer it stands for; the load takes it over, reading nothing again, with the same pixels."""
     settings = Settings.from_env({**worker_env, "QUANTIZE": "fp8", "PRELOAD": "edit,layered",
                                   "FP8_CACHE_DIR": str(cache_root)})

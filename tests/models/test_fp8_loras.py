@@ -1,4 +1,4 @@
-"""LoRAs under QUANTIZE=fp8 (src/models/fp8_loras.py): each touched linear fused in bf16 from the
+"""LoRAs under QUANTIZE=fp8 (src/models/lora/fp8_fusing.py): each touched linear fused in bf16 from the
 published weights and then quantized equals diffusers' own fuse quantized afterwards; the
 base model comes back bit for bit; Lightning runs through the worker on the CPU."""
 
@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from src.models.fp8 import Fp8Linear, quantize_blocks, rowwise_fp8
-from src.models.fp8_loras import PublishedWeights, PublishedWeightsError, touched_linears
-from src.models.lora_sources import LoraFile
-from src.models.loras import LIGHTNING_SCHEDULER_CONFIG, FusedLoras, LoraLibrary
-from src.models.snapshots import main_snapshot
+from src.models.fp8.linear import Fp8Linear, quantize_blocks, rowwise_fp8
+from src.models.lora.fp8_fusing import PublishedWeights, PublishedWeightsError, touched_linears
+from src.models.lora.sources import LoraFile
+from src.models.lora.adapters import LIGHTNING_SCHEDULER_CONFIG, FusedLoras, LoraLibrary
+from src.models.files.snapshots import main_snapshot
 from src.plumbing.config import Settings
 from src.serving.startup import start_worker
 from tests.conftest import edit_hat, edited_pixels, reference_edit_pipeline, sample_image
@@ -222,7 +222,7 @@ def test_fp8_lightning_stays_near_the_unquantized_lightning_job(fp8_worker, work
 
 def test_fp8_set_held_on_the_device_is_fused_there_and_gives_the_in_place_fuses_image(fp8_worker, worker_env):
     """With room in the plan (GPU_MEMORY_GIB) the FP8 Lightning set is fused straight into
-    its device copy, the layers never written (src/models/lora_resident.py `_hold_on_device`):
+    its device copy, the layers never written (src/models/lora/resident.py `_hold_on_device`):
     the held values are those the in-place fuse writes, bit for bit, the Lightning job's
     image is the host-held worker's, the base comes back exact, and a release (copied out
     first) and a stage again give the same image."""

@@ -1,4 +1,4 @@
-"""FP8_PACK_QKV (src/models/fp8_packed.py): each attention's Q/K/V triples as one FP8 matmul give
+"""FP8_PACK_QKV (src/models/fp8/packed.py): each attention's Q/K/V triples as one FP8 matmul give
 the unpacked transformer's outputs bit for bit (on the CPU, whose build runs the same scaled
 matmul), keep the three linears' names, weights and scales, and keep every LoRA path exact:
 unfused branches, the FP8 fuse, the held-ready set pointed at on the device or copied from
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from src.models.fp8 import PACKED_PROJECTIONS, Fp8Linear, prepared_bytes, quantize_blocks
-from src.models.fp8_packed import PackedFp8Linear, ProjectionView, pack_projections, unpack_projections
-from src.models.snapshots import main_snapshot
+from src.models.fp8.linear import PACKED_PROJECTIONS, Fp8Linear, prepared_bytes, quantize_blocks
+from src.models.fp8.packed import PackedFp8Linear, ProjectionView, pack_projections, unpack_projections
+from src.models.files.snapshots import main_snapshot
 from src.plumbing.config import DEFAULT_FP8_KEEP_BF16, Settings
 from src.serving.startup import start_worker
 from tests.conftest import FAST, edit_hat, edited_pixels, image_from_b64, png_b64, sample_image

@@ -7,8 +7,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKLQwenImage
 
-from src.models import image_vae
-from src.models.snapshots import main_snapshot
+from src.models.memory import image_vae
+from src.models.files.snapshots import main_snapshot
 from tests.conftest import TINY_HF_HOME
 
 

@@ -1,4 +1,4 @@
-"""How LoRA sets switch (src/models/lora_switch.py): unfused branches equal diffusers' own unfused
+"""How LoRA sets switch (src/models/lora/switch.py): unfused branches equal diffusers' own unfused
 LoRA loading, fused equals diffusers' fuse, the two differ by rounding only (the figure
 docs/loras.md quotes); a set fuses after LORA_FUSE_AFTER jobs in a row; the PRELOAD Lightning
 set is held ready (beside the weights where the memory plan has room, else in CPU memory)
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from src.models import memory_plan
-from src.models.lora_branches import LoraBranches
+from src.models.memory import plan as memory_plan
+from src.models.lora.branches import LoraBranches
 from src.plumbing.config import ConfigError, Settings
 from src.serving.startup import start_worker
 from tests.conftest import edit_hat, edited_pixels, reference_edit_pipeline, sample_image
@@ -153,7 +153,7 @@ def check_the_held_ready_set(worker, hf_home) -> None:
     # The same weights as diffusers' own fuse of the file, with the authors' scheduler.
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from src.models.loras import LIGHTNING_SCHEDULER_CONFIG
+    from src.models.lora.adapters import LIGHTNING_SCHEDULER_CONFIG
 
     reference = reference_edit_pipeline(worker.host.edit_ref.path)
     path = next(hf_home.glob(f"hub/models--lightx2v--*/snapshots/*/{worker.settings.lightning_files[4]}"))
@@ -173,8 +173,8 @@ def check_the_held_ready_set(worker, hf_home) -> None:
 def lightning_and_custom(pipeline, lora_dir, hf_home, settings) -> list:
     import hashlib
 
-    from src.models.lora_sources import LoraFile
-    from src.models.loras import LoraLibrary
+    from src.models.lora.sources import LoraFile
+    from src.models.lora.adapters import LoraLibrary
 
     library = LoraLibrary(type(pipeline), pipeline.transformer, settings.edit_model)
     path = next(hf_home.glob(f"hub/models--lightx2v--*/snapshots/*/{settings.lightning_files[4]}"))

@@ -1,4 +1,4 @@
-"""One LoRA download cache, many callers (src/models/lora_sources.py).
+"""One LoRA download cache, many callers (src/models/lora/sources.py).
 
 Two tenants on one S3 endpoint that checks signatures and IAM policies (moto, each
 tenant's key allowed its own bucket only), and a second endpoint with a bucket of the

@@ -1,4 +1,4 @@
-"""Memory modes (src/models/memory.py): the choice (src/models/memory_plan.py), and the same images from
+"""Memory modes (src/models/memory/modes.py): the choice (src/models/memory/plan.py), and the same images from
 every mode. On the CPU the streamed modes run diffusers' group-offloading hooks with
 the CPU as both homes: the hooks move nothing, but every module runs through them."""
 
@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from src.models import fp8, memory, memory_plan
+from src.models.fp8 import linear as fp8
+from src.models.memory import modes as memory
+from src.models.memory import plan as memory_plan
 from src.plumbing.config import Settings
 from src.serving.startup import start_worker
 from tests.conftest import FAST, image_from_b64, png_b64, sample_image
@@ -146,7 +148,7 @@ def test_weights_gathered_into_one_block_keep_their_values(worker):
 
 def test_the_plan_counts_the_padded_lora_branches(full_size_transformer):
     """COMPILE=true allocates the LoRA branches after the plan is made: it must leave them room."""
-    from src.models import lora_branches
+    from src.models.lora import branches as lora_branches
 
     branches = lora_branches.padded_bytes(full_size_transformer, 64, torch.bfloat16)
     assert 1.0 * GIB < branches < 1.2 * GIB  # the H200 bench's 1.1 GiB

@@ -1,4 +1,4 @@
-"""The memory plan (src/models/memory_plan.py): its arithmetic against the H200 measurements, the
+"""The memory plan (src/models/memory/plan.py): its arithmetic against the H200 measurements, the
 levers it picks, the refusal texts, and the worker running them: a planned lever, a
 refusal before any GPU work, and an out-of-memory error retried once with every lever
 that applies to the job."""
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from src.job.schema import parse_request
-from src.models import memory_plan
-from src.models.memory_plan import GIB, JobShape, MemoryPlan, need_bytes, shape_for
+from src.models.memory import plan as memory_plan
+from src.models.memory.plan import GIB, JobShape, MemoryPlan, need_bytes, shape_for
 from src.plumbing.config import Settings
 from src.serving.worker import Worker
 from src.serving.startup import start_worker

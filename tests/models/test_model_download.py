@@ -21,8 +21,8 @@ from huggingface_hub import constants
 from huggingface_hub.errors import OfflineModeIsEnabled
 from huggingface_hub.utils import get_session
 
-from src.models.model_download import hub_online, missing_downloads, remove_stale_partials
-from src.models.snapshots import repo_folder
+from src.models.files.download import hub_online, missing_downloads, remove_stale_partials
+from src.models.files.snapshots import repo_folder
 from src.plumbing.config import DEFAULT_LIGHTNING_FILES, DEFAULT_LIGHTNING_REPO, Settings
 from tests.conftest import FAST, REPO_ROOT, fetch, png_b64, sample_image
 from tests.fake_hf_hub import start_fake_hub
@@ -41,7 +41,7 @@ sys.path.insert(0, os.getcwd())
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 logging.getLogger("httpx2").setLevel(logging.WARNING)
 from src.plumbing.config import Settings
-from src.models.model_download import DownloadFailed, fetch_missing
+from src.models.files.download import DownloadFailed, fetch_missing
 try:
     print(fetch_missing(Settings.from_env(os.environ), progress_every_s=float(sys.argv[1])))
 except DownloadFailed as exc:
@@ -313,7 +313,7 @@ def test_a_lora_repo_missing_from_the_cache_says_the_command_that_fetches_it_and
     (against the loopback hub), it puts the file where the same source then resolves."""
     import shlex
 
-    from src.models.lora_sources import LoraCache, LoraError, http_limits, resolve
+    from src.models.lora.sources import LoraCache, LoraError, http_limits, resolve
     from src.plumbing.url_guard import AddressPolicy
 
     repo, file = LIGHTNING[0], LIGHTNING[1][0]

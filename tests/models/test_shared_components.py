@@ -1,4 +1,4 @@
-"""src/models/shared_components.py and tools/download_models.py's plan: Layered borrows the edit model's
+"""src/models/files/shared_components.py and tools/download_models.py's plan: Layered borrows the edit model's
 text encoder, tokenizer and processor only where they are the same files, by the hashes the hub
 reports, read from hub metadata or from a snapshot's links into blobs/."""
 
@@ -11,9 +11,9 @@ import pytest
 from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
 from huggingface_hub.utils import filter_repo_objects
 
-from src.models.shared_components import (SHARED_COMPONENTS, compare_components, hub_file_hashes, own_components,
+from src.models.files.shared_components import (SHARED_COMPONENTS, compare_components, hub_file_hashes, own_components,
                                           snapshot_file_hashes)
-from src.models.snapshots import main_snapshot, repo_folder
+from src.models.files.snapshots import main_snapshot, repo_folder
 from tools.download_models import (borrowed_patterns, comparison_lines, needs_comparison, parse_args,
                                    plan)
 
@@ -344,7 +344,7 @@ def test_a_layered_snapshot_without_its_borrowed_folders_loads_despite_the_cache
     from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
 
     from src.models.host import ModelHost
-    from src.models.weights import locate
+    from src.models.files.tensors import locate
     from src.plumbing.config import Settings
 
     copy = tmp_path / "hf"

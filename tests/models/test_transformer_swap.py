@@ -1,4 +1,4 @@
-"""The transformer swap (src/models/transformer_swap.py) on the tiny models: with
+"""The transformer swap (src/models/memory/transformer_swap.py) on the tiny models: with
 TRANSFORMER_SWAP=always the CPU worker moves its transformers exactly as a GPU worker does
 (pointed at their CPU copy to leave, copied in from it to come back), so alternating edits
 and decompositions give the images of a worker that never swaps, the warm-up moves one
@@ -11,8 +11,8 @@ import warnings
 import pytest
 import torch
 
-from src.models import fp8
-from src.models.transformer_swap import HOST_MARGIN_BYTES, host_room_for_twins
+from src.models.fp8 import linear as fp8
+from src.models.memory.transformer_swap import HOST_MARGIN_BYTES, host_room_for_twins
 from src.plumbing.config import Settings
 from src.serving.worker import Worker
 from src.serving.startup import start_worker

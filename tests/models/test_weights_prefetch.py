@@ -1,4 +1,4 @@
-"""WEIGHTS_PREFETCH (src/models/weights.py): which filesystems count as network storage (`auto`),
+"""WEIGHTS_PREFETCH (src/models/files/tensors.py): which filesystems count as network storage (`auto`),
 and a start that reads ahead reads every weight file the worker loads, and only those."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from src.models import weights
+from src.models.files import tensors as weights
 from src.models.host import ModelHost
 from src.plumbing.config import Settings
 

@@ -22,10 +22,11 @@ from typing import Callable
 
 import torch
 
-from src.models import fp8_loras, weights
-from src.models.fp8 import Fp8Linear
-from src.models.fp8_packed import ProjectionView
-from src.models.memory import HostBlock, HostMemoryError
+from src.models.lora import fp8_fusing as fp8_loras
+from src.models.files import tensors as weights
+from src.models.fp8.linear import Fp8Linear
+from src.models.fp8.packed import ProjectionView
+from src.models.memory.modes import HostBlock, HostMemoryError
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from src.job.schema import REPO_ID_SHAPE, InputError, echo
-from src.models.weights import ModelNotFound, locate
+from src.models.files.tensors import ModelNotFound, locate
 from src.plumbing.s3_deadline import TimedOut, within
 from src.plumbing.url_fetch import FetchLimits, iter_chunks
 from src.plumbing.url_guard import AddressPolicy, shown

@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from src.models.fp8 import Fp8Linear
-from src.models.fp8_packed import ProjectionView
+from src.models.fp8.linear import Fp8Linear
+from src.models.fp8.packed import ProjectionView
 
 _BRANCHED_CLASSES: dict[type, type] = {}
 
@@ -118,7 +118,7 @@ class LoraBranches:
                         module.lora_branch_on = True  # all of them: one compiled structure
                     elif parts:
                         # PEFT casts lora_A/lora_B to the base layer's dtype when it loads them,
-                        # and scales by `scale * lora_alpha / r` with lora_alpha = r (src/models/fp8_loras.py).
+                        # and scales by `scale * lora_alpha / r` with lora_alpha = r (src/models/lora/fp8_fusing.py).
                         device = module.weight.device
                         module.lora_parts = [(down.to(device, self.dtype), up.to(device, self.dtype),
                                               scale * down.shape[0] / down.shape[0])

@@ -28,7 +28,7 @@ MIN_SCALE = 1e-12
 # Hopper's faster FP8 accumulation (as torchao's and most FP8 inference stacks use); its
 # effect is inside the deviation docs/performance.md reports.
 FAST_ACCUMULATION = True
-# FP8_PACK_QKV (src/models/fp8_packed.py): the packed module's name under a block's `attn`,
+# FP8_PACK_QKV (src/models/fp8/packed.py): the packed module's name under a block's `attn`,
 # and the three linears it packs, as diffusers' QwenDoubleStreamAttnProcessor2_0 calls
 # them: the image stream's, then the text stream's.
 PACKED_PROJECTIONS = {

@@ -11,7 +11,7 @@ run reads nothing from the cache: each entry is still empty, so it zero-pads, an
 up- and downsamplers skip their time convolution; tests/models/test_image_vae.py). Several
 frames of one video and VAE tiling keep diffusers' own path. `saving_memory` turns on, for one
 job, the levers that cost pixels, only where the job would not fit otherwise
-(src/models/memory_plan.py).
+(src/models/memory/plan.py).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def for_images(vae) -> None:
 
 @contextmanager
 def saving_memory(vae, levers: tuple[str, ...]):
-    """Within the block, `vae` runs the memory levers a job needs (src/models/memory_plan.py):
+    """Within the block, `vae` runs the memory levers a job needs (src/models/memory/plan.py):
     `layers_one_at_a_time` (diffusers' slicing: a batch of layers decoded one by one) and
     `vae_tiling` (diffusers' tiling). Both change pixels slightly; both are undone after."""
     if "layers_one_at_a_time" in levers:

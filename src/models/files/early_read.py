@@ -21,9 +21,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from src.models.read_ahead import read_ahead_in_turn, should_prefetch, weight_files
-from src.models.shared_components import own_components
-from src.models.snapshots import ModelNotFound, ModelRef, locate
+from src.models.files.read_ahead import read_ahead_in_turn, should_prefetch, weight_files
+from src.models.files.shared_components import own_components
+from src.models.files.snapshots import ModelNotFound, ModelRef, locate
 from src.plumbing.config import BLOCK_LINEARS, FP8_CACHE_FOLDER, RECIPE_VERSION, Settings
 
 log = logging.getLogger(__name__)
@@ -50,12 +50,12 @@ def layered_folders(snapshot: Path, own_text_encoder: bool, fp8_cached: bool) ->
 
 
 def fp8_revision_folder(root: Path, repo_id: str, revision: str) -> Path:
-    """Where the FP8 caches of one snapshot lie, one folder per recipe (src/models/fp8_cache.py)."""
+    """Where the FP8 caches of one snapshot lie, one folder per recipe (src/models/fp8/cache.py)."""
     return root / repo_id.replace("/", "--") / revision
 
 
 def fp8_cache_recipe(keep, dtype: str) -> dict:
-    """What decides an FP8 cache's bytes (src/models/fp8_cache.py): how (RECIPE_VERSION), which
+    """What decides an FP8 cache's bytes (src/models/fp8/cache.py): how (RECIPE_VERSION), which
     linears (BLOCK_LINEARS less `keep`), from which dtype (`bfloat16`, `float32`)."""
     return {"format": FP8_CACHE_FORMAT, "quantization": RECIPE_VERSION,
             "quantized": sorted(set(BLOCK_LINEARS) - set(keep)), "dtype": dtype}

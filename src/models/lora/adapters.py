@@ -5,7 +5,7 @@ Fusing (merging the LoRA deltas into the weights) makes LoRA jobs run at base sp
 The weights each fusion changes are copied to CPU memory first, and restored by copy,
 so a job without LoRAs after any LoRA job gets bit-identical base weights. A set of
 adapters (same files, same scales) stays fused while jobs keep asking for it. In bf16
-diffusers fuses (`fuse_lora`); under QUANTIZE=fp8, `src/models/fp8_loras.py` fuses each touched
+diffusers fuses (`fuse_lora`); under QUANTIZE=fp8, `src/models/lora/fp8_fusing.py` fuses each touched
 linear in bf16 from the published weights and quantizes the result.
 """
 
@@ -23,9 +23,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from src.job.schema import MAX_ECHO_CHARS, JobRequest, echo
-from src.models import fp8_loras
-from src.models.fp8 import Fp8Linear
-from src.models.lora_sources import LoraCache, LoraError, LoraFile, describe_source, http_limits, resolve
+from src.models.lora import fp8_fusing as fp8_loras
+from src.models.fp8.linear import Fp8Linear
+from src.models.lora.sources import LoraCache, LoraError, LoraFile, describe_source, http_limits, resolve
 from src.plumbing.config import Settings
 
 log = logging.getLogger(__name__)

@@ -1,12 +1,12 @@
 """Tensors read by key from safetensors files (`stored_tensors`, `read_tensors`), without
-memory-mapping, in large reads on a few threads. The FP8 cache (src/models/fp8_cache.py) takes
+memory-mapping, in large reads on a few threads. The FP8 cache (src/models/fp8/cache.py) takes
 the transformer's unquantized tensors from the snapshot this way, never touching the bytes of
 the block linears it has in FP8; the same reads give a touched linear's bf16 original back
 from the snapshot.
 
 Also offered here, from their torch-free homes (the start's early read-ahead runs before torch
-is imported): where a model's files are (`locate`, src/models/snapshots.py) and the read-ahead
-of weight files into the page cache (`WEIGHTS_PREFETCH`, src/models/read_ahead.py).
+is imported): where a model's files are (`locate`, src/models/files/snapshots.py) and the read-ahead
+of weight files into the page cache (`WEIGHTS_PREFETCH`, src/models/files/read_ahead.py).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from typing import TypeVar
 
 import torch
 
-from src.models.read_ahead import (CHUNK_BYTES, NETWORK_FILESYSTEMS, PARALLEL_FILES,  # noqa: F401
+from src.models.files.read_ahead import (CHUNK_BYTES, NETWORK_FILESYSTEMS, PARALLEL_FILES,  # noqa: F401
                                    WEIGHT_SUFFIXES, available_memory_bytes, filesystem_of, is_network, prefetch,
                                    read_ahead, read_through, should_prefetch, weight_files)
-from src.models.snapshots import ModelNotFound, ModelRef, locate  # noqa: F401
+from src.models.files.snapshots import ModelNotFound, ModelRef, locate  # noqa: F401
 
 # -- Tensors by key from safetensors files ---------------------------------------------------------
 

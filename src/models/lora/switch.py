@@ -2,10 +2,10 @@
 
     base      no adapters: the base weights, exact
     resident  the set held ready (PRELOAD=lightning): the layers pointed at its fused copy on
-              the device, or that copy copied in from CPU memory (src/models/lora_resident.py)
-    unfused   side branches beside the base weights (src/models/lora_branches.py): a cheap switch,
+              the device, or that copy copied in from CPU memory (src/models/lora/resident.py)
+    unfused   side branches beside the base weights (src/models/lora/branches.py): a cheap switch,
               a small cost per pass
-    fused     fused into the weights on the spot (src/models/loras.py FusedLoras): the switch costs
+    fused     fused into the weights on the spot (src/models/lora/adapters.py FusedLoras): the switch costs
               a fuse and later a restore, the passes run at base speed
 
 A set that is not resident runs unfused until LORA_FUSE_AFTER consecutive jobs have asked
@@ -20,9 +20,9 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from src.models.lora_branches import LoraBranches
-from src.models.lora_resident import PointedSet, ResidentSet, hold
-from src.models.loras import Adapter, FusedLoras, identity_of
+from src.models.lora.branches import LoraBranches
+from src.models.lora.resident import PointedSet, ResidentSet, hold
+from src.models.lora.adapters import Adapter, FusedLoras, identity_of
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class LoraSwitch:
     def hold_ready(self, pipeline, adapters: list[Adapter], pin: bool,
                    reserve_device: Callable[[int], bool] | None = None) -> ResidentSet:
         """Make `adapters` the resident set (the base model is served meanwhile); held on the
-        device where `reserve_device` grants the bytes (src/models/lora_resident.py)."""
+        device where `reserve_device` grants the bytes (src/models/lora/resident.py)."""
         self.apply(pipeline, [])
         self.resident = hold(pipeline, self.fused, adapters, identity_of(adapters), pin, reserve_device)
         return self.resident

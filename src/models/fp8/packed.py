@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from src.models.fp8 import PACKED_PROJECTIONS, Fp8Linear
+from src.models.fp8.linear import PACKED_PROJECTIONS, Fp8Linear
 
 
 class PackedFp8Linear(Fp8Linear):

@@ -8,7 +8,7 @@
                   bound by the PCIe link
 
 `MEMORY_MODE=auto` (the default) takes the fastest mode that serves every job the schema
-accepts, or at least every edit (src/models/memory_plan.py decides, with the transformer swap);
+accepts, or at least every edit (src/models/memory/plan.py decides, with the transformer swap);
 a mode can be forced. Streaming moves bytes only, so every mode returns the same images
 (tests/models/test_memory.py).
 """

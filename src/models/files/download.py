@@ -36,8 +36,8 @@ from huggingface_hub.utils import (are_progress_bars_disabled, disable_progress_
                                    filter_repo_objects)
 from huggingface_hub.utils import httpx  # huggingface_hub's own HTTP client, whatever its package
 
-from src.models.shared_components import SHARED_COMPONENTS, compare_components, hub_file_hashes
-from src.models.snapshots import hub_cache, repo_folder, snapshot_dir, write_ref
+from src.models.files.shared_components import SHARED_COMPONENTS, compare_components, hub_file_hashes
+from src.models.files.snapshots import hub_cache, repo_folder, snapshot_dir, write_ref
 
 if TYPE_CHECKING:
     from src.plumbing.config import Settings

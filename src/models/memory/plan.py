@@ -25,7 +25,7 @@ MP = 1_000_000
 # Bytes per unit, each the largest rate measured on the worker's job path (docs/memory.md,
 # "The measured rates"); under FP8 activations are quantized per token beside their bf16 copies.
 TRANSFORMER_BYTES_PER_TOKEN = {"none": 0.1 * GIB / 1000, "fp8": 0.17 * GIB / 1000}
-# VAE decode without the feature cache (src/models/image_vae.py).
+# VAE decode without the feature cache (src/models/memory/image_vae.py).
 DECODE_BYTES_PER_PIXEL = 1.97 * GIB / MP
 TILED_DECODE_BYTES = 1 * GIB  # the measured tiled decode (docs/memory.md), with margin
 ENCODE_BYTES_PER_PIXEL = 1.13 * GIB / (1024 * 1024)  # as measured for one 1024x1024 reference

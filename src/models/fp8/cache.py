@@ -34,10 +34,11 @@ from pathlib import Path
 
 import torch
 
-from src.models import fp8, weights
-from src.models.early_read import FP8_CACHE_FORMAT as FORMAT  # the manifest's "format"
-from src.models.early_read import FP8_MANIFEST, fp8_cache_recipe, fp8_revision_folder
-from src.models.weights import locate  # which snapshot the worker loads: refs/main, offline
+from src.models.fp8 import linear as fp8
+from src.models.files import tensors as weights
+from src.models.files.early_read import FP8_CACHE_FORMAT as FORMAT  # the manifest's "format"
+from src.models.files.early_read import FP8_MANIFEST, fp8_cache_recipe, fp8_revision_folder
+from src.models.files.tensors import locate  # which snapshot the worker loads: refs/main, offline
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from src.models import weights
-from src.models.fp8 import Fp8Linear, rowwise_fp8
+from src.models.files import tensors as weights
+from src.models.fp8.linear import Fp8Linear, rowwise_fp8
 
 log = logging.getLogger(__name__)
 

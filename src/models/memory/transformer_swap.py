@@ -3,7 +3,7 @@
 Each transformer gets one page-locked CPU copy of its prepared parameters (`HostTwin`),
 made the first time it leaves the device, in one block of their exact size. Its weights do
 not change while the worker runs: a LoRA set written into them is a change, and the caller
-puts the base weights back before the transformer leaves (src/models/lora_switch.py
+puts the base weights back before the transformer leaves (src/models/lora/switch.py
 `to_base`). So leaving points the parameters back at the twin (no device-to-host copy, no
 work), and coming in is one host-to-device copy of the block at the link's speed into one
 device block the parameters then view.
@@ -21,7 +21,7 @@ import logging
 
 import torch
 
-from src.models.memory import HostBlock
+from src.models.memory.modes import HostBlock
 
 log = logging.getLogger(__name__)
 

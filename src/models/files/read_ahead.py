@@ -7,7 +7,7 @@ chunks, several at once, so the loader's reads find their pages in memory; `read
 on a background thread. `auto` keeps it to network filesystems. Skipped when the files exceed
 90% of available memory (the page cache would drop them again). Figures: docs/performance.md.
 
-Standard library only (no torch): the start's first read (src/models/early_read.py) runs
+Standard library only (no torch): the start's first read (src/models/files/early_read.py) runs
 while Python is still importing torch and diffusers.
 """
 

@@ -1,9 +1,9 @@
 """Where a model's files are: its snapshot in the Hugging Face cache (HF_HOME/hub), offline.
 
 `locate` follows the cache's refs/main, as the loader, the FP8 cache, LoRAs named by repo id
-and the start's early read-ahead (src/models/early_read.py) all need it. The cache's layout
+and the start's early read-ahead (src/models/files/early_read.py) all need it. The cache's layout
 (`models--<org>--<name>/refs/main`, `snapshots/<revision>/`) is built here alone, for the
-download (src/models/model_download.py), the tools and the tests. No torch here: the early
+download (src/models/files/download.py), the tools and the tests. No torch here: the early
 read-ahead runs before torch is imported.
 """
 
@@ -48,7 +48,7 @@ def locate(repo_id: str, hf_home: Path) -> ModelRef:
     except IncompleteSnapshotError as exc:
         # The cache's listing of the repo names files this snapshot lacks: Layered's text
         # encoder, tokenizer and processor are left out on purpose where they are the edit
-        # model's (src/models/shared_components.py). A file that is really missing fails the load
+        # model's (src/models/files/shared_components.py). A file that is really missing fails the load
         # that needs it, naming it.
         log.info("%s: the cached snapshot lacks files its listing names; using it as it is", repo_id)
         path = Path(exc.snapshot_path)
