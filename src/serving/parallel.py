@@ -1,42 +1,17 @@
-"""One job across several GPUs: diffusers' context parallelism, one process per GPU.
+"""One job across several GPUs: diffusers' context parallelism (Ulysses attention over NCCL),
+one process per GPU, each holding the whole pipeline and 1/N of the transformer's tokens.
 
-`PARALLEL` (`off`, the default, `auto` or a number of ranks) decides; `auto` means every
-visible GPU when there are two or more. Off by default: this path has run on the CPU
-(gloo) only, never on GPUs over NCCL. The process RunPod starts is rank 0: it spawns ranks 1..N-1,
-and every rank loads the same pipelines onto its own GPU. Each transformer then runs
-under diffusers' context parallelism (`transformer.enable_parallelism` with a
-`ContextParallelConfig`: Ulysses attention across all ranks): every rank holds the
-whole transformer, takes 1/N of the image and text tokens, and the attention swaps heads
-for tokens with an all-to-all (NCCL). Text encoder and VAE run whole on every rank.
+`PARALLEL` (`off` by default, `auto`, or a number of ranks) decides. The process RunPod starts
+is rank 0: it spawns the others, checks each job (`parse_request`) and draws its seed, so a bad
+input never reaches another rank; it broadcasts the job on a gloo control group, every rank runs
+`Worker.handle`, and only rank 0 stores and answers.
 
-Jobs, one at a time:
-
-1. Rank 0 checks the input (`parse_request`) and draws the seed if the job has none,
-   so a bad input never reaches the other ranks and every rank uses the same seed.
-2. Rank 0 sends the job to the others (`broadcast_object_list` on a gloo control group,
-   which waits for the next job as long as the worker stays idle).
-3. Every rank runs `Worker.handle` on it; only rank 0 stores results and answers. The
-   others run without a bucket and drop their copy of the result.
-4. Lockstep: before each transformer call the ranks vote (a gloo all-reduce). A rank
-   whose part of the job failed before that call (a decode or LoRA error, say) votes
-   "done" instead, the others stop at that vote with `PeerFailed`, and at the end every
-   rank's error is gathered, so rank 0 answers with the real one. No rank waits for a
-   collective that another rank will never join.
-
-Start-up uses the same lockstep: the load, then the warm-up; a rank that cannot start
-stops them all with its reason.
-
-Outputs equal one GPU's for the same seed up to rounding: same weights, same noise (a
-CPU generator) and attention over all tokens, but matrix products over 1/N of the
-tokens may sum in another order. On the tiny models (float32, CPU, gloo, 2 ranks, 256x256,
-2 steps, true CFG) the decoded image differed by at most 5.4e-7 (relative L2 4.1e-8):
-one 8-bit value in 196,608 off by 1. The deviation on GPUs in bf16 is not measured.
-
-Limits: a failure *inside* a transformer call on one rank (a CUDA error, out of memory)
-leaves the others in the NCCL all-to-all until `COLLECTIVE_TIMEOUT`; then the worker is
-replaced. The same holds for a `JOB_TIMEOUT_S` stop, which only rank 0 watches. LoRA
-sources on S3 need a bucket, which the other ranks do not have: such jobs fail with
-that rank's error. `COMPILE=true` with context parallelism is not measured.
+Invariant: no rank waits for a collective another rank will never join. Before each transformer
+call the ranks vote; a rank whose part failed votes "done", the others stop with `PeerFailed`,
+and rank 0 answers with the real error. The start (load, then warm-up) uses the same lockstep.
+Outputs equal one GPU's up to rounding (docs: README "Several GPUs"). Not covered: a failure
+inside a transformer call, or a `JOB_TIMEOUT_S` stop, leaves the others in NCCL until
+`COLLECTIVE_TIMEOUT` (the worker is replaced); S3 LoRA sources fail on ranks without a bucket.
 """
 
 from __future__ import annotations
