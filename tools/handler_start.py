@@ -212,7 +212,9 @@ class StartProbe:
                 "weights_read": {"bytes": read_bytes, "reports": self.read_reports,
                                  "gb_per_s": round(read_bytes / 1e9 / joined_length(self.reads), 2)
                                  if self.reads else None},
-                "compile_cache": worker.compile_cache_state, "memory_mode": host.memory_mode,
+                "compile_cache": worker.compile_cache_state,
+                "warm_passes": [span.as_dict() for span in worker.compile_meter.spans],
+                "memory_mode": host.memory_mode,
                 "swap_transformers": host.swap_transformers, "preload": sorted(worker.settings.preload),
                 "fp8_loads": host.fp8_loads, "runpod_sdk": self.sdk}
 

@@ -95,7 +95,8 @@ def one_start(label: str, env: dict[str, str], work: Path, bench_args: list[str]
             "settings": {**{key: env[key] for key in SETTINGS if key in env}, "PRELOAD": ",".join(result["preload"])},
             "compile_cache": result["compile_cache"], "ready_s": round(result["ready_at"] - started, 1),
             "stages_s": {name: None if value is None else round(value, 1) for name, value in stages.items()},
-            "memory_mode": result["memory_mode"], "swap_transformers": result["swap_transformers"]}
+            "memory_mode": result["memory_mode"], "swap_transformers": result["swap_transformers"],
+            "warm_passes": result["warm_passes"]}
 
 
 def main() -> None:
