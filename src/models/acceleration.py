@@ -12,7 +12,8 @@ compiles one block with dynamic shapes and reuses it for all 60: every output si
 reference count runs the same compiled code, compiled once at the warm-up. Every block gets
 the same kind of input for that: the first block's would otherwise be views (the outputs of
 `img_in` and `txt_in`) where the others get fresh tensors, and Dynamo guards on a view's base,
-so each block structure would be traced and compiled twice (`fresh_block_inputs`).
+so each block structure would be traced and compiled twice (`compile_blocks` gives the
+first block tensors of their own).
 """
 
 from __future__ import annotations
@@ -63,22 +64,24 @@ def accelerate(transformer: torch.nn.Module, device: torch.device, *, attention:
     if attention != "sdpa":
         transformer.set_attention_backend(ATTENTION_BACKENDS[attention])
     if compile_blocks:
-        fresh_block_inputs(transformer)
         # Compiled lazily, on the first forward: the warm-up job at start (or, for a
         # Layered pipeline loaded on first use, that first decompose job).
-        transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
+        compile_blocks(transformer)
     log.info("transformer %s: attention %s, compile %s", type(transformer).__name__, attention,
              "on" if compile_blocks else "off")
 
 
-def fresh_block_inputs(transformer: torch.nn.Module) -> None:
-    """The inputs of the first block as tensors of their own, not views, as every later block
-    gets them: `detach()` under no_grad is the same memory without the view's base (no copy, the
-    same values), and Dynamo then has one guard set, one graph, for all the blocks."""
-    for name in ("img_in", "txt_in"):
-        projection = getattr(transformer, name, None)
-        if projection is not None:
-            projection.register_forward_hook(_detached_output)
+def compile_blocks(transformer: torch.nn.Module, backend: str = "inductor") -> None:
+    """Regional compile of the transformer's blocks, one graph for all of them: the outputs of
+    `img_in` and `txt_in` (the first block's inputs, views) are detached, so the first block
+    gets tensors of its own as every later block does. `detach()` under no_grad is the same
+    memory and values without the view's base, which Dynamo would guard on. `backend`: the
+    CPU tests' `eager`."""
+    if not getattr(transformer, "_fresh_block_inputs", False):
+        for name in ("img_in", "txt_in"):
+            getattr(transformer, name).register_forward_hook(_detached_output)
+        transformer._fresh_block_inputs = True
+    transformer.compile_repeated_blocks(fullgraph=True, dynamic=True, backend=backend)
 
 
 def _detached_output(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:

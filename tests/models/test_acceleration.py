@@ -8,7 +8,7 @@ import torch
 from diffusers import QwenImageTransformer2DModel
 from PIL import Image
 
-from src.models.acceleration import fresh_block_inputs
+from src.models.acceleration import compile_blocks
 from src.models.compile_meter import CompileMeter
 from src.models.files.snapshots import main_snapshot
 from tests.conftest import direct_edit, reference_edit_pipeline, same_pixels
@@ -33,11 +33,13 @@ def _edit(pipeline) -> Image.Image:
 
 
 def _compiled_edit(pipeline, fresh_inputs: bool) -> tuple[Image.Image, int]:
-    """The edit with the blocks compiled as `accelerate` compiles them; and the graphs compiled."""
+    """The edit with the blocks compiled as the worker compiles them (or, without fresh inputs,
+    by diffusers' regional compile alone); and the graphs compiled."""
     torch._dynamo.reset()
     if fresh_inputs:
-        fresh_block_inputs(pipeline.transformer)
-    pipeline.transformer.compile_repeated_blocks(fullgraph=True, dynamic=True, backend="eager")
+        compile_blocks(pipeline.transformer, backend="eager")
+    else:
+        pipeline.transformer.compile_repeated_blocks(fullgraph=True, dynamic=True, backend="eager")
     meter = CompileMeter()
     with meter.span("edit"):
         image = _edit(pipeline)
@@ -54,7 +56,7 @@ def test_every_block_runs_one_graph_and_the_image_is_the_pipelines(hf_home):
 
 
 def test_without_fresh_inputs_the_first_block_compiles_a_graph_of_its_own(hf_home):
-    """Why `fresh_block_inputs` exists: block 0's inputs are views, the others' are not."""
+    """Why `compile_blocks` detaches: block 0's inputs are views, the others' are not."""
     _, graphs = _compiled_edit(_pipeline(hf_home, blocks=3), fresh_inputs=False)
 
     assert graphs == 2
