@@ -595,7 +595,7 @@ def timed_cfg_step(transformer, cond: dict, uncond: dict, batched: bool, repeats
 def measure_levers(worker: Worker, names: list[str], record: dict, out_dir: Path, repeats: int = 5,
                    profile: bool = False) -> None:
     """Each lever's figures into `record["levers"]`, written after each (a run cut short keeps them)."""
-    from src.models.acceleration import ATTENTION_BACKENDS, compile_blocks
+    from src.models.acceleration import ATTENTION_BACKENDS, regional_compile
     from src.models.fp8.packed import pack_projections, unpack_projections
     from src.plumbing.config import FP8_RECIPES
 
@@ -623,7 +623,7 @@ def measure_levers(worker: Worker, names: list[str], record: dict, out_dir: Path
             precision = (keep, packed)
         transformer.set_attention_backend(ATTENTION_BACKENDS[attention])
         if compiled:
-            compile_blocks(transformer)
+            regional_compile(transformer)
         try:
             first, per_pass, out = timed_passes(transformer, one, repeats)
             first_two, per_pass_two, _ = timed_passes(transformer, two, repeats)
@@ -683,7 +683,7 @@ def lightning_fp8_deviation(worker: Worker) -> dict:
     fused by src/models/lora/fp8_fusing.py, beside FP8's own deviation without the LoRA and the LoRA's
     own effect. Needs a bf16 run (QUANTIZE unset); it quantizes the edit transformer, so
     it runs last."""
-    from src.models.acceleration import compile_blocks
+    from src.models.acceleration import regional_compile
     from src.models.fp8.linear import quantize_blocks
 
     host, settings = worker.host, worker.settings
@@ -712,7 +712,7 @@ def lightning_fp8_deviation(worker: Worker) -> dict:
     uncompile(transformer)
     quantize_blocks(transformer, host.device, keep=settings.fp8_keep_bf16)
     if settings.compile:
-        compile_blocks(transformer)
+        regional_compile(transformer)
     base_fp8 = one_pass()
     touched = {name: transformer.get_submodule(name) for name in touched_linears(transformer, adapters)}
     before = {name: [p.detach().cpu() for p in module.parameters()] for name, module in touched.items()}

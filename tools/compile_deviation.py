@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from src.models.acceleration import compile_blocks  # noqa: E402
+from src.models.acceleration import regional_compile  # noqa: E402
 from src.models.vl_processor import load_processor  # noqa: E402
 from src.models.files.tensors import locate  # noqa: E402
 
@@ -48,7 +48,7 @@ def main() -> None:
                         generator=torch.Generator().manual_seed(0), output_type="np").images[0]
 
     eager = run()
-    compile_blocks(pipeline.transformer)  # as the worker compiles them
+    regional_compile(pipeline.transformer)  # as the worker compiles them
     started = time.perf_counter()
     compiled = run()
     print(f"{args.dtype} on {args.device}, {args.size}x{args.size}, {args.steps} steps, true CFG 4 "

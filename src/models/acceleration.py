@@ -12,7 +12,7 @@ compiles one block with dynamic shapes and reuses it for all 60: every output si
 reference count runs the same compiled code, compiled once at the warm-up. Every block gets
 the same kind of input for that: the first block's would otherwise be views (the outputs of
 `img_in` and `txt_in`) where the others get fresh tensors, and Dynamo guards on a view's base,
-so each block structure would be traced and compiled twice (`compile_blocks` gives the
+so each block structure would be traced and compiled twice (`regional_compile` gives the
 first block tensors of their own).
 """
 
@@ -66,12 +66,12 @@ def accelerate(transformer: torch.nn.Module, device: torch.device, *, attention:
     if compile_blocks:
         # Compiled lazily, on the first forward: the warm-up job at start (or, for a
         # Layered pipeline loaded on first use, that first decompose job).
-        compile_blocks(transformer)
+        regional_compile(transformer)
     log.info("transformer %s: attention %s, compile %s", type(transformer).__name__, attention,
              "on" if compile_blocks else "off")
 
 
-def compile_blocks(transformer: torch.nn.Module, backend: str = "inductor") -> None:
+def regional_compile(transformer: torch.nn.Module, backend: str = "inductor") -> None:
     """Regional compile of the transformer's blocks, one graph for all of them: the outputs of
     `img_in` and `txt_in` (the first block's inputs, views) are detached, so the first block
     gets tensors of its own as every later block does. `detach()` under no_grad is the same

@@ -8,7 +8,7 @@ import torch
 from diffusers import QwenImageTransformer2DModel
 from PIL import Image
 
-from src.models.acceleration import compile_blocks
+from src.models.acceleration import regional_compile
 from src.models.compile_meter import CompileMeter
 from src.models.files.snapshots import main_snapshot
 from tests.conftest import direct_edit, reference_edit_pipeline, same_pixels
@@ -37,7 +37,7 @@ def _compiled_edit(pipeline, fresh_inputs: bool) -> tuple[Image.Image, int]:
     by diffusers' regional compile alone); and the graphs compiled."""
     torch._dynamo.reset()
     if fresh_inputs:
-        compile_blocks(pipeline.transformer, backend="eager")
+        regional_compile(pipeline.transformer, backend="eager")
     else:
         pipeline.transformer.compile_repeated_blocks(fullgraph=True, dynamic=True, backend="eager")
     meter = CompileMeter()
@@ -56,7 +56,20 @@ def test_every_block_runs_one_graph_and_the_image_is_the_pipelines(hf_home):
 
 
 def test_without_fresh_inputs_the_first_block_compiles_a_graph_of_its_own(hf_home):
-    """Why `compile_blocks` detaches: block 0's inputs are views, the others' are not."""
+    """Why `regional_compile` detaches: block 0's inputs are views, the others' are not."""
     _, graphs = _compiled_edit(_pipeline(hf_home, blocks=3), fresh_inputs=False)
 
     assert graphs == 2
+
+
+def test_accelerate_compiles_every_block_the_worker_s_way(hf_home):
+    """`accelerate`'s CUDA branch, run on the CPU: nothing in it touches the device until the
+    first forward, so it is checked here that it compiles every block with the inputs detached."""
+    from src.models.acceleration import accelerate
+
+    transformer = _pipeline(hf_home, blocks=3).transformer
+    accelerate(transformer, torch.device("cuda"), attention="sdpa", compile_blocks=True)
+    accelerate(transformer, torch.device("cuda"), attention="sdpa", compile_blocks=True)  # a second time
+
+    assert all(block._compiled_call_impl is not None for block in transformer.transformer_blocks)
+    assert [len(transformer.img_in._forward_hooks), len(transformer.txt_in._forward_hooks)] == [1, 1]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from src.models.acceleration import compile_blocks
+from src.models.acceleration import regional_compile
 from src.models.memory import plan as memory_plan
 from src.models.lora.branches import LoraBranches
 from src.plumbing.config import ConfigError, Settings
@@ -240,7 +240,7 @@ def test_the_padded_layout_switches_sets_without_recompiling(worker, lora_dir, h
     chosen = lightning_and_custom(pipeline, lora_dir, hf_home, worker.settings)
     branches = LoraBranches(pipeline.transformer, torch.float32, padded_rank=64)
     torch._dynamo.reset()
-    compile_blocks(pipeline.transformer, backend="eager")
+    regional_compile(pipeline.transformer, backend="eager")
     try:
         direct(pipeline, steps=2)
         base_graphs = counters["stats"]["unique_graphs"]
