@@ -118,8 +118,10 @@ def test_cancel_a_queued_and_a_running_job_and_purge_the_queue(sdk, endpoint):
 
 
 def test_a_job_past_its_execution_timeout_is_timed_out_and_stopped(sdk, endpoint):
+    # 1024x1024: at 256x256 the tiny model's 100 steps can end within RunPod's shortest timeout (5 s).
     reply = requests.post(f"{endpoint.url}/v2/local/run", timeout=30, json={
-        "input": edit_job(num_inference_steps=LONG_STEPS), "policy": {"executionTimeout": 5000}}).json()
+        "input": edit_job(num_inference_steps=LONG_STEPS, width=1024, height=1024),
+        "policy": {"executionTimeout": 5000}}).json()
     job = runpod.endpoint.runner.Job("local", reply["id"], sdk.rp_client)
     assert job.output(timeout=STEPS_SEEN_S) is None
     assert job.status() == "TIMED_OUT"
