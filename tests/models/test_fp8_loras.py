@@ -223,9 +223,9 @@ def test_fp8_lightning_stays_near_the_unquantized_lightning_job(fp8_worker, work
 def test_fp8_set_held_on_the_device_is_fused_there_and_gives_the_in_place_fuses_image(fp8_worker, worker_env):
     """With room in the plan (GPU_MEMORY_GIB) the FP8 Lightning set is fused straight into
     its device copy, the layers never written (src/models/lora/resident.py `_hold_on_device`):
-    the held values are those the in-place fuse writes, bit for bit, the Lightning job's
-    image is the host-held worker's, the base comes back exact, and a release (copied out
-    first) and a stage again give the same image."""
+    the held values are the host-held worker's (`_hold_in_host_memory`, whose Lightning job
+    gives diffusers' own fuse's image, above), bit for bit, and so is the image; the base
+    comes back exact, and a release (copied out first) and a stage again give the same image."""
     held = start_worker(Settings.from_env({**worker_env, "QUANTIZE": "fp8", "PRELOAD": "edit,lightning",
                                            "GPU_MEMORY_GIB": "400", "WARMUP": "false"}))
     switch, transformer = held.host.loras, held.host.edit.transformer
@@ -233,10 +233,10 @@ def test_fp8_set_held_on_the_device_is_fused_there_and_gives_the_in_place_fuses_
     base = state(transformer)
     lightning = edit(held, lightning=4, num_inference_steps=None)
     assert switch.mode == "resident"
-    fused_in_place = edit(fp8_worker, lightning=4, num_inference_steps=None)
-    assert np.array_equal(pixels(lightning), pixels(fused_in_place))
-    held_values, in_place_values = state(transformer), state(fp8_worker.host.edit.transformer)
-    assert all(bitwise_equal(held_values[k], in_place_values[k]) for k in held_values)
+    held_on_host = edit(fp8_worker, lightning=4, num_inference_steps=None)
+    assert np.array_equal(pixels(lightning), pixels(held_on_host))
+    held_values, host_values = state(transformer), state(fp8_worker.host.edit.transformer)
+    assert all(bitwise_equal(held_values[k], host_values[k]) for k in held_values)
     assert any(not bitwise_equal(held_values[k], base[k]) for k in base)  # the set did change weights
     edit(held)
     after = state(transformer)

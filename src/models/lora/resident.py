@@ -147,34 +147,32 @@ class PointedSet(ResidentSet):
 
 def hold(pipeline, fused_loras, adapters: list, identity: tuple, pin: bool,
          reserve_device: Callable[[int], bool] | None = None) -> ResidentSet:
-    """Fuse `adapters` once with `fused_loras` (the worker's on-the-spot fuse), keep the
-    fused values (and, in CPU memory, the originals) and put the base model back.
-    `reserve_device(n)` says whether n more bytes may stay on the device (and reserves
-    them). CPU memory peaks at the copies kept plus the originals, which move into their
-    block one by one. Under FP8 with room on the device the fused values are made there
-    directly, the layers untouched (`_hold_on_device`)."""
+    """Fuse `adapters` once, keep the fused values (and, in CPU memory, the base values) and
+    leave the layers with their base values. `reserve_device(n)` says whether n more bytes
+    may stay on the device (and reserves them). Under FP8 the fuse's values are made
+    straight into their block (`FusedLoras.fused_linears`), the layers never written; in
+    bf16 diffusers fuses in place (`FusedLoras.apply`), and CPU memory then peaks at the
+    copies kept plus the originals, which move into their block one by one."""
     start = time.perf_counter()
-    if fused_loras.fuses_fp8 and reserve_device is not None:
+    if fused_loras.fuses_fp8:
         modules = dict(pipeline.transformer.named_modules())
         names = fp8_loras.touched_linears(pipeline.transformer, adapters)
         parameters = list(dict.fromkeys(p for name in names for p in _held(modules[name])))  # each one once
-        if reserve_device(sum(HostBlock.sizes(parameters))):
+        if reserve_device is not None and reserve_device(sum(HostBlock.sizes(parameters))):
             return _hold_on_device(pipeline, fused_loras, adapters, identity, pin, names, parameters, start)
-        reserve_device = None  # asked once: no room there
+        return _hold_in_host_memory(pipeline, fused_loras, adapters, identity, pin, names, parameters, start)
     fused_loras.apply(pipeline, adapters)
     originals = fused_loras.take_originals()  # {linear: tensors}; the weights stay fused
     modules = dict(pipeline.transformer.named_modules())
     names = list(originals)
-    linear_tensors = [p for name in names for p in _parameters(modules[name])]  # as `originals`, linear by linear
-    parameters = list(dict.fromkeys(p for name in names for p in _held(modules[name])))  # each one once
-    packed = any(isinstance(modules[name], ProjectionView) for name in names)
+    parameters = [p for name in names for p in _parameters(modules[name])]  # as `originals`, linear by linear
     size = sum(HostBlock.sizes(parameters))
     on_device = reserve_device is not None and reserve_device(size)
     need = size if on_device else 2 * size
     available = weights.available_memory_bytes()
     held = sum(t.nbytes for tensors in originals.values() for t in tensors)  # freed as the blocks fill
     if available is not None and need - held > available - HOST_MARGIN_BYTES:
-        _restore(linear_tensors, [t for name in names for t in originals[name]])
+        _restore(parameters, [t for name in names for t in originals[name]])
         copies = "its fused values" if on_device else "its linears twice: fused and base"
         raise HostMemoryError(f"holding the fused set ready needs {need / GB:.1f} GB of CPU memory "
                               f"({len(names)} linears, {copies}); {(available + held) / GB:.1f} GB is available")
@@ -185,14 +183,7 @@ def hold(pipeline, fused_loras, adapters: list, identity: tuple, pin: bool,
         with torch.no_grad():
             for view, parameter in zip(fused.views, parameters):
                 view.copy_(parameter)
-        if packed:  # the base back linear by linear first; the packed tensors hold it whole then
-            _restore(linear_tensors, [t for name in names for t in originals[name]])
-            originals.clear()
-            if not on_device:
-                base = HostBlock(parameters)
-                for view, parameter in zip(base.views, parameters):
-                    view.copy_(parameter)
-        elif not on_device:
+        if not on_device:
             base = HostBlock(parameters)
             views = iter(base.views)
             for name in names:  # one linear at a time: the originals' memory goes as the block fills
@@ -200,10 +191,9 @@ def hold(pipeline, fused_loras, adapters: list, identity: tuple, pin: bool,
                 moved += copied
                 del originals[name]
     except BaseException:
-        _restore(linear_tensors, moved + [t for name in names if name in originals for t in originals[name]])
+        _restore(parameters, moved + [t for name in names if name in originals for t in originals[name]])
         raise
-    if not packed:
-        _restore(parameters, [t for name in names for t in originals[name]] if on_device else base.views)
+    _restore(parameters, [t for name in names for t in originals[name]] if on_device else base.views)
     if pin:
         fused.pin()
         if base is not None:
@@ -221,30 +211,60 @@ def hold(pipeline, fused_loras, adapters: list, identity: tuple, pin: bool,
 
 def _hold_on_device(pipeline, fused_loras, adapters: list, identity: tuple, pin: bool, names: list[str],
                     parameters: list[torch.Tensor], start: float) -> PointedSet:
-    """The FP8 fuse's values (`FusedLoras.fused_linears`, the same values `apply` writes)
-    made straight into one device block; its CPU copy waits for its first release
-    (`PointedSet.release`), the CPU memory for it checked now. The layers are never
-    written, so no originals are saved or put back, and nothing is copied out or page-locked
-    at start (docs/performance.md has the times)."""
+    """FP8: the fused values made straight into one device block; its CPU copy waits for its
+    first release (`PointedSet.release`), the CPU memory for it checked now. Nothing is
+    copied out or page-locked at start (docs/performance.md has the times)."""
     size = sum(HostBlock.sizes(parameters))
-    available = weights.available_memory_bytes()
-    if available is not None and size > available - HOST_MARGIN_BYTES:
-        raise HostMemoryError(f"holding the fused set ready needs {size / GB:.1f} GB of CPU memory "
-                              f"({len(names)} linears, its fused values); {available / GB:.1f} GB is available")
-    on_device = HostBlock(parameters, device=parameters[0].device)
-    view_of = {id(parameter): view for parameter, view in zip(parameters, on_device.views)}
+    _check_host_memory(size, f"{len(names)} linears, its fused values")
+    on_device = _fused_block(pipeline, fused_loras, adapters, parameters,
+                             HostBlock(parameters, device=parameters[0].device))
+    log.info("LoRA set held ready on the GPU: %d linears, %.1f GB, fused there in %.1f s (copied out to CPU "
+             "memory only if a job needs the room)", len(names), size / GB, time.perf_counter() - start)
+    return PointedSet(identity, len(names), parameters, None, on_device=on_device, pin=pin)
+
+
+def _hold_in_host_memory(pipeline, fused_loras, adapters: list, identity: tuple, pin: bool, names: list[str],
+                         parameters: list[torch.Tensor], start: float) -> CopiedSet:
+    """FP8 without room on the device: the base values and the fused ones copied straight
+    into two CPU blocks, page-locked before they are written (`pin`), so every copy runs at
+    the link's speed and no value passes through pageable memory."""
+    size = sum(HostBlock.sizes(parameters))
+    _check_host_memory(2 * size, f"{len(names)} linears, its linears twice: fused and base")
+    blocks = [HostBlock.page_locked(parameters) if pin else HostBlock(parameters) for _ in range(2)]
+    allocated = time.perf_counter()
+    base = blocks[0]
     with torch.no_grad():
-        # The base values first: the rows of a packed projection the set leaves alone keep them.
-        for parameter, view in zip(parameters, on_device.views):
+        for view, parameter in zip(base.views, parameters):
+            view.copy_(parameter)
+    fused = _fused_block(pipeline, fused_loras, adapters, parameters, blocks[1])
+    log.info("LoRA set held ready in CPU memory (fused and base): %d linears, %.1f GB a copy%s, in %.1f s "
+             "(%.1f s of it allocating%s)", len(names), size / GB, ", page-locked" if pin else "",
+             time.perf_counter() - start, allocated - start, " and page-locking" if pin else "")
+    return CopiedSet(identity, len(names), parameters, base, fused)
+
+
+def _check_host_memory(need: int, what: str) -> None:
+    available = weights.available_memory_bytes()
+    if available is not None and need > available - HOST_MARGIN_BYTES:
+        raise HostMemoryError(f"holding the fused set ready needs {need / GB:.1f} GB of CPU memory ({what}); "
+                              f"{available / GB:.1f} GB is available")
+
+
+def _fused_block(pipeline, fused_loras, adapters: list, parameters: list[torch.Tensor],
+                 block: HostBlock) -> HostBlock:
+    """`block` filled with the fused values `FusedLoras.apply` would write (FP8), the layers
+    left as they are. The base values first: the rows of a packed projection the set leaves
+    alone keep them."""
+    view_of = {id(parameter): view for parameter, view in zip(parameters, block.views)}
+    with torch.no_grad():
+        for parameter, view in zip(parameters, block.views):
             view.copy_(parameter)
         for _, module, tensors in fused_loras.fused_linears(pipeline, adapters):
             for target, value in zip(_slots(module, view_of), tensors):
                 target.copy_(value)
-    if on_device.block.device.type == "cuda":
+    if parameters and parameters[0].device.type == "cuda":
         torch.cuda.synchronize()
-    log.info("LoRA set held ready on the GPU: %d linears, %.1f GB, fused there in %.1f s (copied out to CPU "
-             "memory only if a job needs the room)", len(names), size / GB, time.perf_counter() - start)
-    return PointedSet(identity, len(names), parameters, None, on_device=on_device, pin=pin)
+    return block
 
 
 def _slots(module: torch.nn.Module, view_of: dict[int, torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -259,12 +279,13 @@ def _slots(module: torch.nn.Module, view_of: dict[int, torch.Tensor]) -> tuple[t
 def _copied_out(on_device: HostBlock, parameters: list[torch.Tensor], pin: bool) -> HostBlock:
     """A CPU copy of a device block, page-locked where `pin` (staging it again then runs at
     the link's speed); pageable, with a log line, where the page lock is refused."""
-    host = HostBlock(parameters)
+    host = None
     if pin:
         try:
-            host.pin()
+            host = HostBlock.page_locked(parameters)
         except HostMemoryError as exc:
             log.warning("LoRA set held ready: %s; its CPU copy stays pageable (slower to stage again)", exc)
+    host = host or HostBlock(parameters)
     with torch.no_grad():
         host.block.copy_(on_device.block, non_blocking=host.pinned)
     if on_device.block.device.type == "cuda":

@@ -85,6 +85,17 @@ class HostBlock:
                       for tensor, start in zip(like, itertools.accumulate([0, *sizes]))]
         self.pinned = False
 
+    @classmethod
+    def page_locked(cls, like: list[torch.Tensor]) -> "HostBlock":
+        """An empty CPU block, page-locked before anything is written to it (copies from
+        the GPU then run at the link's speed). Its pages are touched first by a zero fill,
+        which torch spreads over every core: registering untouched memory makes the kernel
+        fault its pages in one by one, on one thread."""
+        host = cls(like)
+        host.block.zero_()
+        host.pin()
+        return host
+
     @property
     def nbytes(self) -> int:
         return self.block.nbytes

@@ -44,9 +44,7 @@ class HostTwin:
 
     def __init__(self, module: torch.nn.Module, pin: bool):
         self.parameters = list(dict.fromkeys(module.parameters()))
-        self.host = HostBlock(self.parameters)
-        if pin:
-            self.host.pin()  # before the copy: it then runs at the link's speed
+        self.host = HostBlock.page_locked(self.parameters) if pin else HostBlock(self.parameters)
         with torch.no_grad():
             for view, parameter in zip(self.host.views, self.parameters):
                 view.copy_(parameter.data, non_blocking=pin)
