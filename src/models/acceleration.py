@@ -34,10 +34,9 @@ ATTENTION_BACKENDS = {
     "cudnn": "_native_cudnn",  # SDPA's cuDNN kernel: Hopper-tuned
     "flash": "_native_flash",  # SDPA's FlashAttention-2 kernel
 }
-# On the H100 SDPA's own choice already is the cuDNN kernel (`tools/attention_bench.py`:
-# 595 TFLOP/s at an edit's 8,689 tokens, FlashAttention-2 348), and forcing a kernel through
-# diffusers' backends made a pass slower (0.415 and 0.466 s against 0.397 s). So `sdpa`,
-# diffusers' default, stays the default.
+# SDPA's own choice on Hopper already is the cuDNN kernel, and forcing one through diffusers'
+# backends made a pass slower (docs/performance.md, "Attention"). So `sdpa`, diffusers'
+# default, stays the default.
 
 
 # FP8 matmuls need Ada or Hopper tensor cores (compute capability 8.9+).
