@@ -114,6 +114,10 @@ class NamedRandomWeights:
         if missing:
             raise PublishedWeightsError(f"no published weight for {len(missing)} linears (first: {missing[0]})")
 
+    def spans(self, linears: list[str]) -> list:
+        """As `PublishedWeights.spans`: nothing on disk, so nothing to read ahead."""
+        return []
+
     def write_into(self, transformer: torch.nn.Module) -> None:
         with torch.no_grad():
             for name in self.shapes:

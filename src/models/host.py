@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import replace
 from functools import cached_property
@@ -95,6 +96,8 @@ class ModelHost:
         # GPU_MEMORY_GIB sets a capacity to plan for.
         self.plan: memory_plan.MemoryPlan | None = None
         self.prefetched: list[dict] = []  # what WEIGHTS_PREFETCH read, per pipeline loaded
+        # Under QUANTIZE=fp8, the published weights the held Lightning set's fuse reads, read ahead.
+        self._published_reading: Future | None = None
         # QUANTIZE=fp8: the FP8 caches found, by repo id (fp8_cache_for), and per transformer
         # loaded whether the cache served it and what it read.
         self.fp8_caches: dict[str, fp8_cache.Cache] = {}
@@ -410,9 +413,29 @@ class ModelHost:
         except fp8_loras.PublishedWeightsError as exc:
             raise ConfigError(f"PRELOAD: lightning: {exc}") from None
 
+    def read_ahead_published(self, adapters: list) -> None:
+        """Under QUANTIZE=fp8 with WEIGHTS_PREFETCH: the published bf16 weights the held set's
+        fuse will read (`fp8_loras.published_reads`, by key from the snapshot, which the FP8
+        cache's load left unread) read into the page cache on a background thread, so the
+        warm-up runs while the disk reads and the fuse after it finds them in memory."""
+        if self.settings.quantize != "fp8" or not weights.should_prefetch(self.settings.weights_prefetch,
+                                                                          self.settings.hf_home):
+            return
+        spans = self.edit_published_weights().spans(fp8_loras.published_reads(self.edit.transformer, adapters))
+        if spans:
+            self._published_reading = weights.read_spans_ahead(spans, "published weights read ahead")
+
     def hold_lightning_ready(self, adapters: list) -> None:
         """The LIGHTNING_RESIDENT_STEPS set fused once and held ready (src/models/lora/resident.py:
-        on the GPU where the memory plan has room, else in CPU memory), or ConfigError."""
+        on the GPU where the memory plan has room, else in CPU memory), or ConfigError. A read
+        ahead of its published weights (`read_ahead_published`) is waited for first: the fuse
+        then reads none of them from the disk a second time."""
+        if self._published_reading is not None:
+            try:
+                self.prefetched.append(self._published_reading.result())
+            except OSError as exc:  # the fuse reads them itself, and says what is wrong
+                log.warning("published weights read ahead failed (%s)", exc)
+            self._published_reading = None
         pipeline = self.for_operation("edit")
         try:
             self.loras.hold_ready(pipeline, adapters, pin=self.device.type == "cuda",

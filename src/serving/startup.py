@@ -62,6 +62,8 @@ def get_ready(worker: Worker, load_s: float = 0.0, lora_branches: bool = True) -
         start = time.perf_counter()
         for steps in (4, 8):
             host.check_lightning_fusable(_lightning(worker, steps))  # the weights its fuse reads (FP8)
+        if _holds_lightning(worker):  # read while the warm-up runs, fused after it
+            host.read_ahead_published(_lightning(worker, settings.lightning_resident_steps))
         load_s += time.perf_counter() - start
     startup_s["load"] = worker.unreported_load_s = load_s
     if lora_branches:
@@ -99,6 +101,13 @@ def compile_cache_key(worker: Worker) -> compile_cache.CacheKey | None:
          "memory_mode": host.memory_mode, "swap": host.swap_transformers})
 
 
+def _holds_lightning(worker: Worker) -> bool:
+    """Whether the start holds the PRELOAD Lightning preset ready (LIGHTNING_RESIDENT_STEPS)."""
+    settings = worker.settings
+    return ("lightning" in settings.preload and bool(settings.lightning_resident_steps)
+            and worker.host.memory_mode != "offload")
+
+
 def _lightning(worker: Worker, steps: int) -> list:
     """The adapters of the PRELOAD Lightning preset of `steps` steps."""
     return adapters_for(JobRequest(image_base64="", prompt="-", lightning=steps), worker.settings, worker.loras)
@@ -112,9 +121,8 @@ def prepare_loras(worker: Worker) -> float:
     seconds taken."""
     start = time.perf_counter()
     settings, host = worker.settings, worker.host
-    steps = settings.lightning_resident_steps
-    if "lightning" in settings.preload and steps and host.memory_mode != "offload":
-        host.hold_lightning_ready(_lightning(worker, steps))
+    if _holds_lightning(worker):
+        host.hold_lightning_ready(_lightning(worker, settings.lightning_resident_steps))
         worker.startup_s["lora_hold"] = time.perf_counter() - start
         # No warm pass with the set held ready: it changes the layers' values only (same
         # shapes, dtypes and modules), and such a pass compiled nothing on the H200

@@ -248,3 +248,33 @@ def test_fp8_set_held_on_the_device_is_fused_there_and_gives_the_in_place_fuses_
     assert switch.device_copy_bytes() == 0
     again = edit(held, lightning=4, num_inference_steps=None)
     assert switch.device_copy_bytes() == held_bytes and np.array_equal(pixels(again), pixels(lightning))
+
+
+def test_fp8_start_reads_the_held_sets_published_weights_ahead(fp8_worker, lightning_file, worker_env):
+    """The published bf16 weights the held set's fuse reads (its FP8 linears') are read into the
+    page cache while the warm-up runs, and waited for before the fuse: the start's last read
+    report covers exactly them, from the snapshot's transformer files. WEIGHTS_PREFETCH=off
+    reads none of them ahead."""
+    from safetensors import safe_open
+
+    with safe_open(str(lightning_file), "pt") as file:
+        lora_linears = {key.split(".lora_down.")[0] for key in file.keys() if ".lora_down." in key}
+    modules = dict(fp8_worker.host.edit.transformer.named_modules())
+    fp8_linears = sorted(name for name in lora_linears if isinstance(modules[name], Fp8Linear))
+    assert fp8_linears and len(fp8_linears) < len(lora_linears)  # the bf16-kept ones are not read
+    transformer = fp8_worker.host.edit_ref.path / "transformer"
+    sizes, files = {}, set()
+    for path in transformer.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as file:
+            for key in file.keys():
+                if key.removesuffix(".weight") in fp8_linears and key.endswith(".weight"):
+                    tensor = file.get_slice(key)
+                    sizes[key] = int(np.prod(tensor.get_shape())) * {"F32": 4, "BF16": 2, "F16": 2}[tensor.get_dtype()]
+                    files.add(path.resolve())
+    assert len(sizes) == len(fp8_linears)
+    report = fp8_worker.host.prefetched[-1]
+    assert (report["bytes"], report["files"]) == (sum(sizes.values()), len(files))
+
+    quiet = start_worker(Settings.from_env({**worker_env, "QUANTIZE": "fp8", "PRELOAD": "edit,lightning",
+                                            "WEIGHTS_PREFETCH": "off", "WARMUP": "false"}))
+    assert quiet.host.prefetched == [] and quiet.host.loras.resident is not None

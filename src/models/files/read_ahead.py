@@ -4,7 +4,8 @@ diffusers and transformers load safetensors through mmap: every tensor copied to
 its pages in, a few at a time, in the order the model asks for them; on network storage (a
 RunPod network volume) each fault is a round trip. `prefetch` reads files front to back in large
 chunks, several at once, so the loader's reads find their pages in memory; `read_ahead` does it
-on a background thread. `auto` keeps it to network filesystems. Skipped when the files exceed
+on a background thread (`read_spans_ahead`: byte spans of files, the tensors a read by key will
+take). `auto` keeps it to network filesystems. Skipped when the files exceed
 90% of available memory (the page cache would drop them again). Figures: docs/performance.md.
 
 Standard library only (no torch): the start's first read (src/models/files/early_read.py) runs
@@ -20,6 +21,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+Span = tuple[Path, int, int]  # a file, the offset of its first byte read, how many bytes
 
 CHUNK_BYTES = 64 * 1024**2
 PARALLEL_FILES = 4  # network filesystems serve several streams faster than one
@@ -79,19 +82,26 @@ def available_memory_bytes() -> int | None:
 
 def prefetch(files: list[Path]) -> dict:
     """Read `files` into the page cache, several at a time. Returns what was done."""
-    total = sum(path.stat().st_size for path in files)
+    return prefetch_spans([(path, 0, path.stat().st_size) for path in files], "weights prefetched")
+
+
+def prefetch_spans(spans: list[Span], what: str) -> dict:
+    """Read byte spans (file, first byte, bytes) into the page cache, PARALLEL_FILES at a time;
+    skipped where they exceed MEMORY_SHARE of the available memory. Returns what was done."""
+    total = sum(length for _, _, length in spans)
+    files = len({path for path, _, _ in spans})
     available = available_memory_bytes()
     if available is not None and total > MEMORY_SHARE * available:
-        log.info("weights prefetch skipped: %.1f GB of files, %.1f GB of memory available", total / 1e9,
+        log.info("read-ahead skipped (%s): %.1f GB of files, %.1f GB of memory available", what, total / 1e9,
                  available / 1e9)
-        return {"files": len(files), "bytes": total, "skipped": "not enough memory"}
+        return {"files": files, "bytes": total, "skipped": "not enough memory"}
     start = time.perf_counter()
     with ThreadPoolExecutor(PARALLEL_FILES) as pool:
-        read = sum(pool.map(read_through, files))
+        read = sum(pool.map(read_span, spans))
     seconds = time.perf_counter() - start
-    log.info("weights prefetched: %d files, %.1f GB in %.1f s (%.2f GB/s)", len(files), read / 1e9, seconds,
+    log.info("%s: %d files, %.1f GB in %.1f s (%.2f GB/s)", what, files, read / 1e9, seconds,
              read / 1e9 / max(seconds, 1e-9))
-    return {"files": len(files), "bytes": read, "seconds": round(seconds, 2)}
+    return {"files": files, "bytes": read, "seconds": round(seconds, 2)}
 
 
 def read_ahead(files: list[Path]) -> Future:
@@ -101,14 +111,24 @@ def read_ahead(files: list[Path]) -> Future:
 
 def read_ahead_in_turn(groups: list[list[Path]]) -> list[Future]:
     """`prefetch` of each group, one group after another, on one background thread; a Future
-    per group gives its report (or its error). A daemon thread, so a start that fails
-    meanwhile exits without waiting for the reading."""
-    readings: list[Future] = [Future() for _ in groups]
+    per group gives its report (or its error)."""
+    return in_background([lambda files=files: prefetch(files) for files in groups])
+
+
+def read_spans_ahead(spans: list[Span], what: str) -> Future:
+    """`prefetch_spans` on a background thread; the Future gives its report."""
+    return in_background([lambda: prefetch_spans(spans, what)])[0]
+
+
+def in_background(reads: list) -> list[Future]:
+    """Each of `reads` (callables) in turn on one background thread, a Future per call. A
+    daemon thread, so a start that fails meanwhile exits without waiting for the reading."""
+    readings: list[Future] = [Future() for _ in reads]
 
     def run() -> None:
-        for files, reading in zip(groups, readings):
+        for read, reading in zip(reads, readings):
             try:
-                reading.set_result(prefetch(files))
+                reading.set_result(read())
             except BaseException as exc:  # handed to whoever waits on the Future
                 reading.set_exception(exc)
 
@@ -117,9 +137,16 @@ def read_ahead_in_turn(groups: list[list[Path]]) -> list[Future]:
 
 
 def read_through(path: Path) -> int:
-    buffer = bytearray(CHUNK_BYTES)
+    return read_span((path, 0, path.stat().st_size))
+
+
+def read_span(span: Span) -> int:
+    """Read `span`'s bytes (fewer where the file ends first); returns how many were read."""
+    path, offset, length = span
+    buffer = memoryview(bytearray(min(CHUNK_BYTES, length)))
     total = 0
     with open(path, "rb", buffering=0) as file:
-        while count := file.readinto(buffer):
+        file.seek(offset)
+        while total < length and (count := file.readinto(buffer[:min(CHUNK_BYTES, length - total)])):
             total += count
     return total

@@ -23,9 +23,10 @@ from typing import TypeVar
 
 import torch
 
-from src.models.files.read_ahead import (CHUNK_BYTES, NETWORK_FILESYSTEMS, PARALLEL_FILES,  # noqa: F401
+from src.models.files.read_ahead import (CHUNK_BYTES, NETWORK_FILESYSTEMS, PARALLEL_FILES, Span,  # noqa: F401
                                    WEIGHT_SUFFIXES, available_memory_bytes, filesystem_of, is_network, prefetch,
-                                   read_ahead, read_through, should_prefetch, weight_files)
+                                   read_ahead, read_spans_ahead, read_through, should_prefetch,
+                                   weight_files)
 from src.models.files.snapshots import ModelNotFound, ModelRef, locate  # noqa: F401
 
 # -- Tensors by key from safetensors files ---------------------------------------------------------

@@ -75,6 +75,12 @@ class PublishedWeights(Mapping):
     def __len__(self) -> int:
         return sum(1 for _ in self)
 
+    def spans(self, linears: list[str]) -> list[weights.Span]:
+        """Where the published weights of `linears` lie (file, first byte, bytes), in file
+        order: what reading them will read (headers only read here)."""
+        stored = [self._index()[f"{name}.weight"] for name in linears if f"{name}.weight" in self._index()]
+        return sorted((tensor.path, tensor.start, tensor.nbytes) for tensor in stored)
+
     def check(self, linears: list[str]) -> None:
         """PublishedWeightsError unless every one of `linears` is there (reads headers only)."""
         missing = [name for name in linears if f"{name}.weight" not in self._index()]
@@ -121,6 +127,13 @@ def touched_linears(transformer: torch.nn.Module, adapters: list) -> list[str]:
     return [name for name, _ in transformer.named_modules() if name in wanted]
 
 
+def published_reads(transformer: torch.nn.Module, adapters: list) -> list[str]:
+    """The linears whose published weights `fused_linears` reads, in its order: the FP8 ones
+    `adapters` touch (a bf16 linear's live weight is its original)."""
+    modules = dict(transformer.named_modules())
+    return [name for name in touched_linears(transformer, adapters) if isinstance(modules[name], Fp8Linear)]
+
+
 def fused_linears(transformer: torch.nn.Module, adapters: list, published: Mapping, dtype: torch.dtype):
     """Each linear `adapters` change, in module order, with its fused tensors: (name, module,
     tensors), the tensors in the order of the module's (weight, and for `Fp8Linear` its
@@ -129,7 +142,7 @@ def fused_linears(transformer: torch.nn.Module, adapters: list, published: Mappi
     quantize to what the module serves; a bf16 linear's from its live weight."""
     modules = dict(transformer.named_modules())
     names = touched_linears(transformer, adapters)
-    fp8_names = [name for name in names if isinstance(modules[name], Fp8Linear)]
+    fp8_names = published_reads(transformer, adapters)
     pin = any(modules[name].weight.device.type == "cuda" for name in fp8_names)
     # The published weights are read READ_AHEAD linears ahead, on threads, in the order used.
     reads = weights.in_order_on_threads(lambda name: _published_weight(published, name, pin), fp8_names,
