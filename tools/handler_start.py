@@ -192,7 +192,7 @@ class StartProbe:
         names = {"load": "load", "warmup": "compile_and_warm_up", "loras": "lora_preparation",
                  "compile_cache_save": "compile_cache_save"}
         stages = {"imports": round(self.worker_start_at - self.t0, 1),
-                  "read": round(joined_length(self.reads), 1) if self.reads else None,
+                  "read": round(joined_length(self.reads), 3) if self.reads else None,  # tiny layouts: ms
                   "quantize_move": round(self.prepare_s, 1)}
         stages.update({names.get(key, key): value for key, value in startup.items()})
         gb = {"before_load": (self.io["before_load"] - self.io["start"]) / 1e9,
