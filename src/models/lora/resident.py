@@ -253,12 +253,16 @@ def _check_host_memory(need: int, what: str) -> None:
 def _fused_block(pipeline, fused_loras, adapters: list, parameters: list[torch.Tensor],
                  block: HostBlock) -> HostBlock:
     """`block` filled with the fused values `FusedLoras.apply` would write (FP8), the layers
-    left as they are. The base values first: the rows of a packed projection the set leaves
-    alone keep them."""
+    left as they are. A packed projection's tensors take their base values first: the rows
+    the set leaves alone keep them; every other tensor the fuse writes whole."""
     view_of = {id(parameter): view for parameter, view in zip(parameters, block.views)}
+    modules = dict(pipeline.transformer.named_modules())
+    packed = {id(tensor) for name in fp8_loras.touched_linears(pipeline.transformer, adapters)
+              if isinstance(modules[name], ProjectionView) for tensor in _held(modules[name])}
     with torch.no_grad():
         for parameter, view in zip(parameters, block.views):
-            view.copy_(parameter)
+            if id(parameter) in packed:
+                view.copy_(parameter)
         for _, module, tensors in fused_loras.fused_linears(pipeline, adapters):
             for target, value in zip(_slots(module, view_of), tensors):
                 target.copy_(value)
