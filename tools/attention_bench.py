@@ -31,12 +31,16 @@ KERNELS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBac
            "efficient": SDPBackend.EFFICIENT_ATTENTION}
 
 
-def time_ms(call, repeats: int = 20) -> float:
+def time_ms(call, repeats: int = 20, busy_cycles: int = 0) -> float:
+    """Median GPU milliseconds of `call` after one warm-up. `busy_cycles`: the GPU kept busy that
+    long before each timed call (`torch.cuda._sleep`), so a call's own host overhead is not timed."""
     call()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(repeats):
+        if busy_cycles:
+            torch.cuda._sleep(busy_cycles)
         start.record()
         call()
         end.record()

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,15 +35,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tools.attention_bench import HEAD_DIM, HEADS, time_ms  # noqa: E402
 from tools.bench_results import write_results  # noqa: E402
 
-HEADS, HEAD_DIM = 24, 128
 ATTN_SCALE = 1 / math.sqrt(HEAD_DIM)  # SDPA's default
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 S_SCALE = 448.0  # softmax values in [0, 1] onto e4m3's range (the C++ current-scaling sample; 1.32's docstring)
 O_HEADROOM = 2.0  # |O| <= max|V|; a factor 2 more for the rounding of the quantized probabilities
 OUTLIER_CHANNELS = [5, 37, 70, 101]
-SLEEP_CYCLES = 5_000_000  # GPU busy-wait before each timed call, so host overhead is not timed
+BUSY_CYCLES = 5_000_000  # GPU busy-wait before each timed call, so host overhead is not timed
 
 
 def load_cudnn():
@@ -56,23 +55,6 @@ def load_cudnn():
         sys.exit(f"import cudnn failed ({type(error).__name__}: {error}); install nvidia-cudnn-frontend==1.32.0 "
                  "(pip install --no-deps --target DIR, then PYTHONPATH=DIR)")
     return cudnn
-
-
-def gpu_ms(call, repeats: int) -> float:
-    for _ in range(3):
-        call()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeats):
-        if hasattr(torch.cuda, "_sleep"):
-            torch.cuda._sleep(SLEEP_CYCLES)
-        start.record()
-        call()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def inputs(seq: int, outlier_scale: float | None, generator: torch.Generator):
@@ -149,7 +131,7 @@ def run_case(cudnn, handle, case: dict, args) -> None:
     generator = torch.Generator(device="cuda").manual_seed(seq)
     q, k, v = inputs(seq, None, generator)
     flops = case["flops"] = 4 * seq * seq * HEAD_DIM * HEADS
-    case["sdpa_bf16_ms"] = gpu_ms(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
+    case["sdpa_bf16_ms"] = time_ms(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats, BUSY_CYCLES)
     (q8, dq), (k8, dk), (v8, dv) = quantize(q), quantize(k), quantize(v)
     begin = time.perf_counter()
     try:
@@ -159,8 +141,9 @@ def run_case(cudnn, handle, case: dict, args) -> None:
         attention, case["fp8_stats"] = Fp8Sdpa(cudnn, handle, q8, k8, v8, stats=True), True
     case["fp8_build_s"] = time.perf_counter() - begin
     scale_o = 1 / (dv * O_HEADROOM)
-    case["fp8_exec_ms"] = gpu_ms(lambda: attention.execute(q8, k8, v8, dq, dk, dv, scale_o), args.repeats)
-    case["fp8_quant_exec_ms"] = gpu_ms(lambda: attention(q, k, v), args.repeats)
+    case["fp8_exec_ms"] = time_ms(lambda: attention.execute(q8, k8, v8, dq, dk, dv, scale_o), args.repeats,
+                                  BUSY_CYCLES)
+    case["fp8_quant_exec_ms"] = time_ms(lambda: attention(q, k, v), args.repeats, BUSY_CYCLES)
     torch.cuda.synchronize()
     begin = time.perf_counter()
     for _ in range(args.repeats):
