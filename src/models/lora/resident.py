@@ -283,13 +283,11 @@ def _slots(module: torch.nn.Module, view_of: dict[int, torch.Tensor]) -> tuple[t
 def _copied_out(on_device: HostBlock, parameters: list[torch.Tensor], pin: bool) -> HostBlock:
     """A CPU copy of a device block, page-locked where `pin` (staging it again then runs at
     the link's speed); pageable, with a log line, where the page lock is refused."""
-    host = None
-    if pin:
-        try:
-            host = HostBlock.page_locked(parameters)
-        except HostMemoryError as exc:
-            log.warning("LoRA set held ready: %s; its CPU copy stays pageable (slower to stage again)", exc)
-    host = host or HostBlock(parameters)
+    try:
+        host = HostBlock.page_locked(parameters) if pin else HostBlock(parameters)
+    except HostMemoryError as exc:
+        log.warning("LoRA set held ready: %s; its CPU copy stays pageable (slower to stage again)", exc)
+        host = HostBlock(parameters)
     with torch.no_grad():
         host.block.copy_(on_device.block, non_blocking=host.pinned)
     if on_device.block.device.type == "cuda":
