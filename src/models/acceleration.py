@@ -13,7 +13,10 @@ reference count runs the same compiled code, compiled once at the warm-up. Every
 the same kind of input for that: the first block's would otherwise be views (the outputs of
 `img_in` and `txt_in`) where the others get fresh tensors, and Dynamo guards on a view's base,
 so each block structure would be traced and compiled twice (`regional_compile` gives the
-first block tensors of their own).
+first block tensors of their own). And Dynamo takes Python floats as constants: otherwise the
+blocks' float attributes (the norms' eps, dropout's p) turn symbolic under dynamic shapes, fail
+to become tensors, and the first compile of a process traces its block a second time with
+them constant, the same graph (`regional_compile`).
 """
 
 from __future__ import annotations
@@ -80,6 +83,10 @@ def regional_compile(transformer: torch.nn.Module, backend: str = "inductor") ->
         for name in ("img_in", "txt_in"):
             getattr(transformer, name).register_forward_hook(_detached_output)
         transformer._fresh_block_inputs = True
+    # Process-wide: the floats Dynamo meets are constants here (eps, p; LoRA scales are folded
+    # into tensors, src/models/lora/branches.py), so guarding on their values recompiles nothing,
+    # and the first compile is not traced twice (TensorifyScalarRestartAnalysis).
+    torch._dynamo.config.specialize_float = True
     transformer.compile_repeated_blocks(fullgraph=True, dynamic=True, backend=backend)
 
 

@@ -62,6 +62,24 @@ def test_without_fresh_inputs_the_first_block_compiles_a_graph_of_its_own(hf_hom
     assert graphs == 2
 
 
+def test_the_first_compile_traces_its_block_once(hf_home):
+    """Floats taken as constants: otherwise the norms' eps turn symbolic, fail to become
+    tensors in AOTAutograd, and Dynamo traces the block again (`compile_attempt_1`), at
+    every worker's first compile. `aot_eager` runs that AOTAutograd pass, `eager` does not."""
+    stock = _edit(_pipeline(hf_home, blocks=3))
+    pipeline = _pipeline(hf_home, blocks=3)
+    torch._dynamo.reset()
+    regional_compile(pipeline.transformer, backend="aot_eager")
+    meter = CompileMeter()
+
+    with meter.span("edit"):
+        image = _edit(pipeline)
+
+    span = meter.spans[0]
+    assert (span.graphs, "compile_attempt_0" in span.phases_s, "compile_attempt_1" in span.phases_s) == (1, True, False)
+    assert same_pixels(image, stock)
+
+
 def test_accelerate_compiles_every_block_the_worker_s_way(hf_home):
     """`accelerate`'s CUDA branch, run on the CPU: nothing in it touches the device until the
     first forward, so it is checked here that it compiles every block with the inputs detached."""
