@@ -155,16 +155,15 @@ def markdown(rows: list[Row]) -> str:
 
 
 ROWS: list[Row] = [
-    # 80 GB class, bf16 at 79 GiB on the H200 (`resident`, the transformers swap)
+    # 80 GB class, bf16 at 79 GiB (`resident`, the transformers swap)
     Row("80 GB", "bf16", "edit, 40 steps, true CFG", "2026-12-05-cards-bf16-79", ((0, "edit"),)),
-    Row("80 GB", "bf16", "edit, 4 steps, no CFG", "2026-12-04-swap-pinned-79", ((0, "nocfg4"),),
-        "before the 12-04 merges"),
+    Row("80 GB", "bf16", "edit, 4 steps, no CFG", "2026-12-06-cards-bf16-79-pair", ((0, "nocfg4"),), gpu=H100),
     Row("80 GB", "bf16", "Lightning, 4 steps (first Lightning job: unfused)", "2026-12-05-cards-bf16-79",
         ((1, "lightning4"),)),
-    Row("80 GB", "bf16", "decompose 640, 4 layers, 50 steps", "2026-12-04-swap-pinned-79", ((3, "decompose"),),
-        "after an edit: 0.88 s of it the switch; before the 12-04 merges"),
-    Row("80 GB", "bf16", "edit/decompose pair (4-step edit after a decomposition, then a decomposition)",
-        "2026-12-04-swap-pinned-79", ((2, "nocfg4"), (3, "decompose")), "two switches; before the 12-04 merges"),
+    Row("80 GB", "bf16", "decompose 640, 4 layers, 50 steps", "2026-12-06-cards-bf16-79-pair", ((1, "decompose"),),
+        "after an edit: 0.96 s of it the switch", H100),
+    Row("80 GB", "bf16", "edit/decompose pair (a decomposition after an edit, then a 4-step edit)",
+        "2026-12-06-cards-bf16-79-pair", ((1, "decompose"), (2, "nocfg4")), "two switches", H100),
     Row("80 GB", "bf16", "start (`PRELOAD=edit`; build, warm-up; no read)", "2026-12-05-cards-bf16-79"),
     # 80 GB class under FP8 + compile: the H100 80GB itself, uncapped (`resident`, the transformers swap)
     Row("80 GB", "fp8", "edit, 40 steps, true CFG", "2026-12-05-cards-fp8-80", ((0, "edit"),), "uncapped", H100),
@@ -193,11 +192,12 @@ ROWS: list[Row] = [
     Row("48 GB", "fp8", "edit, 4 steps, no CFG", "2026-12-05-cards-fp8-44", ((0, "nocfg4"),), gpu=H100),
     Row("48 GB", "fp8", "Lightning, 4 steps (first Lightning job: unfused)", "2026-12-05-cards-fp8-44",
         ((1, "lightning4"),), gpu=H100),
-    Row("48 GB", "fp8", "decompose 640, 4 layers, 50 steps", "2026-12-04-swap-pinned-fp8-44", ((3, "decompose"),),
-        "after an edit: 0.61 s of it the switch; modulation recipe; before the 12-04 merges"),
-    Row("48 GB", "fp8", "edit/decompose pair (4-step edit after a decomposition, then a decomposition)",
-        "2026-12-04-swap-pinned-fp8-44", ((2, "nocfg4"), (3, "decompose")),
-        "two switches; modulation recipe; before the 12-04 merges"),
+    Row("48 GB", "fp8", "Lightning, 4 steps, `PRELOAD=edit,lightning` (the set held in CPU memory)",
+        "2026-12-06-host-hold-fp8-44", ((1, "lightning4"),), "0.29 s of it the set's copy to the GPU", H100),
+    Row("48 GB", "fp8", "decompose 640, 4 layers, 50 steps", "2026-12-06-cards-fp8-44-pair", ((1, "decompose"),),
+        "after an edit: 0.74 s of it the switch", H100),
+    Row("48 GB", "fp8", "edit/decompose pair (a decomposition after an edit, then a 4-step edit)",
+        "2026-12-06-cards-fp8-44-pair", ((1, "decompose"), (2, "nocfg4")), "two switches", H100),
     Row("48 GB", "fp8", "start (edit built; warm-up, LoRA branches; no read)", "2026-12-05-cards-fp8-44", gpu=H100),
     # 24 GB class, bf16 at 22 GiB (`offload`: the transformer streamed; FP8 fails the start there)
     Row("24 GB", "bf16", "edit, 40 steps, true CFG", "2026-12-05-cards-bf16-22-edit", ((0, "edit"),), gpu=H100),
