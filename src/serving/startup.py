@@ -1,8 +1,8 @@
 """Start, then serve: the models loaded and made ready before the first job.
 
 `start_worker` loads the models (src/models/host.py) and gets them ready: the Lightning
-files checked, the LoRA branches installed, the compile cache loaded, the warm-up, the
-LoRA set held ready, the compile cache saved. The first job pays for none of it. A start
+files checked, the LoRA branches installed, the compile cache loaded, the warm-up (the
+branched blocks' pass last), the LoRA set held ready, the compile cache saved. The first job pays for none of it. A start
 that cannot serve raises (ConfigError, ModelNotFound...) and handler.py exits with one line.
 Each stage's seconds go to the worker's `startup_s`, each warm pass's compile figures to its
 `compile_meter` (src/models/compile_meter.py).
@@ -55,7 +55,7 @@ def start_worker(settings: Settings, early_read: EarlyRead | None = None, ranks=
 def get_ready(worker: Worker, load_s: float = 0.0, lora_branches: bool = True) -> None:
     """Everything between loading the models and the first job, in this order: the Lightning
     files checked, the LoRA branches installed, the compile cache loaded, the warm-up, the
-    LoRA set held ready, the compile cache saved. tools/bench.py runs this on its own models;
+    branched blocks' pass and the LoRA set held ready, the compile cache saved. tools/bench.py runs this on its own models;
     `lora_branches=False` leaves the base blocks alone (its lever measurements)."""
     settings, host, startup_s = worker.settings, worker.host, worker.startup_s
     if "lightning" in settings.preload:
@@ -114,23 +114,25 @@ def _lightning(worker: Worker, steps: int) -> list:
 
 
 def prepare_loras(worker: Worker) -> float:
-    """Before serving: with PRELOAD naming lightning, the LIGHTNING_RESIDENT_STEPS preset
-    fused once and held ready (src/models/lora/resident.py: on the GPU where the memory plan has
-    room, else in CPU memory); with the warm-up, one edit pass with the branches on (the
-    only structure the base pass has not compiled), so no LoRA job compiles. Returns
-    seconds taken."""
+    """Before serving: with the warm-up, one edit pass with the branches on (the only
+    structure the base pass has not compiled), so no LoRA job compiles; then, with PRELOAD
+    naming lightning, the LIGHTNING_RESIDENT_STEPS preset fused once and held ready
+    (src/models/lora/resident.py: on the GPU where the memory plan has room, else in CPU
+    memory). The pass comes first so that the read ahead of the set's published weights,
+    which the fuse waits for, runs under it too. Returns seconds taken."""
     start = time.perf_counter()
     settings, host = worker.settings, worker.host
+    if settings.warmup and host.lora_branches_padded:
+        with host.empty_lora_branches():  # zeros: the same output, the branched blocks compiled
+            _warm_pass(worker, "edit", "edit, the LoRA branches on")
     if _holds_lightning(worker):
+        hold_start = time.perf_counter()
         host.hold_lightning_ready(_lightning(worker, settings.lightning_resident_steps))
-        worker.startup_s["lora_hold"] = time.perf_counter() - start
+        worker.startup_s["lora_hold"] = time.perf_counter() - hold_start
         # No warm pass with the set held ready: it changes the layers' values only (same
         # shapes, dtypes and modules), and such a pass compiled nothing on the H200
         # (0 graphs, cold and warm compile cache; docs/performance.md), so the base pass
         # covers its jobs.
-    if settings.warmup and host.lora_branches_padded:
-        with host.empty_lora_branches():  # zeros: the same output, the branched blocks compiled
-            _warm_pass(worker, "edit", "edit, the LoRA branches on")
     host.use_base_weights()
     return time.perf_counter() - start
 
