@@ -2,10 +2,10 @@
 
 `start_worker` loads the models (src/models/host.py) and gets them ready: the Lightning
 files checked, the LoRA branches installed, the compile cache loaded, the warm-up (the
-branched blocks' pass last), the LoRA set held ready, the compile cache saved. The first job pays for none of it. A start
-that cannot serve raises (ConfigError, ModelNotFound...) and handler.py exits with one line.
-Each stage's seconds go to the worker's `startup_s`, each warm pass's compile figures to its
-`compile_meter` (src/models/compile_meter.py).
+branched blocks' pass last), the LoRA set held ready, the compile cache saved. The first
+job pays for none of it. A start that cannot serve raises (ConfigError, ModelNotFound...)
+and handler.py exits with one line. Each stage's seconds go to the worker's `startup_s`,
+each warm pass's compile figures to its `compile_meter` (src/models/compile_meter.py).
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ def start_worker(settings: Settings, early_read: EarlyRead | None = None, ranks=
 def get_ready(worker: Worker, load_s: float = 0.0, lora_branches: bool = True) -> None:
     """Everything between loading the models and the first job, in this order: the Lightning
     files checked, the LoRA branches installed, the compile cache loaded, the warm-up, the
-    branched blocks' pass and the LoRA set held ready, the compile cache saved. tools/bench.py runs this on its own models;
-    `lora_branches=False` leaves the base blocks alone (its lever measurements)."""
+    branched blocks' pass and the LoRA set held ready, the compile cache saved. tools/bench.py
+    runs this on its own models; `lora_branches=False` leaves the base blocks alone (its lever
+    measurements)."""
     settings, host, startup_s = worker.settings, worker.host, worker.startup_s
     if "lightning" in settings.preload:
         start = time.perf_counter()
