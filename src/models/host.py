@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
@@ -37,8 +37,6 @@ from src.models.memory import plan as memory_plan
 from src.models.files import tensors as weights
 from src.models.acceleration import ParallelRanks, accelerate, check_supported, enable_context_parallel
 from src.models.files.early_read import EarlyRead, edit_folders, layered_folders
-from src.models.files.read_ahead import in_background
-from src.models.lora.resident import held_parameters, host_blocks
 from src.models.lora.switch import LoraSwitch
 from src.models.lora.adapters import FusedLoras, LoraLibrary
 from src.models.memory.modes import HostMemoryError
@@ -98,10 +96,8 @@ class ModelHost:
         # GPU_MEMORY_GIB sets a capacity to plan for.
         self.plan: memory_plan.MemoryPlan | None = None
         self.prefetched: list[dict] = []  # what WEIGHTS_PREFETCH read, per pipeline loaded
-        # Under QUANTIZE=fp8, what holding the Lightning set ready needs, begun ahead (prepare_held_set):
-        # the published weights its fuse reads, and its CPU blocks.
+        # Under QUANTIZE=fp8, the published weights the held Lightning set's fuse reads, read ahead.
         self._published_reading: Future | None = None
-        self._held_blocks: Future | None = None
         # QUANTIZE=fp8: the FP8 caches found, by repo id (fp8_cache_for), and per transformer
         # loaded whether the cache served it and what it read.
         self.fp8_caches: dict[str, fp8_cache.Cache] = {}
@@ -417,45 +413,33 @@ class ModelHost:
         except fp8_loras.PublishedWeightsError as exc:
             raise ConfigError(f"PRELOAD: lightning: {exc}") from None
 
-    def prepare_held_set(self, adapters: list) -> None:
-        """Under QUANTIZE=fp8, what holding `adapters` ready will need, begun on background
-        threads so the warm-up runs meanwhile: with WEIGHTS_PREFETCH, the published bf16
-        weights its fuse reads (`fp8_loras.published_reads`, by key from the snapshot, which the
-        FP8 cache's load left unread) read into the page cache; where the set will be held in
-        CPU memory (no plan, or the transformers swapping: `reserve_for_weights` grants no
-        room), its two CPU blocks allocated and page-locked."""
-        if self.settings.quantize != "fp8":
+    def read_ahead_published(self, adapters: list) -> None:
+        """Under QUANTIZE=fp8 with WEIGHTS_PREFETCH: the published bf16 weights the held set's
+        fuse will read (`fp8_loras.published_reads`, by key from the snapshot, which the FP8
+        cache's load left unread) read into the page cache on a background thread, so the
+        warm-up runs while the disk reads and the fuse after it finds them in memory."""
+        if self.settings.quantize != "fp8" or not weights.should_prefetch(self.settings.weights_prefetch,
+                                                                          self.settings.hf_home):
             return
-        if weights.should_prefetch(self.settings.weights_prefetch, self.settings.hf_home):
-            spans = self.edit_published_weights().spans(fp8_loras.published_reads(self.edit.transformer, adapters))
-            if spans:
-                self._published_reading = weights.read_spans_ahead(spans, "published weights read ahead")
-        if self.plan is None or self.swap_transformers:
-            parameters = held_parameters(self.edit.transformer, adapters)
-            pin = self.device.type == "cuda"
-
-            def make() -> list[memory.HostBlock]:
-                with torch.cuda.device(self.device) if pin else nullcontext():  # pinned for this GPU
-                    return host_blocks(parameters, pin)
-
-            self._held_blocks = in_background([make])[0]
+        spans = self.edit_published_weights().spans(fp8_loras.published_reads(self.edit.transformer, adapters))
+        if spans:
+            self._published_reading = weights.read_spans_ahead(spans, "published weights read ahead")
 
     def hold_lightning_ready(self, adapters: list) -> None:
         """The LIGHTNING_RESIDENT_STEPS set fused once and held ready (src/models/lora/resident.py:
-        on the GPU where the memory plan has room, else in CPU memory), or ConfigError. What
-        `prepare_held_set` began is waited for first: the fuse then reads none of the published
-        weights from the disk a second time."""
+        on the GPU where the memory plan has room, else in CPU memory), or ConfigError. A read
+        ahead of its published weights (`read_ahead_published`) is waited for first: the fuse
+        then reads none of them from the disk a second time."""
         if self._published_reading is not None:
             try:
                 self.prefetched.append(self._published_reading.result())
             except OSError as exc:  # the fuse reads them itself, and says what is wrong
                 log.warning("published weights read ahead failed (%s)", exc)
             self._published_reading = None
-        blocks, self._held_blocks = self._held_blocks, None
         pipeline = self.for_operation("edit")
         try:
             self.loras.hold_ready(pipeline, adapters, pin=self.device.type == "cuda",
-                                  reserve_device=self.reserve_for_weights, blocks=blocks)
+                                  reserve_device=self.reserve_for_weights)
         except (fp8_loras.PublishedWeightsError, HostMemoryError) as exc:
             raise ConfigError(f"PRELOAD: lightning (LIGHTNING_RESIDENT_STEPS={self.settings.lightning_resident_steps}):"
                               f" {exc}; set LIGHTNING_RESIDENT_STEPS=0 to run it unfused instead") from None

@@ -63,8 +63,8 @@ def get_ready(worker: Worker, load_s: float = 0.0, lora_branches: bool = True) -
         start = time.perf_counter()
         for steps in (4, 8):
             host.check_lightning_fusable(_lightning(worker, steps))  # the weights its fuse reads (FP8)
-        if _holds_lightning(worker):  # read (and its CPU blocks made) while the warm-up runs, fused after it
-            host.prepare_held_set(_lightning(worker, settings.lightning_resident_steps))
+        if _holds_lightning(worker):  # read while the warm-up runs, fused after it
+            host.read_ahead_published(_lightning(worker, settings.lightning_resident_steps))
         load_s += time.perf_counter() - start
     startup_s["load"] = worker.unreported_load_s = load_s
     if lora_branches:

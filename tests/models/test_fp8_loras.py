@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -279,16 +278,3 @@ def test_fp8_start_reads_the_held_sets_published_weights_ahead(fp8_worker, light
     quiet = start_worker(Settings.from_env({**worker_env, "QUANTIZE": "fp8", "PRELOAD": "edit,lightning",
                                             "WEIGHTS_PREFETCH": "off", "WARMUP": "false"}))
     assert quiet.host.prefetched == [] and quiet.host.loras.resident is not None
-
-
-def test_fp8_start_makes_the_held_sets_cpu_blocks_ahead(worker_env, caplog):
-    """Where the set will be held in CPU memory (here: no memory plan), its two blocks are
-    allocated on a background thread while the start warms up, and the hold fills those
-    (the start log says so); the bit-exact tests above run through them (`fp8_worker`)."""
-    with caplog.at_level(logging.INFO, logger="src.models.lora.resident"):
-        held = start_worker(Settings.from_env({**worker_env, "QUANTIZE": "fp8", "PRELOAD": "edit,lightning",
-                                               "WARMUP": "false"}))
-    assert held.host.loras.resident.where == "host"
-    assert [r.getMessage() for r in caplog.records if "LoRA set held ready in CPU memory" in r.getMessage()][0].endswith(
-        "(its blocks made ahead)")
-

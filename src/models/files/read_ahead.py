@@ -121,9 +121,8 @@ def read_spans_ahead(spans: list[Span], what: str) -> Future:
 
 
 def in_background(reads: list) -> list[Future]:
-    """Each of `reads` (callables: reads, or other start work that may run beside the main
-    thread) in turn on one background thread, a Future per call. A daemon thread, so a start
-    that fails meanwhile exits without waiting for it."""
+    """Each of `reads` (callables) in turn on one background thread, a Future per call. A
+    daemon thread, so a start that fails meanwhile exits without waiting for the reading."""
     readings: list[Future] = [Future() for _ in reads]
 
     def run() -> None:

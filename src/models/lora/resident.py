@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future
 from typing import Callable
 
 import torch
@@ -146,39 +145,22 @@ class PointedSet(ResidentSet):
             parameter.data = value
 
 
-def held_parameters(transformer: torch.nn.Module, adapters: list) -> list[torch.Tensor]:
-    """FP8: the tensors a held set of `adapters` keeps two values of, each once, in the order
-    of its blocks' views."""
-    modules = dict(transformer.named_modules())
-    names = fp8_loras.touched_linears(transformer, adapters)
-    return list(dict.fromkeys(p for name in names for p in _held(modules[name])))
-
-
-def host_blocks(parameters: list[torch.Tensor], pin: bool) -> list[HostBlock]:
-    """The two CPU blocks a set held in CPU memory fills (base and fused), checked against the
-    CPU memory there is and, with `pin`, page-locked. The start makes them on a background
-    thread while it warms up (`ModelHost.prepare_held_set`), so the hold only fills them."""
-    _check_host_memory(2 * sum(HostBlock.sizes(parameters)), f"{len(parameters)} tensors, each twice: fused and base")
-    return [HostBlock.page_locked(parameters) if pin else HostBlock(parameters) for _ in range(2)]
-
-
 def hold(pipeline, fused_loras, adapters: list, identity: tuple, pin: bool,
-         reserve_device: Callable[[int], bool] | None = None, blocks: Future | None = None) -> ResidentSet:
+         reserve_device: Callable[[int], bool] | None = None) -> ResidentSet:
     """Fuse `adapters` once, keep the fused values (and, in CPU memory, the base values) and
     leave the layers with their base values. `reserve_device(n)` says whether n more bytes
-    may stay on the device (and reserves them); `blocks`, `host_blocks` made ahead for a set
-    held in CPU memory. Under FP8 the fuse's values are made straight into their block
-    (`FusedLoras.fused_linears`), the layers never written; in bf16 diffusers fuses in place
-    (`FusedLoras.apply`), and CPU memory then peaks at the copies kept plus the originals,
-    which move into their block one by one."""
+    may stay on the device (and reserves them). Under FP8 the fuse's values are made
+    straight into their block (`FusedLoras.fused_linears`), the layers never written; in
+    bf16 diffusers fuses in place (`FusedLoras.apply`), and CPU memory then peaks at the
+    copies kept plus the originals, which move into their block one by one."""
     start = time.perf_counter()
     if fused_loras.fuses_fp8:
+        modules = dict(pipeline.transformer.named_modules())
         names = fp8_loras.touched_linears(pipeline.transformer, adapters)
-        parameters = held_parameters(pipeline.transformer, adapters)
+        parameters = list(dict.fromkeys(p for name in names for p in _held(modules[name])))  # each one once
         if reserve_device is not None and reserve_device(sum(HostBlock.sizes(parameters))):
             return _hold_on_device(pipeline, fused_loras, adapters, identity, pin, names, parameters, start)
-        return _hold_in_host_memory(pipeline, fused_loras, adapters, identity, pin, names, parameters, start,
-                                    blocks)
+        return _hold_in_host_memory(pipeline, fused_loras, adapters, identity, pin, names, parameters, start)
     fused_loras.apply(pipeline, adapters)
     originals = fused_loras.take_originals()  # {linear: tensors}; the weights stay fused
     modules = dict(pipeline.transformer.named_modules())
@@ -242,33 +224,23 @@ def _hold_on_device(pipeline, fused_loras, adapters: list, identity: tuple, pin:
 
 
 def _hold_in_host_memory(pipeline, fused_loras, adapters: list, identity: tuple, pin: bool, names: list[str],
-                         parameters: list[torch.Tensor], start: float, made_ahead: Future | None) -> CopiedSet:
+                         parameters: list[torch.Tensor], start: float) -> CopiedSet:
     """FP8 without room on the device: the base values and the fused ones copied straight
     into two CPU blocks, page-locked before they are written (`pin`), so every copy runs at
-    the link's speed and no value passes through pageable memory. Blocks made ahead are
-    used where they fit these tensors exactly."""
+    the link's speed and no value passes through pageable memory."""
     size = sum(HostBlock.sizes(parameters))
-    blocks = made_ahead.result() if made_ahead is not None else None
-    ahead = blocks is not None and all(_fits(block, parameters, pin) for block in blocks)
-    if not ahead:
-        blocks = host_blocks(parameters, pin)
+    _check_host_memory(2 * size, f"{len(names)} linears, its linears twice: fused and base")
+    blocks = [HostBlock.page_locked(parameters) if pin else HostBlock(parameters) for _ in range(2)]
     allocated = time.perf_counter()
     base = blocks[0]
     with torch.no_grad():
         for view, parameter in zip(base.views, parameters):
             view.copy_(parameter)
     fused = _fused_block(pipeline, fused_loras, adapters, parameters, blocks[1])
-    log.info("LoRA set held ready in CPU memory (fused and base): %d linears, %.1f GB a copy%s, in %.1f s (%s)",
-             len(names), size / GB, ", page-locked" if pin else "", time.perf_counter() - start,
-             "its blocks made ahead" if ahead else
-             f"{allocated - start:.1f} s of it allocating{' and page-locking' if pin else ''}")
+    log.info("LoRA set held ready in CPU memory (fused and base): %d linears, %.1f GB a copy%s, in %.1f s "
+             "(%.1f s of it allocating%s)", len(names), size / GB, ", page-locked" if pin else "",
+             time.perf_counter() - start, allocated - start, " and page-locking" if pin else "")
     return CopiedSet(identity, len(names), parameters, base, fused)
-
-
-def _fits(block: HostBlock, parameters: list[torch.Tensor], pin: bool) -> bool:
-    """Whether `block` holds exactly `parameters`' tensors (a block made ahead for them)."""
-    return block.pinned == pin and [(view.shape, view.dtype) for view in block.views] == [
-        (parameter.shape, parameter.dtype) for parameter in parameters]
 
 
 def _check_host_memory(need: int, what: str) -> None:

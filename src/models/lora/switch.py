@@ -18,7 +18,6 @@ any switch back to the base model.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Future
 from typing import Callable
 
 from src.models.lora.branches import LoraBranches
@@ -50,12 +49,11 @@ class LoraSwitch:
         self.branches = LoraBranches(transformer, dtype, padded_rank=padded_rank)
 
     def hold_ready(self, pipeline, adapters: list[Adapter], pin: bool,
-                   reserve_device: Callable[[int], bool] | None = None, blocks: Future | None = None) -> ResidentSet:
+                   reserve_device: Callable[[int], bool] | None = None) -> ResidentSet:
         """Make `adapters` the resident set (the base model is served meanwhile); held on the
-        device where `reserve_device` grants the bytes, else in CPU memory, in `blocks` where
-        they were made ahead (src/models/lora/resident.py)."""
+        device where `reserve_device` grants the bytes (src/models/lora/resident.py)."""
         self.apply(pipeline, [])
-        self.resident = hold(pipeline, self.fused, adapters, identity_of(adapters), pin, reserve_device, blocks)
+        self.resident = hold(pipeline, self.fused, adapters, identity_of(adapters), pin, reserve_device)
         return self.resident
 
     def device_copy_bytes(self) -> int:
