@@ -13,10 +13,8 @@ reference count runs the same compiled code, compiled once at the warm-up. Every
 the same kind of input for that: the first block's would otherwise be views (the outputs of
 `img_in` and `txt_in`) where the others get fresh tensors, and Dynamo guards on a view's base,
 so each block structure would be traced and compiled twice (`regional_compile` gives the
-first block tensors of their own). And Dynamo takes Python floats as constants: otherwise the
-blocks' float attributes (the norms' eps, dropout's p) turn symbolic under dynamic shapes, fail
-to become tensors, and the first compile of a process traces its block a second time with
-them constant, the same graph (`regional_compile`).
+first block tensors of their own), and Python floats are constants, so a process's first
+compile traces its block once (`regional_compile` says why).
 """
 
 from __future__ import annotations
